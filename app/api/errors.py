@@ -1,0 +1,120 @@
+"""Domain errors to HTTP statuses, in one place; every 4xx body has a `detail`.
+
+The same place documents them: every operation of the OpenAPI schema lists the errors it can answer with,
+so clients (and schema-driven tests) know a 404 or a 429 is part of the contract, not an accident.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
+
+from app.core.db import is_transient
+from app.services import errors
+
+DB_RETRY_AFTER_S = 1
+
+_STATUS = {
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.TooLarge: 413,
+    errors.UnsupportedMedia: 415,
+    errors.Unauthorized: 401,
+}
+
+
+class ErrorMessage(BaseModel):
+    """The body of every error but 422: what went wrong, in words."""
+
+    detail: str
+
+
+_DESCRIPTIONS = {
+    401: "Missing, invalid or revoked API key (send `Authorization: Bearer <key>`).",
+    404: "No such resource for this owner (another owner's resources do not exist for you).",
+    409: "The request does not apply in the resource's current state.",
+    413: "Request body or upload larger than the server's limit.",
+    415: "Request body of the wrong media type (send `application/json`).",
+    429: "Rate limit of this key exceeded; retry after `Retry-After` seconds.",
+    503: "The database is unavailable for a moment; retry after `Retry-After` seconds.",
+}
+
+
+def domain_error_response(exc: errors.DomainError) -> JSONResponse:
+    if isinstance(exc, errors.InvalidInput):
+        detail = [{"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    if isinstance(exc, errors.RateLimited):
+        return JSONResponse({"detail": exc.message}, status_code=429,
+                            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+    status = next(code for cls, code in _STATUS.items() if isinstance(exc, cls))
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": exc.message}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, errors.DomainError)
+        return domain_error_response(exc)
+
+    async def database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        # A dropped connection or a restarting server is the service's trouble, not the client's: 503, and
+        # the next request gets a fresh connection (pool_pre_ping). Anything else stays a server error.
+        if not is_transient(exc):
+            raise exc
+        return JSONResponse({"detail": "the database is unavailable for a moment; retry"}, status_code=503,
+                            headers={"Retry-After": str(DB_RETRY_AFTER_S)})
+
+    app.add_exception_handler(errors.DomainError, handle)
+    app.add_exception_handler(DBAPIError, database_unavailable)
+    document_error_responses(app)
+
+
+def document_error_responses(app: FastAPI) -> None:
+    """Add the error responses each API operation can give to the OpenAPI schema FastAPI generates."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorMessage"] = ErrorMessage.model_json_schema()
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                for status in _statuses(path, method, operation):
+                    operation.setdefault("responses", {}).setdefault(str(status), _response(status))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _statuses(path: str, method: str, operation: dict[str, Any]) -> list[int]:
+    if not path.startswith("/api/"):
+        return []
+    out = [503]
+    if operation.get("security"):
+        out += [401, 429]
+    if "{" in path:
+        out += [404, 409]
+    if method in ("post", "put", "patch", "delete"):
+        out.append(409)
+    if "requestBody" in operation:
+        out += [413, 415]
+    return sorted(set(out))
+
+
+def _response(status: int) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": _DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorMessage"}}},
+    }
+    if status in (429, 503):
+        response["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                               "schema": {"type": "integer"}}}
+    return response

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import text
+
+from app.api.deps import DbDep
+from app.core import metrics
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(db: DbDep) -> Response:
+    try:
+        with db.read_session() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any database failure means not ready
+        return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
+def prometheus_metrics(db: DbDep) -> Response:
+    body, content_type = metrics.render(db)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+
+from app.api.deps import CurrentOwner, DbDep, SettingsDep
+from app.schemas.trial import EnqueuedPublic, TrialDetail, TrialEnqueue, TrialsPublic
+from app.services import enqueue, trials
+
+router = APIRouter(prefix="/studies/{study_id}/trials", tags=["trials"])
+TrialStateFilter = Literal["waiting", "running", "complete", "pruned", "fail"]
+
+
+@router.get("", response_model=TrialsPublic)
+def list_trials(study_id: str, owner: CurrentOwner, db: DbDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                cursor: Annotated[str | None, Query(max_length=500)] = None,
+                state: TrialStateFilter | None = None,
+                sort: Literal["number", "value", "duration"] = "number",
+                order: Literal["asc", "desc"] | None = None,
+                after: Annotated[int | None, Query(ge=-1, le=10**9)] = None) -> TrialsPublic:
+    return trials.list_trials(db, owner=owner, study_id=study_id, limit=limit, cursor=cursor, state=state,
+                              sort=sort, order=order, after=after)
+
+
+@router.get("/{number}", response_model=TrialDetail)
+def get_trial(study_id: str, number: Annotated[int, "path"], owner: CurrentOwner, db: DbDep) -> TrialDetail:
+    return trials.get_trial(db, owner=owner, study_id=study_id, number=number)
+
+
+@router.post("", status_code=201, response_model=EnqueuedPublic)
+def enqueue_trial(study_id: str, body: TrialEnqueue, owner: CurrentOwner, db: DbDep, settings: SettingsDep,
+                  response: Response) -> EnqueuedPublic:
+    """Queue a configuration ahead of sampled ones; 200 when the same configuration is already there."""
+    result = enqueue.enqueue_trial(db, settings, owner=owner, study_id=study_id, params=body.params,
+                                   allow_duplicate=body.allow_duplicate)
+    if result.duplicate:
+        response.status_code = 200
+    return EnqueuedPublic(params=result.params, duplicate=result.duplicate, waiting=result.waiting)

@@ -1,0 +1,49 @@
+"""Service settings: the only place that reads the environment (HPSEARCH_*)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class Settings(BaseSettings):
+    """Configuration of the API, the workers and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="HPSEARCH_", env_file=".env", extra="ignore")
+
+    home: Path = Field(Path(".hpsearch"), description="Folder of the embedded database, data and artifacts.")
+    database_url: str = Field("", description="SQLAlchemy URL; default: a SQLite file in HOME.")
+    data_dir: Path | None = Field(None, description="Uploaded datasets; default HOME/data.")
+    artifact_dir: Path | None = Field(None, description="Trial weights and logs; default HOME/artifacts.")
+    mnist_dir: Path | None = Field(None, description="Folder with MNIST IDX files, offered as builtin:mnist.")
+    api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
+    api_key: str = Field("", description="The CLI's API key.")
+    auth_enabled: bool = Field(True, description="Require API keys; refused off a loopback address.")
+    max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest JSON request body.")
+    max_upload_bytes: int = Field(200 * 2**20, ge=1024, description="Largest dataset upload.")
+    rate_limit_per_s: float = Field(50.0, gt=0, description="Sustained requests per second per key.")
+    rate_limit_burst: int = Field(200, ge=1, description="Requests a key may burst above the rate.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often workers beat for their leases.")
+    lease_grace_s: float = Field(30.0, gt=0, description="A lease without a beat for this long is reaped.")
+    trial_deadline_s: float = Field(3600.0, gt=0, description="Wall-clock limit of one trial attempt.")
+    trial_memory_mb: int = Field(0, ge=0, description="Address space (MiB) a CPU trial process may add to what "
+                                 "it inherits from its worker; beyond it the trial fails out_of_memory (0: none).")
+    log_json: bool | None = Field(None, description="JSON logs; default when stderr is not a terminal.")
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.home / 'hpsearch.db').resolve()}"
+        self.data_dir = self.data_dir or self.home / "data"
+        self.artifact_dir = self.artifact_dir or self.home / "artifacts"
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,132 @@
+"""Engine and transaction scopes for SQLite (embedded) and PostgreSQL."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+RETRY_ATTEMPTS = 5
+RETRY_BASE_DELAY_S = 0.2
+log = logging.getLogger("hpsearch.db")
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine with the settings each backend needs for many processes sharing it."""
+    if is_sqlite(url):
+        path = make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # pysqlite's own BEGIN handling cannot issue BEGIN IMMEDIATE; take it over.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
+
+
+class Database:
+    """Owns the engine; hands out sessions whose scope is one transaction."""
+
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = url
+        self.engine = make_engine(url, pool_size=pool_size)
+        self.is_sqlite = is_sqlite(url)
+        # SQLite fails a read-then-write transaction at once (SQLITE_BUSY, busy_timeout or not) when
+        # another writer got in between; taking the write lock at BEGIN makes such transactions wait.
+        self._write_engine = (
+            self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
+        )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction that may write: commits on success, rolls back on any error.
+
+        SQLite: takes the database's write lock at once; PostgreSQL: rows are locked by the queries.
+        """
+        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A read-only transaction; on SQLite (WAL) it never waits for writers."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A dropped connection, a busy database or a deadlock: worth trying the same transaction again.
+
+    Looks through wrappers (Optuna raises StorageInternalError from SQLAlchemy's errors).
+    """
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, OperationalError):
+            return True
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retry_on_disconnect(fn: Callable[..., T], *args: Any, attempts: int = RETRY_ATTEMPTS, **kwargs: Any) -> T:
+    """Run fn again with exponential backoff while it fails with a transient database error.
+
+    fn must be one transaction that is safe to repeat: pool_pre_ping replaces the dead connection.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise
+            log.warning("database error in %s, retrying (%d/%d): %s", getattr(fn, "__name__", fn),
+                        attempt + 1, attempts - 1, str(exc).splitlines()[0][:200])
+            time.sleep(RETRY_BASE_DELAY_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def retrying(fn: Callable[P, T]) -> Callable[P, T]:
+    """Decorator form of retry_on_disconnect for functions that are one repeatable transaction."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        return retry_on_disconnect(fn, *args, **kwargs)
+
+    return wrapper

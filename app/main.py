@@ -1,0 +1,35 @@
+"""create_app(): routers, error handlers and middleware of the API."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+
+from app.api.deps import RateLimiter
+from app.api.errors import install_error_handlers
+from app.api.middleware import BodyLimitMiddleware, LatencyMiddleware
+from app.api.routes import datasets, health, insights, meta, models, pareto, studies, trials
+from app.api.routes.dashboard import install_dashboard
+from app.core.config import Settings, get_settings
+from app.core.db import Database
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="hpsearch", version="0.1.0",
+                  description="Hyperparameter search for PyTorch: submit studies, watch trials, take models home.")
+    app.state.settings = settings
+    app.state.db = db or Database(settings.database_url)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (studies, trials, datasets, meta, pareto, models, insights):
+        api.include_router(module.router)
+    app.include_router(api)
+    app.include_router(health.router)
+    install_dashboard(app)  # HTML pages at the root: they sign in from the browser, not with a header
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(LatencyMiddleware)
+    return app

@@ -1,0 +1,16 @@
+"""SQLAlchemy tables of the service. Optuna's own tables live beside them in the same database."""
+
+from app.models.base import Base
+from app.models.tables import ApiKey, DatasetRecord, Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "DatasetRecord",
+    "Study",
+    "StudyStatus",
+    "Trial",
+    "TrialEpoch",
+    "TrialState",
+    "Worker",
+]

@@ -1,0 +1,273 @@
+"""StudySpec: what a client submits; StudyPublic: what it reads back."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from app.schemas.common import Public, Strict
+
+SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc", "nsga2")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+CLASSIFICATION_METRICS = ("val_accuracy", "val_loss")
+REGRESSION_METRICS = ("val_mse", "val_mae", "val_loss")
+COST_METRICS = ("param_count", "inference_ms")  # extra objectives of multi-objective studies
+MAXIMIZED = {"val_accuracy"}
+
+Scalar = StrictBool | StrictInt | StrictFloat | Annotated[StrictStr, Field(max_length=64)]
+
+
+class SpecRuleError(ValueError):
+    """A rule across several fields of a spec is broken; loc names the field to change."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+class FloatRange(Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+
+class IntRange(Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+
+
+class Choices(Strict):
+    type: Literal["categorical"]
+    choices: list[Scalar] = Field(min_length=1, max_length=64)
+
+
+def _entry_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", "missing-type"))
+    return "value" if not isinstance(value, FloatRange | IntRange | Choices) else value.type
+
+
+# A range or choices object (by its "type"), or a fixed value; errors name exactly the part that is wrong.
+SpaceEntry = Annotated[
+    Annotated[FloatRange, Tag("float")] | Annotated[IntRange, Tag("int")] | Annotated[Choices, Tag("categorical")]
+    | Annotated[Scalar, Tag("value")],
+    Discriminator(_entry_kind, custom_error_type="invalid_entry",
+                  custom_error_message="give a fixed value or an object with type float, int or categorical"),
+]
+
+
+class Objective(Strict):
+    metric: Literal["val_accuracy", "val_loss", "val_mse", "val_mae", "param_count", "inference_ms"]
+    direction: Literal["maximize", "minimize"] | None = None
+
+    @model_validator(mode="after")
+    def _default_direction(self) -> Objective:
+        if self.direction is None:
+            self.direction = "maximize" if self.metric in MAXIMIZED else "minimize"
+        return self
+
+
+def _option_applies(option: str, value: Any, info: ValidationInfo, owners: dict[str, tuple[str, ...]]) -> Any:
+    """Refuse an option the named algorithm would silently ignore."""
+    name = info.data.get("name")
+    if value is not None and name is not None and name not in owners[option]:
+        raise ValueError(f"{option} applies only to {', '.join(owners[option])}, not to {name}")
+    return value
+
+
+# Which sampler or pruner reads each option.
+SAMPLER_OPTIONS = {"n_startup_trials": ("tpe", "cmaes", "gp"), "multivariate": ("tpe",),
+                   "population_size": ("nsga2",), "qmc_type": ("qmc",)}
+PRUNER_OPTIONS = {"n_startup_trials": ("median", "percentile"), "n_warmup_steps": ("median", "percentile"),
+                  "percentile": ("percentile",), "min_resource": ("successive_halving", "hyperband"),
+                  "reduction_factor": ("successive_halving", "hyperband")}
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)  # Optuna's CmaEsSampler refuses multi-objective studies
+
+
+class SamplerSpec(Strict):
+    name: Literal["random", "grid", "tpe", "cmaes", "gp", "qmc", "nsga2"] = "tpe"
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    n_startup_trials: int | None = Field(None, ge=0, le=1000, description="Random trials before the model "
+                                         "takes over (tpe, cmaes, gp).")
+    multivariate: bool | None = Field(None, description="tpe: model parameters jointly.")
+    population_size: int | None = Field(None, ge=2, le=1000, description="nsga2: individuals per generation.")
+    qmc_type: Literal["sobol", "halton"] | None = Field(None, description="qmc: the low-discrepancy series.")
+
+    @field_validator(*SAMPLER_OPTIONS)
+    @classmethod
+    def _applies(cls, value: Any, info: ValidationInfo) -> Any:
+        return _option_applies(str(info.field_name), value, info, SAMPLER_OPTIONS)
+
+
+class PrunerSpec(Strict):
+    name: Literal["none", "median", "percentile", "successive_halving", "hyperband"] = "median"
+    n_startup_trials: int | None = Field(None, ge=0, le=1000)
+    n_warmup_steps: int | None = Field(None, ge=0, le=1000)
+    percentile: float | None = Field(None, gt=0, lt=100)
+    min_resource: int | None = Field(None, ge=1, le=1000)
+    reduction_factor: int | None = Field(None, ge=2, le=10)
+
+    @field_validator(*PRUNER_OPTIONS)
+    @classmethod
+    def _applies(cls, value: Any, info: ValidationInfo) -> Any:
+        return _option_applies(str(info.field_name), value, info, PRUNER_OPTIONS)
+
+
+class Budget(Strict):
+    n_trials: int = Field(20, ge=1, le=10_000)
+    timeout_s: float | None = Field(None, gt=0, le=30 * 86400)
+    max_parallel: int = Field(4, ge=1, le=256)
+    epochs: int = Field(10, ge=1, le=1000)
+    patience: int | None = Field(5, ge=1, le=1000, description="Early-stopping patience in epochs.")
+    max_attempts: int = Field(2, ge=1, le=10)
+    trial_timeout_s: float | None = Field(None, gt=0, le=7 * 86400)
+
+
+class EnsembleSpec(Strict):
+    top_k: int = Field(5, ge=1, le=20)
+    trees: bool = False
+
+
+class StopSpec(Strict):
+    target_value: float | None = None
+    no_improvement_trials: int | None = Field(None, ge=1, le=10_000)
+    min_delta: float = Field(0.0, ge=0)
+    running: Literal["finish", "cancel"] = "finish"
+
+
+class WarmStartSpec(Strict):
+    studies: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(min_length=1, max_length=10)
+    top_k: int = Field(5, ge=1, le=100)
+    history: bool = False
+
+
+class StudySpec(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    dataset: str = Field(pattern=r"^(builtin:[a-z_]{1,40}|dataset:[0-9a-f]{8,32})$")
+    task: Literal["classification", "regression"] = "classification"
+    model: Literal["mlp", "cnn"] = "mlp"
+    objective: Objective | list[Objective] = Field(default_factory=lambda: Objective(metric="val_accuracy"))
+    search_space: dict[Annotated[str, Field(max_length=64)], SpaceEntry] = Field(default_factory=dict,
+                                                                                   max_length=64)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    budget: Budget = Field(default_factory=Budget)
+    validation_split: float = Field(0.2, ge=0.05, le=0.5)
+    ensemble: EnsembleSpec | None = None
+    stop: StopSpec | None = None
+    warm_start: WarmStartSpec | None = None
+    tensorboard: bool = False
+
+    @field_validator("objective")
+    @classmethod
+    def _objectives_distinct(cls, v: Objective | list[Objective]) -> Objective | list[Objective]:
+        if isinstance(v, list):
+            if not 1 <= len(v) <= 4:
+                raise ValueError("give 1 to 4 objectives")
+            if len({o.metric for o in v}) != len(v):
+                raise ValueError("objectives must be distinct metrics")
+        return v
+
+    @model_validator(mode="after")
+    def _metrics_fit_task(self) -> StudySpec:
+        allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+        objs = self.objectives
+        if objs[0].metric not in allowed:
+            raise ValueError(f"objective.metric {objs[0].metric!r} does not fit task {self.task!r}: "
+                             f"use one of {list(allowed)}")
+        for o in objs[1:]:
+            if o.metric not in allowed + COST_METRICS:
+                raise ValueError(f"objective metric {o.metric!r} does not fit task {self.task!r}")
+        if self.budget.max_parallel > self.budget.n_trials:
+            self.budget.max_parallel = self.budget.n_trials
+        if len(objs) > 1 and "pruner" not in self.model_fields_set:
+            self.pruner = PrunerSpec(name="none")  # the default pruner cannot prune several objectives
+        return self
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    def check_algorithms(self) -> None:
+        """Sampler and pruner settings that cannot work with this spec's objectives and budget.
+
+        Raises SpecRuleError naming the field to change (the service turns it into a 422).
+        """
+        multi, epochs, pruner = len(self.objectives) > 1, self.budget.epochs, self.pruner
+        if multi and self.sampler.name in SINGLE_OBJECTIVE_SAMPLERS:
+            raise SpecRuleError(("sampler", "name"), f"{self.sampler.name} optimizes a single objective; "
+                                "for several use nsga2, tpe, gp, qmc, random or grid")
+        if multi and pruner.name != "none":
+            raise SpecRuleError(("pruner", "name"),
+                                "Optuna cannot prune multi-objective studies: set pruner.name to 'none'")
+        if pruner.min_resource is not None and pruner.min_resource > epochs:
+            raise SpecRuleError(("pruner", "min_resource"),
+                                f"min_resource ({pruner.min_resource}) exceeds budget.epochs ({epochs})")
+        if pruner.n_warmup_steps is not None and pruner.n_warmup_steps >= epochs:
+            raise SpecRuleError(("pruner", "n_warmup_steps"), f"with budget.epochs {epochs} a warm-up of "
+                                f"{pruner.n_warmup_steps} steps leaves only the last epoch to prune at")
+
+    def space_entries(self) -> dict[str, Any]:
+        """Entries in the plain form app.ml.space expects."""
+        out: dict[str, Any] = {}
+        for name, entry in self.search_space.items():
+            out[name] = entry.model_dump(exclude={"type"}) if isinstance(entry, Strict) else entry
+        return out
+
+
+class Progress(Public):
+    n_trials: int
+    waiting: int = 0
+    running: int = 0
+    complete: int = 0
+    pruned: int = 0
+    fail: int = 0
+    finished: int = 0
+
+
+class BestTrial(Public):
+    number: int
+    value: float | None
+    values: list[float] | None = None
+    params: dict[str, Any]
+
+
+class StudyPublic(Public):
+    id: str
+    name: str
+    status: str
+    dataset: str
+    model: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    elapsed_s: float | None
+    stop_reason: str | None
+    error: str | None
+    progress: Progress
+    best_trial: BestTrial | None
+    test_metrics: dict[str, Any] | None
+    spec: dict[str, Any]
+
+
+class StudiesPublic(Public):
+    data: list[StudyPublic]
+    count: int
+    next_cursor: str | None

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field
+
+from app.schemas.common import Public, Strict
+
+
+class EpochPoint(Public):
+    epoch: int
+    train_loss: float | None
+    val_loss: float | None
+    val_metric: float | None
+    learning_rate: float | None
+    seconds: float | None
+
+
+class TrialPublic(Public):
+    number: int
+    state: str
+    source: str
+    params: dict[str, Any] | None
+    value: float | None
+    values: list[float] | None
+    metrics: dict[str, float] | None
+    attempt: int
+    worker_id: str | None
+    device: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    epochs_run: int | None
+    best_epoch: int | None
+    error: str | None
+
+
+class TrialDetail(TrialPublic):
+    curve: list[EpochPoint]
+
+
+class TrialsPublic(Public):
+    data: list[TrialPublic]
+    count: int
+    next_cursor: str | None
+
+
+class TrialEnqueue(Strict):
+    params: dict[str, Any] = Field(max_length=64)
+    allow_duplicate: bool = False
+
+
+class EnqueuedPublic(Public):
+    params: dict[str, Any]
+    duplicate: bool
+    waiting: int

@@ -1,0 +1,128 @@
+"""Datasets: the built-ins, and uploads stored once per owner by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.ml import data
+from app.ml.space import Context
+from app.models import DatasetRecord
+from app.services.errors import InvalidInput, NotFound, TooLarge
+
+UPLOAD_PREFIX = "dataset:"
+_PATH_CHARACTERS = ("/", "\\", ":", "\x00")
+
+
+def _mnist_dir(settings: Settings) -> Path | None:
+    return settings.mnist_dir if settings.mnist_dir and settings.mnist_dir.is_dir() else None
+
+
+@lru_cache(maxsize=16)
+def _describe_builtin(ref: str, mnist_dir: Path | None) -> dict[str, Any]:
+    return data.describe(data.load_builtin(ref, mnist_dir=mnist_dir))
+
+
+def builtin_refs(settings: Settings) -> list[str]:
+    return [r for r in data.BUILTINS if r != "builtin:mnist" or _mnist_dir(settings)]
+
+
+def describe_dataset(db: Database, settings: Settings, *, owner: str, ref: str) -> dict[str, Any]:
+    """What a study needs to know about a dataset; NotFound for unknown or another owner's."""
+    if ref.startswith("builtin:"):
+        if ref not in builtin_refs(settings):
+            raise NotFound(f"unknown dataset {ref!r}")
+        return {"id": ref, "name": ref.removeprefix("builtin:"), "builtin": True,
+                **_describe_builtin(ref, _mnist_dir(settings))}
+    record = _own_record(db, owner=owner, ref=ref)
+    return _public(record)
+
+
+def _own_record(db: Database, *, owner: str, ref: str) -> DatasetRecord:
+    with db.read_session() as session:
+        record = session.get(DatasetRecord, ref.removeprefix(UPLOAD_PREFIX))
+    if record is None or record.owner != owner:
+        raise NotFound(f"unknown dataset {ref!r}")
+    return record
+
+
+def _public(record: DatasetRecord) -> dict[str, Any]:
+    return {"id": UPLOAD_PREFIX + record.id, "name": record.name, "builtin": False, "kind": record.kind,
+            "size_bytes": record.size_bytes, "created_at": record.created_at.isoformat(), **record.description}
+
+
+def space_context(description: dict[str, Any], model: str) -> Context:
+    return Context(model=model, image=description.get("image_shape") is not None,
+                   feature_groups=bool(description.get("groups")))
+
+
+def list_datasets(db: Database, settings: Settings, *, owner: str) -> list[dict[str, Any]]:
+    out = [describe_dataset(db, settings, owner=owner, ref=ref) for ref in builtin_refs(settings)]
+    with db.read_session() as session:
+        records = session.scalars(
+            select(DatasetRecord).where(DatasetRecord.owner == owner).order_by(DatasetRecord.created_at)
+        ).all()
+    return out + [_public(r) for r in records]
+
+
+def check_file_name(field: str, filename: str | None) -> None:
+    """Refuse a client file name that is a path (a separator, a drive, a NUL, or only dots): names never
+    build paths here, and a client that sends one is probing for code that would."""
+    if not filename:
+        return
+    if any(c in filename for c in _PATH_CHARACTERS) or not filename.strip(". "):
+        raise InvalidInput(("body", field), f"file name {filename[:100]!r}: give a plain name, not a path")
+
+
+def upload_dataset(db: Database, settings: Settings, *, owner: str, kind: str, name: str,
+                   files: dict[str, bytes], label_column: str | None, task: str | None,
+                   feature_groups: dict[str, list[str]] | None) -> dict[str, Any]:
+    """Parse and validate an upload; the same content uploaded twice is stored once."""
+    try:
+        ds = data.parse_upload(kind, files, label_column=label_column, feature_groups=feature_groups, task=task,
+                               name=name, max_bytes=settings.max_upload_bytes)
+    except data.DatasetTooLarge as exc:
+        raise TooLarge(str(exc)) from exc
+    except data.DatasetError as exc:
+        raise InvalidInput(("body", "file"), str(exc)) from exc
+    digest = data.content_hash(ds)
+    with db.session() as session:
+        existing = session.scalars(select(DatasetRecord).where(
+            DatasetRecord.owner == owner, DatasetRecord.content_hash == digest)).first()
+        if existing is not None:
+            return _public(existing)
+    path = stored_path(settings, digest)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        data.save_dataset(ds, tmp)
+        tmp.replace(path)
+    # The id depends on the owner too: two owners uploading the same file get a dataset each.
+    record_id = hashlib.sha256(f"{owner}\0{digest}".encode()).hexdigest()[:24]
+    record = DatasetRecord(id=record_id, owner=owner, name=name, kind=kind, content_hash=digest,
+                           size_bytes=path.stat().st_size, description=data.describe(ds))
+    with db.session() as session:
+        session.add(record)
+    return _public(record)
+
+
+def stored_path(settings: Settings, digest: str) -> Path:
+    assert settings.data_dir is not None
+    return settings.data_dir / "datasets" / f"{digest}.npz"
+
+
+def load_dataset(db: Database, settings: Settings, ref: str) -> data.Dataset:
+    """The dataset a study names (already validated when the study was created)."""
+    if ref.startswith("builtin:"):
+        return data.load_builtin(ref, mnist_dir=_mnist_dir(settings))
+    with db.read_session() as session:
+        record = session.get(DatasetRecord, ref.removeprefix(UPLOAD_PREFIX))
+    if record is None:
+        raise NotFound(f"dataset {ref!r} was deleted")
+    return data.load_saved(stored_path(settings, record.content_hash))

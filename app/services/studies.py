@@ -1,0 +1,230 @@
+"""Studies: create, read, steer and delete; each function owns its transaction."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+from datetime import datetime
+from typing import Any
+
+import optuna
+from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.core.optuna_store import optuna_storage
+from app.ml.space import SpaceError, grid_space, resolve_space
+from app.models import Study, StudyStatus, Trial, TrialState
+from app.models.base import utcnow
+from app.schemas.study import BestTrial, Progress, SpecRuleError, StudiesPublic, StudyPublic, StudySpec
+from app.services import datasets
+from app.services.errors import Conflict, InvalidInput, NotFound
+from app.services.paging import decode_cursor, encode_cursor
+
+
+def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpec,
+                 idempotency_key: str | None = None) -> tuple[StudyPublic, bool]:
+    """Validate spec against its dataset and space, record it queued; (study, created).
+
+    The same Idempotency-Key again (even concurrently) returns the one study it created; with a different
+    body it is a Conflict, as a retried request never changes its body.
+    """
+    if idempotency_key:
+        existing = _by_idempotency_key(db, owner, idempotency_key, spec)
+        if existing is not None:
+            return existing, False
+    resolved = validate_spec(db, settings, owner=owner, spec=spec)
+    warm_start = None
+    if spec.warm_start is not None:
+        from app.services.enqueue import plan_warm_start
+
+        warm_start = plan_warm_start(db, owner=owner, spec=spec, resolved=resolved)
+    study_id = uuid.uuid4().hex
+    optuna_name = f"hpsearch-{study_id}"
+    storage = optuna_storage(db.url)
+    ostudy = optuna.create_study(storage=storage, study_name=optuna_name,
+                                 directions=[o.direction for o in spec.objectives])
+    ostudy.set_user_attr("hpsearch_study_id", study_id)
+    ostudy.set_user_attr("hpsearch_name", spec.name)
+    row = Study(id=study_id, owner=owner, name=spec.name, spec=spec.model_dump(mode="json"),
+                status=StudyStatus.QUEUED.value, optuna_name=optuna_name, idempotency_key=idempotency_key,
+                n_trials=spec.budget.n_trials, max_parallel=spec.budget.max_parallel)
+    try:
+        with db.session() as session:
+            session.add(row)
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race.
+        optuna.delete_study(study_name=optuna_name, storage=storage)
+        existing = _by_idempotency_key(db, owner, idempotency_key or "", spec)
+        if existing is None:
+            raise
+        return existing, False
+    if warm_start is not None:
+        from app.services.enqueue import apply_warm_start
+
+        apply_warm_start(db, warm_start, study=row)
+    return get_study(db, owner=owner, study_id=study_id), True
+
+
+def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySpec) -> dict[str, Any]:
+    """The resolved search space of a spec, or InvalidInput naming the field."""
+    try:
+        info = datasets.describe_dataset(db, settings, owner=owner, ref=spec.dataset)
+    except NotFound as exc:
+        raise InvalidInput(("body", "dataset"), exc.message) from exc
+    if info["task"] != spec.task:
+        raise InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset")
+    if spec.model == "cnn" and info.get("image_shape") is None:
+        raise InvalidInput(("body", "model"), "cnn needs an image dataset")
+    try:
+        spec.check_algorithms()
+    except SpecRuleError as exc:
+        raise InvalidInput(("body", *exc.loc), exc.message) from exc
+    try:
+        resolved = resolve_space(spec.space_entries(), datasets.space_context(info, spec.model))
+        grid = grid_space(resolved) if spec.sampler.name == "grid" else None
+    except SpaceError as exc:
+        raise InvalidInput(("body", "search_space", *exc.loc), exc.message) from exc
+    points = math.prod(len(values) for values in grid.values()) if grid is not None else None
+    if points is not None and points < spec.budget.n_trials:  # Optuna would re-run grid points
+        raise InvalidInput(("body", "budget", "n_trials"),
+                           f"the grid has {points} point(s): set n_trials to at most {points}")
+    return resolved
+
+
+def _by_idempotency_key(db: Database, owner: str, key: str, spec: StudySpec) -> StudyPublic | None:
+    """The owner's study created with this key, if any; Conflict when it was created from another body."""
+    with db.read_session() as session:
+        row = session.scalars(select(Study).where(Study.owner == owner, Study.idempotency_key == key)).first()
+        if row is None:
+            return None
+        if row.spec != spec.model_dump(mode="json"):
+            raise Conflict("this Idempotency-Key was used with a different body; use a new key for a new study")
+        return _public(session, row)
+
+
+def own_study(session: Session, *, owner: str, study_id: str, for_update: bool = False) -> Study:
+    """The owner's study, else NotFound (another owner's study does not exist for this caller)."""
+    stmt = select(Study).where(Study.id == study_id, Study.owner == owner)
+    if for_update:
+        stmt = stmt.with_for_update()
+    row = session.scalars(stmt).first()
+    if row is None:
+        raise NotFound("study not found")
+    return row
+
+
+def get_study(db: Database, *, owner: str, study_id: str) -> StudyPublic:
+    with db.read_session() as session:
+        return _public(session, own_study(session, owner=owner, study_id=study_id))
+
+
+def list_studies(db: Database, *, owner: str, limit: int = 50, cursor: str | None = None,
+                 status: str | None = None) -> StudiesPublic:
+    with db.read_session() as session:
+        stmt = select(Study).where(Study.owner == owner)
+        count_stmt = select(func.count()).select_from(Study).where(Study.owner == owner)
+        if status:
+            stmt = stmt.where(Study.status == status)
+            count_stmt = count_stmt.where(Study.status == status)
+        if cursor:
+            created, sid = decode_cursor(cursor, 2)
+            stmt = stmt.where(tuple_(Study.created_at, Study.id) < (datetime.fromisoformat(created), sid))
+        rows = session.scalars(stmt.order_by(Study.created_at.desc(), Study.id.desc()).limit(limit + 1)).all()
+        page = rows[:limit]
+        counts = _progress_counts(session, [r.id for r in page])
+        data = [_public(session, r, counts.get(r.id, {})) for r in page]
+        next_cursor = encode_cursor([page[-1].created_at.isoformat(), page[-1].id]) if len(rows) > limit else None
+        return StudiesPublic(data=data, count=session.scalar(count_stmt) or 0, next_cursor=next_cursor)
+
+
+def _progress_counts(session: Session, study_ids: list[str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    if not study_ids:
+        return out
+    rows = session.execute(select(Trial.study_id, Trial.state, func.count()).where(
+        Trial.study_id.in_(study_ids)).group_by(Trial.study_id, Trial.state))
+    for sid, state, n in rows:
+        out.setdefault(sid, {})[state] = n
+    return out
+
+
+def first_direction(study: Study) -> str:
+    objective = study.spec["objective"]
+    return str((objective[0] if isinstance(objective, list) else objective)["direction"])
+
+
+def best_trial_order(study: Study) -> Any:
+    """ORDER BY term that puts the best value of the first objective first."""
+    return Trial.value.desc() if first_direction(study) == "maximize" else Trial.value.asc()
+
+
+def best_trial_in_tx(session: Session, study: Study) -> Trial | None:
+    """The best complete trial by the first objective, read with one indexed query."""
+    return session.scalars(select(Trial).where(
+        Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None)
+    ).order_by(best_trial_order(study), Trial.number).limit(1)).first()
+
+
+def _public(session: Session, study: Study, counts: dict[str, int] | None = None) -> StudyPublic:
+    if counts is None:
+        counts = _progress_counts(session, [study.id]).get(study.id, {})
+    finished = sum(counts.get(s.value, 0) for s in TrialState if s.is_finished())
+    best = best_trial_in_tx(session, study)
+    end = study.finished_at or utcnow()
+    return StudyPublic(
+        id=study.id, name=study.name, status=study.status, dataset=study.spec["dataset"],
+        model=study.spec["model"], created_at=study.created_at, started_at=study.started_at,
+        finished_at=study.finished_at, stop_reason=study.stop_reason, error=study.error,
+        elapsed_s=(end - study.started_at).total_seconds() if study.started_at else None,
+        progress=Progress(n_trials=study.n_trials, finished=finished, **counts),
+        best_trial=BestTrial(number=best.number, value=best.value, values=best.values, params=best.params or {})
+        if best is not None and best.number is not None else None,
+        test_metrics=study.test_metrics, spec=study.spec,
+    )
+
+
+# ---- state changes ---------------------------------------------------------------------------------------
+
+_TRANSITIONS = {
+    "pause": ({StudyStatus.QUEUED, StudyStatus.RUNNING}, StudyStatus.PAUSED),
+    "resume": ({StudyStatus.PAUSED}, None),  # back to running, or queued if it never started
+    "cancel": ({StudyStatus.QUEUED, StudyStatus.RUNNING, StudyStatus.PAUSED}, StudyStatus.CANCELLED),
+}
+
+
+def change_state(db: Database, *, owner: str, study_id: str, action: str) -> StudyPublic:
+    """pause, resume or cancel; Conflict when the study's status does not allow it."""
+    allowed, target = _TRANSITIONS[action]
+    with db.session() as session:
+        study = own_study(session, owner=owner, study_id=study_id, for_update=True)
+        if StudyStatus(study.status) not in allowed:
+            raise Conflict(f"cannot {action} a {study.status} study")
+        if target is None:
+            target = StudyStatus.RUNNING if study.started_at else StudyStatus.QUEUED
+        study.status = target.value
+        if target is StudyStatus.CANCELLED:
+            study.finished_at = utcnow()
+            study.stop_reason = "cancelled"
+            # Trials never started are dropped; running ones are stopped by their workers.
+            session.execute(delete(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.WAITING.value,
+                                                Trial.optuna_trial_id.is_(None)))
+        session.flush()
+        return _public(session, study)
+
+
+def delete_study(db: Database, settings: Settings, *, owner: str, study_id: str) -> None:
+    """Remove the study, its trials (workers stop them), its Optuna study and its artifacts."""
+    with db.session() as session:
+        study = own_study(session, owner=owner, study_id=study_id, for_update=True)
+        optuna_name = study.optuna_name
+        session.delete(study)
+    try:
+        optuna.delete_study(study_name=optuna_name, storage=optuna_storage(db.url))
+    except KeyError:
+        pass  # already gone
+    assert settings.artifact_dir is not None
+    shutil.rmtree(settings.artifact_dir / study_id, ignore_errors=True)

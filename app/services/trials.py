@@ -1,0 +1,63 @@
+"""Trial reads straight from indexed SQL (never Optuna's load-everything calls), and enqueueing."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, case, func, select, tuple_
+
+from app.core.db import Database
+from app.models import Study, Trial, TrialEpoch
+from app.schemas.trial import EpochPoint, TrialDetail, TrialPublic, TrialsPublic
+from app.services.errors import NotFound
+from app.services.paging import decode_cursor, encode_cursor
+from app.services.studies import first_direction, own_study
+
+SortKey = Literal["number", "value", "duration"]
+
+
+def _sort_keys(study: Study, sort: SortKey, order: str | None) -> list[ColumnElement[Any]]:
+    """Columns that order ascending for the page; descending orders are negated numbers."""
+    column = {"number": Trial.number, "value": Trial.value, "duration": Trial.duration_s}[sort]
+    if order is None:
+        maximize = first_direction(study) == "maximize"
+        order = "desc" if sort == "value" and maximize else "asc"
+    sign = -1 if order == "desc" else 1
+    missing = case((column.is_(None), 1), else_=0)  # trials without a value go last
+    return [missing, sign * func.coalesce(column, 0), sign * Trial.number]
+
+
+def list_trials(db: Database, *, owner: str, study_id: str, limit: int = 50, cursor: str | None = None,
+                state: str | None = None, sort: SortKey = "number", order: str | None = None,
+                after: int | None = None) -> TrialsPublic:
+    with db.read_session() as session:
+        study = own_study(session, owner=owner, study_id=study_id)
+        where = [Trial.study_id == study.id, Trial.number.is_not(None)]
+        if state:
+            where.append(Trial.state == state)
+        if after is not None:
+            where.append(Trial.number > after)
+        keys = _sort_keys(study, sort, order)
+        stmt = select(Trial, *keys).where(*where)
+        if cursor:
+            stmt = stmt.where(tuple_(*keys) > tuple(decode_cursor(cursor, len(keys))))
+        rows = session.execute(stmt.order_by(*keys).limit(limit + 1)).all()
+        count = session.scalar(select(func.count()).select_from(Trial).where(*where)) or 0
+        page = rows[:limit]
+        next_cursor = encode_cursor(list(page[-1][1:])) if len(rows) > limit else None
+        return TrialsPublic(data=[TrialPublic.model_validate(r[0]) for r in page], count=count,
+                            next_cursor=next_cursor)
+
+
+def get_trial(db: Database, *, owner: str, study_id: str, number: int) -> TrialDetail:
+    """A trial with the per-epoch curve of its latest attempt."""
+    with db.read_session() as session:
+        own_study(session, owner=owner, study_id=study_id)
+        trial = session.scalars(select(Trial).where(Trial.study_id == study_id, Trial.number == number)).first()
+        if trial is None:
+            raise NotFound("trial not found")
+        epochs = session.scalars(select(TrialEpoch).where(
+            TrialEpoch.trial_id == trial.id, TrialEpoch.attempt == trial.attempt).order_by(TrialEpoch.epoch)).all()
+        curve = [EpochPoint.model_validate(e) for e in epochs]
+        return TrialDetail.model_validate({**TrialPublic.model_validate(trial).model_dump(), "curve": curve})
+

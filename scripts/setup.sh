@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install hpsearch with CPU PyTorch and the test tools; quick when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.hpsearch-installed
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[cpu,dev]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,109 @@
+"""The SQL trial queue on SQLite and PostgreSQL: limits, lost leases, reaping, hand-back."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.models import Study, Trial, TrialState
+from app.models.base import utcnow
+from app.schemas.study import StudySpec
+from app.services import studies
+from tests.factories import study_spec
+from workers import queue
+
+
+def _study(db: Database, settings: Settings, **overrides: object) -> str:
+    spec = StudySpec.model_validate(study_spec(**overrides))
+    return studies.create_study(db, settings, owner="alice", spec=spec)[0].id
+
+
+def _claim(db: Database, worker: str = "w1") -> queue.Lease | None:
+    return queue.claim_trial(db, worker_id=worker, device="cpu", trial_deadline_s=600)
+
+
+def _bind(db: Database, lease: queue.Lease, number: int) -> queue.Lease:
+    return queue.bind_trial(db, lease, number=number, optuna_trial_id=1000 + number, params={"units": number})
+
+
+def test_claims_respect_max_parallel_and_n_trials(db: Database, settings: Settings) -> None:
+    sid = _study(db, settings, budget={"n_trials": 3, "max_parallel": 2})
+    first, second = _claim(db), _claim(db, "w2")
+    assert first and second and first.trial_id != second.trial_id
+    assert _claim(db) is None  # max_parallel reached
+    with db.read_session() as session:
+        assert session.get(Study, sid).status == "running"  # type: ignore[union-attr]
+    first = _bind(db, first, 0)
+    assert queue.finish_trial(db, first, state=TrialState.COMPLETE, value=0.5)
+    third = _claim(db)
+    assert third is not None
+    assert queue.finish_trial(db, _bind(db, second, 1), state=TrialState.COMPLETE, value=0.6)
+    assert _claim(db) is None  # three reserved: the budget is spent
+
+
+def test_a_lost_lease_cannot_finish(db: Database, settings: Settings) -> None:
+    _study(db, settings)
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    with db.session() as session:  # another worker's reaper took it back
+        session.execute(update(Trial).where(Trial.id == lease.trial_id).values(state="waiting", attempt=2))
+    assert not queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=1.0)
+    assert queue.record_epoch(db, lease, epoch=1, train_loss=1.0, val_loss=1.0, val_metric=0.1,
+                              learning_rate=0.1, seconds=0.1) == "lost"
+
+
+def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: Database,
+                                                                             settings: Settings) -> None:
+    _study(db, settings, budget={"n_trials": 3, "max_attempts": 2})
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    stale = utcnow() - timedelta(seconds=60)
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == lease.trial_id).values(heartbeat_at=stale))
+    reaped = queue.reap(db, grace_s=5)
+    assert [(r.number, r.requeued) for r in reaped] == [(0, True)]
+    retry = _claim(db, "w2")
+    assert retry is not None and retry.trial_id == lease.trial_id
+    assert retry.attempt == 2 and retry.params == {"units": 0} and retry.number == 0
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == lease.trial_id).values(heartbeat_at=stale))
+    reaped = queue.reap(db, grace_s=5)
+    assert [(r.number, r.requeued) for r in reaped] == [(0, False)]
+    with db.read_session() as session:
+        trial = session.get(Trial, lease.trial_id)
+        assert trial is not None and trial.state == "fail" and "2 attempt(s)" in (trial.error or "")
+
+
+def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Settings) -> None:
+    _study(db, settings)
+    lease = _claim(db)
+    assert lease is not None and lease.number is None
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == lease.trial_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    assert [r.number for r in queue.reap(db, grace_s=5)] == [None]
+    with db.read_session() as session:
+        assert session.get(Trial, lease.trial_id) is None
+
+
+def test_release_hands_back_without_counting_an_attempt(db: Database, settings: Settings) -> None:
+    _study(db, settings)
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    assert queue.release_trial(db, lease)
+    again = _claim(db, "w2")
+    assert again is not None and again.trial_id == lease.trial_id and again.attempt == 1
+
+
+def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, settings: Settings) -> None:
+    _study(db, settings, budget={"n_trials": 1})
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    assert queue.claim_finalization(db, worker_id="w1") is None  # budget spent only when it finishes
+    queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
+    job = queue.claim_finalization(db, worker_id="w1")
+    assert job is not None and job.reason == "n_trials"
+    assert queue.claim_finalization(db, worker_id="w2") is None
+    queue.complete_study(db, job, worker_id="w1", test_metrics={"test_accuracy": 0.9})
+    with db.read_session() as session:
+        study = session.get(Study, job.study_id)
+        assert study is not None and study.status == "completed" and study.stop_reason == "n_trials"

@@ -1,0 +1,393 @@
+"""The trial queue in SQL: claim, renew, record, finish, hand back and reap leases.
+
+Claims lock the study row (PostgreSQL `FOR UPDATE SKIP LOCKED`) or the whole database (SQLite
+`BEGIN IMMEDIATE`), so limits hold across any number of workers: never more than n_trials
+running+finished+waiting, never more than max_parallel running, never two workers on one trial.
+
+Every public function is one short transaction that is safe to repeat, and repeats itself with backoff
+when the connection drops (`@retrying`): a killed connection or a busy database costs a retry, not a trial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from app.core.db import Database, retrying
+from app.models import Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
+from app.models.base import utcnow
+from app.models.tables import FINISHED_TRIAL_STATES
+
+FINALIZE_LEASE_S = 600.0
+
+
+
+@dataclass(frozen=True)
+class Lease:
+    trial_id: int
+    study_id: str
+    worker_id: str
+    attempt: int
+    number: int | None
+    optuna_trial_id: int | None
+    params: dict[str, Any] | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    waiting: int
+    running: int
+    finished: int
+
+    @classmethod
+    def of_study_in_tx(cls, session: Session, study_id: str) -> Counts:
+        by_state = dict(session.execute(select(Trial.state, func.count()).where(Trial.study_id == study_id)
+                                        .group_by(Trial.state)).all())
+        finished = sum(by_state.get(s.value, 0) for s in TrialState if s.is_finished())
+        return cls(by_state.get("waiting", 0), by_state.get("running", 0), finished)
+
+
+def budget_spent(study: Study, counts: Counts, now: datetime) -> str | None:
+    """Why no new trial may start, if the study's budget is spent."""
+    if study.stop_requested_at is not None:
+        return study.stop_reason or "stopped"
+    if counts.finished >= study.n_trials:
+        return "n_trials"
+    if study.deadline_at is not None and now >= study.deadline_at:
+        return "timeout"
+    return None
+
+
+def _lock_study_in_tx(session: Session, db: Database, study_id: str) -> Study | None:
+    stmt = select(Study).where(Study.id == study_id)
+    if not db.is_sqlite:
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalars(stmt).first()
+
+
+def _candidate_study_ids(session: Session, statuses: tuple[str, ...]) -> list[str]:
+    return list(session.scalars(select(Study.id).where(Study.status.in_(statuses))
+                                .order_by(Study.created_at).limit(200)))
+
+
+@retrying
+def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: float) -> Lease | None:
+    """Lease the next trial of the oldest study with room: a waiting one first, else a new slot."""
+    now = utcnow()
+    with db.session() as session:
+        for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)):
+            study = _lock_study_in_tx(session, db, study_id)
+            if study is None or not StudyStatus(study.status).accepts_trials():
+                continue
+            counts = Counts.of_study_in_tx(session, study.id)
+            if counts.running >= study.max_parallel or budget_spent(study, counts, now):
+                continue
+            trial = session.scalars(select(Trial).where(Trial.study_id == study.id,
+                                                        Trial.state == TrialState.WAITING.value)
+                                    .order_by(Trial.id).limit(1)).first()
+            if trial is None:
+                if counts.running + counts.finished + counts.waiting >= study.n_trials:
+                    continue
+                trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
+                session.add(trial)
+            deadline_s = study.spec.get("budget", {}).get("trial_timeout_s") or trial_deadline_s
+            trial.state = TrialState.RUNNING.value
+            trial.worker_id, trial.device = worker_id, device
+            trial.started_at = trial.heartbeat_at = now
+            trial.deadline_at = now + timedelta(seconds=deadline_s)
+            trial.error = None
+            if study.status == StudyStatus.QUEUED.value:
+                study.status = StudyStatus.RUNNING.value
+                study.started_at = study.started_at or now
+                timeout_s = study.spec.get("budget", {}).get("timeout_s")
+                study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
+            session.flush()
+            return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id,
+                         trial.params, trial.source)
+    return None
+
+
+@retrying
+def bind_trial(db: Database, lease: Lease, *, number: int, optuna_trial_id: int,
+               params: dict[str, Any]) -> Lease | None:
+    """Record the Optuna trial a new lease got its parameters from; None when the lease was lost meanwhile."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        if trial is None:
+            return None
+        trial.number, trial.optuna_trial_id, trial.params = number, optuna_trial_id, params
+    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, number, optuna_trial_id, params,
+                 lease.source)
+
+
+def _held_in_tx(session: Session, lease: Lease) -> Trial | None:
+    """The leased row if this lease still holds it (not reaped, re-queued, cancelled or deleted)."""
+    trial = session.get(Trial, lease.trial_id, with_for_update=True)
+    if trial is None or trial.state != TrialState.RUNNING.value or trial.worker_id != lease.worker_id \
+            or trial.attempt != lease.attempt:
+        return None
+    return trial
+
+
+@retrying
+def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | None, val_loss: float | None,
+                 val_metric: float | None, learning_rate: float | None, seconds: float | None) -> str:
+    """Store one curve point and renew the lease; 'ok', 'lost' (lease gone) or 'stop' (study no longer runs)."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        if trial is None:
+            return "lost"
+        trial.heartbeat_at = utcnow()
+        session.merge(TrialEpoch(trial_id=lease.trial_id, attempt=lease.attempt, epoch=epoch,
+                                 train_loss=train_loss, val_loss=val_loss, val_metric=val_metric,
+                                 learning_rate=learning_rate, seconds=seconds))
+        status, stop_requested, spec = session.execute(
+            select(Study.status, Study.stop_requested_at, Study.spec).where(Study.id == lease.study_id)).one()
+    if status == StudyStatus.CANCELLED.value:
+        return "stop"
+    if stop_requested is not None and (spec.get("stop") or {}).get("running") == "cancel":
+        return "stop"
+    return "ok"
+
+
+@retrying
+def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float | None = None,
+                 values: list[float] | None = None, metrics: dict[str, float] | None = None,
+                 error: str | None = None, epochs_run: int | None = None, best_epoch: int | None = None,
+                 artifact: str | None = None) -> bool:
+    """Write the outcome; False (and nothing written) when the lease was lost meanwhile."""
+    now = utcnow()
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        if trial is None:
+            # A retry after a commit whose reply was lost finds its own outcome already there.
+            return _finished_by_in_tx(session, lease, state, error)
+        trial.state = state.value
+        trial.value, trial.values, trial.metrics, trial.error = value, values, metrics, error
+        trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
+        trial.finished_at = now
+        trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
+        return True
+
+
+def _finished_by_in_tx(session: Session, lease: Lease, state: TrialState, error: str | None) -> bool:
+    """True when this lease's own outcome is already recorded (and not, say, a reaper's verdict)."""
+    trial = session.get(Trial, lease.trial_id)
+    return trial is not None and trial.state == state.value and trial.error == error \
+        and trial.worker_id == lease.worker_id and trial.attempt == lease.attempt
+
+
+@retrying
+def release_trial(db: Database, lease: Lease) -> bool:
+    """Hand a running trial back for another worker without counting an attempt (graceful shutdown)."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        if trial is None:
+            return False
+        if _drop_unbound_in_tx(session, trial):
+            return True
+        _back_in_line_in_tx(trial)
+        # Same attempt number: a shutdown is not the trial's failure.
+        session.execute(delete(TrialEpoch).where(TrialEpoch.trial_id == trial.id,
+                                                 TrialEpoch.attempt == trial.attempt))
+        return True
+
+
+def _drop_unbound_in_tx(session: Session, trial: Trial) -> bool:
+    """A lease that never got an Optuna trial: a sampler's slot is dropped (another claim re-creates it),
+    an enqueued configuration goes back in line. True when it was handled here."""
+    if trial.number is not None:
+        return False
+    if trial.params is None:
+        session.delete(trial)
+    else:
+        _back_in_line_in_tx(trial)
+    return True
+
+
+def _back_in_line_in_tx(trial: Trial) -> None:
+    trial.state = TrialState.WAITING.value
+    trial.worker_id = trial.device = trial.heartbeat_at = trial.deadline_at = None
+
+
+@retrying
+def renew_leases(db: Database, *, worker_id: str, trial_ids: list[int]) -> None:
+    """Heartbeat for this worker and every trial it still runs."""
+    now = utcnow()
+    with db.session() as session:
+        session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now))
+        if trial_ids:
+            session.execute(update(Trial).where(Trial.id.in_(trial_ids), Trial.worker_id == worker_id,
+                                                Trial.state == TrialState.RUNNING.value).values(heartbeat_at=now))
+
+
+@dataclass(frozen=True)
+class Reaped:
+    study_id: str
+    number: int | None
+    optuna_trial_id: int | None
+    requeued: bool
+    reason: str
+
+
+@retrying
+def reap(db: Database, *, grace_s: float) -> list[Reaped]:
+    """Fail or re-queue leases whose heartbeat is older than grace_s or whose deadline passed.
+
+    The caller tells Optuna about the trials that failed for good (requeued=False, optuna_trial_id set).
+    """
+    now = utcnow()
+    stale_before = now - timedelta(seconds=grace_s)
+    out: list[Reaped] = []
+    with db.session() as session:
+        stmt = select(Trial).where(Trial.state == TrialState.RUNNING.value,
+                                   (Trial.heartbeat_at < stale_before) | (Trial.deadline_at < now))
+        if not db.is_sqlite:
+            stmt = stmt.with_for_update(skip_locked=True)
+        for trial in session.scalars(stmt).all():
+            out.append(_reap_in_tx(session, trial, now))
+        session.execute(update(Worker).where(Worker.stopped_at.is_(None), Worker.heartbeat_at < stale_before)
+                        .values(stopped_at=now))
+    return out
+
+
+def _reap_in_tx(session: Session, trial: Trial, now: datetime) -> Reaped:
+    spec = session.scalar(select(Study.spec).where(Study.id == trial.study_id)) or {}
+    max_attempts = int(spec.get("budget", {}).get("max_attempts", 1))
+    expired = trial.deadline_at is not None and trial.deadline_at < now
+    reason = "deadline exceeded" if expired else f"worker {trial.worker_id} lost (no heartbeat)"
+    if _drop_unbound_in_tx(session, trial):  # died before it trained: no attempt was used
+        return Reaped(trial.study_id, None, None, True, reason)
+    if not expired and trial.attempt < max_attempts:
+        _back_in_line_in_tx(trial)
+        trial.attempt += 1
+        trial.error = f"attempt {trial.attempt - 1}: {reason}"
+        return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, True, reason)
+    trial.state = TrialState.FAIL.value
+    trial.error = reason if expired else f"{reason}; {max_attempts} attempt(s) used"
+    trial.finished_at = now
+    trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
+    return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, False, trial.error)
+
+
+@retrying
+def after_trial_finished(db: Database, study_id: str) -> str | None:
+    """Check the spec's stop criteria; when one fires, no new trial starts and the study is finalized."""
+    with db.session() as session:
+        study = session.get(Study, study_id, with_for_update=True)
+        stop = (study.spec.get("stop") or {}) if study is not None else {}
+        if study is None or study.stop_requested_at is not None or not stop:
+            return None
+        reason = _stop_reason_in_tx(session, study, stop)
+        if reason is not None:
+            study.stop_requested_at = utcnow()
+            study.stop_reason = reason
+        return reason
+
+
+def _stop_reason_in_tx(session: Session, study: Study, stop: dict[str, Any]) -> str | None:
+    objective = study.spec["objective"]
+    maximize = (objective[0] if isinstance(objective, list) else objective)["direction"] == "maximize"
+    values = session.scalars(select(Trial.value).where(
+        Trial.study_id == study.id, Trial.state.in_(FINISHED_TRIAL_STATES))
+        .order_by(Trial.finished_at, Trial.id)).all()
+    complete = [v for v in values if v is not None]
+    if not complete:
+        return None
+    target = stop.get("target_value")
+    best = max(complete) if maximize else min(complete)
+    if target is not None and (best >= target if maximize else best <= target):
+        return "target_value"
+    patience = stop.get("no_improvement_trials")
+    if patience:
+        min_delta = float(stop.get("min_delta") or 0.0)
+        best_so_far, since = None, 0
+        for value in values:
+            gain = None if value is None or best_so_far is None else \
+                (value - best_so_far if maximize else best_so_far - value)
+            if value is not None and (best_so_far is None or (gain is not None and gain > min_delta)):
+                best_so_far, since = value, 0
+            else:
+                since += 1
+        if since >= patience:
+            return "no_improvement"
+    return None
+
+
+# ---- finalization -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinalizeJob:
+    study_id: str
+    reason: str
+
+
+@retrying
+def claim_finalization(db: Database, *, worker_id: str) -> FinalizeJob | None:
+    """Take the evaluation of a study whose budget is spent and whose last trial has ended."""
+    now = utcnow()
+    with db.session() as session:
+        for study_id in _candidate_study_ids(session, (StudyStatus.RUNNING.value,)):
+            study = _lock_study_in_tx(session, db, study_id)
+            if study is None or study.status != StudyStatus.RUNNING.value:
+                continue
+            if study.finalize_until is not None and study.finalize_until > now:
+                continue
+            counts = Counts.of_study_in_tx(session, study.id)
+            reason = budget_spent(study, counts, now)
+            if reason is None or counts.running:
+                continue
+            study.finalize_worker = worker_id
+            study.finalize_until = now + timedelta(seconds=FINALIZE_LEASE_S)
+            return FinalizeJob(study.id, reason)
+    return None
+
+
+def drop_unstarted_in_tx(session: Session, study_id: str) -> list[int]:
+    """Trials still waiting when a study ends: drop them; return Optuna ids of those that had begun."""
+    waiting = session.scalars(select(Trial).where(Trial.study_id == study_id,
+                                                  Trial.state == TrialState.WAITING.value)).all()
+    begun = [t.optuna_trial_id for t in waiting if t.optuna_trial_id is not None]
+    for trial in waiting:
+        session.delete(trial)
+    return begun
+
+
+@retrying
+def complete_study(db: Database, job: FinalizeJob, *, worker_id: str, test_metrics: dict[str, Any] | None,
+                   error: str | None = None, ensemble: dict[str, Any] | None = None) -> list[int]:
+    """Mark the study completed (or failed with error); returns Optuna trial ids to fail."""
+    now = utcnow()
+    with db.session() as session:
+        study = session.get(Study, job.study_id, with_for_update=True)
+        if study is None or study.finalize_worker != worker_id or study.status != StudyStatus.RUNNING.value:
+            return []
+        begun = drop_unstarted_in_tx(session, study.id)
+        study.status = (StudyStatus.FAILED if error else StudyStatus.COMPLETED).value
+        study.error = error
+        study.test_metrics = test_metrics
+        study.ensemble = ensemble
+        study.stop_reason = study.stop_reason or job.reason
+        study.finished_at = now
+        study.finalize_worker = study.finalize_until = None
+        return begun
+
+
+@retrying
+def register_worker(db: Database, *, worker_id: str, hostname: str, pid: int, devices: list[str],
+                    slots: int) -> None:
+    with db.session() as session:
+        session.merge(Worker(id=worker_id, hostname=hostname, pid=pid, devices=devices, slots=slots,
+                             started_at=utcnow(), heartbeat_at=utcnow()))
+
+
+@retrying
+def unregister_worker(db: Database, *, worker_id: str) -> None:
+    with db.session() as session:
+        session.execute(update(Worker).where(Worker.id == worker_id).values(stopped_at=utcnow()))

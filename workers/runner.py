@@ -1,0 +1,237 @@
+"""One trial in a child process: build, train, stream epochs to the supervisor, save the best weights.
+
+The child only computes. It holds no database connection; everything it learns goes over its pipe:
+("epoch", report), answered "go" or "stop" while the next epoch already trains; at the end ("done", result),
+("failed", reason) or ("stopped", last_report).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.ml.artifacts import ModelSpec, build_module, describe_layers, save_trial
+
+OUT_OF_MEMORY = "out_of_memory"
+NON_FINITE = "non_finite_loss"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+@dataclass
+class TrialJob:
+    spec: ModelSpec
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    epochs: int
+    patience: int | None
+    objective: str
+    direction: str
+    seed: int
+    device: str
+    threads: int
+    artifact_path: str  # without extension: .safetensors and .json are written
+    amp: bool = False
+    memory_limit_mb: int = 0
+    image: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def standardization(x_train: np.ndarray, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the training split only: per channel for images, per feature otherwise."""
+    axes = (0, 2, 3) if image else (0,)
+    mean = x_train.mean(axis=axes, dtype=np.float64)
+    std = x_train.std(axis=axes, dtype=np.float64)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _address_space_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
+
+
+def warm_imports() -> None:
+    """Import what every trial uses, in the supervisor before any fork: no runner pays these imports again."""
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401 - a runner's first optimizer would import it (~1.5 s per trial)
+
+    import app.ml.models  # noqa: F401
+    import workers.trainer  # noqa: F401
+
+
+def _limit_memory(megabytes: int, device: str) -> None:
+    """Let this trial map at most `megabytes` more than the process it was forked from (RLIMIT_AS).
+
+    Relative, because the fork inherits the supervisor's torch and worker threads (~1 GB of address
+    space that the trial does not control). CPU trials only: CUDA reserves far more address space than it
+    uses and fails to start under RLIMIT_AS; a GPU trial's OOM is CUDA's own and ends the same way.
+    """
+    if megabytes <= 0 or not device.startswith("cpu"):
+        return
+    try:
+        base = _address_space_bytes()
+    except OSError:  # no /proc: an absolute limit is the best available
+        base = 0
+    limit = base + megabytes * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this runner when its supervisor dies, even by SIGKILL."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # elsewhere the runner notices the closed pipe at its next epoch
+    if os.getppid() != parent:  # the supervisor died before the request took effect
+        os._exit(1)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
+
+
+def child_main(conn: Connection, job: TrialJob) -> None:
+    """Entry of the forked child; never returns into the parent's code."""
+    code = 0
+    try:
+        _die_with_parent()
+        _limit_memory(job.memory_limit_mb, job.device)
+        _train(conn, job)
+    except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
+        code = _report_failure(conn, exc)
+    finally:
+        conn.close()
+        os._exit(code)
+
+
+def _report_failure(conn: Connection, exc: BaseException) -> int:
+    """Tell the supervisor why the trial ended; the exit code is 1 when it could not be told."""
+    reason = OUT_OF_MEMORY if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:2000]
+    try:
+        detail = traceback.format_exc(limit=5)[-2000:]
+    except MemoryError:  # still at the memory limit: the reason alone must get through
+        detail = ""
+    try:
+        conn.send(("failed", reason, detail))
+    except Exception:  # noqa: BLE001 - the parent is gone; nothing left to tell
+        return 1
+    return 0
+
+
+class PipeReporter:
+    """Trainer callback: send each epoch; the supervisor's verdict arrives while the next epoch trains.
+
+    At most one verdict is outstanding: a report first takes the previous verdict (long arrived, as a rule).
+    `stop_requested` looks for it between batches without blocking, so a pruned trial stops within a batch
+    of the verdict, and no trial idles after each epoch while the supervisor writes and asks the pruner.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.last: dict[str, Any] | None = None  # the last report sent
+        self._pending = False
+        self._stop = False
+
+    def on_epoch_end(self, report: Any) -> bool:
+        if self.settle():
+            return True
+        self.last = asdict(report)
+        self.conn.send(("epoch", self.last))
+        self._pending = True
+        return False
+
+    def stop_requested(self) -> bool:
+        if self._pending and self.conn.poll():
+            self._take_verdict()
+        return self._stop
+
+    def settle(self) -> bool:
+        """Wait for the outstanding verdict, if any; True once the supervisor said stop."""
+        if self._pending:
+            self._take_verdict()
+        return self._stop
+
+    def _take_verdict(self) -> None:
+        self._pending = False
+        self._stop = self._stop or self.conn.recv() == "stop"
+
+
+def _tensors(job: TrialJob) -> Any:
+    import torch
+
+    from workers.trainer import TrainData
+
+    device = torch.device(job.device)
+    y_dtype = torch.long if job.spec.task == "classification" else torch.float32
+
+    def put(a: np.ndarray, dtype: Any) -> Any:
+        return torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)
+
+    return TrainData(put(job.x_train, torch.float32), put(job.y_train, y_dtype), put(job.x_val, torch.float32),
+                     put(job.y_val, y_dtype), task=job.spec.task, image=job.image)
+
+
+def _train(conn: Connection, job: TrialJob) -> None:
+    import torch
+
+    from app.ml.models import parameter_count
+    from workers.trainer import train
+
+    torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)  # initial weights follow the trial's seed, not the RNG state of the parent
+    module = build_module(job.spec).to(job.device)
+    data = _tensors(job)
+    reporter = PipeReporter(conn)
+    amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
+    result = train(module, data, job.spec.params, epochs=job.epochs, objective=job.objective,
+                   direction=job.direction, patience=job.patience, seed=job.seed, callbacks=[reporter],
+                   amp_dtype=amp, stop_signal=reporter.stop_requested)
+    if reporter.settle() or result.stop_reason == "stopped":  # a stop verdict outranks how training ended
+        conn.send(("stopped", reporter.last))
+        return
+    if result.stop_reason == NON_FINITE:
+        conn.send(("failed", NON_FINITE, f"non-finite training loss after epoch {result.epochs_run}"))
+        return
+    metrics = dict(result.best_metrics)
+    metrics["param_count"] = float(parameter_count(module))
+    metrics["inference_ms"] = _inference_ms(module, data.x_val)
+    # Only a completed trial writes, and only here: pruned, stopped and failed trials leave no files.
+    save_trial(Path(job.artifact_path), result.best_state, job.spec, metrics=metrics,
+               layers=describe_layers(module))
+    conn.send(("done", {"metrics": metrics, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                        "stop_reason": result.stop_reason}))
+
+
+def _inference_ms(module: Any, x: Any, batch: int = 256) -> float:
+    """Milliseconds to predict one batch of `batch` samples, best of three."""
+    import torch
+
+    module.eval()
+    sample = x[:batch]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            module(sample)
+            if sample.is_cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return best * 1000.0

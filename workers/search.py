@@ -1,0 +1,75 @@
+"""Optuna samplers and pruners behind two factories; the rest of the service never names an algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+
+from app.ml.space import grid_space
+
+
+def make_sampler(spec: dict[str, Any], resolved: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    """The sampler a study's spec names, seeded when the spec gives a seed."""
+    opts = spec.get("sampler") or {}
+    name, seed = opts.get("name", "tpe"), opts.get("seed")
+    startup = {"n_startup_trials": opts["n_startup_trials"]} if opts.get("n_startup_trials") is not None else {}
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return _GridSampler(grid_space(resolved), seed=seed)
+    if name == "tpe":
+        multivariate = opts.get("multivariate")
+        if multivariate is None:  # Optuna's default: joint for one objective, independent for several
+            multivariate = not _multi_objective(spec)
+        # group splits the space where conditional entries (momentum) appear; constant_liar keeps parallel
+        # workers from proposing the same point while trials run.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=multivariate, group=multivariate,
+                                          constant_liar=True, **startup)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **startup)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, **startup)
+    if name == "qmc":
+        # Scrambled only with a seed: every worker must draw from the same sequence.
+        return optuna.samplers.QMCSampler(qmc_type=opts.get("qmc_type") or "sobol", scramble=seed is not None,
+                                          seed=seed, warn_independent_sampling=False)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=opts.get("population_size") or 50, seed=seed)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid without its study.stop() after the last point: outside optimize() that call raises, and
+    our own budget ends the study (n_trials never exceeds the grid, checked when the study is created)."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
+        return None
+
+
+def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """The pruner a study's spec names; the resource of successive halving and hyperband is epochs."""
+    opts = spec.get("pruner") or {}
+    name = opts.get("name", "median")
+    epochs = int(spec.get("budget", {}).get("epochs", 10))
+    warm = {k: opts[k] for k in ("n_startup_trials", "n_warmup_steps") if opts.get(k) is not None}
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(**warm)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(opts.get("percentile") or 25.0, **warm)
+    halving = {"min_resource": opts.get("min_resource") or 1,
+               "reduction_factor": opts.get("reduction_factor") or 3}
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**halving)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(max_resource=epochs, **halving)
+    raise ValueError(f"unknown pruner {name!r}")
+
+
+def _multi_objective(spec: dict[str, Any]) -> bool:
+    objective = spec.get("objective")
+    return isinstance(objective, list) and len(objective) > 1
