@@ -1,0 +1,90 @@
+"""Structured logs: one JSON object per line, carrying the study, trial and worker ids of a real run."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from app.core.db import Database
+from app.core.logging import setup_logging
+from tests.conftest import make_settings
+from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """setup_logging changes process-wide state (root handler, Optuna's handler): put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    verbosity = optuna.logging.get_verbosity()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    optuna.logging.disable_propagation()
+    optuna.logging.enable_default_handler()
+    optuna.logging.set_verbosity(verbosity)
+
+
+@pytest.fixture
+def log_stream(restore_logging: None) -> io.StringIO:
+    stream = io.StringIO()
+    setup_logging(stream=stream)  # a StringIO is no terminal: JSON by default
+    return stream
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]  # every line is JSON
+
+
+def test_worker_logs_carry_study_trial_and_worker_ids(log_stream: io.StringIO, sqlite_url: str,
+                                                      tmp_path: Path) -> None:
+    settings = make_settings(sqlite_url, tmp_path / "home")
+    db = Database(sqlite_url)
+    client = client_for(settings, db)
+    sid = client.post("/api/v1/studies", json=study_spec(budget={"n_trials": 1, "epochs": 1})).json()["id"]
+    with running_supervisor(settings, db, slots=1) as supervisor:
+        wait_for_status(client, sid, {"completed", "failed"})
+    db.dispose()
+    lines = _lines(log_stream)
+    assert all({"ts", "level", "logger", "msg"} <= line.keys() for line in lines)
+    started = [line for line in lines if line["msg"] == "trial started"]
+    assert len(started) == 1
+    assert started[0]["study_id"] == sid and started[0]["trial"] == 0 and started[0]["attempt"] == 1
+    assert started[0]["worker_id"] == supervisor.worker_id and started[0]["device"] == "cpu"
+    finished = [line for line in lines if line["msg"].startswith("trial complete")]
+    assert finished and finished[0]["study_id"] == sid and finished[0]["worker_id"] == supervisor.worker_id
+    assert any(line["msg"].startswith("worker started") and line["worker_id"] == supervisor.worker_id
+               for line in lines)
+
+
+def test_json_lines_hold_context_and_tracebacks(log_stream: io.StringIO) -> None:
+    log = logging.LoggerAdapter(logging.getLogger("hpsearch.test"), {"study_id": "s1", "trial": 4,
+                                                                     "worker_id": "w1"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("trial failed")
+    (line,) = _lines(log_stream)
+    assert (line["study_id"], line["trial"], line["worker_id"]) == ("s1", 4, "w1")
+    assert line["level"] == "ERROR" and line["logger"] == "hpsearch.test" and line["ts"].endswith("+00:00")
+    assert "ValueError: boom" in line["exc"] and "device" not in line  # absent ids are left out
+
+
+def test_optuna_warnings_come_out_as_json(log_stream: io.StringIO) -> None:
+    optuna.logging.get_logger("optuna.test").warning("from optuna")
+    optuna.logging.get_logger("optuna.test").info("per-trial chatter")
+    assert [(line["logger"], line["msg"]) for line in _lines(log_stream)] == [("optuna.test", "from optuna")]
+
+
+def test_text_lines_for_a_terminal(restore_logging: None) -> None:
+    stream = io.StringIO()
+    setup_logging(json_logs=False, stream=stream)
+    logging.getLogger("hpsearch.test").info("hello", extra={"worker_id": "w1"})
+    assert stream.getvalue().rstrip().endswith("hello  [worker_id=w1]")

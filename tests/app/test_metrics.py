@@ -1,0 +1,147 @@
+"""GET /metrics in the Prometheus text format, on SQLite and PostgreSQL: the numbers follow the database."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from app.core import metrics
+from app.core.config import Settings
+from app.core.db import Database
+from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from workers import queue
+
+API = "/api/v1"
+
+
+class Scrape:
+    """One parsed scrape of /metrics."""
+
+    def __init__(self, client: TestClient) -> None:
+        response = client.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        self.families = {f.name: f for f in text_string_to_metric_families(response.text)}
+
+    def samples(self, family: str, sample: str | None = None, **labels: str) -> list[Sample]:
+        return [s for s in self.families[family].samples if s.name == (sample or family)
+                and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    def value(self, family: str, sample: str | None = None, **labels: str) -> float:
+        (found,) = self.samples(family, sample, **labels)
+        return found.value
+
+
+def _create(client: TestClient, **overrides: Any) -> str:
+    response = client.post(f"{API}/studies", json=study_spec(**overrides))
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def test_counters_move_after_a_small_study(settings: Settings, db: Database) -> None:
+    client = client_for(settings, db)
+    before = Scrape(client)
+    assert before.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 0
+    assert before.value("hpsearch_studies", status="completed") == 0
+    assert before.samples("hpsearch_trial_duration_seconds") == []
+    sid = _create(client, budget={"n_trials": 2, "epochs": 1, "max_parallel": 2})
+    queued = Scrape(client)
+    assert queued.value("hpsearch_studies", status="queued") == 1
+    assert queued.value("hpsearch_queue_depth") == 2
+
+    with running_supervisor(settings, db, slots=2):
+        study = wait_for_status(client, sid, {"completed", "failed"})
+        live = Scrape(client)
+        assert live.value("hpsearch_workers") == 1
+        assert sum(s.value for s in live.samples("hpsearch_worker_slots")) == 2
+        assert all(0 <= s.value < 60 for s in live.samples("hpsearch_worker_heartbeat_age_seconds"))
+    assert study["status"] == "completed", study
+
+    after = Scrape(client)
+    assert after.value("hpsearch_studies", status="completed") == 1
+    assert after.value("hpsearch_studies", status="queued") == 0
+    assert after.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 2
+    assert after.value("hpsearch_trials_finished", "hpsearch_trials_finished_total", state="complete") == 2
+    assert after.value("hpsearch_trials_finished", "hpsearch_trials_finished_total", state="fail") == 0
+    assert after.value("hpsearch_queue_depth") == 0
+    assert after.samples("hpsearch_running_trials") == []
+    assert after.value("hpsearch_workers") == 0  # the supervisor unregistered at stop
+    durations = [t["duration_s"] for t in client.get(f"{API}/studies/{sid}/trials").json()["data"]]
+    _assert_histogram_matches(after, durations)
+    latency = after.samples("hpsearch_http_request_seconds", "hpsearch_http_request_seconds_count",
+                            method="GET", status="200")
+    routes = {s.labels["route"]: s.value for s in latency}
+    assert any(r.endswith("/studies/{study_id}") and n >= 1 for r, n in routes.items()), routes
+    assert not any(sid in r for r in routes)  # labelled by route template, never by id: bounded series
+    _assert_gpu_metrics_follow_nvml(after)
+
+
+def _assert_histogram_matches(scrape: Scrape, durations: list[float]) -> None:
+    family = "hpsearch_trial_duration_seconds"
+    buckets = scrape.samples(family, f"{family}_bucket", state="complete")
+    assert [b.labels["le"] for b in buckets] == [*map(str, metrics.TRIAL_DURATION_BUCKETS_S), "+Inf"]
+    for bucket in buckets:
+        bound = float(bucket.labels["le"])
+        assert bucket.value == sum(1 for d in durations if d <= bound), bucket
+    assert scrape.value(family, f"{family}_count", state="complete") == len(durations) == 2
+    assert abs(scrape.value(family, f"{family}_sum", state="complete") - sum(durations)) < 1e-6
+
+
+def _assert_gpu_metrics_follow_nvml(scrape: Scrape) -> None:
+    gpu_families = {name for name in scrape.families if name.startswith("hpsearch_gpu_")}
+    if not metrics.GPUS.available():
+        assert gpu_families == set()  # skipped quietly, the scrape still answers
+        return
+    totals = scrape.samples("hpsearch_gpu_memory_total_bytes")
+    assert totals and all(s.value > 0 for s in totals)
+    assert {"hpsearch_gpu_memory_used_bytes", "hpsearch_gpu_utilization_ratio"} <= gpu_families
+
+
+def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Database) -> None:
+    """Leases taken back by the reaper, through the real queue functions the supervisors use."""
+    client = client_for(settings, db)
+    _create(client, budget={"n_trials": 3, "max_attempts": 2})
+
+    def lease(deadline_s: float = 3600.0) -> queue.Lease:
+        claimed = queue.claim_trial(db, worker_id="w-lost", device="cpu", trial_deadline_s=deadline_s)
+        assert claimed is not None
+        number = claimed.number if claimed.number is not None else claimed.trial_id
+        return queue.bind_trial(db, claimed, number=number, optuna_trial_id=claimed.trial_id, params={})
+
+    first = lease()
+    assert [r.requeued for r in queue.reap(db, grace_s=-1.0)] == [True]  # every beat is "too old"
+    scrape = Scrape(client)
+    assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="requeued") == 1
+    assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="failed") == 0
+    assert scrape.value("hpsearch_trials_waiting") == 1
+
+    assert lease().trial_id == first.trial_id  # the second attempt of the same trial
+    assert [r.requeued for r in queue.reap(db, grace_s=-1.0)] == [False]  # max_attempts used
+    lease(deadline_s=0.001)
+    time.sleep(0.05)
+    assert len(queue.reap(db, grace_s=3600.0)) == 1  # beating, but past its deadline
+
+    scrape = Scrape(client)
+    assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="requeued") == 1
+    assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="failed") == 1
+    assert scrape.value("hpsearch_trials_deadline_exceeded", "hpsearch_trials_deadline_exceeded_total") == 1
+    assert scrape.value("hpsearch_trials_finished", "hpsearch_trials_finished_total", state="fail") == 2
+    assert scrape.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 2
+
+
+def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: Database) -> None:
+    client = client_for(settings, db)
+    _create(client, budget={"n_trials": 4})
+    paused = _create(client, budget={"n_trials": 5})
+    assert Scrape(client).value("hpsearch_queue_depth") == 9
+    assert client.post(f"{API}/studies/{paused}/pause").status_code == 200
+    scrape = Scrape(client)
+    assert scrape.value("hpsearch_queue_depth") == 4  # a paused study starts nothing
+    assert scrape.value("hpsearch_studies", status="paused") == 1
+    assert queue.claim_trial(db, worker_id="w", device="cpu", trial_deadline_s=60) is not None
+    scrape = Scrape(client)
+    assert scrape.value("hpsearch_queue_depth") == 3
+    assert scrape.value("hpsearch_running_trials", worker="w", device="cpu") == 1
