@@ -1,0 +1,118 @@
+"""Real signals to real worker processes: a frozen worker's late result is refused, SIGTERM drains."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from app.core.db import Database
+from app.models import Trial, TrialState
+from tests.conftest import make_settings
+from tests.factories import client_for, study_spec
+from tests.integration.processes import (
+    GRACE_S,
+    assert_study_settled,
+    log_lines,
+    optuna_trials,
+    processes,
+    running_with_epochs,
+    start_worker,
+    study_status,
+    training_spec,
+    trials_of,
+    wait_until,
+)
+
+API = "/api/v1"
+
+
+def _mine(rows: list[Trial], pid: int) -> list[Trial]:
+    """Trials leased by the worker process pid (worker ids are host-pid-random)."""
+    return [t for t in rows if t.worker_id and t.worker_id.split("-")[-2] == str(pid)]
+
+
+def _lease_moved(db: Database, trial: Trial) -> bool:
+    now = next(t for t in trials_of(db, trial.study_id) if t.id == trial.id)
+    return now.attempt > trial.attempt
+
+
+def test_a_worker_frozen_past_the_grace_has_its_late_result_refused_and_survives(db_url: str,
+                                                                                 tmp_path: Path) -> None:
+    settings = make_settings(db_url, tmp_path / "home")
+    db = Database(db_url)
+    client = client_for(settings, db)
+    spec = training_spec(20, n_trials=3, max_parallel=2, max_attempts=2)
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    logs = [tmp_path / "frozen.log", tmp_path / "other.log"]
+    with processes() as procs:
+        frozen, other = start_worker(settings, logs[0]), start_worker(settings, logs[1])
+        procs += [frozen, other]
+        running = wait_until(lambda: running_with_epochs(db, sid, 2), 90, "both workers mid-trial")
+        stolen = _mine(running, frozen.pid)[0]
+        frozen.send_signal(signal.SIGSTOP)
+        # The other worker's reaper hands the silent lease to a second attempt.
+        wait_until(lambda: _lease_moved(db, stolen), 10 * GRACE_S, "the frozen worker's lease to be reaped")
+        frozen.send_signal(signal.SIGCONT)
+        wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 120, "the study to end")
+        assert frozen.poll() is None and other.poll() is None  # both survived
+    assert study_status(db, sid) == "completed"
+    rows = assert_study_settled(db, sid, 3)
+    again = next(r for r in rows if r.id == stolen.id)
+    assert (again.state, again.attempt, again.params) == (TrialState.COMPLETE.value, 2, stolen.params)
+    events = [e for p in logs for e in log_lines(p)]
+    lost = [e for e in events if e["msg"].startswith("lease lost")]
+    assert [(e["trial"], e["attempt"]) for e in lost] == [(stolen.number, 1)]
+    completions = sorted(e["trial"] for e in events if e["msg"].startswith("trial complete"))
+    assert completions == sorted(r.number for r in rows)  # each trial counted once
+    told = next(t for t in optuna_trials(db, sid) if t.number == stolen.number)
+    assert told.value == again.value
+    db.dispose()
+
+
+def test_sigterm_hands_running_trials_back_without_counting_an_attempt(db_url: str, tmp_path: Path) -> None:
+    settings = make_settings(db_url, tmp_path / "home")
+    db = Database(db_url)
+    client = client_for(settings, db)
+    spec = study_spec(budget={"n_trials": 4, "epochs": 200, "patience": None, "max_parallel": 2})
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    with processes() as procs:
+        worker = start_worker(settings, tmp_path / "w.log", per_device=2, args=("--shutdown-grace", "1"))
+        procs.append(worker)
+        running = wait_until(lambda: running_with_epochs(db, sid, 2), 90, "two trials mid-training")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+        rows = trials_of(db, sid)
+        assert sorted(r.id for r in rows) == sorted(r.id for r in running)  # nothing claimed after SIGTERM
+        for r in rows:
+            assert (r.state, r.attempt, r.worker_id) == (TrialState.WAITING.value, 1, None)
+        messages = [e["msg"] for e in log_lines(tmp_path / "w.log")]
+        assert messages.count("trial handed back at shutdown") == 2 and "worker stopped" in messages
+
+        # Another worker takes them up as the same first attempts, with the same parameters.
+        procs.append(start_worker(settings, tmp_path / "w2.log", per_device=2, args=("--shutdown-grace", "0.5")))
+        resumed = wait_until(lambda: running_with_epochs(db, sid, 2), 90, "the trials to run again")
+        assert {(r.id, r.attempt, r.number) for r in resumed} == {(r.id, 1, r.number) for r in running}
+        assert {r.id: r.params for r in resumed} == {r.id: r.params for r in running}
+    db.dispose()
+
+
+def test_sigterm_lets_running_trials_finish_within_the_grace(sqlite_url: str, tmp_path: Path) -> None:
+    settings = make_settings(sqlite_url, tmp_path / "home")
+    db = Database(sqlite_url)
+    client = client_for(settings, db)
+    spec = training_spec(15, n_trials=6, max_parallel=2)
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    with processes() as procs:
+        worker = start_worker(settings, tmp_path / "w.log", per_device=2, args=("--shutdown-grace", "30"))
+        procs.append(worker)
+        running = wait_until(lambda: running_with_epochs(db, sid, 2), 90, "two trials mid-training")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    rows = trials_of(db, sid)
+    assert sorted(r.id for r in rows) == sorted(r.id for r in running)  # no claim after SIGTERM
+    assert [r.state for r in rows] == [TrialState.COMPLETE.value] * 2
+    assert [r.attempt for r in rows] == [1, 1]
+    assert {t.number: t.state.name for t in optuna_trials(db, sid)} == {r.number: "COMPLETE" for r in rows}
+    assert study_status(db, sid) == "running"  # four trials left for the next worker
+    db.dispose()
+
