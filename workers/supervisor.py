@@ -34,6 +34,7 @@ from workers import asking, finalize, queue
 from workers.devices import threads_per_slot
 from workers.runner import ModelSpec, TrialJob, child_main, standardization, warm_imports
 from workers.search import make_pruner, make_sampler
+from workers.tensorboard import TrialBoard, board_dir
 
 log = logging.getLogger("hpsearch.worker")
 POLL_INTERVAL_S = 0.5
@@ -309,6 +310,10 @@ class Supervisor:
         deadline = time.monotonic() + float(p.spec["budget"].get("trial_timeout_s") or self.settings.trial_deadline_s)
         multi = isinstance(p.spec["objective"], list) and len(p.spec["objective"]) > 1
         stop_kind: str | None = None
+        board = None
+        if p.spec.get("tensorboard"):
+            assert self.settings.artifact_dir is not None and lease.number is not None
+            board = TrialBoard(board_dir(self.settings.artifact_dir, lease.study_id, lease.number, lease.attempt))
         try:
             while True:
                 if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
@@ -325,6 +330,8 @@ class Supervisor:
                     proc.join(1)
                     return Outcome("failed", f"trial process died (exit code {proc.exitcode})")
                 if msg[0] == "epoch":
+                    if board is not None:
+                        board.epoch(msg[1])
                     verdict = self._on_epoch(msg[1], lease, trial, multi)
                     if verdict == "lost":
                         return Outcome("lost")
@@ -342,6 +349,8 @@ class Supervisor:
             if proc.is_alive():
                 proc.kill()
             proc.join(5)
+            if board is not None:
+                board.close()
 
     def _on_epoch(self, report: dict[str, Any], lease: queue.Lease, trial: optuna.Trial, multi: bool) -> str:
         objective = p_objective(self._prepared[lease.study_id].spec)

@@ -228,3 +228,4 @@ def delete_study(db: Database, settings: Settings, *, owner: str, study_id: str)
         pass  # already gone
     assert settings.artifact_dir is not None
     shutil.rmtree(settings.artifact_dir / study_id, ignore_errors=True)
+    shutil.rmtree(settings.artifact_dir / "tensorboard" / study_id, ignore_errors=True)

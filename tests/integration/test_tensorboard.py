@@ -1,0 +1,42 @@
+"""Optional TensorBoard logs: per-epoch scalars of each trial, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.core.config import Settings
+from app.core.db import Database
+from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+
+pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+API = "/api/v1"
+
+
+def test_each_trial_writes_its_epoch_scalars_and_deleting_the_study_removes_them(settings: Settings,
+                                                                               db: Database) -> None:
+    client = client_for(settings, db)
+    spec = {**study_spec(budget={"n_trials": 2, "epochs": 3, "patience": None}), "tensorboard": True}
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    with running_supervisor(settings, db):
+        assert wait_for_status(client, sid, {"completed", "failed"})["status"] == "completed"
+    assert settings.artifact_dir is not None
+    root = settings.artifact_dir / "tensorboard" / sid
+    assert sorted(p.name for p in root.iterdir()) == ["trial-0", "trial-1"]
+    for number in (0, 1):
+        events = EventAccumulator(str(root / f"trial-{number}"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss", "val/loss", "val/val_accuracy", "learning_rate", "epoch_seconds"} <= tags
+        curve = client.get(f"{API}/studies/{sid}/trials/{number}").json()["curve"]
+        logged = [(e.step, e.value) for e in events.Scalars("val/val_accuracy")]
+        assert logged == [(p["epoch"], pytest.approx(p["val_metric"])) for p in curve]
+
+    plain = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 1, "epochs": 1})).json()["id"]
+    with running_supervisor(settings, db):
+        wait_for_status(client, plain, {"completed", "failed"})
+    assert not (settings.artifact_dir / "tensorboard" / plain).exists()  # off unless the spec asks
+
+    assert client.delete(f"{API}/studies/{sid}").status_code == 204
+    assert not root.exists()
