@@ -4,7 +4,7 @@ A completed trial leaves `trial-<n>.safetensors` and `trial-<n>.json` in its stu
 leaves anything. The config holds the `ModelSpec` (architecture, hyperparameters, input shape,
 standardization, class labels), the trial's metrics and `layers`: the network as a list of plain torch.nn
 layers, read from the trained module, so an exported model loads in PyTorch without this package
-(docs/export.md).
+(the README).
 
 torch is imported inside the functions that need it: the API imports this module without loading torch.
 """
@@ -143,8 +143,8 @@ def load_module(stem: Path, spec: ModelSpec, device: str = "cpu") -> Any:
 def describe_layers(module: Any) -> list[dict[str, Any]]:
     """The children of a built network as {"type": torch.nn class name, "args": constructor arguments}.
 
-    Rebuilding `nn.Sequential` from this list (docs/export.md) gives a module whose state_dict keys match
-    the saved weights. Standardize and Branches are this package's own two layers; docs/export.md defines
+    Rebuilding `nn.Sequential` from this list (the README) gives a module whose state_dict keys match
+    the saved weights. Standardize and Branches are this package's own two layers; the README defines
     them in a few lines of torch.
     """
     return [_describe(layer) for layer in module.children()]

@@ -1,4 +1,4 @@
-"""Models users take home: `hpsearch export` from a served API, loaded back with docs/export.md's code."""
+"""Models users take home: `hpsearch export` from a served API, loaded back with the README's code."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.conftest import ROOT, make_settings
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 from tests.integration.processes import free_port, start_api, stop_all
 
-DOC = ROOT / "docs" / "export.md"
+DOC = ROOT / "README.md"
 PLAIN_IMPORTS = {"json", "torch", "safetensors.torch"}
 
 
@@ -31,7 +31,7 @@ def _doc_blocks() -> list[str]:
 
 
 def _plain_loader() -> dict[str, Any]:
-    """The loader block of docs/export.md, executed; it may import only torch, safetensors and json."""
+    """The loader block of the README, executed; it may import only torch, safetensors and json."""
     block = _doc_blocks()[0]
     imported = set()
     for node in ast.walk(ast.parse(block)):
