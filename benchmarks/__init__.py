@@ -1,0 +1,1 @@
+"""Benchmarks of hpsearch against hand-written Optuna scripts; `python -m benchmarks.run` runs the suite."""
