@@ -1,0 +1,71 @@
+"""The reference searches through the real service: `hpsearch serve` on a temporary SQLite, a study over REST.
+
+Timing starts just before the REST submit; only trials the service started inside the budget count, the
+same rule as `optimize(timeout=...)`.
+
+    python -m benchmarks.service_runs --variant tpe_hyperband --budget 150 --out /tmp/svc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from benchmarks.common import EPOCHS, SEED, SearchResult, write_json
+from benchmarks.harness import running_service
+
+VARIANTS = ("tpe_hyperband", "tpe", "random")
+DEFAULT_SLOTS = 2
+DEFAULT_PATIENCE = 3
+
+
+def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | None) -> dict[str, Any]:
+    """The documented MLP space (no entry narrowed) on builtin:mnist, 8 epochs, the budget as timeout_s."""
+    sampler = "random" if variant == "random" else "tpe"
+    pruner = "hyperband" if variant == "tpe_hyperband" else "none"
+    return {
+        "name": f"bench-{variant}",
+        "dataset": "builtin:mnist",
+        "model": "mlp",
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+        "sampler": {"name": sampler, "seed": SEED},
+        "pruner": {"name": pruner},
+        "budget": {"n_trials": 10_000, "timeout_s": budget_s, "max_parallel": slots, "epochs": EPOCHS,
+                   "patience": patience, "max_attempts": 1},
+    }
+
+
+def run(variant: str, budget_s: float, *, slots: int = DEFAULT_SLOTS, patience: int | None = DEFAULT_PATIENCE,
+        keep: bool = False) -> SearchResult:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}")
+    with running_service(slots=slots, keep=keep) as svc:
+        study_id, submitted = svc.submit(mnist_spec(variant, budget_s, slots=slots, patience=patience))
+        start = time.perf_counter()
+        study = svc.wait(study_id, timeout_s=budget_s + 600)
+        wall = time.perf_counter() - start
+        return svc.result(f"service {variant}", study_id, submitted, budget_s, wall, slots=slots,
+                          patience=patience, status=study["status"],
+                          test_accuracy=(study["test_metrics"] or {}).get("test_accuracy"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, default="tpe_hyperband")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds of search (the study's timeout_s)")
+    parser.add_argument("--slots", type=int, default=DEFAULT_SLOTS, help="trial slots of the embedded worker")
+    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                        help="early-stopping patience in epochs (0: none)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary home (database, logs)")
+    parser.add_argument("--out", default=None, help="write trials and summary as JSON here")
+    args = parser.parse_args(argv)
+    result = run(args.variant, args.budget, slots=args.slots, patience=args.patience or None, keep=args.keep)
+    summary = result.summary()
+    print(summary)
+    write_json(args.out, {"summary": summary, "trials": result.trials})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
