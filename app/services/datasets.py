@@ -13,6 +13,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.ml import data
 from app.ml.space import Context
+from app.ml.uploads import parse_upload
 from app.models import DatasetRecord
 from app.services.errors import InvalidInput, NotFound, TooLarge
 
@@ -85,8 +86,8 @@ def upload_dataset(db: Database, settings: Settings, *, owner: str, kind: str, n
                    feature_groups: dict[str, list[str]] | None) -> dict[str, Any]:
     """Parse and validate an upload; the same content uploaded twice is stored once."""
     try:
-        ds = data.parse_upload(kind, files, label_column=label_column, feature_groups=feature_groups, task=task,
-                               name=name, max_bytes=settings.max_upload_bytes)
+        ds = parse_upload(kind, files, label_column=label_column, feature_groups=feature_groups, task=task,
+                          name=name, max_bytes=settings.max_upload_bytes)
     except data.DatasetTooLarge as exc:
         raise TooLarge(str(exc)) from exc
     except data.DatasetError as exc:

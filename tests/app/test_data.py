@@ -24,11 +24,11 @@ from app.ml.data import (
     load_builtin,
     load_idx_dir,
     load_saved,
-    parse_upload,
     read_idx,
     save_dataset,
     split_dataset,
 )
+from app.ml.uploads import parse_upload
 
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 if not MNIST_DIR.is_dir():
@@ -703,6 +703,6 @@ def test_describe_tabular_and_images() -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import sys, app.ml.data; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, app.ml.data, app.ml.uploads; sys.exit(1 if 'torch' in sys.modules else 0)"
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
