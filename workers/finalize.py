@@ -136,6 +136,10 @@ def _evaluate_on_test(name: str, pred: np.ndarray, job: EnsembleJob) -> dict[str
     return scores
 
 
+class EvaluationError(RuntimeError):
+    """The final evaluation failed or timed out in its child process."""
+
+
 def run_in_child(ctx: Any, job: EnsembleJob, *, timeout_s: float) -> dict[str, Any]:
     """Run `run(job)` in a forked child (memory isolation, like a trial); raise when it fails or times out."""
     parent, child = ctx.Pipe()
@@ -144,10 +148,10 @@ def run_in_child(ctx: Any, job: EnsembleJob, *, timeout_s: float) -> dict[str, A
     child.close()
     try:
         if not parent.poll(timeout_s):
-            raise RuntimeError("final evaluation timed out")
+            raise EvaluationError(f"timed out after {timeout_s:.0f} s")
         msg = parent.recv()
     except EOFError:
-        raise RuntimeError(f"final evaluation process died (exit code {proc.exitcode})") from None
+        raise EvaluationError(f"its process died (exit code {proc.exitcode})") from None
     finally:
         parent.close()
         if proc.is_alive():
@@ -156,7 +160,7 @@ def run_in_child(ctx: Any, job: EnsembleJob, *, timeout_s: float) -> dict[str, A
             proc.kill()
             proc.join(5)
     if msg[0] != "done":
-        raise RuntimeError(f"final evaluation failed: {msg[1]}\n{msg[2]}")
+        raise EvaluationError(f"{msg[1]}\n{msg[2]}")
     result: dict[str, Any] = msg[1]
     return result
 

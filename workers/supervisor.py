@@ -433,9 +433,16 @@ class Supervisor:
             begun = queue.complete_study(self.db, job, worker_id=self.worker_id, test_metrics=None,
                                          error="no trial completed")
         else:
-            result = self._evaluate_on_test(p, top, study_dir, device)
-            begun = queue.complete_study(self.db, job, worker_id=self.worker_id,
-                                         test_metrics=result["test_metrics"], ensemble=result["ensemble"])
+            try:
+                result = self._evaluate_on_test(p, top, study_dir, device)
+            except finalize.EvaluationError as exc:
+                # Retrying would fail the same way forever; every trial's result stays readable.
+                flog.error("final evaluation failed: %s", exc)
+                begun = queue.complete_study(self.db, job, worker_id=self.worker_id, test_metrics=None,
+                                             error=f"final evaluation failed: {str(exc)[:400]}")
+            else:
+                begun = queue.complete_study(self.db, job, worker_id=self.worker_id,
+                                             test_metrics=result["test_metrics"], ensemble=result["ensemble"])
         storage = optuna_storage(self.db.url)
         for trial_id in begun:
             _fail_optuna_trial(storage, trial_id)

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import pytest
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
@@ -189,4 +190,25 @@ def test_a_trial_over_the_memory_limit_fails_out_of_memory_once_and_the_next_sta
     big, small = sorted(assert_study_settled(db, sid, 2), key=lambda r: r.number)
     assert (big.state, big.error, big.attempt) == (TrialState.FAIL.value, "out_of_memory", 1)  # not retried
     assert small.state == TrialState.COMPLETE.value and small.worker_id == big.worker_id
+    db.dispose()
+
+
+def test_a_final_evaluation_that_fails_ends_the_study_once_with_its_reason(sqlite_url: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deterministic failure in the evaluation child would fail the same way on every retry."""
+    from workers import finalize
+
+    def broken(job: finalize.EnsembleJob) -> dict[str, object]:
+        raise ValueError("weights do not match the config")
+
+    monkeypatch.setattr(finalize, "run", broken)  # the forked evaluation child inherits it
+    db, client, settings = _setup(sqlite_url, tmp_path)
+    sid = _create(client, study_spec(budget={"n_trials": 2, "epochs": 1}))
+    with running_supervisor(settings, db, slots=1):
+        study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=60)
+    assert study["status"] == "failed" and study["test_metrics"] is None
+    assert study["error"].startswith("final evaluation failed: ValueError: weights do not match the config")
+    rows = assert_study_settled(db, sid, 2)
+    assert all(r.state == TrialState.COMPLETE.value for r in rows)  # every trial's result kept
+    assert study["best_trial"]["number"] in {r.number for r in rows}
     db.dispose()
