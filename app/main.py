@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
+from app.api import API_PREFIX
 from app.api.deps import RateLimiter
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, LatencyMiddleware
@@ -11,8 +12,6 @@ from app.api.routes import datasets, health, insights, meta, models, pareto, stu
 from app.api.routes.dashboard import install_dashboard
 from app.core.config import Settings, get_settings
 from app.core.db import Database
-
-API_PREFIX = "/api/v1"
 
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:

@@ -9,6 +9,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api import API_PREFIX
 from app.core.metrics import REQUEST_LATENCY
 
 JSON_TYPES = ("application/json",)
@@ -159,4 +160,6 @@ class LatencyMiddleware:
         finally:
             route: Any = scope.get("route")
             path = getattr(route, "path", "unmatched")
+            if scope["path"].startswith(API_PREFIX + "/") and not path.startswith(API_PREFIX):
+                path = API_PREFIX + path  # routes of an included router carry their path without its prefix
             REQUEST_LATENCY.labels(scope["method"], path, str(status[0])).observe(time.perf_counter() - start)
