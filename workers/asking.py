@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
@@ -44,6 +45,25 @@ def ask_trial(study: optuna.Study, storage: BaseStorage, resolved: dict[str, Any
         if mirror is None:
             mirror = _mirrors[study] = StudyMirror(study)
     return mirror.ask(storage, resolved, fixed)
+
+
+def finishes_directly(study: optuna.Study) -> bool:
+    """Whether `finish_trial` may stand in for `study.tell`: TPE and random search without constraints do
+    nothing in `after_trial`, so one state write is all a tell does for them."""
+    return type(study.sampler) in MIRRORED_SAMPLERS and getattr(study.sampler, "_constraints_func", None) is None
+
+
+def finish_trial(study: optuna.Study, trial_id: int, state: OptunaState, values: list[float] | None) -> None:
+    """Finish a COMPLETE or FAIL trial with one write; `study.tell` first reads the running trial back.
+
+    Callers check the values (finite, one per objective) as `tell` would; a trial already finished (by
+    the reaper, say) is left as it is, like `tell(skip_if_finished=True)`.
+    """
+    assert state in (OptunaState.COMPLETE, OptunaState.FAIL) and finishes_directly(study)
+    try:
+        study._storage.set_trial_state_values(trial_id, state, values if state == OptunaState.COMPLETE else None)
+    except UpdateFinishedTrialError:
+        pass
 
 
 def _ask_directly(study: optuna.Study, storage: BaseStorage, resolved: dict[str, Any],

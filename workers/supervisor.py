@@ -391,7 +391,7 @@ class Supervisor:
                         _publish(self._staged_stem(lease), Path(artifact))
                     except OSError:  # recorded without weights: finalization and downloads skip it
                         tlog.exception("could not publish the trial's weights")
-                    _tell(p.optuna_study, number, OptunaState.COMPLETE, values)
+                    _tell(p.optuna_study, number, OptunaState.COMPLETE, values, trial_id=lease.optuna_trial_id)
                     tlog.info("trial complete: %s", values[0])
                     queue.after_trial_finished(self.db, lease.study_id)
                 else:
@@ -408,7 +408,7 @@ class Supervisor:
             return
         reason = "stopped: the study was cancelled or ended" if outcome.kind == "cancelled" else str(outcome.payload)
         if queue.finish_trial(self.db, lease, state=TrialState.FAIL, error=reason):
-            _tell(p.optuna_study, number, OptunaState.FAIL)
+            _tell(p.optuna_study, number, OptunaState.FAIL, trial_id=lease.optuna_trial_id)
             tlog.warning("trial failed: %s", reason)
             queue.after_trial_finished(self.db, lease.study_id)
 
@@ -496,9 +496,13 @@ def _discard(staged: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _tell(study: optuna.Study, number: int | None, state: OptunaState, values: list[float] | None = None) -> None:
+def _tell(study: optuna.Study, number: int | None, state: OptunaState, values: list[float] | None = None,
+          *, trial_id: int | None = None) -> None:
     try:
-        retry_on_disconnect(study.tell, number, values, state=state, skip_if_finished=True)
+        if trial_id is not None and state != OptunaState.PRUNED and asking.finishes_directly(study):
+            retry_on_disconnect(asking.finish_trial, study, trial_id, state, values)
+        else:
+            retry_on_disconnect(study.tell, number, values, state=state, skip_if_finished=True)
     except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
         log.exception("could not tell Optuna about trial %s", number)
 

@@ -13,7 +13,7 @@ from optuna.trial import TrialState as OptunaState
 
 from app.core.optuna_store import optuna_storage
 from app.ml.space import Context, resolve_space
-from workers.asking import _ask_directly, ask_trial
+from workers.asking import _ask_directly, ask_trial, finish_trial, finishes_directly
 
 SPACE = resolve_space({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
                        "units": {"type": "int", "low": 8, "high": 256},
@@ -82,3 +82,22 @@ def test_an_enqueued_configuration_is_proposed_with_its_fixed_values(db_url: str
     number, trial_id, params = ask_trial(study, optuna_storage(db_url), SPACE, fixed)
     assert {k: params[k] for k in fixed} == fixed and "momentum" in params  # the sampler fills the rest
     assert optuna_storage(db_url).get_trial(trial_id).params == params
+
+
+def test_finishing_directly_stores_what_tell_would_and_leaves_finished_trials_alone(db_url: str) -> None:
+    storage = optuna_storage(db_url)
+    told = _study(db_url, "told", optuna.samplers.TPESampler(seed=0))
+    direct = _study(db_url, "direct", optuna.samplers.TPESampler(seed=0))
+    assert finishes_directly(direct)
+    assert not finishes_directly(_study(db_url, "cma", optuna.samplers.CmaEsSampler(seed=0)))
+    for state, values in ((OptunaState.COMPLETE, [0.75]), (OptunaState.FAIL, None)):
+        number, _, _ = ask_trial(told, storage, SPACE)
+        told.tell(number, values, state=state)
+        number, trial_id, _ = ask_trial(direct, storage, SPACE)
+        finish_trial(direct, trial_id, state, values)
+        a, b = told.trials[-1], direct.trials[-1]
+        assert (b.state, b.values, b.params) == (a.state, a.values, a.params)
+        assert b.datetime_complete is not None
+    finish_trial(direct, trial_id, OptunaState.COMPLETE, [0.1])  # finished already: kept as it was
+    assert direct.trials[-1].state == OptunaState.FAIL
+    assert direct.best_value == 0.75
