@@ -66,6 +66,16 @@ def _fresh_postgres() -> Iterator[str]:
         admin.dispose()
 
 
+def fresh_database(kind: str, home: Path, sqlite_template: Path) -> Iterator[str]:
+    """A migrated database ("sqlite" or "postgresql") for fixtures wider than one test; PostgreSQL's is
+    dropped when the generator finishes."""
+    if kind == "sqlite":
+        shutil.copy(sqlite_template, home / "hpsearch.db")
+        yield f"sqlite:///{home / 'hpsearch.db'}"
+    else:
+        yield from _fresh_postgres()
+
+
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "template.db"

@@ -4,7 +4,7 @@ import threading
 import time
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.core.config import Settings
@@ -25,6 +25,8 @@ def get_app_settings(request: Request) -> Settings:
 
 DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+# Bounded to the column's range: a longer number is a 422 here, not an OverflowError in the database driver.
+TrialNumber = Annotated[int, Path(ge=0, le=2**31 - 1, description="The trial's number in its study.")]
 
 
 class RateLimiter:
@@ -54,14 +56,16 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 def current_owner(request: Request, db: DbDep, settings: SettingsDep, credentials: BearerDep) -> str:
     """The owner of the bearer key; with auth disabled (loopback only) everyone is 'local'.
 
-    Each key has its own rate limit; a request over it is refused before it touches anything else.
+    Each key has its own rate limit (keyed by its hash, so two keys of one owner do not share a bucket); a
+    request over it is refused before it touches anything else. Unknown keys get no bucket: 401 first.
     """
     if not settings.auth_enabled:
         return "local"
     if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("missing bearer API key: send 'Authorization: Bearer <key>'")
-    owner = keys.authenticate(db, credentials.credentials.strip())
-    request.app.state.rate_limiter.take(owner)
+    key = credentials.credentials.strip()
+    owner = keys.authenticate(db, key)
+    request.app.state.rate_limiter.take(keys.hash_key(key))
     return owner
 
 

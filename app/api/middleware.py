@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import API_PREFIX
@@ -14,6 +16,7 @@ from app.core.metrics import REQUEST_LATENCY
 
 JSON_TYPES = ("application/json",)
 MULTIPART_PATHS = ("/api/v1/datasets",)
+PREDICT_PATH = re.compile(rf"^{API_PREFIX}/studies/[^/]+/predict$")
 NON_JSON_CONSTANTS = "NaN, Infinity and numbers too large for a double are not JSON: send finite numbers"
 TOO_DEEP = "JSON nested too deeply"
 
@@ -25,8 +28,12 @@ async def _reply(send: Send, status: int, detail: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from receive() while the app reads the body. An HTTPException because FastAPI passes those
+    through its body parsing (any other exception there becomes a 400 "error parsing the body")."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
 
 
 class _NonJsonConstant(ValueError):
@@ -77,8 +84,13 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        upload = scope["path"].rstrip("/") in MULTIPART_PATHS
+        path = scope["path"].rstrip("/")
+        upload = path in MULTIPART_PATHS
         limit = self.max_upload + 64 * 1024 if upload else self.max_body
+        if PREDICT_PATH.match(path):
+            # Up to predictions.MAX_ROWS rows of images is far more than any other JSON body. The limit is
+            # read from the app's settings (create_app puts them on app.state) like every route reads them.
+            limit = scope["app"].state.settings.max_predict_body_bytes
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await _reply(send, 413, f"request body larger than {limit} bytes")
@@ -100,13 +112,13 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _TooLarge
+                    raise _TooLarge(limit)
             return message
 
         try:
             await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await _reply(send, 413, f"request body larger than {limit} bytes")
+        except _TooLarge as exc:  # read by an app that does not answer HTTPExceptions itself
+            await _reply(send, 413, exc.detail)
 
     async def _json(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         """Read a JSON body whole (it is small), check it, then hand it to the app as if unread."""

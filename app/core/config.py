@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     api_key: str = Field("", description="The CLI's API key.")
     auth_enabled: bool = Field(True, description="Require API keys; refused off a loopback address.")
     max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest JSON request body.")
+    max_predict_body_bytes: int = Field(
+        32 * 2**20, ge=1024, description="Largest predict request body: fits 1,024 rows of 28x28 images "
+        "written as full-precision floats (about 16 MB), so the row limit answers before the size limit.")
     max_upload_bytes: int = Field(200 * 2**20, ge=1024, description="Largest dataset upload.")
     rate_limit_per_s: float = Field(50.0, gt=0, description="Sustained requests per second per key.")
     rate_limit_burst: int = Field(200, ge=1, description="Requests a key may burst above the rate.")

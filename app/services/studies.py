@@ -131,8 +131,8 @@ def list_studies(db: Database, *, owner: str, limit: int = 50, cursor: str | Non
             stmt = stmt.where(Study.status == status)
             count_stmt = count_stmt.where(Study.status == status)
         if cursor:
-            created, sid = decode_cursor(cursor, 2)
-            stmt = stmt.where(tuple_(Study.created_at, Study.id) < (datetime.fromisoformat(created), sid))
+            created, sid = decode_cursor(cursor, (datetime, str))
+            stmt = stmt.where(tuple_(Study.created_at, Study.id) < (created, sid))
         rows = session.scalars(stmt.order_by(Study.created_at.desc(), Study.id.desc()).limit(limit + 1)).all()
         page = rows[:limit]
         counts = _progress_counts(session, [r.id for r in page])

@@ -7,10 +7,10 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, case, func, select, tuple_
 
 from app.core.db import Database
-from app.models import Study, Trial, TrialEpoch
+from app.models import Study, Trial, TrialEpoch, TrialState
 from app.schemas.trial import EpochPoint, TrialDetail, TrialPublic, TrialsPublic
 from app.services.errors import NotFound
-from app.services.paging import decode_cursor, encode_cursor
+from app.services.paging import column_kinds, decode_cursor, encode_cursor
 from app.services.studies import first_direction, own_study
 
 SortKey = Literal["number", "value", "duration"]
@@ -40,7 +40,7 @@ def list_trials(db: Database, *, owner: str, study_id: str, limit: int = 50, cur
         keys = _sort_keys(study, sort, order)
         stmt = select(Trial, *keys).where(*where)
         if cursor:
-            stmt = stmt.where(tuple_(*keys) > tuple(decode_cursor(cursor, len(keys))))
+            stmt = stmt.where(tuple_(*keys) > tuple(decode_cursor(cursor, column_kinds(keys))))
         rows = session.execute(stmt.order_by(*keys).limit(limit + 1)).all()
         count = session.scalar(select(func.count()).select_from(Trial).where(*where)) or 0
         page = rows[:limit]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,7 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.core.db import Database
-from tests.conftest import make_settings
+from app.models import Study
+from app.services.paging import column_kinds
+from app.services.trials import _sort_keys
+from tests.conftest import fresh_database, make_settings
 from tests.factories import client_for, study_spec
 
 API = "/api/v1"
@@ -39,7 +43,7 @@ class Case:
     method: str
     path: str
     status: int
-    request: dict[str, Any] = field(default_factory=dict)
+    request: dict[str, Any] = field(default_factory=dict)  # a callable content is a fresh generator per run
     loc: list[Any] | None = None  # for 422: where the error is
 
 
@@ -47,6 +51,33 @@ def _chunks(total: int) -> Iterator[bytes]:
     chunk = b" " * 65536
     for _ in range(total // len(chunk)):
         yield chunk
+
+
+def _chunked_upload(total: int) -> Iterator[bytes]:
+    """A multipart CSV upload sent without Content-Length, so only counting what arrives can stop it."""
+    yield b'--b0undary\r\nContent-Disposition: form-data; name="kind"\r\n\r\ncsv\r\n'
+    yield b'--b0undary\r\nContent-Disposition: form-data; name="label_column"\r\n\r\ny\r\n'
+    yield b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="x.csv"\r\n\r\ny\n'
+    for _ in range(total // 65536):
+        yield b"1\n" * 32768
+    yield b"\r\n--b0undary--\r\n"
+
+
+def _cursor(values: list[Any]) -> dict[str, Any]:
+    text = base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+    return {"params": {"cursor": text}}
+
+
+# What a trials cursor holds (its sort keys, by number), each position a well-typed value; cases below put a
+# wrong one in a single position, so they test element types, not the cursor's length.
+_TRIAL_KINDS = column_kinds(_sort_keys(Study(), "number", "asc"))
+
+
+def _trial_cursor(position: int, value: Any) -> dict[str, Any]:
+    good: dict[type, Any] = {int: 0, float: 0.5, str: "x"}
+    values = [good[kind] for kind in _TRIAL_KINDS]
+    values[position] = value
+    return _cursor(values)
 
 
 CASES = [
@@ -60,7 +91,7 @@ CASES = [
     # size and media type, refused before parsing
     Case("body over the limit", "POST", "/studies", 413, {"json": {**_spec(), "name": "x" * (2 * 2**20)}}),
     Case("chunked body over the limit", "POST", "/studies", 413,
-         {"content": _chunks(2 * 2**20), "headers": {"Content-Type": "application/json"}}),
+         {"content": lambda: _chunks(2 * 2**20), "headers": {"Content-Type": "application/json"}}),
     Case("text/plain body", "POST", "/studies", 415,
          {"content": json.dumps(_spec()).encode(), "headers": {"Content-Type": "text/plain"}}),
     Case("form body", "POST", "/studies", 415, {"data": {"name": "x"}}),
@@ -114,12 +145,44 @@ CASES = [
          ["query", "cursor"]),
     Case("cursor of the wrong shape", "GET", f"/studies/{STUDY}/trials", 422,
          {"params": {"cursor": "WzFd"}}, ["query", "cursor"]),
+    Case("study cursor with a number for its date", "GET", "/studies", 422, _cursor([1, "x"]), ["query", "cursor"]),
+    Case("study cursor with a date that is not ISO", "GET", "/studies", 422, _cursor(["yesterday", "x"]),
+         ["query", "cursor"]),
+    Case("study cursor with a naive date", "GET", "/studies", 422, _cursor(["2024-01-01T00:00:00", "x"]),
+         ["query", "cursor"]),
+    Case("study cursor with a date before year 1 in UTC", "GET", "/studies", 422,
+         _cursor(["0001-01-01T00:00:00+05:00", "x"]), ["query", "cursor"]),
+    Case("study cursor with nested values", "GET", "/studies", 422, _cursor([["2024"], {"id": "x"}]),
+         ["query", "cursor"]),
+    Case("study cursor with a number for its id", "GET", "/studies", 422,
+         _cursor(["2024-01-01T00:00:00+00:00", 7]), ["query", "cursor"]),
+    Case("study cursor with a NUL in its id", "GET", "/studies", 422,
+         _cursor(["2024-01-01T00:00:00+00:00", "a\u0000b"]), ["query", "cursor"]),
+    Case("trial cursor with a string for a number", "GET", f"/studies/{STUDY}/trials", 422,
+         _trial_cursor(0, "zero"), ["query", "cursor"]),
+    Case("trial cursor with a list for a number", "GET", f"/studies/{STUDY}/trials", 422,
+         _trial_cursor(1, [1, 2]), ["query", "cursor"]),
+    Case("trial cursor with an object for a number", "GET", f"/studies/{STUDY}/trials", 422,
+         _trial_cursor(-1, {"n": 1}), ["query", "cursor"]),
+    Case("trial cursor with a fraction for a trial number", "GET", f"/studies/{STUDY}/trials", 422,
+         _trial_cursor(1, 0.5), ["query", "cursor"]),
+    Case("trial cursor with an integer beyond 64 bits", "GET", f"/studies/{STUDY}/trials", 422,
+         _trial_cursor(0, 10**30), ["query", "cursor"]),
+    Case("trial cursor with true for a number", "GET", f"/studies/{STUDY}/trials", 422,
+         _trial_cursor(0, True), ["query", "cursor"]),
+    Case("trial cursor by value with NaN", "GET", f"/studies/{STUDY}/trials", 422,
+         {"params": {**_trial_cursor(1, float("nan"))["params"], "sort": "value"}}, ["query", "cursor"]),
     Case("limit 0", "GET", "/studies", 422, {"params": {"limit": 0}}, ["query", "limit"]),
     Case("page too large", "GET", f"/studies/{STUDY}/trials", 422, {"params": {"limit": 100_000}},
          ["query", "limit"]),
     Case("unknown status filter", "GET", "/studies", 422, {"params": {"status": "exploded"}}, ["query", "status"]),
     Case("trial number not a number", "GET", f"/studies/{STUDY}/trials/first", 422, {},
          ["path", "number"]),
+    Case("trial number beyond any integer column", "GET", f"/studies/{STUDY}/trials/{10**30}", 422, {},
+         ["path", "number"]),
+    Case("negative trial number", "GET", f"/studies/{STUDY}/trials/-1", 422, {}, ["path", "number"]),
+    Case("model of a trial number beyond any integer column", "GET", f"/studies/{STUDY}/trials/{10**30}/model",
+         422, {}, ["path", "number"]),
     Case("study id of 5000 characters", "GET", "/studies/" + "f" * 5000, 404),
     Case("enqueued value outside the space", "POST", f"/studies/{STUDY}/trials", 422,
          {"json": {"params": {"learning_rate": 5.0}}}, ["body", "params", "learning_rate"]),
@@ -130,16 +193,19 @@ CASES = [
          ["body", "kind"]),
     Case("upload over the limit", "POST", "/datasets", 413,
          {"data": {"kind": "csv", "label_column": "y"}, "files": {"file": ("x.csv", b"y\n" + b"1\n" * 40_000)}}),
+    Case("chunked upload over the limit", "POST", "/datasets", 413,
+         {"content": lambda: _chunked_upload(512 * 1024),
+          "headers": {"Content-Type": "multipart/form-data; boundary=b0undary"}}),
 ]
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[tuple[TestClient, str]]:
-    import shutil
-
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+        sqlite_template: Path) -> Iterator[tuple[TestClient, str]]:
+    """The table runs on both databases: they fail differently on a badly typed value (PostgreSQL casts)."""
     home = tmp_path_factory.mktemp("bad-inputs")
-    shutil.copy(sqlite_template, home / "hpsearch.db")
-    url = f"sqlite:///{home / 'hpsearch.db'}"
+    urls = fresh_database(request.param, home, sqlite_template)
+    url = next(urls)
     settings = make_settings(url, home / "home").model_copy(update={"max_upload_bytes": 64 * 1024})
     db = Database(url)
     client = client_for(settings, db)
@@ -147,6 +213,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iter
     assert created.status_code == 201, created.text
     yield client, created.json()["id"]
     db.dispose()
+    for _ in urls:  # drops the PostgreSQL database
+        pass
 
 
 def test_the_table_is_long_enough() -> None:
@@ -157,7 +225,8 @@ def test_the_table_is_long_enough() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_gets_its_4xx(api: tuple[TestClient, str], case: Case) -> None:
     client, study_id = api
-    response = client.request(case.method, API + case.path.replace(STUDY, study_id), **case.request)
+    request = {k: v() if k == "content" and callable(v) else v for k, v in case.request.items()}
+    response = client.request(case.method, API + case.path.replace(STUDY, study_id), **request)
     assert response.status_code == case.status, response.text[:500]
     body = response.json()
     assert "detail" in body

@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.ml.artifacts import load_model_dir
 from app.services import predictions
-from tests.conftest import ROOT, make_settings
+from tests.conftest import ROOT, fresh_database, make_settings
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 
 API = "/api/v1"
@@ -39,16 +39,18 @@ class Finished:
         return f"{API}/studies/{self.study['id']}"
 
 
+def _service(home: Path, sqlite_template: Path) -> tuple[Settings, Database, TestClient]:
+    """Settings, a fresh SQLite database and a signed-in client, for a module's one study."""
+    url = next(fresh_database("sqlite", home, sqlite_template))
+    settings = make_settings(url, home)
+    db = Database(url)
+    return settings, db, client_for(settings, db)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[Finished]:
     """One small digits study with a trees member, run once for every test here."""
-    import shutil
-
-    home = tmp_path_factory.mktemp("predict")
-    shutil.copy(sqlite_template, home / "hpsearch.db")
-    settings = make_settings(f"sqlite:///{home / 'hpsearch.db'}", home)
-    db = Database(settings.database_url)
-    client = client_for(settings, db)
+    settings, db, client = _service(tmp_path_factory.mktemp("predict"), sqlite_template)
     sid = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 3, "epochs": 2},
                                                           ensemble={"top_k": 3, "trees": True})).json()["id"]
     with running_supervisor(settings, db):
@@ -215,3 +217,57 @@ def test_a_regression_study_predicts_values(sqlite_url: str, tmp_path: Path) -> 
     assert ensemble["objective"] == "val_mse" and ensemble["ensemble"]["val"]["mse"] <= min(
         m["val"]["mse"] for m in ensemble["members"])
     db.dispose()
+
+
+# ---- image inputs: the body limit fits the row limit -------------------------------------------------------
+
+IMAGE_SIDE = 28
+
+
+def _idx(magic: int, data: np.ndarray) -> bytes:
+    """IDX bytes (as MNIST ships them) of unsigned-byte data."""
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in data.shape)
+    return header + data.astype(np.uint8).tobytes()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[Finished]:
+    """A finished study on a small uploaded 28x28 image dataset (MNIST's shape, seconds to train)."""
+    settings, db, client = _service(tmp_path_factory.mktemp("predict-images"), sqlite_template)
+    labels = np.arange(200) % 2
+    pixels = np.random.default_rng(0).integers(0, 100, size=(200, IMAGE_SIDE, IMAGE_SIDE)) + 150 * labels[:, None, None]
+    uploaded = client.post(f"{API}/datasets", data={"kind": "idx", "name": "images"},
+                           files={"images": ("i.idx", _idx(2051, pixels)), "labels": ("l.idx", _idx(2049, labels))})
+    assert uploaded.status_code == 201, uploaded.text
+    spec = study_spec(dataset=uploaded.json()["id"], budget={"n_trials": 1, "epochs": 1})
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    with running_supervisor(settings, db, slots=1):
+        study = wait_for_status(client, sid, {"completed", "failed"})
+    assert study["status"] == "completed", study["error"]
+    yield Finished(settings, db, client, study)
+    db.dispose()
+
+
+def _images(n: int) -> list[Any]:
+    # Full-precision floats in [0, 1]: about 19 bytes a pixel, the largest a realistic client sends.
+    return np.random.default_rng(1).random((n, 1, IMAGE_SIDE, IMAGE_SIDE)).tolist()
+
+
+def test_too_many_image_rows_get_the_row_rule_not_413(images: Finished) -> None:
+    """Bodies far over the JSON limit (1 MiB) are fine here: the row limit answers, before any size limit."""
+    full = images.client.post(f"{images.url}/predict", json={"inputs": _images(predictions.MAX_ROWS)})
+    assert full.status_code == 200, full.text[:300]
+    assert len(full.json()["predictions"]) == predictions.MAX_ROWS
+    too_many = images.client.post(f"{images.url}/predict", json={"inputs": _images(predictions.MAX_ROWS + 1)})
+    assert f"at most {predictions.MAX_ROWS} rows" in _detail(too_many)
+
+
+def test_predict_has_its_own_body_limit(images: Finished) -> None:
+    settings = images.settings.model_copy(update={"max_predict_body_bytes": 64 * 1024})
+    client = client_for(settings, images.db)
+    small = client.post(f"{images.url}/predict", json={"inputs": _images(1)})  # about 15 kB
+    assert small.status_code == 200, small.text
+    large = client.post(f"{images.url}/predict", json={"inputs": _images(8)})
+    assert large.status_code == 413 and "larger than 65536 bytes" in large.json()["detail"]
+    # other JSON bodies keep max_body_bytes
+    assert client.post(f"{API}/studies", json={**study_spec(), "name": "x" * 2**20}).status_code == 413

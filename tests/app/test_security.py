@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import uuid
@@ -26,7 +25,7 @@ from app.core.db import Database
 from app.main import create_app
 from app.models import ApiKey
 from app.services import keys
-from tests.conftest import _fresh_postgres, make_settings
+from tests.conftest import fresh_database, make_settings
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 
 API = "/api/v1"
@@ -72,11 +71,7 @@ def _csv(n: int = 40) -> bytes:
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
           sqlite_template: Path) -> Iterator[World]:
     home = tmp_path_factory.mktemp("security")
-    if request.param == "sqlite":
-        shutil.copy(sqlite_template, home / "hpsearch.db")
-        urls: Iterator[str] = iter([f"sqlite:///{home / 'hpsearch.db'}"])
-    else:
-        urls = _fresh_postgres()
+    urls = fresh_database(request.param, home, sqlite_template)
     url = next(urls)
     settings = make_settings(url, home / "home")
     db = Database(url)
@@ -252,17 +247,29 @@ def test_keys_are_random_256_bit_shown_once_hashed_at_rest_and_revocable(sqlite_
     db.dispose()
 
 
-def test_rate_limit_per_key_answers_429_with_retry_after(sqlite_url: str, tmp_path: Path) -> None:
+def _limited(sqlite_url: str, tmp_path: Path) -> tuple[TestClient, Database]:
     settings = make_settings(sqlite_url, tmp_path / "home").model_copy(
         update={"rate_limit_per_s": 0.5, "rate_limit_burst": 3})
     db = Database(sqlite_url)
-    client = client_for(settings, db, "alice")
-    other = TestClient(client.app, headers={"Authorization": f"Bearer {keys.create_key(db, owner='bob')}"})
+    return client_for(settings, db, "alice"), db
+
+
+def test_rate_limit_answers_429_with_retry_after(sqlite_url: str, tmp_path: Path) -> None:
+    client, db = _limited(sqlite_url, tmp_path)
     codes = [client.get(f"{API}/studies").status_code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
     limited = client.get(f"{API}/studies")
     assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 2
-    assert other.get(f"{API}/studies").status_code == 200  # each key has its own bucket
+    db.dispose()
+
+
+def test_two_keys_of_one_owner_have_separate_buckets(sqlite_url: str, tmp_path: Path) -> None:
+    """The limit is per key, as promised: a second key of the same owner starts with its own full burst."""
+    client, db = _limited(sqlite_url, tmp_path)
+    other = TestClient(client.app, headers={"Authorization": f"Bearer {keys.create_key(db, owner='alice')}"})
+    assert [client.get(f"{API}/studies").status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert [other.get(f"{API}/studies").status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert client.get(f"{API}/studies").status_code == 429  # the first key's bucket was left empty
     db.dispose()
 
 

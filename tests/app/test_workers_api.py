@@ -45,12 +45,44 @@ def test_workers_lists_live_supervisors_with_their_trials(settings: Settings, db
         worker = _wait_for_running_trial(client)
         assert worker["id"] == supervisor.worker_id and worker["hostname"] == socket.gethostname()
         assert worker["devices"] == ["cpu"] and worker["slots"] == 2 and worker["pid"] == os.getpid()
-        assert worker["running"] == [{"device": "cpu", "number": 0}]  # max_parallel 1: one trial at a time
+        # max_parallel 1: one trial at a time
+        assert worker["running"] == [{"device": "cpu", "study_id": sid, "number": 0}] and worker["busy"] == 1
         assert worker["heartbeat_at"] >= worker["started_at"]
         client.post(f"{API}/studies/{sid}/cancel")
         wait_for_status(client, sid, {"cancelled"})
     assert client.get(f"{API}/workers").json()["count"] == 0  # a stopped supervisor unregisters
     assert TestClient(client.app).get(f"{API}/workers").status_code == 401
+
+
+def _running(client: TestClient, study_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The one worker, once it runs a numbered trial of study_id that this client can see."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        worker = client.get(f"{API}/workers").json()["data"][0]
+        if any(r["study_id"] == study_id and r["number"] is not None for r in worker["running"]):
+            return dict(worker)
+        time.sleep(0.1)
+    raise AssertionError(f"no running trial of {study_id} after {timeout_s}s")
+
+
+def test_workers_show_each_owner_only_their_own_trials(settings: Settings, db: Database) -> None:
+    """Workers are shared; which studies they run is not: another owner's trials only count as busy slots."""
+    alice, bob, carol = (client_for(settings, db, name) for name in ("alice", "bob", "carol"))
+    mine = alice.post(f"{API}/studies", json=LONG_STUDY).json()["id"]
+    theirs = bob.post(f"{API}/studies", json=LONG_STUDY).json()["id"]
+    with running_supervisor(settings, db, slots=2):
+        _running(alice, mine)
+        seen_by_bob = _running(bob, theirs)
+        seen_by_alice, seen_by_carol = (c.get(f"{API}/workers").json()["data"][0] for c in (alice, carol))
+        for client, sid in ((alice, mine), (bob, theirs)):
+            client.post(f"{API}/studies/{sid}/cancel")
+            wait_for_status(client, sid, {"cancelled"})
+    assert seen_by_alice["running"] == [{"device": "cpu", "study_id": mine, "number": 0}]
+    assert seen_by_bob["running"] == [{"device": "cpu", "study_id": theirs, "number": 0}]
+    assert seen_by_carol["running"] == []
+    assert seen_by_alice["busy"] == seen_by_bob["busy"] == seen_by_carol["busy"] == 2
+    assert seen_by_alice["slots"] == seen_by_carol["slots"] == 2  # the infrastructure itself stays visible
+    assert theirs not in str(seen_by_alice) and mine not in str(seen_by_bob) + str(seen_by_carol)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.api.deps import CurrentOwner, DbDep
 from app.ml.space import describe_space
-from app.models import Trial, TrialState, Worker
+from app.models import Study, Trial, TrialState, Worker
 
 router = APIRouter(tags=["meta"])
 
@@ -19,15 +19,20 @@ def search_space(_owner: CurrentOwner, model: Literal["mlp", "cnn"] = "mlp") -> 
 
 
 @router.get("/workers")
-def list_workers(_owner: CurrentOwner, db: DbDep) -> dict[str, Any]:
-    """Registered workers, their devices, last heartbeat and current trials (ids only, no other owner's data)."""
+def list_workers(owner: CurrentOwner, db: DbDep) -> dict[str, Any]:
+    """Registered workers (shared by every owner): devices, slots, heartbeat, and which of the caller's
+    trials each one runs. Other owners' trials only count towards `busy`, so nothing of theirs shows.
+    Hostname and pid are the operator's, and already part of a worker's id."""
     with db.read_session() as session:
         workers = session.scalars(select(Worker).where(Worker.stopped_at.is_(None))
                                   .order_by(Worker.started_at)).all()
-        running = session.execute(select(Trial.worker_id, Trial.device, Trial.study_id, Trial.number)
+        running = session.execute(select(Trial.worker_id, Trial.device, Trial.study_id, Trial.number, Study.owner)
+                                  .join(Study, Study.id == Trial.study_id)
                                   .where(Trial.state == TrialState.RUNNING.value)).all()
     data = [{"id": w.id, "hostname": w.hostname, "pid": w.pid, "devices": w.devices, "slots": w.slots,
              "started_at": w.started_at, "heartbeat_at": w.heartbeat_at,
-             "running": [{"device": d, "number": n} for wid, d, _s, n in running if wid == w.id]}
+             "busy": sum(1 for wid, *_ in running if wid == w.id),
+             "running": [{"device": d, "study_id": sid, "number": n}
+                         for wid, d, sid, n, who in running if wid == w.id and who == owner]}
             for w in workers]
     return {"data": data, "count": len(data)}

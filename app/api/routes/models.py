@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 
-from app.api.deps import CurrentOwner, DbDep, SettingsDep
+from app.api.deps import CurrentOwner, DbDep, SettingsDep, TrialNumber
 from app.schemas.ensemble import EnsemblePublic, PredictionsPublic, PredictRequest
 from app.services import models, predictions
 
@@ -22,7 +22,7 @@ def _attachment(name: str) -> dict[str, str]:
 @router.get("/trials/{number}/model", response_class=Response,
             responses={200: {"content": {ZIP: {}}, "description": "model.safetensors + config.json (zip), "
                                                                   "or one of them with ?file="}})
-def download_trial_model(study_id: str, number: Annotated[int, Path(ge=0)], owner: CurrentOwner,
+def download_trial_model(study_id: str, number: TrialNumber, owner: CurrentOwner,
                          db: DbDep, settings: SettingsDep,
                          file: Literal["zip", "weights", "config"] = "zip") -> Response:
     weights, config = models.trial_model_files(db, settings, owner=owner, study_id=study_id, number=number)

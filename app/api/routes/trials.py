@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import CurrentOwner, DbDep, SettingsDep
+from app.api.deps import CurrentOwner, DbDep, SettingsDep, TrialNumber
 from app.schemas.trial import EnqueuedPublic, TrialDetail, TrialEnqueue, TrialsPublic
 from app.services import enqueue, trials
 
@@ -24,7 +24,7 @@ def list_trials(study_id: str, owner: CurrentOwner, db: DbDep, limit: Annotated[
 
 
 @router.get("/{number}", response_model=TrialDetail)
-def get_trial(study_id: str, number: Annotated[int, "path"], owner: CurrentOwner, db: DbDep) -> TrialDetail:
+def get_trial(study_id: str, number: TrialNumber, owner: CurrentOwner, db: DbDep) -> TrialDetail:
     return trials.get_trial(db, owner=owner, study_id=study_id, number=number)
 
 
