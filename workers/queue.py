@@ -146,11 +146,14 @@ def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | 
         session.merge(TrialEpoch(trial_id=lease.trial_id, attempt=lease.attempt, epoch=epoch,
                                  train_loss=train_loss, val_loss=val_loss, val_metric=val_metric,
                                  learning_rate=learning_rate, seconds=seconds))
-        status, stop_requested, spec = session.execute(
-            select(Study.status, Study.stop_requested_at, Study.spec).where(Study.id == lease.study_id)).one()
+        status, stop_requested, deadline, spec = session.execute(
+            select(Study.status, Study.stop_requested_at, Study.deadline_at, Study.spec)
+            .where(Study.id == lease.study_id)).one()
     if status == StudyStatus.CANCELLED.value:
         return "stop"
-    if stop_requested is not None and (spec.get("stop") or {}).get("running") == "cancel":
+    # With stop.running "cancel", a fired criterion, the study's timeout included, also ends running trials.
+    stopped = stop_requested is not None or (deadline is not None and utcnow() >= deadline)
+    if stopped and (spec.get("stop") or {}).get("running") == "cancel":
         return "stop"
     return "ok"
 
@@ -291,11 +294,14 @@ def after_trial_finished(db: Database, study_id: str) -> str | None:
 
 
 def _stop_reason_in_tx(session: Session, study: Study, stop: dict[str, Any]) -> str | None:
+    """Which criterion fired, judged on complete trials as the best trial is; pruned and failed trials
+    count only as trials that did not improve."""
     objective = study.spec["objective"]
     maximize = (objective[0] if isinstance(objective, list) else objective)["direction"] == "maximize"
-    values = session.scalars(select(Trial.value).where(
+    rows = session.execute(select(Trial.state, Trial.value).where(
         Trial.study_id == study.id, Trial.state.in_(FINISHED_TRIAL_STATES))
         .order_by(Trial.finished_at, Trial.id)).all()
+    values = [value if state == TrialState.COMPLETE.value else None for state, value in rows]
     complete = [v for v in values if v is not None]
     if not complete:
         return None

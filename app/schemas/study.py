@@ -145,17 +145,24 @@ class EnsembleSpec(Strict):
     trees: bool = False
 
 
+STOP_VALUE_MAX = 1e12  # beyond any accuracy, loss or error a study reports
+
+
 class StopSpec(Strict):
-    target_value: float | None = None
+    target_value: float | None = Field(None, ge=-STOP_VALUE_MAX, le=STOP_VALUE_MAX,
+                                       description="Stop once the best complete trial reaches this value.")
     no_improvement_trials: int | None = Field(None, ge=1, le=10_000)
-    min_delta: float = Field(0.0, ge=0)
-    running: Literal["finish", "cancel"] = "finish"
+    min_delta: float = Field(0.0, ge=0, le=STOP_VALUE_MAX)
+    running: Literal["finish", "cancel"] = Field("finish", description="What happens to running trials when a "
+                                                 "criterion (timeout_s included) fires.")
 
 
 class WarmStartSpec(Strict):
     studies: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(min_length=1, max_length=10)
-    top_k: int = Field(5, ge=1, le=100)
-    history: bool = False
+    top_k: int = Field(5, ge=1, le=100, description="Best configurations of each study to run first.")
+    history: bool = Field(False, description="Instead of re-running configurations, add the studies' complete "
+                          "and pruned trials (at most 1,000 in all, the best of each first) to the new study's "
+                          "history; they must optimize the same objectives.")
 
 
 class StudySpec(Strict):
@@ -260,6 +267,8 @@ class StudyPublic(Public):
     finished_at: datetime | None
     elapsed_s: float | None
     stop_reason: str | None
+    stopped_at: datetime | None = Field(description="When the criterion in stop_reason fired (for n_trials "
+                                                    "and cancelled, when the study ended).")
     error: str | None
     progress: Progress
     best_trial: BestTrial | None

@@ -18,7 +18,8 @@ class EpochPoint(Public):
 
 
 class TrialPublic(Public):
-    number: int
+    number: int | None = Field(description="Optuna's trial number; null for an enqueued configuration not yet "
+                                           "claimed (listed with state=waiting only)")
     state: str
     source: str
     params: dict[str, Any] | None

@@ -178,13 +178,22 @@ def _public(session: Session, study: Study, counts: dict[str, int] | None = None
     return StudyPublic(
         id=study.id, name=study.name, status=study.status, dataset=study.spec["dataset"],
         model=study.spec["model"], created_at=study.created_at, started_at=study.started_at,
-        finished_at=study.finished_at, stop_reason=study.stop_reason, error=study.error,
+        finished_at=study.finished_at, stop_reason=study.stop_reason, stopped_at=_stopped_at(study),
+        error=study.error,
         elapsed_s=(end - study.started_at).total_seconds() if study.started_at else None,
         progress=Progress(n_trials=study.n_trials, finished=finished, **counts),
         best_trial=BestTrial(number=best.number, value=best.value, values=best.values, params=best.params or {})
         if best is not None and best.number is not None else None,
         test_metrics=study.test_metrics, spec=study.spec,
     )
+
+
+def _stopped_at(study: Study) -> datetime | None:
+    if study.stop_requested_at is not None:  # target_value, no_improvement
+        return study.stop_requested_at
+    if study.stop_reason == "timeout":
+        return study.deadline_at
+    return study.finished_at if study.stop_reason else None
 
 
 # ---- state changes ---------------------------------------------------------------------------------------

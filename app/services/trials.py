@@ -1,4 +1,4 @@
-"""Trial reads straight from indexed SQL (never Optuna's load-everything calls), and enqueueing."""
+"""Trial reads straight from indexed SQL (never Optuna's load-everything calls)."""
 
 from __future__ import annotations
 
@@ -17,22 +17,31 @@ SortKey = Literal["number", "value", "duration"]
 
 
 def _sort_keys(study: Study, sort: SortKey, order: str | None) -> list[ColumnElement[Any]]:
-    """Columns that order ascending for the page; descending orders are negated numbers."""
+    """Columns that order ascending for the page; descending orders are negated numbers.
+
+    Trials without a value go last, and configurations not yet numbered after them in enqueue order; every
+    key is non-null so that keyset cursors compare.
+    """
     column = {"number": Trial.number, "value": Trial.value, "duration": Trial.duration_s}[sort]
     if order is None:
         maximize = first_direction(study) == "maximize"
         order = "desc" if sort == "value" and maximize else "asc"
     sign = -1 if order == "desc" else 1
-    missing = case((column.is_(None), 1), else_=0)  # trials without a value go last
-    return [missing, sign * func.coalesce(column, 0), sign * Trial.number]
+    missing = case((column.is_(None), 1), else_=0)
+    unnumbered = case((Trial.number.is_(None), 1), else_=0)
+    return [missing, sign * func.coalesce(column, 0), unnumbered, sign * func.coalesce(Trial.number, 0), Trial.id]
 
 
 def list_trials(db: Database, *, owner: str, study_id: str, limit: int = 50, cursor: str | None = None,
                 state: str | None = None, sort: SortKey = "number", order: str | None = None,
                 after: int | None = None) -> TrialsPublic:
+    """A page of a study's trials. Configurations enqueued but not yet claimed have no number: only
+    `state=waiting` lists them (number null), so numbered listings and `after=` polling stay as they were."""
     with db.read_session() as session:
         study = own_study(session, owner=owner, study_id=study_id)
-        where = [Trial.study_id == study.id, Trial.number.is_not(None)]
+        where = [Trial.study_id == study.id]
+        if state != TrialState.WAITING.value:
+            where.append(Trial.number.is_not(None))
         if state:
             where.append(Trial.state == state)
         if after is not None:

@@ -121,3 +121,15 @@ def test_history_warm_start_changes_what_the_sampler_proposes(settings: Settings
     assert len(warm) == 1 and warm[0]["source"] == "sampler"  # history is learned from, not re-run
     assert warm[0]["number"] == 4  # Optuna numbers follow the four history trials
     assert cold[0]["params"] != warm[0]["params"]
+
+
+def test_timeout_with_running_cancel_stops_the_running_trial(settings: Settings, db: Database) -> None:
+    client = client_for(settings, db)
+    # Without the stop, the one trial would train 500 epochs; the 3 s timeout ends it within an epoch.
+    spec = study_spec(budget={"n_trials": 2, "epochs": 500, "patience": None, "max_parallel": 1, "timeout_s": 3},
+                      stop={"running": "cancel"})
+    sid, study = _run(client, settings, db, spec)
+    assert study["stop_reason"] == "timeout" and study["stopped_at"] is not None
+    trials = _trials(client, sid)
+    assert len(trials) == 1 and trials[0]["state"] == "fail" and trials[0]["error"].startswith("stopped")
+    assert trials[0]["epochs_run"] is None or trials[0]["epochs_run"] < 500

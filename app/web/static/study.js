@@ -289,7 +289,8 @@ async function loadTable() {
   tableHead();
   const rows = page.data.map((trial) => el("tr", {
     "data-number": trial.number, class: trial.number === state.selected ? "selected" : null,
-    onclick: () => selectTrial(trial.number),
+    // an enqueued configuration still waiting has no number (nor curves) until a worker claims it
+    onclick: trial.number === null ? null : () => selectTrial(trial.number),
   },
   ...COLUMNS.map((c) => el("td", { class: c.num ? "num" : null },
     c.key === "state" ? el("span", { class: `badge ${trial.state}` }, trial.state)
