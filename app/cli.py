@@ -139,15 +139,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _start_reaper(settings: Settings) -> None:
     """With no embedded workers the API process still reaps leases of workers that died elsewhere."""
     from app.core.db import Database
-    from workers.supervisor import reap_and_tell
+    from workers.supervisor import Reaper
 
-    db = Database(settings.database_url, pool_size=1)
+    reaper = Reaper(Database(settings.database_url, pool_size=1), settings.lease_grace_s)
 
     def loop() -> None:
         while True:
-            time.sleep(max(1.0, settings.lease_grace_s / 4))
+            time.sleep(reaper.interval_s)
             try:
-                reap_and_tell(db, settings.lease_grace_s)
+                reaper.tick()
             except Exception:  # noqa: BLE001 - keep reaping through database outages
                 log.exception("reaper failed; retrying")
 

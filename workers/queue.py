@@ -22,7 +22,7 @@ from app.models import Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
 from app.models.base import utcnow
 from app.models.tables import FINISHED_TRIAL_STATES
 
-FINALIZE_LEASE_S = 600.0
+FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
 
 
 
@@ -219,11 +219,17 @@ def _back_in_line_in_tx(trial: Trial) -> None:
 
 
 @retrying
-def renew_leases(db: Database, *, worker_id: str, trial_ids: list[int]) -> None:
-    """Heartbeat for this worker and every trial it still runs."""
+def renew_leases(db: Database, *, worker_id: str, trial_ids: list[int], finalizing: list[str] = ()) -> None:
+    """Heartbeat for this worker, every trial it still runs and every study it is finalizing.
+
+    A worker the reaper took for dead (frozen, or cut off longer than the grace period) shows as alive again.
+    """
     now = utcnow()
     with db.session() as session:
-        session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now))
+        session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now, stopped_at=None))
+        if finalizing:
+            session.execute(update(Study).where(Study.id.in_(finalizing), Study.finalize_worker == worker_id)
+                            .values(finalize_until=now + timedelta(seconds=FINALIZE_LEASE_S)))
         if trial_ids:
             session.execute(update(Trial).where(Trial.id.in_(trial_ids), Trial.worker_id == worker_id,
                                                 Trial.state == TrialState.RUNNING.value).values(heartbeat_at=now))
@@ -238,11 +244,18 @@ class Reaped:
     reason: str
 
 
-@retrying
+def ping(db: Database) -> None:
+    """Raise unless the database answers."""
+    with db.read_session() as session:
+        session.execute(select(1))
+
+
 def reap(db: Database, *, grace_s: float) -> list[Reaped]:
     """Fail or re-queue leases whose heartbeat is older than grace_s or whose deadline passed.
 
-    The caller tells Optuna about the trials that failed for good (requeued=False, optuna_trial_id set).
+    Not retried here: a reap held back through a database outage would run the moment it ends, when
+    every lease looks stale (workers.supervisor.Reaper waits a grace period first). The caller tells
+    Optuna about the trials that failed for good (requeued=False, optuna_trial_id set).
     """
     now = utcnow()
     stale_before = now - timedelta(seconds=grace_s)
@@ -260,19 +273,34 @@ def reap(db: Database, *, grace_s: float) -> list[Reaped]:
 
 
 def _reap_in_tx(session: Session, trial: Trial, now: datetime) -> Reaped:
-    spec = session.scalar(select(Study.spec).where(Study.id == trial.study_id)) or {}
-    max_attempts = int(spec.get("budget", {}).get("max_attempts", 1))
     expired = trial.deadline_at is not None and trial.deadline_at < now
     reason = "deadline exceeded" if expired else f"worker {trial.worker_id} lost (no heartbeat)"
+    return _retry_or_fail_in_tx(session, trial, now, reason, retry=not expired)
+
+
+@retrying
+def fail_attempt(db: Database, lease: Lease, *, reason: str) -> Reaped | None:
+    """The worker could not run this attempt (an error outside the trial's process): count it as the
+    reaper counts a lost worker, so a trial that keeps failing this way ends instead of looping."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        return None if trial is None else _retry_or_fail_in_tx(session, trial, utcnow(), reason)
+
+
+def _retry_or_fail_in_tx(session: Session, trial: Trial, now: datetime, reason: str, *,
+                         retry: bool = True) -> Reaped:
+    """Back in line with the same parameters while attempts remain (and retry allows), else FAIL."""
     if _drop_unbound_in_tx(session, trial):  # died before it trained: no attempt was used
         return Reaped(trial.study_id, None, None, True, reason)
-    if not expired and trial.attempt < max_attempts:
+    spec = session.scalar(select(Study.spec).where(Study.id == trial.study_id)) or {}
+    max_attempts = int(spec.get("budget", {}).get("max_attempts", 1))
+    if retry and trial.attempt < max_attempts:
         _back_in_line_in_tx(trial)
         trial.attempt += 1
         trial.error = f"attempt {trial.attempt - 1}: {reason}"
         return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, True, reason)
     trial.state = TrialState.FAIL.value
-    trial.error = reason if expired else f"{reason}; {max_attempts} attempt(s) used"
+    trial.error = f"{reason}; {max_attempts} attempt(s) used" if retry else reason
     trial.finished_at = now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
     return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, False, trial.error)

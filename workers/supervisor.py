@@ -23,7 +23,7 @@ from optuna.trial import TrialState as OptunaState
 from sqlalchemy import select
 
 from app.core.config import Settings
-from app.core.db import Database, retry_on_disconnect
+from app.core.db import RETRY_MAX_DELAY_S, Database, is_transient, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.ml import data as datasets_lib
 from app.ml.artifacts import has_model, prune_study_dir, read_config, trial_files, trial_stem
@@ -86,6 +86,7 @@ class Supervisor:
         self.shutdown_grace_s = shutdown_grace_s
         self._drain_deadline: float | None = None
         self._active: dict[int, queue.Lease] = {}
+        self._finalizing: set[str] = set()  # studies whose final evaluation runs here
         self._active_lock = threading.Lock()
         self._prepared: dict[str, Prepared] = {}
         self._prepare_lock = threading.Lock()
@@ -109,6 +110,7 @@ class Supervisor:
         self._drain_deadline = time.monotonic() + self.shutdown_grace_s
         for t in threads:
             t.join()
+        beat.join(self.shutdown_grace_s)  # a beat after unregistering would show this worker alive again
         queue.unregister_worker(self.db, worker_id=self.worker_id)
         self._log.info("worker stopped")
 
@@ -126,21 +128,22 @@ class Supervisor:
                 time.sleep(interval)  # stop_event.wait() would return at once: keep the pace while draining
             else:
                 self.stop_event.wait(interval)
-            if self.stop_event.is_set() and not self._active:
+            if self.stop_event.is_set() and not self._active and not self._finalizing:
                 return
             try:
                 with self._active_lock:
-                    ids = list(self._active)
-                queue.renew_leases(self.db, worker_id=self.worker_id, trial_ids=ids)
+                    ids, finalizing = list(self._active), list(self._finalizing)
+                queue.renew_leases(self.db, worker_id=self.worker_id, trial_ids=ids, finalizing=finalizing)
             except Exception:  # noqa: BLE001 - a database outage must not kill the beat; retry next tick
                 self._log.exception("heartbeat failed; retrying")
 
     def _reaper_loop(self) -> None:
         """Fail or re-queue the leases of dead workers, and of trials past their deadline."""
-        interval = max(self.settings.heartbeat_interval_s, self.settings.lease_grace_s / 4)
+        reaper = Reaper(self.db, self.settings.lease_grace_s)
+        interval = max(self.settings.heartbeat_interval_s, reaper.interval_s)
         while not self.stop_event.wait(interval):
             try:
-                reap_and_tell(self.db, self.settings.lease_grace_s)
+                reaper.tick()
             except Exception:  # noqa: BLE001 - keep reaping through database outages
                 self._log.exception("reaping failed; retrying")
 
@@ -167,8 +170,11 @@ class Supervisor:
                 self._active[lease.trial_id] = lease
             try:
                 self._run_trial(lease, device)
-            except Exception:
-                queue.release_trial(self.db, lease)  # let another attempt have it rather than wait for the reaper
+            except Exception as exc:
+                if is_transient(exc):  # the database's fault, not the trial's: hand it back as it was
+                    queue.release_trial(self.db, lease)
+                else:
+                    self._fail_attempt(lease, exc)
                 raise
             finally:
                 with self._active_lock:
@@ -176,10 +182,21 @@ class Supervisor:
             return True
         job = queue.claim_finalization(self.db, worker_id=self.worker_id)
         if job is not None:
-            self._before_finalize(job.study_id)
-            self._finalize(job, device)
+            with self._active_lock:
+                self._finalizing.add(job.study_id)
+            try:
+                self._before_finalize(job.study_id)
+                self._finalize(job, device)
+            finally:
+                with self._active_lock:
+                    self._finalizing.discard(job.study_id)
             return True
         return False
+
+    def _fail_attempt(self, lease: queue.Lease, exc: Exception) -> None:
+        reaped = queue.fail_attempt(self.db, lease, reason=f"worker error: {type(exc).__name__}: {exc}"[:500])
+        if reaped is not None and not reaped.requeued and reaped.optuna_trial_id is not None:
+            _fail_optuna_trial(optuna_storage(self.db.url), reaped.optuna_trial_id)
 
     def _before_finalize(self, study_id: str) -> None:
         """No trial runs any more: clear what crashed attempts left behind, here and in Optuna."""
@@ -525,3 +542,33 @@ def reap_and_tell(db: Database, grace_s: float) -> list[queue.Reaped]:
             _fail_optuna_trial(storage, r.optuna_trial_id)
     return reaped
 
+
+class Reaper:
+    """Calls reap_and_tell each tick, but never right after its own database outage.
+
+    An outage stops every heartbeat, so when the database comes back every lease looks stale. A reaper
+    that could not reach the database waits one grace period after reaching it again before judging
+    anyone, which gives the live workers, cut off by the same outage, time to beat again.
+    """
+
+    def __init__(self, db: Database, grace_s: float) -> None:
+        self.db, self.grace_s = db, grace_s
+        self._resume_at = 0.0
+        self._cut_off = False
+
+    @property
+    def interval_s(self) -> float:
+        return max(1.0, self.grace_s / 4)
+
+    def tick(self) -> list[queue.Reaped]:
+        try:
+            if self._cut_off or time.monotonic() < self._resume_at:
+                queue.ping(self.db)
+                if self._cut_off:  # back: give workers a grace period, plus their longest retry pause
+                    self._cut_off = False
+                    self._resume_at = time.monotonic() + self.grace_s + RETRY_MAX_DELAY_S
+                return []
+            return reap_and_tell(self.db, self.grace_s)
+        except Exception:
+            self._cut_off = True
+            raise

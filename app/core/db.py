@@ -16,8 +16,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
-RETRY_ATTEMPTS = 5
+# Workers ride out a database restart instead of failing the trials they run: a transient error is
+# retried with backoff for this long before it is raised.
+RETRY_PATIENCE_S = 300.0
 RETRY_BASE_DELAY_S = 0.2
+RETRY_MAX_DELAY_S = 2.0
 log = logging.getLogger("hpsearch.db")
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -105,21 +108,26 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def retry_on_disconnect(fn: Callable[..., T], *args: Any, attempts: int = RETRY_ATTEMPTS, **kwargs: Any) -> T:
+def retry_on_disconnect(fn: Callable[..., T], *args: Any, patience_s: float | None = None, **kwargs: Any) -> T:
     """Run fn again with exponential backoff while it fails with a transient database error.
 
-    fn must be one transaction that is safe to repeat: pool_pre_ping replaces the dead connection.
+    Gives up after `patience_s` (RETRY_PATIENCE_S by default). fn must be one transaction that is safe to
+    repeat: pool_pre_ping replaces the dead connection.
     """
-    for attempt in range(attempts):
+    give_up_at = time.monotonic() + (RETRY_PATIENCE_S if patience_s is None else patience_s)
+    delay = RETRY_BASE_DELAY_S
+    attempt = 0
+    while True:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            if not is_transient(exc) or attempt == attempts - 1:
+            attempt += 1
+            if not is_transient(exc) or time.monotonic() + delay > give_up_at:
                 raise
-            log.warning("database error in %s, retrying (%d/%d): %s", getattr(fn, "__name__", fn),
-                        attempt + 1, attempts - 1, str(exc).splitlines()[0][:200])
-            time.sleep(RETRY_BASE_DELAY_S * 2**attempt)
-    raise AssertionError("unreachable")
+            log.warning("database error in %s, retrying (attempt %d): %s", getattr(fn, "__name__", fn),
+                        attempt, str(exc).splitlines()[0][:200])
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
 
 def retrying(fn: Callable[P, T]) -> Callable[P, T]:

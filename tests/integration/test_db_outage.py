@@ -10,11 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from app.core.db import Database
 from app.models import TrialState
-from app.services import keys
-from tests.conftest import make_settings
+from app.schemas.study import StudySpec
+from app.services import keys, studies
+from tests.conftest import POSTGRES_ADMIN_URL, make_settings
 from tests.factories import study_spec
 from tests.integration.processes import (
     alive,
@@ -110,4 +112,42 @@ def test_killed_connections_lose_no_trial_and_kill_no_process(postgres_url: str,
     events = [e for log in logs for e in log_lines(log)]
     started = sorted(e["trial"] for e in events if e["msg"] == "trial started")
     assert started == sorted(r.number for r in rows)  # retried in place: no trial had to start over
+    db.dispose()
+
+
+OUTAGE_S = 8.0  # longer than the lease grace period (2 s) and than any single retry pause
+
+
+@pytest.mark.postgres
+def test_an_outage_longer_than_the_grace_period_loses_no_trial(postgres_url: str, tmp_path: Path) -> None:
+    """The database refuses every connection for OUTAGE_S, as during a restart; afterwards no lease is reaped
+    for the silence it caused, every trial finishes in its first attempt and every process is alive."""
+    settings = make_settings(postgres_url, tmp_path / "home")
+    db = Database(postgres_url)
+    name = make_url(postgres_url).database
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    spec = study_spec(budget={"n_trials": 4, "epochs": 6, "patience": None, "max_parallel": 2, "max_attempts": 1})
+    spec["search_space"] = {**spec["search_space"], "batch_size": 16}
+    with processes() as procs:
+        procs.append(start_api(settings, tmp_path / "api.log", port=free_port()))  # a second reaper
+        sid = studies.create_study(db, settings, owner="alice", spec=StudySpec.model_validate(spec))[0].id
+        procs.append(start_worker(settings, tmp_path / "worker.log", per_device=2))
+        wait_until(lambda: running_with_epochs(db, sid, 1), 90, "a trial mid-training")
+        db.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            try:
+                end = time.monotonic() + OUTAGE_S
+                while time.monotonic() < end:
+                    conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                      "WHERE datname = :name"), {"name": name})
+                    time.sleep(0.2)
+            finally:
+                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 180, "the study to end")
+        assert all(alive(p.pid) for p in procs), [p.returncode for p in procs]
+    admin.dispose()
+    rows = assert_study_settled(db, sid, 4)
+    assert [(r.state, r.attempt, r.error) for r in rows] == [(TrialState.COMPLETE.value, 1, None)] * 4
+    assert study_status(db, sid) == "completed"
     db.dispose()

@@ -8,7 +8,7 @@ from sqlalchemy import update
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.models import Study, Trial, TrialState
+from app.models import Study, Trial, TrialState, Worker
 from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import studies
@@ -107,3 +107,39 @@ def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, s
     with db.read_session() as session:
         study = session.get(Study, job.study_id)
         assert study is not None and study.status == "completed" and study.stop_reason == "n_trials"
+
+
+def test_a_worker_side_error_counts_an_attempt_then_fails_the_trial(db: Database, settings: Settings) -> None:
+    _study(db, settings, budget={"n_trials": 1, "max_attempts": 2})
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    first = queue.fail_attempt(db, lease, reason="worker error: OSError: fork failed")
+    assert first is not None and first.requeued and first.number == 0
+    retry = _claim(db, "w2")
+    assert retry is not None and (retry.trial_id, retry.attempt, retry.params) == (lease.trial_id, 2, {"units": 0})
+    last = queue.fail_attempt(db, retry, reason="worker error: OSError: fork failed")
+    assert last is not None and not last.requeued and last.optuna_trial_id == 1000
+    assert queue.fail_attempt(db, retry, reason="again") is None  # no longer held
+    with db.read_session() as session:
+        trial = session.get(Trial, lease.trial_id)
+        assert trial is not None and trial.state == "fail"
+        assert trial.error == "worker error: OSError: fork failed; 2 attempt(s) used"
+    assert queue.claim_finalization(db, worker_id="w1") is not None  # the study can end
+
+
+def test_a_beat_renews_the_finalization_lease_and_revives_a_reaped_worker(db: Database,
+                                                                          settings: Settings) -> None:
+    sid = _study(db, settings, budget={"n_trials": 1})
+    queue.register_worker(db, worker_id="w1", hostname="h", pid=1, devices=["cpu"], slots=1)
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
+    assert queue.claim_finalization(db, worker_id="w1") is not None
+    soon = utcnow() + timedelta(seconds=1)
+    with db.session() as session:  # the worker was frozen: its lease runs out, the reaper marks it gone
+        session.execute(update(Study).where(Study.id == sid).values(finalize_until=soon))
+        session.execute(update(Worker).where(Worker.id == "w1").values(stopped_at=utcnow()))
+    queue.renew_leases(db, worker_id="w1", trial_ids=[], finalizing=[sid])
+    with db.read_session() as session:
+        study, worker = session.get(Study, sid), session.get(Worker, "w1")
+        assert study is not None and worker is not None and worker.stopped_at is None
+        assert study.finalize_until > soon + timedelta(seconds=queue.FINALIZE_LEASE_S / 2)
+    assert queue.claim_finalization(db, worker_id="w2") is None
