@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.supervisor import Supervisor
 
     per_device = args.per_device or (2 if devices == ["cpu"] else 1)
+    if args.slots:
+        devices, per_device = _spread(devices, args.slots)
     supervisor = Supervisor(Database(settings.database_url, pool_size=2), settings, devices=devices,
                             per_device=per_device, shutdown_grace_s=args.shutdown_grace)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
@@ -89,6 +92,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _stop_when_parent_dies(args.parent_pid, supervisor.stop)
     supervisor.run()
     return 0
+
+
+def _spread(devices: list[str], slots: int) -> tuple[list[str], int]:
+    """Devices and slots per device for `slots` trial slots in total (`serve --workers N`, as DESIGN says).
+
+    Fewer slots than GPUs use the first GPUs. The supervisor runs the same number of slots on each device,
+    so a remainder (3 slots on 2 GPUs) is dropped rather than overloading one GPU.
+    """
+    used = devices[:slots]
+    per_device = slots // len(used)
+    if per_device * len(used) != slots:
+        log.warning("%d trial slots do not divide evenly over %d devices; running %d (%d per device)",
+                    slots, len(used), per_device * len(used), per_device)
+    return used, per_device
 
 
 def _stop_when_parent_dies(pid: int, stop: Any) -> None:
@@ -116,11 +133,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     migrate.upgrade(settings.database_url)
     worker = None
     if args.workers != 0:
-        cmd = [sys.executable, "-m", "app.cli", "worker", "--devices", "auto", "--parent-pid", str(os.getpid()),
-               "--database-url", settings.database_url]
+        cmd = [sys.executable, "-m", "app.cli", "worker", "--devices", "auto", "--parent-pid", str(os.getpid())]
         if args.workers is not None:
-            cmd += ["--per-device", str(args.workers)]
-        worker = subprocess.Popen(cmd)
+            cmd += ["--slots", str(args.workers)]
+        # The URL travels in the environment: on the command line its password would show in `ps`.
+        worker = subprocess.Popen(cmd, env={**os.environ, "HPSEARCH_DATABASE_URL": settings.database_url})
     else:
         _start_reaper(settings)
     try:
@@ -162,14 +179,36 @@ class Client:
         headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self.http = httpx.Client(base_url=settings.api_url.rstrip("/") + "/api/v1", headers=headers, timeout=30)
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def request(self, method: str, path: str, *, accept: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
+        """The response, when it succeeded or its status is in `accept`; else the command ends with a one-line
+        error (exit status 1)."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise SystemExit(f"error: cannot reach the API at {self.http.base_url}: {exc}") from exc
-        if response.status_code >= 400:
-            raise SystemExit(f"error {response.status_code}: {json.dumps(response.json().get('detail'))}")
-        return response.json() if response.content else None
+        if response.status_code >= 400 and response.status_code not in accept:
+            raise SystemExit(f"error {response.status_code} {response.reason_phrase}: {_describe(response)}")
+        return response
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:  # e.g. a proxy's sign-in page: HPSEARCH_API_URL points somewhere else
+            raise SystemExit(f"error: {self.http.base_url} answered {response.status_code} with a body that is "
+                             f"not JSON: {_describe(response)}") from None
+
+
+def _describe(response: httpx.Response, limit: int = 200) -> str:
+    """The API's JSON `detail`, or else the body as one short line: proxies answer with HTML or plain text."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = " ".join(re.sub(r"<[^>]*>", " ", response.text).split())  # tags and line breaks out
+        return (text[:limit] + "...") if len(text) > limit else (text or "(empty body)")
+    return json.dumps(body.get("detail", body) if isinstance(body, dict) else body)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -186,10 +225,18 @@ def _progress_line(study: dict[str, Any], width: int = 30) -> str:
     p = study["progress"]
     done = p["finished"]
     filled = int(width * done / max(1, p["n_trials"]))
-    best = study["best_trial"]["value"] if study["best_trial"] else None
-    best_text = f"best {best:.4f}" if best is not None else "best -"
     return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{p['n_trials']}  running {p['running']}  "
-            f"pruned {p['pruned']}  failed {p['fail']}  {best_text}  {study['status']}")
+            f"pruned {p['pruned']}  failed {p['fail']}  best {_best_text(study)}  {study['status']}")
+
+
+def _best_text(study: dict[str, Any]) -> str:
+    """The best value so far; '-' before any trial finished (queued studies), all values when several."""
+    best = study["best_trial"]
+    if best and best["value"] is not None:
+        return f"{best['value']:.4f}"
+    if best and best.get("values"):
+        return "/".join(f"{v:.4f}" for v in best["values"])
+    return "-"
 
 
 def _follow(client: Client, study_id: str, interval_s: float = 1.0) -> int:
@@ -207,7 +254,7 @@ def _print_summary(study: dict[str, Any]) -> None:
     print(f"study {study['id']} {study['status']} ({study.get('stop_reason') or '-'})")
     if study["best_trial"]:
         b = study["best_trial"]
-        print(f"best trial #{b['number']}: {b['value']}")
+        print(f"best trial #{b['number']}: {b['value'] if b['value'] is not None else b.get('values')}")
         print(f"  params: {json.dumps(b['params'])}")
     if study["test_metrics"]:
         print(f"test: {json.dumps(study['test_metrics'])}")
@@ -225,20 +272,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     studies = client.call("GET", "/studies", params={"limit": 100})["data"]
     print(f"{'id':<32}  {'status':<10} {'done':>9}  {'best':>8}  name")
     for s in studies:
-        best = s["best_trial"]["value"] if s["best_trial"] else None
         done = f"{s['progress']['finished']}/{s['progress']['n_trials']}"
-        print(f"{s['id']:<32}  {s['status']:<10} {done:>9}  {best if best is None else f'{best:.4f}':>8}  {s['name']}")
+        print(f"{s['id']:<32}  {s['status']:<10} {done:>9}  {_best_text(s):>8}  {s['name']}")
     return 0
 
 
 def cmd_trials(args: argparse.Namespace) -> int:
     client = Client(_settings(args))
-    page = client.call("GET", f"/studies/{args.id}/trials", params={"limit": args.limit, "sort": args.sort})
+    query = {"limit": args.limit, "sort": args.sort, "state": args.state}
+    page = client.call("GET", f"/studies/{args.id}/trials", params={k: v for k, v in query.items() if v})
     print(f"{'#':>5}  {'state':<9} {'value':>9} {'secs':>7}  params")
     for t in page["data"]:
         value = f"{t['value']:.4f}" if t["value"] is not None else "-"
         secs = f"{t['duration_s']:.1f}" if t["duration_s"] is not None else "-"
-        print(f"{t['number']:>5}  {t['state']:<9} {value:>9} {secs:>7}  {json.dumps(t['params'])}")
+        number = "-" if t["number"] is None else t["number"]  # an enqueued configuration not yet claimed
+        print(f"{number:>5}  {t['state']:<9} {value:>9} {secs:>7}  {json.dumps(t['params'])}")
     print(f"({len(page['data'])} of {page['count']})")
     return 0
 
@@ -270,14 +318,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: study {args.id} has no finished model yet")
 
     def download(path: str, into: Path, *, missing_ok: bool = False) -> bool:
-        try:
-            response = client.http.get(path)
-        except httpx.HTTPError as exc:
-            raise SystemExit(f"error: cannot reach the API at {client.http.base_url}: {exc}") from exc
-        if missing_ok and response.status_code == 404:
+        response = client.request("GET", path, accept=(404,) if missing_ok else ())
+        if response.status_code == 404:
             return False
-        if response.status_code >= 400:
-            raise SystemExit(f"error {response.status_code}: {json.dumps(response.json().get('detail'))}")
         zipfile.ZipFile(io.BytesIO(response.content)).extractall(into)
         return True
 
@@ -294,6 +337,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------------------------------------
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpsearch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--database-url", **db_url)
-    p.add_argument("--workers", type=int, default=None, help="trial slots per device (0: API only)")
+    p.add_argument("--workers", type=_non_negative, default=None,
+                   help="trial slots in total, spread over the GPUs or the CPU (default: 2 on a CPU, one per GPU; "
+                        "0: API only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="a worker supervisor on this machine")
@@ -312,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-device", type=int, default=None, help="concurrent trials per device")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running trials get at SIGTERM")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--slots", type=int, default=None, help=argparse.SUPPRESS)  # serve --workers N: N in total
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("db", help="schema migrations")
@@ -341,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--sort", choices=["number", "value", "duration"], default="number")
+    p.add_argument("--state", choices=["waiting", "running", "complete", "pruned", "fail"], default=None)
     p.set_defaults(func=cmd_trials)
     p = sub.add_parser("cancel", help="cancel a study")
     p.add_argument("id")

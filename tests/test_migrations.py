@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
@@ -42,3 +45,14 @@ def test_optuna_tables_share_the_database(db_url: str) -> None:
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
     assert {"studies", "trials", "alembic_version", "hpsearch_alembic_version"} <= tables
+
+
+def test_processes_migrating_a_fresh_database_together_all_succeed(db_url: str) -> None:
+    """`serve`, `keys create` and `db upgrade` may start together on an empty database: one migrates at a
+    time, the others find it done."""
+    migrate.downgrade(db_url, "base")
+    code = f"from app.core import migrate; migrate.upgrade({db_url!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1].decode()[-500:] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert _own_tables(db_url) == set(Base.metadata.tables)
