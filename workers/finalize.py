@@ -8,6 +8,7 @@ model and once for the ensemble. The test split never influences any choice.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ METHOD = "greedy forward selection with replacement on the validation split (Car
 # registered before the supervisor forks the child runs inside the child: tests count evaluations with it.
 TestHook = Callable[[str, dict[str, float]], None]
 test_evaluation_hooks: list[TestHook] = []
+POLL_S = 0.5  # how often a waiting parent checks whether it must stop
 
 
 @dataclass
@@ -140,15 +142,25 @@ class EvaluationError(RuntimeError):
     """The final evaluation failed or timed out in its child process."""
 
 
-def run_in_child(ctx: Any, job: EnsembleJob, *, timeout_s: float) -> dict[str, Any]:
-    """Run `run(job)` in a forked child (memory isolation, like a trial); raise when it fails or times out."""
+class Interrupted(Exception):
+    """The worker is shutting down: the evaluation was stopped, to be done again by another worker."""
+
+
+def run_in_child(ctx: Any, job: EnsembleJob, *, timeout_s: float,
+                 interrupted: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Run `run(job)` in a forked child (memory isolation, like a trial); raise when it fails or times out,
+    or Interrupted as soon as `interrupted()` says so."""
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child_main, args=(child, job), daemon=True)
     proc.start()
     child.close()
+    deadline = time.monotonic() + timeout_s
     try:
-        if not parent.poll(timeout_s):
-            raise EvaluationError(f"timed out after {timeout_s:.0f} s")
+        while not parent.poll(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+            if interrupted():
+                raise Interrupted
+            if time.monotonic() >= deadline:
+                raise EvaluationError(f"timed out after {timeout_s:.0f} s")
         msg = parent.recv()
     except EOFError:
         raise EvaluationError(f"its process died (exit code {proc.exitcode})") from None

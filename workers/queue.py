@@ -383,6 +383,14 @@ def claim_finalization(db: Database, *, worker_id: str) -> FinalizeJob | None:
     return None
 
 
+@retrying
+def release_finalization(db: Database, job: FinalizeJob, *, worker_id: str) -> None:
+    """Hand an unfinished final evaluation back (shutdown): the next worker that looks takes it at once."""
+    with db.session() as session:
+        session.execute(update(Study).where(Study.id == job.study_id, Study.finalize_worker == worker_id)
+                        .values(finalize_worker=None, finalize_until=None))
+
+
 def drop_unstarted_in_tx(session: Session, study_id: str) -> list[int]:
     """Trials still waiting when a study ends: drop them; return Optuna ids of those that had begun."""
     waiting = session.scalars(select(Trial).where(Trial.study_id == study_id,

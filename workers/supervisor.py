@@ -333,7 +333,7 @@ class Supervisor:
             board = TrialBoard(board_dir(self.settings.artifact_dir, lease.study_id, lease.number, lease.attempt))
         try:
             while True:
-                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                if self._drain_over():
                     return Outcome("released")
                 if time.monotonic() > deadline:
                     return Outcome("failed", "deadline exceeded")
@@ -452,6 +452,10 @@ class Supervisor:
         else:
             try:
                 result = self._evaluate_on_test(p, top, study_dir, device)
+            except finalize.Interrupted:
+                queue.release_finalization(self.db, job, worker_id=self.worker_id)
+                flog.info("final evaluation stopped by shutdown; handed back")
+                return
             except finalize.EvaluationError as exc:
                 # Retrying would fail the same way forever; every trial's result stays readable.
                 flog.error("final evaluation failed: %s", exc)
@@ -482,7 +486,11 @@ class Supervisor:
             direction=objective["direction"], study_dir=str(study_dir),
             trees=bool((p.spec.get("ensemble") or {}).get("trees")), device=device, threads=self.cpu_threads,
             seed=(p.spec.get("sampler") or {}).get("seed") or 0)
-        return finalize.run_in_child(self._ctx, job, timeout_s=EVAL_TIMEOUT_S)
+        return finalize.run_in_child(self._ctx, job, timeout_s=EVAL_TIMEOUT_S, interrupted=self._drain_over)
+
+    def _drain_over(self) -> bool:
+        """Shutting down and past the grace period: what still runs goes back to the queue."""
+        return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
 
 
 def _space_entries(spec: dict[str, Any]) -> dict[str, Any]:
