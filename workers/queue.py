@@ -384,6 +384,14 @@ def claim_finalization(db: Database, *, worker_id: str) -> FinalizeJob | None:
 
 
 @retrying
+def note_study_error(db: Database, study_id: str, error: str) -> None:
+    """Show a running study's latest worker-side problem in its `error` (finalization overwrites it)."""
+    with db.session() as session:
+        session.execute(update(Study).where(Study.id == study_id, Study.status == StudyStatus.RUNNING.value)
+                        .values(error=error[:1000]))
+
+
+@retrying
 def release_finalization(db: Database, job: FinalizeJob, *, worker_id: str) -> None:
     """Hand an unfinished final evaluation back (shutdown): the next worker that looks takes it at once."""
     with db.session() as session:

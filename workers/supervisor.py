@@ -194,8 +194,13 @@ class Supervisor:
         return False
 
     def _fail_attempt(self, lease: queue.Lease, exc: Exception) -> None:
-        reaped = queue.fail_attempt(self.db, lease, reason=f"worker error: {type(exc).__name__}: {exc}"[:500])
-        if reaped is not None and not reaped.requeued and reaped.optuna_trial_id is not None:
+        reason = f"worker error: {type(exc).__name__}: {exc}"[:500]
+        reaped = queue.fail_attempt(self.db, lease, reason=reason)
+        if reaped is not None and reaped.number is None:
+            # Failed before it had a trial (the study's data could not be loaded here, say): no attempt to
+            # count, so say it on the study, where its owner looks, instead of only in this worker's log.
+            queue.note_study_error(self.db, lease.study_id, f"{self.worker_id} could not start a trial: {reason}")
+        elif reaped is not None and not reaped.requeued and reaped.optuna_trial_id is not None:
             _fail_optuna_trial(optuna_storage(self.db.url), reaped.optuna_trial_id)
 
     def _before_finalize(self, study_id: str) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from app.core.config import Settings
 from app.core.db import Database
+from tests.app.test_uploads import npz_bytes, upload
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 from workers.supervisor import Supervisor
 
@@ -29,3 +32,22 @@ def test_a_runner_that_cannot_be_forked_fails_its_trials_after_max_attempts(
     assert [(t["state"], t["attempt"]) for t in trials] == [("fail", 2)]
     assert "Cannot allocate memory" in trials[0]["error"] and "2 attempt(s) used" in trials[0]["error"]
     assert study["status"] == "failed" and study["progress"]["fail"] == 1
+
+
+def test_a_study_whose_data_this_worker_cannot_load_says_so(settings: Settings, db: Database) -> None:
+    """No trial was started, so no attempt is spent; the owner reads the reason on the study."""
+    client = client_for(settings, db)
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    uploaded = upload(client, "npz", {"file": ("d.npz", npz_bytes(X=x, y=np.arange(40) % 2))}).json()
+    spec = {**study_spec(budget={"n_trials": 2, "epochs": 1}), "dataset": uploaded["id"]}
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    for stored in (settings.data_dir / "datasets").glob("*.npz"):  # type: ignore[operator]
+        stored.unlink()  # as on a worker whose shared folder is not mounted
+    with running_supervisor(settings, db, slots=1):
+        deadline = time.monotonic() + 60
+        while not (study := client.get(f"{API}/studies/{sid}").json())["error"]:
+            assert time.monotonic() < deadline, "the study never showed the worker's problem"
+            time.sleep(0.2)
+    assert study["status"] == "running" and "could not start a trial" in study["error"]
+    assert "FileNotFoundError" in study["error"] or "No such file" in study["error"]
+    assert client.get(f"{API}/studies/{sid}/trials").json()["count"] == 0
