@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,7 +102,10 @@ def is_transient(exc: BaseException) -> bool:
         if seen is None:
             return False
         if isinstance(seen, OperationalError):
-            return True
+            # sqlite3 also raises OperationalError for errors no retry mends ("no such table", a read-only
+            # file): of SQLite's, only a busy or locked database passes. psycopg's are the server's state.
+            message = str(seen.orig).lower()
+            return not isinstance(seen.orig, sqlite3.Error) or "locked" in message or "busy" in message
         if isinstance(seen, DBAPIError) and seen.connection_invalidated:
             return True
         seen = seen.__cause__ or seen.__context__

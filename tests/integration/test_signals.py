@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
-from app.core.db import Database
+from sqlalchemy.engine import make_url
+
+from app.core.db import Database, is_sqlite
 from app.models import Trial, TrialState
 from tests.conftest import make_settings
 from tests.factories import client_for, study_spec
@@ -36,6 +41,30 @@ def _lease_moved(db: Database, trial: Trial) -> bool:
     return now.attempt > trial.attempt
 
 
+def _freeze_outside_a_transaction(proc: subprocess.Popen[bytes], url: str) -> None:
+    """SIGSTOP proc at a moment it holds no SQLite write lock. Frozen inside a write transaction, it would
+    stop every writer of the file until it resumes: SQLite's nature, not what these tests are about."""
+    for _ in range(100):
+        proc.send_signal(signal.SIGSTOP)
+        if not is_sqlite(url) or _can_write(url):
+            return
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the worker always held the write lock")
+
+
+def _can_write(url: str) -> bool:
+    conn = sqlite3.connect(str(make_url(url).database), timeout=0.5, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
 def test_a_worker_frozen_past_the_grace_has_its_late_result_refused_and_survives(db_url: str,
                                                                                  tmp_path: Path) -> None:
     settings = make_settings(db_url, tmp_path / "home")
@@ -49,7 +78,7 @@ def test_a_worker_frozen_past_the_grace_has_its_late_result_refused_and_survives
         procs += [frozen, other]
         running = wait_until(lambda: running_with_epochs(db, sid, 2), 90, "both workers mid-trial")
         stolen = _mine(running, frozen.pid)[0]
-        frozen.send_signal(signal.SIGSTOP)
+        _freeze_outside_a_transaction(frozen, db_url)
         # The other worker's reaper hands the silent lease to a second attempt.
         wait_until(lambda: _lease_moved(db, stolen), 10 * GRACE_S, "the frozen worker's lease to be reaped")
         frozen.send_signal(signal.SIGCONT)
