@@ -159,16 +159,8 @@ def _start_reaper(settings: Settings) -> None:
     from workers.supervisor import Reaper
 
     reaper = Reaper(Database(settings.database_url, pool_size=1), settings.lease_grace_s)
-
-    def loop() -> None:
-        while True:
-            time.sleep(reaper.interval_s)
-            try:
-                reaper.tick()
-            except Exception:  # noqa: BLE001 - keep reaping through database outages
-                log.exception("reaper failed; retrying")
-
-    threading.Thread(target=loop, daemon=True, name="reaper").start()
+    threading.Thread(target=reaper.run, args=(threading.Event(), reaper.interval_s), daemon=True,
+                     name="reaper").start()
 
 
 # ---- client side -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ when the connection drops (`@retrying`): a killed connection or a busy database 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -219,7 +220,7 @@ def _back_in_line_in_tx(trial: Trial) -> None:
 
 
 @retrying
-def renew_leases(db: Database, *, worker_id: str, trial_ids: list[int], finalizing: list[str] = ()) -> None:
+def renew_leases(db: Database, *, worker_id: str, trial_ids: list[int], finalizing: Collection[str] = ()) -> None:
     """Heartbeat for this worker, every trial it still runs and every study it is finalizing.
 
     A worker the reaper took for dead (frozen, or cut off longer than the grace period) shows as alive again.

@@ -140,12 +140,7 @@ class Supervisor:
     def _reaper_loop(self) -> None:
         """Fail or re-queue the leases of dead workers, and of trials past their deadline."""
         reaper = Reaper(self.db, self.settings.lease_grace_s)
-        interval = max(self.settings.heartbeat_interval_s, reaper.interval_s)
-        while not self.stop_event.wait(interval):
-            try:
-                reaper.tick()
-            except Exception:  # noqa: BLE001 - keep reaping through database outages
-                self._log.exception("reaping failed; retrying")
+        reaper.run(self.stop_event, max(self.settings.heartbeat_interval_s, reaper.interval_s), self._log)
 
     def _slot_loop(self, slot: int, device: str) -> None:
         backoff = POLL_INTERVAL_S
@@ -585,3 +580,11 @@ class Reaper:
         except Exception:
             self._cut_off = True
             raise
+
+    def run(self, stop: threading.Event, interval_s: float, logger: Any = log) -> None:
+        """Tick every interval_s until stop is set, through any database outage."""
+        while not stop.wait(interval_s):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep reaping through database outages
+                logger.exception("reaping failed; retrying")
