@@ -8,7 +8,7 @@ from app.api import API_PREFIX
 from app.api.deps import RateLimiter
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, LatencyMiddleware
-from app.api.routes import datasets, health, insights, meta, models, pareto, studies, trials
+from app.api.routes import datasets, downloads, health, insights, meta, pareto, studies, trials
 from app.api.routes.dashboard import install_dashboard
 from app.core.config import Settings, get_settings
 from app.core.db import Database
@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.db = db or Database(settings.database_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     api = APIRouter(prefix=API_PREFIX)
-    for module in (studies, trials, datasets, meta, pareto, models, insights):
+    for module in (studies, trials, datasets, meta, pareto, downloads, insights):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)

@@ -67,7 +67,7 @@ def warm_imports() -> None:
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401 - a runner's first optimizer would import it (~1.5 s per trial)
 
-    import app.ml.models  # noqa: F401
+    import app.ml.networks  # noqa: F401
     import workers.trainer  # noqa: F401
 
 
@@ -192,7 +192,7 @@ def _tensors(job: TrialJob) -> Any:
 def _train(conn: Connection, job: TrialJob) -> None:
     import torch
 
-    from app.ml.models import parameter_count
+    from app.ml.networks import parameter_count
     from workers.trainer import train
 
     torch.set_num_threads(job.threads)

@@ -123,8 +123,8 @@ def _broadcast_stats(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_module(spec: ModelSpec) -> Any:
-    """The untrained network a spec describes (app.ml.models.build_model)."""
-    from app.ml.models import build_model
+    """The untrained network a spec describes (app.ml.networks.build_model)."""
+    from app.ml.networks import build_model
 
     mean, std = _broadcast_stats(spec)
     return build_model(spec.params, model=spec.model, input_shape=tuple(spec.input_shape),
@@ -153,7 +153,7 @@ def describe_layers(module: Any) -> list[dict[str, Any]]:
 def _describe(layer: Any) -> dict[str, Any]:
     from torch import nn
 
-    from app.ml.models import Branches, Standardize
+    from app.ml.networks import Branches, Standardize
 
     kind = type(layer).__name__
     args: dict[str, Any]

@@ -15,7 +15,6 @@ import numpy as np
 
 DEFAULT_ROUNDS = 50  # auto-sklearn's default ensemble size
 PROBABILITY_FLOOR = 1e-15  # log loss of a probability of 0 would be infinite
-MAXIMIZED_METRICS = frozenset({"accuracy"})
 
 
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:

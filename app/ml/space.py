@@ -14,7 +14,6 @@ from typing import Any
 import optuna.distributions as od
 
 MODELS = ("mlp", "cnn")
-NOTES_SOURCE = "course notes"
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,6 @@ from pydantic import (
 
 from app.schemas.common import Public, Strict
 
-SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc", "nsga2")
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
 CLASSIFICATION_METRICS = ("val_accuracy", "val_loss")
 REGRESSION_METRICS = ("val_mse", "val_mae", "val_loss")
 COST_METRICS = ("param_count", "inference_ms")  # extra objectives of multi-objective studies

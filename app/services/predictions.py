@@ -28,8 +28,8 @@ from app.ml.artifacts import (
 )
 from app.ml.trees import Trees
 from app.schemas.ensemble import PredictionsPublic
+from app.services.downloads import study_dir
 from app.services.errors import Conflict, InvalidInput
-from app.services.models import study_dir
 from app.services.studies import best_trial_in_tx, own_study
 
 MAX_ROWS = 1024

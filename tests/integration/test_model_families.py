@@ -17,7 +17,7 @@ from torch import nn
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml.artifacts import ModelSpec, load_module, read_config, trial_files, trial_stem
-from app.ml.models import Branches
+from app.ml.networks import Branches
 from tests.conftest import make_settings
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 

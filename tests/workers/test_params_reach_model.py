@@ -14,7 +14,7 @@ from torch import nn
 
 from app.ml import data
 from app.ml.artifacts import ModelSpec, build_module
-from app.ml.models import ACTIVATIONS, INITS, Branches
+from app.ml.networks import ACTIVATIONS, INITS, Branches
 from app.ml.space import resolve_space, sample_params
 from app.services.datasets import space_context
 from workers.runner import standardization

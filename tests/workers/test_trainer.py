@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from app.ml.models import build_model
+from app.ml.networks import build_model
 from workers.trainer import (
     EpochReport,
     TrainData,

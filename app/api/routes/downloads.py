@@ -1,4 +1,4 @@
-"""A study's models: trial downloads, the ensemble, predictions."""
+"""A study's downloads: trial weights, the ensemble record and files, predictions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep, TrialNumber
 from app.schemas.ensemble import EnsemblePublic, PredictionsPublic, PredictRequest
-from app.services import models, predictions
+from app.services import downloads, predictions
 
 router = APIRouter(prefix="/studies/{study_id}", tags=["models"])
 ZIP = "application/zip"
@@ -25,25 +25,25 @@ def _attachment(name: str) -> dict[str, str]:
 def download_trial_model(study_id: str, number: TrialNumber, owner: CurrentOwner,
                          db: DbDep, settings: SettingsDep,
                          file: Literal["zip", "weights", "config"] = "zip") -> Response:
-    weights, config = models.trial_model_files(db, settings, owner=owner, study_id=study_id, number=number)
+    weights, config = downloads.trial_model_files(db, settings, owner=owner, study_id=study_id, number=number)
     if file == "weights":
         return FileResponse(weights, media_type="application/octet-stream",
                             headers=_attachment(f"trial-{number}.safetensors"))
     if file == "config":
         return FileResponse(config, media_type="application/json")
-    return Response(models.trial_model_zip(weights, config), media_type=ZIP,
+    return Response(downloads.trial_model_zip(weights, config), media_type=ZIP,
                     headers=_attachment(f"study-{study_id}-trial-{number}.zip"))
 
 
 @router.get("/ensemble", response_model=EnsemblePublic)
 def get_ensemble(study_id: str, owner: CurrentOwner, db: DbDep) -> EnsemblePublic:
-    return models.get_ensemble(db, owner=owner, study_id=study_id)
+    return downloads.get_ensemble(db, owner=owner, study_id=study_id)
 
 
 @router.get("/ensemble/model", response_class=Response,
             responses={200: {"content": {ZIP: {}}, "description": "ensemble.json and its members' files"}})
 def download_ensemble(study_id: str, owner: CurrentOwner, db: DbDep, settings: SettingsDep) -> Response:
-    content = models.ensemble_zip(db, settings, owner=owner, study_id=study_id)
+    content = downloads.ensemble_zip(db, settings, owner=owner, study_id=study_id)
     return Response(content, media_type=ZIP, headers=_attachment(f"study-{study_id}-ensemble.zip"))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.ml.models import Branches, Standardize, build_model, parameter_count
+from app.ml.networks import Branches, Standardize, build_model, parameter_count
 
 
 def mlp(params: dict[str, Any], n_features: int = 20, n_outputs: int = 3, **kw: Any) -> nn.Sequential:
