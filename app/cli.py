@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _start_reaper(settings: Settings) -> None:
     """With no embedded workers the API process still reaps leases of workers that died elsewhere."""
     from app.core.db import Database
-    from workers.supervisor import Reaper
+    from workers.reaper import Reaper
 
     reaper = Reaper(Database(settings.database_url, pool_size=1), settings.lease_grace_s)
     threading.Thread(target=reaper.run, args=(threading.Event(), reaper.interval_s), daemon=True,

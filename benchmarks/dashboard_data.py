@@ -22,10 +22,9 @@ from sqlalchemy import insert, select
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.ml import data
-from app.ml.space import resolve_space
+from app.ml.space import Context, resolve_space
 from app.models import Study, Trial, TrialEpoch
 from app.services import keys
-from app.services.datasets import space_context
 
 OWNER = "bench"
 BATCH = 2000
@@ -80,7 +79,7 @@ def build_study(url: str, *, n_trials: int = 10_000, epochs: int = 8, seed: int 
     ostudy.set_user_attr("hpsearch_study_id", study_id)
     optuna_study_id = storage.get_study_id_from_name(optuna_name)
     described = data.describe(data.load_builtin(SPEC["dataset"]))
-    resolved = resolve_space({}, space_context(described, SPEC["model"]))  # as the service resolves it
+    resolved = resolve_space({}, Context.of(described, SPEC["model"]))  # as the service resolves it
     dists = {k: d for k, d in resolved.items() if isinstance(d, od.BaseDistribution)}
     start = datetime.now(UTC) - timedelta(seconds=n_trials * 3)
     spec = {**SPEC, "budget": {**SPEC["budget"], "n_trials": n_trials, "epochs": epochs}}

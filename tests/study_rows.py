@@ -52,7 +52,7 @@ def write_trials(db: Database, settings: Settings, *, study_id: str, n: int,
     with db.read_session() as session:
         study = session.get(Study, study_id)
         assert study is not None
-        owner, spec, optuna_name = study.owner, study.spec, study.optuna_name
+        owner, spec, optuna_name = study.owner, study.config, study.optuna_name
     resolved = study_space(db, settings, owner=owner, spec=spec)
     assert resolved is not None
     ostudy = optuna.load_study(study_name=optuna_name, storage=optuna_storage(db.url),

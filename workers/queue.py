@@ -10,7 +10,8 @@ when the connection drops (`@retrying`): a killed connection or a busy database 
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import enum
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,9 +20,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import Database, retrying
-from app.models import Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
+from app.models import FailureKind, Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
 from app.models.base import utcnow
 from app.models.tables import FINISHED_TRIAL_STATES
+from app.schemas.study import StopSpec
 
 FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
 
@@ -96,16 +98,16 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
                     continue
                 trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
                 session.add(trial)
-            deadline_s = study.spec.get("budget", {}).get("trial_timeout_s") or trial_deadline_s
+            deadline_s = study.config.trial_timeout_s(trial_deadline_s)
             trial.state = TrialState.RUNNING.value
             trial.worker_id, trial.device = worker_id, device
             trial.started_at = trial.heartbeat_at = now
             trial.deadline_at = now + timedelta(seconds=deadline_s)
-            trial.error = None
+            trial.error = trial.failure = None
             if study.status == StudyStatus.QUEUED.value:
                 study.status = StudyStatus.RUNNING.value
                 study.started_at = study.started_at or now
-                timeout_s = study.spec.get("budget", {}).get("timeout_s")
+                timeout_s = study.config.budget.timeout_s
                 study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
             session.flush()
             return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id,
@@ -135,48 +137,73 @@ def _held_in_tx(session: Session, lease: Lease) -> Trial | None:
     return trial
 
 
+class EpochStatus(enum.StrEnum):
+    """What recording an epoch found out about the trial."""
+
+    OK = "ok"
+    LOST = "lost"  # the lease is gone (reaped, re-queued, study deleted): drop the attempt's result
+    STOP = "stop"  # the study no longer runs this trial (cancelled, or a stop criterion that cancels)
+
+
 @retrying
 def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | None, val_loss: float | None,
-                 val_metric: float | None, learning_rate: float | None, seconds: float | None) -> str:
-    """Store one curve point and renew the lease; 'ok', 'lost' (lease gone) or 'stop' (study no longer runs)."""
+                 val_metric: float | None, learning_rate: float | None, seconds: float | None) -> EpochStatus:
+    """Store one curve point and renew the lease."""
     with db.session() as session:
         trial = _held_in_tx(session, lease)
         if trial is None:
-            return "lost"
+            return EpochStatus.LOST
         trial.heartbeat_at = utcnow()
         session.merge(TrialEpoch(trial_id=lease.trial_id, attempt=lease.attempt, epoch=epoch,
                                  train_loss=train_loss, val_loss=val_loss, val_metric=val_metric,
                                  learning_rate=learning_rate, seconds=seconds))
-        status, stop_requested, deadline, spec = session.execute(
-            select(Study.status, Study.stop_requested_at, Study.deadline_at, Study.spec)
-            .where(Study.id == lease.study_id)).one()
-    if status == StudyStatus.CANCELLED.value:
-        return "stop"
-    # With stop.running "cancel", a fired criterion, the study's timeout included, also ends running trials.
-    stopped = stop_requested is not None or (deadline is not None and utcnow() >= deadline)
-    if stopped and (spec.get("stop") or {}).get("running") == "cancel":
-        return "stop"
-    return "ok"
+        study = session.get(Study, lease.study_id)
+        assert study is not None  # the trial row cascades with it
+        if study.status == StudyStatus.CANCELLED.value:
+            return EpochStatus.STOP
+        stopped = study.stop_requested_at is not None or (study.deadline_at is not None
+                                                          and utcnow() >= study.deadline_at)
+        return EpochStatus.STOP if stopped and study.config.cancels_running_trials else EpochStatus.OK
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A recorded outcome; stop_reason names the stop criterion it made fire, if any."""
+
+    stop_reason: str | None
 
 
 @retrying
 def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float | None = None,
                  values: list[float] | None = None, metrics: dict[str, float] | None = None,
-                 error: str | None = None, epochs_run: int | None = None, best_epoch: int | None = None,
-                 artifact: str | None = None) -> bool:
-    """Write the outcome; False (and nothing written) when the lease was lost meanwhile."""
+                 error: str | None = None, failure: FailureKind | None = None, epochs_run: int | None = None,
+                 best_epoch: int | None = None, artifact: str | None = None,
+                 while_held: Callable[[], None] | None = None) -> Finished | None:
+    """Record an attempt's outcome and check the study's stop criteria, in one transaction.
+
+    None (and nothing written) when the lease was lost meanwhile. `while_held` runs once the lease is known
+    to hold, before the commit: a complete trial's weights take its name there, so no reaper can take the
+    lease between publishing and recording, and no finalization sees the row without its weights.
+    """
     now = utcnow()
     with db.session() as session:
-        trial = _held_in_tx(session, lease)
+        # The study first, as every writer that locks both does: deleting a study locks it, then its trials.
+        study = session.get(Study, lease.study_id, with_for_update=True)
+        trial = _held_in_tx(session, lease) if study is not None else None
         if trial is None:
             # A retry after a commit whose reply was lost finds its own outcome already there.
-            return _finished_by_in_tx(session, lease, state, error)
+            return Finished(None) if _finished_by_in_tx(session, lease, state, error) else None
+        if while_held is not None:
+            while_held()
         trial.state = state.value
-        trial.value, trial.values, trial.metrics, trial.error = value, values, metrics, error
+        trial.value, trial.values, trial.metrics = value, values, metrics
+        trial.error, trial.failure = error, (failure.value if failure is not None else None)
         trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
         trial.finished_at = now
         trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
-        return True
+        session.flush()
+        assert study is not None
+        return Finished(_apply_stop_criteria_in_tx(session, study))
 
 
 def _finished_by_in_tx(session: Session, lease: Lease, state: TrialState, error: str | None) -> bool:
@@ -274,9 +301,10 @@ def reap(db: Database, *, grace_s: float) -> list[Reaped]:
 
 
 def _reap_in_tx(session: Session, trial: Trial, now: datetime) -> Reaped:
-    expired = trial.deadline_at is not None and trial.deadline_at < now
-    reason = "deadline exceeded" if expired else f"worker {trial.worker_id} lost (no heartbeat)"
-    return _retry_or_fail_in_tx(session, trial, now, reason, retry=not expired)
+    if trial.deadline_at is not None and trial.deadline_at < now:
+        return _retry_or_fail_in_tx(session, trial, now, "deadline exceeded", FailureKind.DEADLINE, retry=False)
+    return _retry_or_fail_in_tx(session, trial, now, f"worker {trial.worker_id} lost (no heartbeat)",
+                                FailureKind.LOST)
 
 
 @retrying
@@ -285,16 +313,18 @@ def fail_attempt(db: Database, lease: Lease, *, reason: str) -> Reaped | None:
     reaper counts a lost worker, so a trial that keeps failing this way ends instead of looping."""
     with db.session() as session:
         trial = _held_in_tx(session, lease)
-        return None if trial is None else _retry_or_fail_in_tx(session, trial, utcnow(), reason)
+        return None if trial is None else _retry_or_fail_in_tx(session, trial, utcnow(), reason,
+                                                               FailureKind.WORKER_ERROR)
 
 
-def _retry_or_fail_in_tx(session: Session, trial: Trial, now: datetime, reason: str, *,
+def _retry_or_fail_in_tx(session: Session, trial: Trial, now: datetime, reason: str, failure: FailureKind, *,
                          retry: bool = True) -> Reaped:
     """Back in line with the same parameters while attempts remain (and retry allows), else FAIL."""
     if _drop_unbound_in_tx(session, trial):  # died before it trained: no attempt was used
         return Reaped(trial.study_id, None, None, True, reason)
-    spec = session.scalar(select(Study.spec).where(Study.id == trial.study_id)) or {}
-    max_attempts = int(spec.get("budget", {}).get("max_attempts", 1))
+    study = session.get(Study, trial.study_id)
+    max_attempts = study.config.budget.max_attempts if study is not None else 1
+    trial.failure = failure.value
     if retry and trial.attempt < max_attempts:
         _back_in_line_in_tx(trial)
         trial.attempt += 1
@@ -307,26 +337,23 @@ def _retry_or_fail_in_tx(session: Session, trial: Trial, now: datetime, reason: 
     return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, False, trial.error)
 
 
-@retrying
-def after_trial_finished(db: Database, study_id: str) -> str | None:
-    """Check the spec's stop criteria; when one fires, no new trial starts and the study is finalized."""
-    with db.session() as session:
-        study = session.get(Study, study_id, with_for_update=True)
-        stop = (study.spec.get("stop") or {}) if study is not None else {}
-        if study is None or study.stop_requested_at is not None or not stop:
-            return None
-        reason = _stop_reason_in_tx(session, study, stop)
-        if reason is not None:
-            study.stop_requested_at = utcnow()
-            study.stop_reason = reason
-        return reason
+def _apply_stop_criteria_in_tx(session: Session, study: Study) -> str | None:
+    """Check the spec's stop criteria after a trial finished; when one fires, no new trial starts and the
+    study is finalized. Returns the criterion that fired now."""
+    stop = study.config.stop
+    if study.stop_requested_at is not None or stop is None:
+        return None
+    reason = _stop_reason_in_tx(session, study, stop)
+    if reason is not None:
+        study.stop_requested_at = utcnow()
+        study.stop_reason = reason
+    return reason
 
 
-def _stop_reason_in_tx(session: Session, study: Study, stop: dict[str, Any]) -> str | None:
+def _stop_reason_in_tx(session: Session, study: Study, stop: StopSpec) -> str | None:
     """Which criterion fired, judged on complete trials as the best trial is; pruned and failed trials
     count only as trials that did not improve."""
-    objective = study.spec["objective"]
-    maximize = (objective[0] if isinstance(objective, list) else objective)["direction"] == "maximize"
+    maximize = study.config.maximize
     rows = session.execute(select(Trial.state, Trial.value).where(
         Trial.study_id == study.id, Trial.state.in_(FINISHED_TRIAL_STATES))
         .order_by(Trial.finished_at, Trial.id)).all()
@@ -334,13 +361,13 @@ def _stop_reason_in_tx(session: Session, study: Study, stop: dict[str, Any]) -> 
     complete = [v for v in values if v is not None]
     if not complete:
         return None
-    target = stop.get("target_value")
+    target = stop.target_value
     best = max(complete) if maximize else min(complete)
     if target is not None and (best >= target if maximize else best <= target):
         return "target_value"
-    patience = stop.get("no_improvement_trials")
+    patience = stop.no_improvement_trials
     if patience:
-        min_delta = float(stop.get("min_delta") or 0.0)
+        min_delta = stop.min_delta
         best_so_far, since = None, 0
         for value in values:
             gain = None if value is None or best_so_far is None else \

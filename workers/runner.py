@@ -1,8 +1,8 @@
 """One trial in a child process: build, train, stream epochs to the supervisor, save the best weights.
 
-The child only computes. It holds no database connection; everything it learns goes over its pipe:
-("epoch", report), answered "go" or "stop" while the next epoch already trains; at the end ("done", result),
-("failed", reason) or ("stopped", last_report).
+The child only computes. It holds no database connection; everything it learns goes over its pipe in the
+messages of workers.protocol: an Epoch per epoch, answered by a Decision while the next epoch already
+trains; at the end Done, Failed or Stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from app.ml.artifacts import ModelSpec, build_module, describe_layers, save_trial
+from app.models import FailureKind
+from workers.protocol import Decision, Done, Epoch, Failed, Stopped, Verdict
 
 OUT_OF_MEMORY = "out_of_memory"
 NON_FINITE = "non_finite_loss"
@@ -29,6 +31,7 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 @dataclass
 class TrialJob:
+    trial: int  # the trial's row id: every message about it names it
     spec: ModelSpec
     x_train: np.ndarray
     y_train: np.ndarray
@@ -116,21 +119,22 @@ def child_main(conn: Connection, job: TrialJob) -> None:
         _limit_memory(job.memory_limit_mb, job.device)
         _train(conn, job)
     except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
-        code = _report_failure(conn, exc)
+        code = _report_failure(conn, job.trial, exc)
     finally:
         conn.close()
         os._exit(code)
 
 
-def _report_failure(conn: Connection, exc: BaseException) -> int:
+def _report_failure(conn: Connection, trial: int, exc: BaseException) -> int:
     """Tell the supervisor why the trial ended; the exit code is 1 when it could not be told."""
-    reason = OUT_OF_MEMORY if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:2000]
+    oom = _is_oom(exc)
+    reason = OUT_OF_MEMORY if oom else f"{type(exc).__name__}: {exc}"[:2000]
     try:
         detail = traceback.format_exc(limit=5)[-2000:]
     except MemoryError:  # still at the memory limit: the reason alone must get through
         detail = ""
     try:
-        conn.send(("failed", reason, detail))
+        conn.send(Failed(trial, FailureKind.OUT_OF_MEMORY if oom else FailureKind.ERROR, reason, detail))
     except Exception:  # noqa: BLE001 - the parent is gone; nothing left to tell
         return 1
     return 0
@@ -144,8 +148,8 @@ class PipeReporter:
     of the verdict, and no trial idles after each epoch while the supervisor writes and asks the pruner.
     """
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    def __init__(self, conn: Connection, trial: int) -> None:
+        self.conn, self.trial = conn, trial
         self.last: dict[str, Any] | None = None  # the last report sent
         self._pending = False
         self._stop = False
@@ -154,7 +158,7 @@ class PipeReporter:
         if self.settle():
             return True
         self.last = asdict(report)
-        self.conn.send(("epoch", self.last))
+        self.conn.send(Epoch(self.trial, self.last))
         self._pending = True
         return False
 
@@ -171,7 +175,8 @@ class PipeReporter:
 
     def _take_verdict(self) -> None:
         self._pending = False
-        self._stop = self._stop or self.conn.recv() == "stop"
+        decision: Decision = self.conn.recv()
+        self._stop = self._stop or decision.verdict is Verdict.STOP
 
 
 def _tensors(job: TrialJob) -> Any:
@@ -199,16 +204,17 @@ def _train(conn: Connection, job: TrialJob) -> None:
     torch.manual_seed(job.seed)  # initial weights follow the trial's seed, not the RNG state of the parent
     module = build_module(job.spec).to(job.device)
     data = _tensors(job)
-    reporter = PipeReporter(conn)
+    reporter = PipeReporter(conn, job.trial)
     amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
     result = train(module, data, job.spec.params, epochs=job.epochs, objective=job.objective,
                    direction=job.direction, patience=job.patience, seed=job.seed, callbacks=[reporter],
                    amp_dtype=amp, stop_signal=reporter.stop_requested)
     if reporter.settle() or result.stop_reason == "stopped":  # a stop verdict outranks how training ended
-        conn.send(("stopped", reporter.last))
+        conn.send(Stopped(job.trial, reporter.last))
         return
     if result.stop_reason == NON_FINITE:
-        conn.send(("failed", NON_FINITE, f"non-finite training loss after epoch {result.epochs_run}"))
+        conn.send(Failed(job.trial, FailureKind.NON_FINITE, NON_FINITE,
+                         f"non-finite training loss after epoch {result.epochs_run}"))
         return
     metrics = dict(result.best_metrics)
     metrics["param_count"] = float(parameter_count(module))
@@ -216,8 +222,8 @@ def _train(conn: Connection, job: TrialJob) -> None:
     # Only a completed trial writes, and only here: pruned, stopped and failed trials leave no files.
     save_trial(Path(job.artifact_path), result.best_state, job.spec, metrics=metrics,
                layers=describe_layers(module))
-    conn.send(("done", {"metrics": metrics, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                        "stop_reason": result.stop_reason}))
+    conn.send(Done(job.trial, {"metrics": metrics, "epochs_run": result.epochs_run,
+                               "best_epoch": result.best_epoch, "stop_reason": result.stop_reason}))
 
 
 def _inference_ms(module: Any, x: Any, batch: int = 256) -> float:

@@ -8,21 +8,22 @@ from typing import Any
 import optuna
 
 from app.ml.space import grid_space
+from app.schemas.study import StudySpec
 
 
-def make_sampler(spec: dict[str, Any], resolved: dict[str, Any]) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, resolved: dict[str, Any]) -> optuna.samplers.BaseSampler:
     """The sampler a study's spec names, seeded when the spec gives a seed."""
-    opts = spec.get("sampler") or {}
-    name, seed = opts.get("name", "tpe"), opts.get("seed")
-    startup = {"n_startup_trials": opts["n_startup_trials"]} if opts.get("n_startup_trials") is not None else {}
+    opts = spec.sampler
+    name, seed = opts.name, opts.seed
+    startup = {"n_startup_trials": opts.n_startup_trials} if opts.n_startup_trials is not None else {}
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         return _GridSampler(grid_space(resolved), seed=seed)
     if name == "tpe":
-        multivariate = opts.get("multivariate")
+        multivariate = opts.multivariate
         if multivariate is None:  # Optuna's default: joint for one objective, independent for several
-            multivariate = not _multi_objective(spec)
+            multivariate = not spec.is_multi_objective
         # group splits the space where conditional entries (momentum) appear; constant_liar keeps parallel
         # workers from proposing the same point while trials run.
         return optuna.samplers.TPESampler(seed=seed, multivariate=multivariate, group=multivariate,
@@ -33,10 +34,10 @@ def make_sampler(spec: dict[str, Any], resolved: dict[str, Any]) -> optuna.sampl
         return optuna.samplers.GPSampler(seed=seed, **startup)
     if name == "qmc":
         # Scrambled only with a seed: every worker must draw from the same sequence.
-        return optuna.samplers.QMCSampler(qmc_type=opts.get("qmc_type") or "sobol", scramble=seed is not None,
+        return optuna.samplers.QMCSampler(qmc_type=opts.qmc_type or "sobol", scramble=seed is not None,
                                           seed=seed, warn_independent_sampling=False)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=opts.get("population_size") or 50, seed=seed)
+        return optuna.samplers.NSGAIISampler(population_size=opts.population_size or 50, seed=seed)
     raise ValueError(f"unknown sampler {name!r}")
 
 
@@ -49,27 +50,21 @@ class _GridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The pruner a study's spec names; the resource of successive halving and hyperband is epochs."""
-    opts = spec.get("pruner") or {}
-    name = opts.get("name", "median")
-    epochs = int(spec.get("budget", {}).get("epochs", 10))
-    warm = {k: opts[k] for k in ("n_startup_trials", "n_warmup_steps") if opts.get(k) is not None}
+    opts = spec.pruner
+    name, epochs = opts.name, spec.budget.epochs
+    warm = {k: getattr(opts, k) for k in ("n_startup_trials", "n_warmup_steps") if getattr(opts, k) is not None}
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
         return optuna.pruners.MedianPruner(**warm)
     if name == "percentile":
-        return optuna.pruners.PercentilePruner(opts.get("percentile") or 25.0, **warm)
-    halving = {"min_resource": opts.get("min_resource") or 1,
-               "reduction_factor": opts.get("reduction_factor") or 3}
+        return optuna.pruners.PercentilePruner(opts.percentile or 25.0, **warm)
+    halving = {"min_resource": opts.min_resource or 1, "reduction_factor": opts.reduction_factor or 3}
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(**halving)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(max_resource=epochs, **halving)
     raise ValueError(f"unknown pruner {name!r}")
 
-
-def _multi_objective(spec: dict[str, Any]) -> bool:
-    objective = spec.get("objective")
-    return isinstance(objective, list) and len(objective) > 1

@@ -19,7 +19,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.core.db import Database
-from app.models import Study, StudyStatus, Trial, TrialState, Worker
+from app.models import FailureKind, Study, StudyStatus, Trial, TrialState, Worker
 from app.models.base import utcnow
 
 log = logging.getLogger("hpsearch.metrics")
@@ -28,10 +28,6 @@ REQUEST_LATENCY = Histogram("hpsearch_http_request_seconds", "API request latenc
                             ["method", "route", "status"], registry=None)
 TRIAL_DURATION_BUCKETS_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0)
 ACTIVE_STUDY_STATUSES = (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)
-# Trial errors written by workers/queue.py (the reaper) and workers/supervisor.py (a late attempt); the API
-# may not import workers/, so tests/app/test_metrics.py holds both sides to the same text.
-LOST_WORKER_ERROR_PATTERN = "%lost (no heartbeat)%"
-DEADLINE_ERROR = "deadline exceeded"
 
 
 # ---- database ------------------------------------------------------------------------------------------
@@ -98,12 +94,13 @@ def _running(session: Session) -> Metric:
 
 
 def _leases(session: Session) -> list[Metric]:
-    """Leases the reaper took back: re-queued attempts (only the reaper raises `attempt`), failed trials."""
+    """Attempts handed to another worker (every retry raises `attempt`), and trials failed for good because
+    their worker was lost or their deadline passed."""
     requeued = session.scalar(select(func.coalesce(func.sum(Trial.attempt - 1), 0))) or 0
-    failed = session.scalar(select(func.count()).select_from(Trial).where(
-        Trial.state == TrialState.FAIL.value, Trial.error.like(LOST_WORKER_ERROR_PATTERN))) or 0
-    late = session.scalar(select(func.count()).select_from(Trial).where(
-        Trial.state == TrialState.FAIL.value, Trial.error == DEADLINE_ERROR)) or 0
+    by_failure = dict(session.execute(select(Trial.failure, func.count()).where(
+        Trial.state == TrialState.FAIL.value, Trial.failure.in_([FailureKind.LOST, FailureKind.DEADLINE]))
+        .group_by(Trial.failure)).all())
+    failed, late = by_failure.get(FailureKind.LOST, 0), by_failure.get(FailureKind.DEADLINE, 0)
     reaped = CounterMetricFamily("hpsearch_leases_reaped",
                                  "Leases reaped after their worker stopped beating, by the trial's fate",
                                  labels=["outcome"])

@@ -24,6 +24,12 @@ class Context:
     image: bool = False
     feature_groups: bool = False
 
+    @classmethod
+    def of(cls, description: dict[str, Any], model: str) -> Context:
+        """The context of a model over a dataset, from the dataset's description."""
+        return cls(model=model, image=description.get("image_shape") is not None,
+                   feature_groups=bool(description.get("groups")))
+
 
 @dataclass(frozen=True)
 class Hyperparameter:

@@ -1,12 +1,23 @@
 """SQLAlchemy tables of the service. Optuna's own tables live beside them in the same database."""
 
 from app.models.base import Base
-from app.models.tables import ApiKey, DatasetRecord, Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
+from app.models.tables import (
+    ApiKey,
+    DatasetRecord,
+    FailureKind,
+    Study,
+    StudyStatus,
+    Trial,
+    TrialEpoch,
+    TrialState,
+    Worker,
+)
 
 __all__ = [
     "ApiKey",
     "Base",
     "DatasetRecord",
+    "FailureKind",
     "Study",
     "StudyStatus",
     "Trial",

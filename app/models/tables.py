@@ -8,6 +8,7 @@ from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, Un
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, UTCDateTime, utcnow
+from app.schemas.study import StudySpec
 
 
 class StudyStatus(enum.StrEnum):
@@ -38,6 +39,19 @@ class TrialState(enum.StrEnum):
 
 
 FINISHED_TRIAL_STATES = tuple(s.value for s in TrialState if s.is_finished())
+
+
+class FailureKind(enum.StrEnum):
+    """Why an attempt failed; the trial's `error` holds the message for people."""
+
+    LOST = "lost"  # its worker stopped beating (killed, frozen, cut off)
+    DEADLINE = "deadline"  # ran past its wall-clock limit
+    NON_FINITE = "non_finite"  # loss or objective became NaN or infinite
+    OUT_OF_MEMORY = "out_of_memory"
+    PROCESS_DIED = "process_died"  # the runner process ended without a word (a signal, a segfault)
+    ERROR = "error"  # the training code raised
+    WORKER_ERROR = "worker_error"  # the supervisor failed around the trial (a fork, the data)
+    CANCELLED = "cancelled"  # the study was cancelled or a stop criterion ended it
 
 
 class ApiKey(Base):
@@ -80,6 +94,19 @@ class Study(Base):
     trials: Mapped[list[Trial]] = relationship(back_populates="study", cascade="all, delete-orphan",
                                                passive_deletes=True)
 
+    @property
+    def config(self) -> StudySpec:
+        """The stored spec, parsed once per loaded row into the typed spec every reader uses."""
+        cached = self.__dict__.get("_config")
+        if cached is None or cached[0] is not self.spec:
+            cached = (self.spec, StudySpec.from_stored(self.spec))
+            self.__dict__["_config"] = cached
+        return cached[1]
+
+    def best_first(self) -> tuple[Any, ...]:
+        """ORDER BY terms for trials, best value of the first objective first; the earlier trial wins a tie."""
+        return (Trial.value.desc() if self.config.maximize else Trial.value.asc()), Trial.number.asc()
+
 
 class Trial(Base):
     """One trial of a study and its lease: who runs it, on which device, until when."""
@@ -115,6 +142,7 @@ class Trial(Base):
     epochs_run: Mapped[int | None] = mapped_column(Integer)
     best_epoch: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    failure: Mapped[str | None] = mapped_column(String(16))  # a FailureKind, set with error
     artifact: Mapped[str | None] = mapped_column(String(500))
 
     study: Mapped[Study] = relationship(back_populates="trials")

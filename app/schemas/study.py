@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.ml.space import Context, resolve_space
 from app.schemas.common import Public, Strict
 
 CLASSIFICATION_METRICS = ("val_accuracy", "val_loss")
@@ -206,9 +207,54 @@ class StudySpec(Strict):
             self.pruner = PrunerSpec(name="none")  # the default pruner cannot prune several objectives
         return self
 
+    # ---- derived facts, decided here once: readers never rebuild them from the stored dict ----
+
     @property
     def objectives(self) -> list[Objective]:
         return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    @property
+    def primary(self) -> Objective:
+        """The first objective: the one the best trial, pruning, early stopping and the ensemble follow."""
+        return self.objectives[0]
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def maximize(self) -> bool:
+        return self.primary.direction == "maximize"
+
+    @property
+    def seed(self) -> int:
+        """The study's seed (0 when none was given): splits, per-trial seeds and the sampler derive from it."""
+        return self.sampler.seed or 0
+
+    def trial_timeout_s(self, default_s: float) -> float:
+        """One attempt's wall-clock limit: the spec's, else the worker's default."""
+        return float(self.budget.trial_timeout_s or default_s)
+
+    @property
+    def cancels_running_trials(self) -> bool:
+        """A fired stop criterion (the study's timeout included) also ends running trials."""
+        return self.stop is not None and self.stop.running == "cancel"
+
+    @property
+    def ensemble_top_k(self) -> int:
+        return self.ensemble.top_k if self.ensemble is not None else EnsembleSpec().top_k
+
+    def resolved_space(self, description: dict[str, Any]) -> dict[str, Any]:
+        """Distributions or fixed values of every hyperparameter that applies over the described dataset.
+
+        Raises app.ml.space.SpaceError for an entry that is unknown or does not apply.
+        """
+        return resolve_space(self.space_entries(), Context.of(description, self.model))
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> StudySpec:
+        """The typed spec of a stored study (it was validated and dumped by this class)."""
+        return cls.model_validate(stored)
 
     def check_algorithms(self) -> None:
         """Sampler and pruner settings that cannot work with this spec's objectives and budget.

@@ -35,6 +35,8 @@ class TrialPublic(Public):
     epochs_run: int | None
     best_epoch: int | None
     error: str | None
+    failure: str | None = Field(None, description="Why the last attempt failed: lost, deadline, non_finite, "
+                                "out_of_memory, process_died, error, worker_error or cancelled")
 
 
 class TrialDetail(TrialPublic):

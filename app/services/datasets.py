@@ -12,7 +12,6 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml import data
-from app.ml.space import Context
 from app.ml.uploads import parse_upload
 from app.models import DatasetRecord
 from app.services.errors import InvalidInput, NotFound, TooLarge
@@ -56,11 +55,6 @@ def _own_record(db: Database, *, owner: str, ref: str) -> DatasetRecord:
 def _public(record: DatasetRecord) -> dict[str, Any]:
     return {"id": UPLOAD_PREFIX + record.id, "name": record.name, "builtin": False, "kind": record.kind,
             "size_bytes": record.size_bytes, "created_at": record.created_at.isoformat(), **record.description}
-
-
-def space_context(description: dict[str, Any], model: str) -> Context:
-    return Context(model=model, image=description.get("image_shape") is not None,
-                   feature_groups=bool(description.get("groups")))
 
 
 def list_datasets(db: Database, settings: Settings, *, owner: str) -> list[dict[str, Any]]:

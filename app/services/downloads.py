@@ -25,7 +25,7 @@ from app.ml.artifacts import (
 from app.models import Trial, TrialState
 from app.schemas.ensemble import EnsemblePublic
 from app.services.errors import Conflict, NotFound
-from app.services.studies import own_study
+from app.services.ownership import own_study
 
 
 def study_dir(settings: Settings, study_id: str) -> Path:

@@ -16,7 +16,8 @@ from app.ml.space import SpaceError, check_params, sampled_distributions
 from app.models import Study, StudyStatus, Trial, TrialEpoch, TrialState
 from app.schemas.study import StudySpec
 from app.services.errors import Conflict, InvalidInput
-from app.services.studies import best_trial_order, own_study, validate_spec
+from app.services.ownership import own_study
+from app.services.validation import validate_spec
 
 ENQUEUE_STATES = {StudyStatus.QUEUED, StudyStatus.RUNNING, StudyStatus.PAUSED}
 # A history warm start adds at most this many earlier trials in all, shared evenly between the source studies
@@ -35,7 +36,7 @@ def enqueue_trial(db: Database, settings: Settings, *, owner: str, study_id: str
                   allow_duplicate: bool = False) -> Enqueued:
     """Queue a configuration ahead of sampled ones; the rest of the space is sampled when it runs."""
     with db.read_session() as session:
-        spec = StudySpec.model_validate(own_study(session, owner=owner, study_id=study_id).spec)
+        spec = own_study(session, owner=owner, study_id=study_id).config
     resolved = validate_spec(db, settings, owner=owner, spec=spec)
     try:
         checked = fit_config(params, resolved, grid=spec.sampler.name == "grid")
@@ -107,7 +108,7 @@ def plan_warm_start(db: Database, *, owner: str, spec: StudySpec, resolved: dict
             else:
                 rows = session.scalars(select(Trial).where(
                     Trial.study_id == source.id, Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None))
-                    .order_by(best_trial_order(source), Trial.number).limit(warm.top_k)).all()
+                    .order_by(*source.best_first()).limit(warm.top_k)).all()
             for trial in rows:
                 kept = {k: v for k, v in (trial.params or {}).items() if k in resolved}
                 try:
@@ -132,8 +133,7 @@ def plan_warm_start(db: Database, *, owner: str, spec: StudySpec, resolved: dict
 
 def _check_same_objectives(source: Study, objectives: list[tuple[str, str | None]], index: int) -> None:
     """History values mean something to the new sampler only when they measure the same objectives."""
-    spec = source.spec["objective"]
-    theirs = [(o["metric"], o["direction"]) for o in (spec if isinstance(spec, list) else [spec])]
+    theirs = [(o.metric, o.direction) for o in source.config.objectives]
     if theirs != objectives:
         text = ", ".join(f"{m} ({d})" for m, d in theirs)
         raise InvalidInput(("body", "warm_start", "studies", index),
@@ -147,7 +147,7 @@ def _finished_in_tx(session: Session, source: Study, limit: int) -> list[Trial]:
     pruned ones, those trained longest first."""
     complete = list(session.scalars(select(Trial).where(
         Trial.study_id == source.id, Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None))
-        .order_by(best_trial_order(source), Trial.number).limit(limit)))
+        .order_by(*source.best_first()).limit(limit)))
     pruned = session.scalars(select(Trial).where(
         Trial.study_id == source.id, Trial.state == TrialState.PRUNED.value, Trial.number.is_not(None))
         .order_by(Trial.epochs_run.desc(), Trial.number).limit(limit - len(complete)))

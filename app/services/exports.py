@@ -21,8 +21,9 @@ from app.core.db import Database
 from app.ml.space import BY_NAME, CONDITIONAL_ON_OPTIMIZER
 from app.models import Study, Trial, TrialEpoch, TrialState
 from app.schemas.insights import CurvePublic, CurvesPublic, HistoryPublic
+from app.schemas.study import StudySpec
 from app.services.importance import parse_params, study_space
-from app.services.studies import best_trial_order, first_direction, own_study
+from app.services.ownership import own_study
 
 CSV_CHUNK = 1000
 HISTORY_PAGE = 10_000
@@ -36,11 +37,6 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _objective(study: Study) -> str:
-    objective = study.spec["objective"]
-    return str((objective[0] if isinstance(objective, list) else objective)["metric"])
-
-
 # ---- CSV -------------------------------------------------------------------------------------------------
 
 
@@ -51,13 +47,13 @@ def trials_csv(db: Database, settings: Settings, *, owner: str, study_id: str) -
     """
     with db.read_session() as session:
         study = own_study(session, owner=owner, study_id=study_id)
-        spec = study.spec
+        spec = study.config
     names = param_columns(db, settings, owner=owner, spec=spec, study_id=study_id)
     header = [*BASE_COLUMNS, *(f"params_{n}" for n in names)]
     return _csv_chunks(db, study_id, header, names)
 
 
-def param_columns(db: Database, settings: Settings, *, owner: str, spec: dict[str, Any],
+def param_columns(db: Database, settings: Settings, *, owner: str, spec: StudySpec,
                   study_id: str) -> list[str]:
     """The study's parameter names in the documented order: from its resolved space, else from its trials."""
     space = study_space(db, settings, owner=owner, spec=spec)
@@ -130,7 +126,7 @@ def history(db: Database, *, owner: str, study_id: str, after: int = -1,
         study = own_study(session, owner=owner, study_id=study_id)
         rows = session.execute(select(*columns).where(t.study_id == study_id, t.number > after)
                                .order_by(t.number).limit(limit + 1)).all()
-        objective, direction = _objective(study), first_direction(study)
+        objective, direction = study.config.primary.metric, str(study.config.primary.direction)
     page = rows[:limit]
     numbers, states, values, durations, epochs, params_text = (list(c) for c in zip(*page, strict=True)) \
         if page else ([], [], [], [], [], [])
@@ -168,7 +164,7 @@ def curves(db: Database, *, owner: str, study_id: str, numbers: list[int], top: 
                             val_loss=[_finite(e.val_loss) for e in epochs.get(t.id, [])],
                             train_loss=[_finite(e.train_loss) for e in epochs.get(t.id, [])])
                 for t in trials]
-        return CurvesPublic(objective=_objective(study), data=data)
+        return CurvesPublic(objective=study.config.primary.metric, data=data)
 
 
 def _chosen_trials_in_tx(session: Session, study: Study, *, numbers: list[int], top: int,
@@ -180,7 +176,7 @@ def _chosen_trials_in_tx(session: Session, study: Study, *, numbers: list[int], 
             chosen[t.id] = t
     if top:
         best_first = base.where(Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None)).order_by(
-            best_trial_order(study), Trial.number)
+            *study.best_first())
         for t in session.scalars(best_first.limit(min(top, MAX_CURVES))):
             chosen[t.id] = t
     if recent:

@@ -31,12 +31,13 @@ from sqlalchemy import Text, cast, func, select
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.ml.space import SpaceError, resolve_space
+from app.ml.space import SpaceError
 from app.models import Trial, TrialState
 from app.schemas.insights import ImportancePublic, ParamImportance
+from app.schemas.study import StudySpec
 from app.services import datasets
 from app.services.errors import NotFound
-from app.services.studies import first_direction, own_study
+from app.services.ownership import own_study
 
 FANOVA_MAX_TRIALS = 1000
 # Optuna's defaults (64 trees grown to depth 64) take 5 s on 300 trials and 25 s on 1,000 here; 32 trees of
@@ -50,18 +51,12 @@ _cache: OrderedDict[tuple[str, str, int], ImportancePublic] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def space_entries(spec: dict[str, Any]) -> dict[str, Any]:
-    """A stored spec's search_space in the plain form app.ml.space expects."""
-    return {k: ({kk: vv for kk, vv in v.items() if kk != "type"} if isinstance(v, dict) else v)
-            for k, v in (spec.get("search_space") or {}).items()}
-
-
 def study_space(db: Database, settings: Settings, *, owner: str,
-                spec: dict[str, Any]) -> dict[str, Any] | None:
+                spec: StudySpec) -> dict[str, Any] | None:
     """The study's resolved space (distributions or fixed values); None when its dataset is gone."""
     try:
-        info = datasets.describe_dataset(db, settings, owner=owner, ref=spec["dataset"])
-        return resolve_space(space_entries(spec), datasets.space_context(info, spec["model"]))
+        info = datasets.describe_dataset(db, settings, owner=owner, ref=spec.dataset)
+        return spec.resolved_space(info)
     except (NotFound, SpaceError):
         return None
 
@@ -70,7 +65,7 @@ def param_importance(db: Database, settings: Settings, *, owner: str, study_id: 
     """Importance of each parameter that varied, most important first; cached until a trial finishes."""
     with db.read_session() as session:
         study = own_study(session, owner=owner, study_id=study_id)
-        spec, direction = study.spec, first_direction(study)
+        spec, direction = study.config, str(study.config.primary.direction)
         finished = session.scalar(select(func.count()).select_from(Trial).where(
             Trial.study_id == study_id, Trial.state.in_(_FINISHED))) or 0
     key = (db.url, study_id, finished)

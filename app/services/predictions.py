@@ -30,7 +30,7 @@ from app.ml.trees import Trees
 from app.schemas.ensemble import PredictionsPublic
 from app.services.downloads import study_dir
 from app.services.errors import Conflict, InvalidInput
-from app.services.studies import best_trial_in_tx, own_study
+from app.services.ownership import best_trial_in_tx, own_study
 
 MAX_ROWS = 1024
 MODEL_CACHE_SIZE = 16

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import uuid
 from datetime import datetime
-from typing import Any
 
 import optuna
 from sqlalchemy import delete, func, select, tuple_
@@ -16,13 +14,14 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
-from app.ml.space import SpaceError, grid_space, resolve_space
 from app.models import Study, StudyStatus, Trial, TrialState
 from app.models.base import utcnow
-from app.schemas.study import BestTrial, Progress, SpecRuleError, StudiesPublic, StudyPublic, StudySpec
-from app.services import datasets
-from app.services.errors import Conflict, InvalidInput, NotFound
+from app.schemas.study import BestTrial, Progress, StudiesPublic, StudyPublic, StudySpec
+from app.services.enqueue import plan_warm_start
+from app.services.errors import Conflict
+from app.services.ownership import best_trial_in_tx, own_study
 from app.services.paging import decode_cursor, encode_cursor
+from app.services.validation import validate_spec
 
 
 def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpec,
@@ -39,8 +38,6 @@ def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpe
     resolved = validate_spec(db, settings, owner=owner, spec=spec)
     warm_start = None
     if spec.warm_start is not None:
-        from app.services.enqueue import plan_warm_start
-
         warm_start = plan_warm_start(db, owner=owner, spec=spec, resolved=resolved)
     study_id = uuid.uuid4().hex
     optuna_name = f"hpsearch-{study_id}"
@@ -69,32 +66,6 @@ def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpe
     return get_study(db, owner=owner, study_id=study_id), True
 
 
-def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySpec) -> dict[str, Any]:
-    """The resolved search space of a spec, or InvalidInput naming the field."""
-    try:
-        info = datasets.describe_dataset(db, settings, owner=owner, ref=spec.dataset)
-    except NotFound as exc:
-        raise InvalidInput(("body", "dataset"), exc.message) from exc
-    if info["task"] != spec.task:
-        raise InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset")
-    if spec.model == "cnn" and info.get("image_shape") is None:
-        raise InvalidInput(("body", "model"), "cnn needs an image dataset")
-    try:
-        spec.check_algorithms()
-    except SpecRuleError as exc:
-        raise InvalidInput(("body", *exc.loc), exc.message) from exc
-    try:
-        resolved = resolve_space(spec.space_entries(), datasets.space_context(info, spec.model))
-        grid = grid_space(resolved) if spec.sampler.name == "grid" else None
-    except SpaceError as exc:
-        raise InvalidInput(("body", "search_space", *exc.loc), exc.message) from exc
-    points = math.prod(len(values) for values in grid.values()) if grid is not None else None
-    if points is not None and points < spec.budget.n_trials:  # Optuna would re-run grid points
-        raise InvalidInput(("body", "budget", "n_trials"),
-                           f"the grid has {points} point(s): set n_trials to at most {points}")
-    return resolved
-
-
 def _by_idempotency_key(db: Database, owner: str, key: str, spec: StudySpec) -> StudyPublic | None:
     """The owner's study created with this key, if any; Conflict when it was created from another body."""
     with db.read_session() as session:
@@ -104,17 +75,6 @@ def _by_idempotency_key(db: Database, owner: str, key: str, spec: StudySpec) -> 
         if row.spec != spec.model_dump(mode="json"):
             raise Conflict("this Idempotency-Key was used with a different body; use a new key for a new study")
         return _public(session, row)
-
-
-def own_study(session: Session, *, owner: str, study_id: str, for_update: bool = False) -> Study:
-    """The owner's study, else NotFound (another owner's study does not exist for this caller)."""
-    stmt = select(Study).where(Study.id == study_id, Study.owner == owner)
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = session.scalars(stmt).first()
-    if row is None:
-        raise NotFound("study not found")
-    return row
 
 
 def get_study(db: Database, *, owner: str, study_id: str) -> StudyPublic:
@@ -152,23 +112,6 @@ def _progress_counts(session: Session, study_ids: list[str]) -> dict[str, dict[s
     return out
 
 
-def first_direction(study: Study) -> str:
-    objective = study.spec["objective"]
-    return str((objective[0] if isinstance(objective, list) else objective)["direction"])
-
-
-def best_trial_order(study: Study) -> Any:
-    """ORDER BY term that puts the best value of the first objective first."""
-    return Trial.value.desc() if first_direction(study) == "maximize" else Trial.value.asc()
-
-
-def best_trial_in_tx(session: Session, study: Study) -> Trial | None:
-    """The best complete trial by the first objective, read with one indexed query."""
-    return session.scalars(select(Trial).where(
-        Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None)
-    ).order_by(best_trial_order(study), Trial.number).limit(1)).first()
-
-
 def _public(session: Session, study: Study, counts: dict[str, int] | None = None) -> StudyPublic:
     if counts is None:
         counts = _progress_counts(session, [study.id]).get(study.id, {})
@@ -176,8 +119,8 @@ def _public(session: Session, study: Study, counts: dict[str, int] | None = None
     best = best_trial_in_tx(session, study)
     end = study.finished_at or utcnow()
     return StudyPublic(
-        id=study.id, name=study.name, status=study.status, dataset=study.spec["dataset"],
-        model=study.spec["model"], created_at=study.created_at, started_at=study.started_at,
+        id=study.id, name=study.name, status=study.status, dataset=study.config.dataset,
+        model=study.config.model, created_at=study.created_at, started_at=study.started_at,
         finished_at=study.finished_at, stop_reason=study.stop_reason, stopped_at=_stopped_at(study),
         error=study.error,
         elapsed_s=(end - study.started_at).total_seconds() if study.started_at else None,

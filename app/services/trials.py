@@ -10,8 +10,8 @@ from app.core.db import Database
 from app.models import Study, Trial, TrialEpoch, TrialState
 from app.schemas.trial import EpochPoint, TrialDetail, TrialPublic, TrialsPublic
 from app.services.errors import NotFound
+from app.services.ownership import own_study
 from app.services.paging import column_kinds, decode_cursor, encode_cursor
-from app.services.studies import first_direction, own_study
 
 SortKey = Literal["number", "value", "duration"]
 
@@ -24,12 +24,15 @@ def _sort_keys(study: Study, sort: SortKey, order: str | None) -> list[ColumnEle
     """
     column = {"number": Trial.number, "value": Trial.value, "duration": Trial.duration_s}[sort]
     if order is None:
-        maximize = first_direction(study) == "maximize"
-        order = "desc" if sort == "value" and maximize else "asc"
+        order = "desc" if sort == "value" and study.config.maximize else "asc"
     sign = -1 if order == "desc" else 1
     missing = case((column.is_(None), 1), else_=0)
     unnumbered = case((Trial.number.is_(None), 1), else_=0)
-    return [missing, sign * func.coalesce(column, 0), unnumbered, sign * func.coalesce(Trial.number, 0), Trial.id]
+    tie = func.coalesce(Trial.number, 0) if sort == "value" else sign * func.coalesce(Trial.number, 0)
+    keys = [missing, sign * func.coalesce(column, 0), unnumbered, tie, Trial.id]  # the earlier trial wins a tie
+    if sort == "value":  # a pruned trial's value is its last reported epoch: rank it after every complete one
+        keys.insert(0, case((Trial.state == TrialState.COMPLETE.value, 0), else_=1))
+    return keys
 
 
 def list_trials(db: Database, *, owner: str, study_id: str, limit: int = 50, cursor: str | None = None,

@@ -15,7 +15,7 @@ from app.ml import ensemble
 from app.ml.artifacts import ModelSpec, build_module, describe_layers, prune_study_dir, save_trial
 from app.ml.trees import Trees, fit_trees
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-from workers import finalize
+from workers import final_evaluation
 
 API = "/api/v1"
 
@@ -127,7 +127,7 @@ def test_trees_as_arrays_predict_what_scikit_learn_predicts(kind: str, tmp_path:
 # ---- finalization ----------------------------------------------------------------------------------------
 
 
-def _finalize_job(tmp_path: Path, *, trees: bool = False, targets: int = 0) -> finalize.EnsembleJob:
+def _finalize_job(tmp_path: Path, *, trees: bool = False, targets: int = 0) -> final_evaluation.EnsembleJob:
     """Three small networks (different seeds) saved as trial artifacts, with synthetic splits.
 
     Classification into three classes, or regression onto `targets` values per sample.
@@ -157,8 +157,8 @@ def _finalize_job(tmp_path: Path, *, trees: bool = False, targets: int = 0) -> f
         module = build_module(spec)
         stem = tmp_path / f"trial-{number}"
         save_trial(stem, module.state_dict(), spec, metrics={}, layers=describe_layers(module))
-        members.append(finalize.Member(number=number, spec=spec, artifact=str(stem)))
-    return finalize.EnsembleJob(members=members, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
+        members.append(final_evaluation.Member(number=number, spec=spec, artifact=str(stem)))
+    return final_evaluation.EnsembleJob(members=members, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
                                 x_test=x_test, y_test=y_test, task=task,
                                 objective="val_mse" if targets else "val_accuracy",
                                 direction="minimize" if targets else "maximize", study_dir=str(tmp_path),
@@ -168,14 +168,14 @@ def _finalize_job(tmp_path: Path, *, trees: bool = False, targets: int = 0) -> f
 def test_finalization_reads_the_test_split_once_per_model_and_never_to_choose(tmp_path: Path) -> None:
     job = _finalize_job(tmp_path)
     calls: list[str] = []
-    finalize.test_evaluation_hooks.append(lambda name, _m: calls.append(name))
+    final_evaluation.test_evaluation_hooks.append(lambda name, _m: calls.append(name))
     try:
-        first = finalize.run(job)
+        first = final_evaluation.run(job)
         assert calls == ["best_single", "ensemble"]
         job.y_test = (job.y_test + 1) % 3  # other test labels: other test scores, the same choice
-        second = finalize.run(job)
+        second = final_evaluation.run(job)
     finally:
-        finalize.test_evaluation_hooks.clear()
+        final_evaluation.test_evaluation_hooks.clear()
     weights = [[m["weight"] for m in r["ensemble"]["members"]] for r in (first, second)]
     assert weights[0] == weights[1]
     assert first["ensemble"]["ensemble"]["val"] == second["ensemble"]["ensemble"]["val"]
@@ -187,7 +187,7 @@ def test_finalization_reads_the_test_split_once_per_model_and_never_to_choose(tm
 
 def test_finalization_with_trees_keeps_them_only_as_arrays(tmp_path: Path) -> None:
     job = _finalize_job(tmp_path, trees=True)  # untrained networks: the trees are clearly better
-    record = finalize.run(job)["ensemble"]
+    record = final_evaluation.run(job)["ensemble"]
     by_name = {m["name"]: m for m in record["members"]}
     assert by_name["trees"]["kind"] == "trees" and by_name["trees"]["weight"] > 0
     assert (tmp_path / "trees.npz").is_file() and not list(tmp_path.glob("*.pkl"))
@@ -195,11 +195,11 @@ def test_finalization_with_trees_keeps_them_only_as_arrays(tmp_path: Path) -> No
 
 
 def test_regression_ensembles_average_outputs_and_leave_trees_out_for_several_targets(tmp_path: Path) -> None:
-    one = finalize.run(_finalize_job(tmp_path / "one", trees=True, targets=1))["ensemble"]
+    one = final_evaluation.run(_finalize_job(tmp_path / "one", trees=True, targets=1))["ensemble"]
     assert one["members"][-1]["kind"] == "trees" and one["note"] is None
     assert one["ensemble"]["val"]["mse"] <= min(m["val"]["mse"] for m in one["members"])
     assert set(one["ensemble"]["test"]) == {"mse", "mae", "loss"}
-    two = finalize.run(_finalize_job(tmp_path / "two", trees=True, targets=2))["ensemble"]
+    two = final_evaluation.run(_finalize_job(tmp_path / "two", trees=True, targets=2))["ensemble"]
     assert [m["kind"] for m in two["members"]] == ["trial"] * 3 and "several" in two["note"]
 
 
@@ -234,12 +234,12 @@ def test_a_completed_study_has_an_ensemble_scored_once_on_test(settings: Setting
             fh.write(name + "\n")
 
     client = client_for(settings, db)
-    finalize.test_evaluation_hooks.append(record)
+    final_evaluation.test_evaluation_hooks.append(record)
     try:
         study = _run_study(settings, db, client, budget={"n_trials": 4, "epochs": 2},
                            ensemble={"top_k": 3, "trees": True})
     finally:
-        finalize.test_evaluation_hooks.remove(record)
+        final_evaluation.test_evaluation_hooks.remove(record)
     assert study["status"] == "completed", study["error"]
     assert log.read_text().split() == ["best_single", "ensemble"]
     got = client.get(f"{API}/studies/{study['id']}/ensemble")

@@ -18,7 +18,7 @@ from app.core.optuna_store import optuna_storage
 from app.ml.space import sample_params
 from app.models import TrialState
 from app.schemas.study import StudySpec
-from app.services import studies
+from app.services.validation import validate_spec
 from tests.conftest import make_settings
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 from tests.integration.processes import (
@@ -104,7 +104,7 @@ def test_leases_left_by_a_worker_that_died_before_its_first_heartbeat_are_recove
     assert claimed_only and asked_only and bound
     # What the dead worker did before dying, with the same calls a worker makes.
     ostudy = optuna.load_study(study_name=f"hpsearch-{sid}", storage=optuna_storage(db_url))
-    resolved = studies.validate_spec(db, settings, owner="alice", spec=StudySpec.model_validate(spec))
+    resolved = validate_spec(db, settings, owner="alice", spec=StudySpec.model_validate(spec))
     orphan = ostudy.ask()
     trial = ostudy.ask()
     params = sample_params(trial, resolved)
@@ -196,12 +196,12 @@ def test_a_trial_over_the_memory_limit_fails_out_of_memory_once_and_the_next_sta
 def test_a_final_evaluation_that_fails_ends_the_study_once_with_its_reason(sqlite_url: str, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A deterministic failure in the evaluation child would fail the same way on every retry."""
-    from workers import finalize
+    from workers import final_evaluation
 
-    def broken(job: finalize.EnsembleJob) -> dict[str, object]:
+    def broken(job: final_evaluation.EnsembleJob) -> dict[str, object]:
         raise ValueError("weights do not match the config")
 
-    monkeypatch.setattr(finalize, "run", broken)  # the forked evaluation child inherits it
+    monkeypatch.setattr(final_evaluation, "run", broken)  # the forked evaluation child inherits it
     db, client, settings = _setup(sqlite_url, tmp_path)
     sid = _create(client, study_spec(budget={"n_trials": 2, "epochs": 1}))
     with running_supervisor(settings, db, slots=1):

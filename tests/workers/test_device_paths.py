@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from app.ml.artifacts import ModelSpec, has_model
 from tests.workers.test_trainer import blobs, images, model_for
 from workers.devices import cuda_device_count
+from workers.protocol import Decision, Done, Epoch, Verdict
 from workers.runner import TrialJob, _tensors, child_main
 from workers.trainer import TrainData, _train_epoch, make_optimizer, train
 
@@ -145,7 +146,7 @@ def job_for(tmp_path: Path, device: str, amp: bool, task: str = "classification"
     spec = ModelSpec("mlp", params, task, (6,), 2 if task == "classification" else 1, None,
                      ["0", "1"] if task == "classification" else None, x[:90].mean(0).tolist(),
                      x[:90].std(0).tolist())
-    return TrialJob(spec=spec, x_train=x[:90], y_train=y[:90], x_val=x[90:], y_val=y[90:], epochs=3,
+    return TrialJob(trial=1, spec=spec, x_train=x[:90], y_train=y[:90], x_val=x[90:], y_val=y[90:], epochs=3,
                     patience=None, objective="val_loss", direction="minimize", seed=5, device=device, threads=1,
                     artifact_path=str(tmp_path / f"trial-{device.replace(':', '')}-{amp}"), amp=amp)
 
@@ -181,12 +182,13 @@ def run_child(job: TrialJob, start: str = "fork",
         while True:
             assert parent.poll(timeout_s), "the runner went silent"
             message = parent.recv()
-            if message[0] == "epoch":
-                epochs.append(message[1])
-                parent.send("go")
+            assert message.trial == job.trial  # every message names its trial
+            if isinstance(message, Epoch):
+                epochs.append(message.report)
+                parent.send(Decision(job.trial, Verdict.GO))
                 continue
-            assert message[0] == "done", message
-            return epochs, message[1]
+            assert isinstance(message, Done), message
+            return epochs, message.result
     finally:
         proc.join(timeout_s)
         if proc.is_alive():

@@ -15,8 +15,7 @@ from torch import nn
 from app.ml import data
 from app.ml.artifacts import ModelSpec, build_module
 from app.ml.networks import ACTIVATIONS, INITS, Branches
-from app.ml.space import resolve_space, sample_params
-from app.services.datasets import space_context
+from app.ml.space import Context, resolve_space, sample_params
 from workers.runner import standardization
 from workers.trainer import TrainData, make_optimizer, make_scheduler, train
 
@@ -31,7 +30,7 @@ SCHEDULES = {"constant": type(None), "step": torch.optim.lr_scheduler.StepLR,
 def configurations(ds: data.Dataset, model: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """n configurations of the documented default space for ds, drawn as the supervisor draws them."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    resolved = resolve_space({}, space_context(data.describe(ds), model))
+    resolved = resolve_space({}, Context.of(data.describe(ds), model))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     out = []
     for _ in range(n):
@@ -42,7 +41,7 @@ def configurations(ds: data.Dataset, model: str, n: int, seed: int = 0) -> list[
 
 
 def model_spec(ds: data.Dataset, model: str, params: dict[str, Any]) -> ModelSpec:
-    """The spec a supervisor hands its runner (workers.supervisor.Prepared.model_spec)."""
+    """The spec a supervisor hands its runner (workers.prepared.PreparedStudy.model_spec)."""
     mean, std = standardization(ds.x, ds.image_shape is not None)
     groups = list(ds.feature_groups.values()) if ds.feature_groups else None
     return ModelSpec(model=model, params=params, task=ds.task, input_shape=ds.input_shape,

@@ -8,7 +8,7 @@ from sqlalchemy import update
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.models import Study, Trial, TrialState, Worker
+from app.models import FailureKind, Study, Trial, TrialState, Worker
 from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import studies
@@ -73,6 +73,21 @@ def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: 
     with db.read_session() as session:
         trial = session.get(Trial, lease.trial_id)
         assert trial is not None and trial.state == "fail" and "2 attempt(s)" in (trial.error or "")
+        assert trial.failure == FailureKind.LOST  # what metrics count, without reading the message
+
+
+def test_why_a_trial_failed_is_recorded_as_its_kind(db: Database, settings: Settings) -> None:
+    _study(db, settings, budget={"n_trials": 3, "max_parallel": 3})
+    first, late = _bind(db, _claim(db), 0), _bind(db, _claim(db), 1)  # type: ignore[arg-type]
+    assert queue.finish_trial(db, first, state=TrialState.FAIL, error="non_finite_loss",
+                              failure=FailureKind.NON_FINITE)
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == late.trial_id)
+                        .values(deadline_at=utcnow() - timedelta(seconds=1)))
+    assert [(r.number, r.requeued) for r in queue.reap(db, grace_s=600)] == [(1, False)]
+    with db.read_session() as session:
+        kinds = {t.number: (t.failure, t.error) for t in session.query(Trial).filter(Trial.number.is_not(None))}
+    assert kinds == {0: ("non_finite", "non_finite_loss"), 1: ("deadline", "deadline exceeded")}
 
 
 def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Settings) -> None:

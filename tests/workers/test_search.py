@@ -13,6 +13,7 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.ml.space import Context, resolve_space
 from app.models import Study
+from app.schemas.study import PrunerSpec, SamplerSpec, StudySpec
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 from workers.search import make_pruner, make_sampler
 
@@ -25,10 +26,14 @@ MULTI = [{"metric": "val_accuracy", "direction": "maximize"},
 # ---- the factories -----------------------------------------------------------------------------------
 
 
+def spec_of(**fields: Any) -> StudySpec:
+    return StudySpec.model_validate({"name": "t", "dataset": "builtin:iris", **fields})
+
+
 def sampler_for(sampler: dict[str, Any], **spec: Any) -> optuna.samplers.BaseSampler:
     entries = {k: ({kk: vv for kk, vv in v.items() if kk != "type"} if isinstance(v, dict) else v)
                for k, v in GRID.items()} if sampler["name"] == "grid" else {}
-    return make_sampler({"sampler": sampler, **spec}, resolve_space(entries, IRIS))
+    return make_sampler(spec_of(sampler=sampler, **spec), resolve_space(entries, IRIS))
 
 
 @pytest.mark.parametrize("name,cls", [
@@ -71,30 +76,30 @@ def test_grid_sampler_takes_every_point_once_without_stopping_the_study() -> Non
 
 def test_make_sampler_refuses_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown sampler"):
-        sampler_for({"name": "bayes"})
+        make_sampler(StudySpec.model_construct(sampler=SamplerSpec.model_construct(name="bayes")), {})
     with pytest.raises(ValueError, match="unknown pruner"):
-        make_pruner({"pruner": {"name": "never"}})
+        make_pruner(StudySpec.model_construct(pruner=PrunerSpec.model_construct(name="never")))
 
 
 def test_pruner_options_reach_optuna() -> None:
-    assert isinstance(make_pruner({"pruner": {"name": "none"}}), optuna.pruners.NopPruner)
-    median = make_pruner({"pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1}})
+    assert isinstance(make_pruner(spec_of(pruner={"name": "none"})), optuna.pruners.NopPruner)
+    median = make_pruner(spec_of(pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1}))
     assert type(median) is optuna.pruners.MedianPruner
     assert (median._n_startup_trials, median._n_warmup_steps, median._percentile) == (2, 1, 50.0)
-    percentile = make_pruner({"pruner": {"name": "percentile", "percentile": 10.0}})
+    percentile = make_pruner(spec_of(pruner={"name": "percentile", "percentile": 10.0}))
     assert type(percentile) is optuna.pruners.PercentilePruner and percentile._percentile == 10.0
-    halving = make_pruner({"pruner": {"name": "successive_halving", "min_resource": 2,
-                                      "reduction_factor": 2}})
+    halving = make_pruner(spec_of(pruner={"name": "successive_halving", "min_resource": 2,
+                                      "reduction_factor": 2}))
     assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner)
     assert (halving._min_resource, halving._reduction_factor) == (2, 2)
-    hyperband = make_pruner({"pruner": {"name": "hyperband", "reduction_factor": 2}, "budget": {"epochs": 8}})
+    hyperband = make_pruner(spec_of(pruner={"name": "hyperband", "reduction_factor": 2}, budget={"epochs": 8}))
     assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
     assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (1, 8, 2)
 
 
 def test_percentile_pruner_prunes_below_its_percentile() -> None:
     """A behaviour check of the built pruner over reported epochs, as the supervisor reports them."""
-    pruner = make_pruner({"pruner": {"name": "percentile", "percentile": 50.0, "n_startup_trials": 1}})
+    pruner = make_pruner(spec_of(pruner={"name": "percentile", "percentile": 50.0, "n_startup_trials": 1}))
     study = optuna.create_study(direction="maximize", pruner=pruner)
     for value in (0.9, 0.8):
         trial = study.ask()

@@ -33,8 +33,9 @@ def _finish(db: Database, number: int, state: TrialState, value: float | None) -
     lease = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
     assert lease is not None
     lease = queue.bind_trial(db, lease, number=number, optuna_trial_id=1000 + number, params={})
-    assert lease is not None and queue.finish_trial(db, lease, state=state, value=value)
-    return queue.after_trial_finished(db, lease.study_id)
+    finished = queue.finish_trial(db, lease, state=state, value=value) if lease is not None else None
+    assert finished is not None
+    return finished.stop_reason
 
 
 def test_target_value_ignores_pruned_trials(db: Database, settings: Settings) -> None:
@@ -89,7 +90,8 @@ SPACE = resolve_space({"learning_rate": {"low": 1e-4, "high": 1e-1, "log": True}
 def test_model_based_samplers_keep_a_partial_configuration_and_fill_the_rest(sqlite_url: str, name: str) -> None:
     """Optuna's enqueue semantics, on the samplers the worker asks without its mirror."""
     options = {"n_startup_trials": 2} if name in ("cmaes", "gp") else {"population_size": 2} if name == "nsga2" else {}
-    sampler = make_sampler({"sampler": {"name": name, "seed": 1, **options}}, SPACE)
+    spec = StudySpec.model_validate(study_spec(sampler={"name": name, "seed": 1, **options}))
+    sampler = make_sampler(spec, SPACE)
     storage = optuna_storage(sqlite_url)
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize")
     fixed = {"units": 100, "optimizer": "sgd"}

@@ -12,17 +12,17 @@ from app.core.config import Settings
 from app.core.db import Database
 from tests.app.test_uploads import npz_bytes, upload
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-from workers.supervisor import Supervisor
+from workers import attempt
 
 API = "/api/v1"
 
 
 def test_a_runner_that_cannot_be_forked_fails_its_trials_after_max_attempts(
         settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_memory(self: Supervisor, job: Any) -> Any:
+    def no_memory(slot: attempt.Slot, job: Any) -> Any:
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(Supervisor, "_spawn", no_memory)
+    monkeypatch.setattr(attempt, "_spawn", no_memory)
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": 1, "epochs": 1, "max_parallel": 1, "max_attempts": 2})
     sid = client.post(f"{API}/studies", json=spec).json()["id"]

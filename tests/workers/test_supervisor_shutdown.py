@@ -11,7 +11,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import Study
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-from workers import finalize
+from workers import final_evaluation
 from workers.supervisor import Supervisor
 
 API = "/api/v1"
@@ -31,7 +31,7 @@ def test_a_final_evaluation_past_the_shutdown_grace_is_handed_back_and_done_by_t
     def slow(_name: str, _scores: dict[str, float]) -> None:  # runs in the forked evaluation child
         time.sleep(120)
 
-    finalize.test_evaluation_hooks.append(slow)
+    final_evaluation.test_evaluation_hooks.append(slow)
     try:
         supervisor = Supervisor(db, settings, devices=["cpu"], per_device=1, shutdown_grace_s=GRACE_S)
         thread = threading.Thread(target=supervisor.run, daemon=True)
@@ -45,7 +45,7 @@ def test_a_final_evaluation_past_the_shutdown_grace_is_handed_back_and_done_by_t
         thread.join(30)
         assert not thread.is_alive() and time.monotonic() - stopped_at < 15  # not the 600 s evaluation timeout
     finally:
-        finalize.test_evaluation_hooks.remove(slow)
+        final_evaluation.test_evaluation_hooks.remove(slow)
     assert client.get(f"{API}/studies/{sid}").json()["status"] == "running"
     assert _finalizer(db, sid) is None  # free for the next worker now, not when the lease runs out
     with running_supervisor(settings, db, slots=1):

@@ -1,4 +1,4 @@
-"""Finalization of a study, in a forked child: the top-k ensemble, then ONE test evaluation of each result.
+"""A study's final evaluation, in a forked child: the top-k ensemble, then ONE test evaluation of each result.
 
 Order matters and is kept by the code's shape: every member predicts the validation split; greedy selection
 fixes the weights from those predictions alone; only then is the test split read, once for the best single
@@ -17,15 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app.ml import ensemble
 from app.ml.artifacts import TREES_FILE, TREES_NAME, ModelSpec, NetPredictor, Predictor, TreesPredictor
 from app.ml.trees import fit_trees
-from app.models import Study, Trial, TrialState
 
-DEFAULT_TOP_K = 5
 METHOD = "greedy forward selection with replacement on the validation split (Caruana et al., 2004)"
 
 # Called with ("best_single" | "ensemble", metrics) each time a model is scored on the test split. A hook
@@ -60,21 +56,6 @@ class EnsembleJob:
     threads: int = 1
     seed: int = 0
     rounds: int = ensemble.DEFAULT_ROUNDS
-
-
-def top_trials_in_tx(session: Session, study: Study, k: int) -> list[Trial]:
-    """The k best complete trials with saved weights, ordered as the study's best trial is chosen."""
-    objective = study.spec["objective"]
-    direction = (objective[0] if isinstance(objective, list) else objective)["direction"]
-    order = Trial.value.desc() if direction == "maximize" else Trial.value.asc()
-    return list(session.scalars(select(Trial).where(
-        Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None),
-        Trial.artifact.is_not(None)).order_by(order, Trial.number).limit(k)))
-
-
-def complete_numbers_in_tx(session: Session, study_id: str) -> set[int]:
-    return {n for n in session.scalars(select(Trial.number).where(
-        Trial.study_id == study_id, Trial.state == TrialState.COMPLETE.value)) if n is not None}
 
 
 def _candidates(job: EnsembleJob) -> tuple[dict[str, Predictor], str | None]:

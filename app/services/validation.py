@@ -1,0 +1,39 @@
+"""A spec checked against its dataset, its space and its algorithms, as creating or enqueueing needs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.ml.space import SpaceError, grid_space
+from app.schemas.study import SpecRuleError, StudySpec
+from app.services import datasets
+from app.services.errors import InvalidInput, NotFound
+
+
+def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySpec) -> dict[str, Any]:
+    """The resolved search space of a spec, or InvalidInput naming the field."""
+    try:
+        info = datasets.describe_dataset(db, settings, owner=owner, ref=spec.dataset)
+    except NotFound as exc:
+        raise InvalidInput(("body", "dataset"), exc.message) from exc
+    if info["task"] != spec.task:
+        raise InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset")
+    if spec.model == "cnn" and info.get("image_shape") is None:
+        raise InvalidInput(("body", "model"), "cnn needs an image dataset")
+    try:
+        spec.check_algorithms()
+    except SpecRuleError as exc:
+        raise InvalidInput(("body", *exc.loc), exc.message) from exc
+    try:
+        resolved = spec.resolved_space(info)
+        grid = grid_space(resolved) if spec.sampler.name == "grid" else None
+    except SpaceError as exc:
+        raise InvalidInput(("body", "search_space", *exc.loc), exc.message) from exc
+    points = math.prod(len(values) for values in grid.values()) if grid is not None else None
+    if points is not None and points < spec.budget.n_trials:  # Optuna would re-run grid points
+        raise InvalidInput(("body", "budget", "n_trials"),
+                           f"the grid has {points} point(s): set n_trials to at most {points}")
+    return resolved

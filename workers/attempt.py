@@ -1,0 +1,244 @@
+"""One attempt of a trial, seen from its supervisor: bind it to an Optuna trial, fork its runner, relay the
+runner's messages (record each epoch, ask the pruner, answer go or stop), then record how it ended.
+
+Every outcome is recorded on one path: the service's row and the study's stop criteria in one transaction,
+then one write to Optuna.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import optuna
+
+from app.core.config import Settings
+from app.core.db import Database, retry_on_disconnect
+from app.core.optuna_store import optuna_storage
+from app.models import FailureKind, TrialState
+from workers import asking, optuna_sync, queue
+from workers.prepared import PreparedStudies, PreparedStudy
+from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
+from workers.publishing import discard, final_stem, publish, staged_stem
+from workers.runner import TrialJob, child_main
+from workers.tensorboard import TrialBoard, board_dir
+
+log = logging.getLogger("hpsearch.worker")
+PIPE_POLL_S = 0.2
+STOPPED_MESSAGE = "stopped: the study was cancelled or ended"
+
+
+class Outcome(enum.Enum):
+    """How an attempt ended, as its supervisor saw it."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    RELEASED = "released"  # handed back at shutdown, no attempt spent
+    LOST = "lost"  # the lease was taken away (reaped, re-queued, study deleted): nothing to record
+
+
+@dataclass
+class Ending:
+    outcome: Outcome
+    result: dict[str, Any] = field(default_factory=dict)  # Done's result, or the last epoch report
+    failure: FailureKind | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Slot:
+    """What an attempt needs from the supervisor that runs it."""
+
+    db: Database
+    settings: Settings
+    worker_id: str
+    studies: PreparedStudies
+    mp_context: Any
+    cpu_threads: int
+    drain_over: Any  # () -> bool: shutting down and past the grace period
+
+
+def run_attempt(slot: Slot, lease: queue.Lease, device: str) -> None:
+    """Run one leased attempt to its end and record it."""
+    p = slot.studies.get(lease.study_id)
+    if lease.number is None:
+        bound = bind(slot, lease, p)
+        if bound is None:
+            log.warning("lease of study %s lost before its trial started", lease.study_id)
+            return
+        lease = bound
+    assert lease.number is not None and lease.params is not None
+    tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": lease.study_id,
+                                       "trial": lease.number, "attempt": lease.attempt, "device": device})
+    tlog.info("trial started")
+    assert slot.settings.artifact_dir is not None
+    staged = staged_stem(slot.settings.artifact_dir, lease)
+    try:
+        ending = _supervise(slot, _job(slot, lease, p, device), lease, p)
+        record(slot, ending, lease, p, tlog)
+    finally:
+        discard(staged)  # published, refused or never finished: nothing to keep
+
+
+def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None:
+    """Give a fresh lease its Optuna trial: enqueued parameters, or the sampler's next proposal.
+
+    None when the lease was reaped meanwhile (this worker looked dead): that Optuna trial is failed.
+    """
+    storage = optuna_storage(slot.db.url)
+    with p.lock:
+        number, trial_id, params = retry_on_disconnect(asking.ask_trial, p.optuna_study, storage, p.resolved,
+                                                       lease.params)
+        bound = None
+        try:
+            bound = queue.bind_trial(slot.db, lease, number=number, optuna_trial_id=trial_id, params=params)
+            return bound
+        finally:
+            if bound is None:
+                optuna_sync.fail_trial(storage, trial_id)  # never leave an orphan RUNNING in Optuna
+
+
+def _job(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> TrialJob:
+    spec, splits = p.spec, p.splits
+    assert slot.settings.artifact_dir is not None
+    return TrialJob(trial=lease.trial_id, spec=p.model_spec(lease.params or {}), x_train=splits.x_train,
+                    y_train=splits.y_train, x_val=splits.x_val, y_val=splits.y_val, epochs=spec.budget.epochs,
+                    patience=spec.budget.patience, objective=spec.primary.metric,
+                    direction=str(spec.primary.direction), seed=spec.seed + (lease.number or 0), device=device,
+                    threads=slot.cpu_threads if device == "cpu" else 1,
+                    artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)),
+                    amp=device.startswith("cuda"), memory_limit_mb=slot.settings.trial_memory_mb,
+                    image=p.dataset.image_shape is not None)
+
+
+def _spawn(slot: Slot, job: TrialJob) -> tuple[Any, Connection]:
+    parent, child = slot.mp_context.Pipe()
+    proc = slot.mp_context.Process(target=child_main, args=(child, job), daemon=True)
+    proc.start()
+    child.close()
+    return proc, parent
+
+
+def _supervise(slot: Slot, job: TrialJob, lease: queue.Lease, p: PreparedStudy) -> Ending:
+    """Relay epochs until the runner ends; stop it when pruned, lost, cancelled, late or shutting down."""
+    # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
+    trial = retry_on_disconnect(optuna.Trial, p.optuna_study, lease.optuna_trial_id)
+    proc, conn = _spawn(slot, job)
+    deadline = time.monotonic() + p.spec.trial_timeout_s(slot.settings.trial_deadline_s)
+    stopping: Ending | None = None  # why the supervisor said stop, once it has
+    board = None
+    if p.spec.tensorboard:
+        assert slot.settings.artifact_dir is not None and lease.number is not None
+        board = TrialBoard(board_dir(slot.settings.artifact_dir, lease.study_id, lease.number, lease.attempt))
+    try:
+        while True:
+            if slot.drain_over():
+                return Ending(Outcome.RELEASED)
+            if time.monotonic() > deadline:
+                return Ending(Outcome.FAILED, failure=FailureKind.DEADLINE, reason="deadline exceeded")
+            if not conn.poll(PIPE_POLL_S):
+                if not proc.is_alive() and not conn.poll(0):
+                    return _died(proc)
+                continue
+            try:
+                msg: Message = conn.recv()
+            except EOFError:
+                proc.join(1)
+                return _died(proc)
+            assert msg.trial == job.trial, f"runner of trial {job.trial} spoke of trial {msg.trial}"
+            if isinstance(msg, Epoch):
+                if board is not None:
+                    board.epoch(msg.report)
+                verdict = _on_epoch(slot, msg.report, lease, trial, p)
+                if verdict is not None and verdict.outcome is Outcome.LOST:
+                    return verdict
+                stopping = stopping or verdict
+                conn.send(Decision(job.trial, Verdict.GO if verdict is None else Verdict.STOP))
+            elif isinstance(msg, Stopped):
+                ending = stopping or Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
+                ending.result = msg.last or {}
+                return ending
+            elif isinstance(msg, Done):
+                return Ending(Outcome.COMPLETE, msg.result)
+            elif isinstance(msg, Failed):
+                return Ending(Outcome.FAILED, failure=msg.failure, reason=msg.reason)
+    finally:
+        conn.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        if board is not None:
+            board.close()
+
+
+def _died(proc: Any) -> Ending:
+    return Ending(Outcome.FAILED, failure=FailureKind.PROCESS_DIED,
+                  reason=f"trial process died (exit code {proc.exitcode})")
+
+
+def _on_epoch(slot: Slot, report: dict[str, Any], lease: queue.Lease, trial: optuna.Trial,
+              p: PreparedStudy) -> Ending | None:
+    """Record one epoch; None to go on, else why this attempt stops here."""
+    metric = report["metrics"].get(p.spec.primary.metric)
+    status = queue.record_epoch(slot.db, lease, epoch=report["epoch"], train_loss=report["train_loss"],
+                                val_loss=report["val_loss"], val_metric=metric,
+                                learning_rate=report["learning_rate"], seconds=report["seconds"])
+    if status is queue.EpochStatus.LOST:
+        return Ending(Outcome.LOST)
+    if status is queue.EpochStatus.STOP:
+        return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
+    if p.spec.is_multi_objective or metric is None:
+        return None
+    retry_on_disconnect(trial.report, float(metric), step=report["epoch"])
+    return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
+
+
+def record(slot: Slot, ending: Ending, lease: queue.Lease, p: PreparedStudy, tlog: Any) -> None:
+    """Write how the attempt ended: our row and stop criteria in one transaction, then Optuna once."""
+    if ending.outcome is Outcome.LOST:
+        tlog.warning("lease lost (reaped or study deleted); result dropped")
+        return
+    if ending.outcome is Outcome.RELEASED:
+        queue.release_trial(slot.db, lease)
+        tlog.info("trial handed back at shutdown")
+        return
+    assert lease.number is not None and slot.settings.artifact_dir is not None
+    if ending.outcome is Outcome.COMPLETE:
+        values = [float(ending.result["metrics"][o.metric]) for o in p.spec.objectives]
+        if not all(map(math.isfinite, values)):
+            ending = Ending(Outcome.FAILED, failure=FailureKind.NON_FINITE, reason="non_finite_objective")
+    staged = staged_stem(slot.settings.artifact_dir, lease)
+    final = final_stem(slot.settings.artifact_dir, lease.study_id, lease.number)
+    if ending.outcome is Outcome.COMPLETE:
+        state, result = TrialState.COMPLETE, ending.result
+        finished = queue.finish_trial(slot.db, lease, state=state, value=values[0], values=values,
+                                      metrics=result["metrics"], epochs_run=result["epochs_run"],
+                                      best_epoch=result["best_epoch"], artifact=str(final),
+                                      while_held=lambda: _publish(staged, final, tlog))
+    elif ending.outcome is Outcome.PRUNED:
+        state, values = TrialState.PRUNED, None
+        finished = queue.finish_trial(slot.db, lease, state=state,
+                                      value=(ending.result.get("metrics") or {}).get(p.spec.primary.metric),
+                                      epochs_run=ending.result.get("epoch", 0))  # epochs count from 1
+    else:
+        state, values = TrialState.FAIL, None
+        finished = queue.finish_trial(slot.db, lease, state=state, error=ending.reason, failure=ending.failure)
+    if finished is None:
+        tlog.warning("lease lost (reaped or study deleted); late result refused")
+        return
+    optuna_sync.tell(p.optuna_study, lease.number, state, values, trial_id=lease.optuna_trial_id)
+    tlog.log(logging.WARNING if state is TrialState.FAIL else logging.INFO, "trial %s%s", state.value,
+             f": {values[0] if values else ending.reason}" if values or ending.reason else "")
+
+
+def _publish(staged: Any, final: Any, tlog: Any) -> None:
+    try:
+        publish(staged, final)
+    except OSError:  # recorded without weights: finalization and downloads skip it
+        tlog.exception("could not publish the trial's weights")

@@ -1,0 +1,71 @@
+"""Optuna's copy of each trial: told once after our row is recorded, repaired where a crash split them.
+
+Our tables are the record; Optuna's tables follow them. A failed write here is logged, not raised, and the
+repair before a study closes makes the two agree again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState as OptunaState
+from sqlalchemy import select
+
+from app.core.db import Database, retry_on_disconnect
+from app.core.optuna_store import optuna_storage
+from app.models import Trial, TrialState
+from workers import asking
+
+log = logging.getLogger("hpsearch.worker")
+
+OPTUNA_STATE = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: OptunaState.PRUNED,
+                TrialState.FAIL: OptunaState.FAIL}
+
+
+def tell(study: optuna.Study, number: int, state: TrialState, values: list[float] | None = None, *,
+         trial_id: int | None = None) -> None:
+    """Finish trial `number` in Optuna as our row finished it (one write where the sampler allows)."""
+    ostate = OPTUNA_STATE[state]
+    try:
+        if trial_id is not None and ostate != OptunaState.PRUNED and asking.finishes_directly(study):
+            retry_on_disconnect(asking.finish_trial, study, trial_id, ostate, values)
+        else:
+            retry_on_disconnect(study.tell, number, values, state=ostate, skip_if_finished=True)
+    except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
+        log.exception("could not tell Optuna about trial %s", number)
+
+
+def fail_trial(storage: Any, trial_id: int) -> None:
+    """Fail an Optuna trial that will never run or report again (no-op when it already finished)."""
+    try:
+        retry_on_disconnect(storage.set_trial_state_values, trial_id, OptunaState.FAIL)
+    except Exception:  # noqa: BLE001 - already finished there
+        pass
+
+
+def repair(db: Database, study_id: str, study: optuna.Study) -> None:
+    """Before a study closes, make Optuna's copy agree with ours where a crash split them.
+
+    A worker killed between Optuna's ask and our bind leaves an Optuna trial we never ran; one killed
+    between our finish and its tell leaves a finished trial RUNNING there. Waiting trials are left to
+    finalization, which drops them.
+    """
+    storage = optuna_storage(db.url)
+    oid = retry_on_disconnect(storage.get_study_id_from_name, study.study_name)
+    stuck = retry_on_disconnect(storage.get_all_trials, oid, deepcopy=False, states=(OptunaState.RUNNING,))
+    if not stuck:
+        return
+    with db.read_session() as session:
+        rows = {t.optuna_trial_id: t for t in session.scalars(select(Trial).where(
+            Trial.study_id == study_id, Trial.optuna_trial_id.in_([t._trial_id for t in stuck])))}
+    for frozen in stuck:
+        row = rows.get(frozen._trial_id)
+        if row is not None and row.state in (TrialState.WAITING.value, TrialState.RUNNING.value):
+            continue
+        state = TrialState(row.state) if row is not None else TrialState.FAIL
+        values = (row.values or [row.value]) if row is not None and state is TrialState.COMPLETE else None
+        tell(study, frozen.number, state, values)
+        log.warning("Optuna trial %d was left RUNNING by a crash; now %s", frozen.number,
+                    row.state if row is not None else "fail (never ran)")

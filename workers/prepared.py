@@ -1,0 +1,74 @@
+"""What a supervisor loads once per study it runs: the typed spec, data splits, resolved space and the
+Optuna study with its sampler and pruner. Runners get it through fork, without copying."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from sqlalchemy import select
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.core.optuna_store import optuna_storage
+from app.ml import data as datasets_lib
+from app.ml.artifacts import ModelSpec
+from app.models import Study
+from app.schemas.study import StudySpec
+from app.services.datasets import load_dataset
+from workers.runner import standardization
+from workers.search import make_pruner, make_sampler
+
+
+@dataclass
+class PreparedStudy:
+    study_id: str
+    spec: StudySpec
+    optuna_study: optuna.Study
+    resolved: dict[str, Any]
+    dataset: datasets_lib.Dataset
+    splits: datasets_lib.Splits
+    mean: list[float]
+    std: list[float]
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one ask at a time per study
+
+    def model_spec(self, params: dict[str, Any]) -> ModelSpec:
+        ds = self.dataset
+        groups = list(ds.feature_groups.values()) if ds.feature_groups else None
+        return ModelSpec(model=self.spec.model, params=params, task=ds.task, input_shape=tuple(ds.input_shape),
+                         n_outputs=ds.n_outputs, feature_groups=groups, classes=ds.classes, mean=self.mean,
+                         std=self.std)
+
+
+def prepare(db: Database, settings: Settings, study_id: str) -> PreparedStudy:
+    with db.read_session() as session:
+        row = session.scalars(select(Study).where(Study.id == study_id)).one()
+        spec, optuna_name = row.config, row.optuna_name
+    ds = load_dataset(db, settings, spec.dataset)
+    splits = datasets_lib.split_dataset(ds, validation_split=spec.validation_split, seed=spec.seed)
+    resolved = spec.resolved_space(datasets_lib.describe(ds))
+    ostudy = optuna.load_study(study_name=optuna_name, storage=optuna_storage(db.url),
+                               sampler=make_sampler(spec, resolved), pruner=make_pruner(spec))
+    mean, std = standardization(splits.x_train, ds.image_shape is not None)
+    return PreparedStudy(study_id, spec, ostudy, resolved, ds, splits, mean.tolist(), std.tolist())
+
+
+class PreparedStudies:
+    """Prepared studies of one supervisor, loaded on first use and dropped when the study is done here."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db, self.settings = db, settings
+        self._studies: dict[str, PreparedStudy] = {}
+        self._lock = threading.Lock()
+
+    def get(self, study_id: str) -> PreparedStudy:
+        with self._lock:
+            if study_id not in self._studies:
+                self._studies[study_id] = prepare(self.db, self.settings, study_id)
+            return self._studies[study_id]
+
+    def forget(self, study_id: str) -> None:
+        with self._lock:
+            self._studies.pop(study_id, None)

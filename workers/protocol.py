@@ -1,0 +1,57 @@
+"""The pipe protocol between a supervisor and its runner process.
+
+Every message names the trial it is about (the service's trial row id), so one runner may train several
+trials at once and the supervisor records, prunes and stops each of them on its own. Runner to supervisor:
+Epoch after each epoch (answered by a Decision while the next epoch trains), then one of Done, Failed or
+Stopped per trial. Messages travel between a supervisor and the child it forked, never from a client.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from app.models import FailureKind
+
+
+class Verdict(enum.StrEnum):
+    GO = "go"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Epoch:
+    trial: int
+    report: dict[str, Any]  # a workers.trainer.EpochReport as a dict
+
+
+@dataclass(frozen=True)
+class Done:
+    trial: int
+    result: dict[str, Any]  # metrics, epochs_run, best_epoch, stop_reason; weights are on disk
+
+
+@dataclass(frozen=True)
+class Failed:
+    trial: int
+    failure: FailureKind
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The trial stopped because the supervisor said so; `last` is its last epoch report."""
+
+    trial: int
+    last: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    trial: int
+    verdict: Verdict
+
+
+Message = Epoch | Done | Failed | Stopped

@@ -1,0 +1,69 @@
+"""The reaper: fails or re-queues the leases of dead workers and of trials past their deadline.
+
+It runs in every worker supervisor and in the API process (`hpsearch serve`), so leases are judged even
+when no worker is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from app.core.db import RETRY_MAX_DELAY_S, Database
+from app.core.optuna_store import optuna_storage
+from workers import optuna_sync, queue
+
+log = logging.getLogger("hpsearch.worker")
+
+
+def reap_and_tell(db: Database, grace_s: float) -> list[queue.Reaped]:
+    """Reap stale leases and fail in Optuna the trials that will not be retried."""
+    reaped = queue.reap(db, grace_s=grace_s)
+    storage = optuna_storage(db.url) if reaped else None
+    for r in reaped:
+        log.warning("reaped trial %s of study %s: %s%s", r.number, r.study_id, r.reason,
+                    " (re-queued)" if r.requeued else "")
+        if not r.requeued and r.optuna_trial_id is not None:
+            optuna_sync.fail_trial(storage, r.optuna_trial_id)
+    return reaped
+
+
+class Reaper:
+    """Calls reap_and_tell each tick, but never right after its own database outage.
+
+    An outage stops every heartbeat, so when the database comes back every lease looks stale. A reaper
+    that could not reach the database waits one grace period after reaching it again before judging
+    anyone, which gives the live workers, cut off by the same outage, time to beat again.
+    """
+
+    def __init__(self, db: Database, grace_s: float) -> None:
+        self.db, self.grace_s = db, grace_s
+        self._resume_at = 0.0
+        self._cut_off = False
+
+    @property
+    def interval_s(self) -> float:
+        return max(1.0, self.grace_s / 4)
+
+    def tick(self) -> list[queue.Reaped]:
+        try:
+            if self._cut_off or time.monotonic() < self._resume_at:
+                queue.ping(self.db)
+                if self._cut_off:  # back: give workers a grace period, plus their longest retry pause
+                    self._cut_off = False
+                    self._resume_at = time.monotonic() + self.grace_s + RETRY_MAX_DELAY_S
+                return []
+            return reap_and_tell(self.db, self.grace_s)
+        except Exception:
+            self._cut_off = True
+            raise
+
+    def run(self, stop: threading.Event, interval_s: float, logger: Any = log) -> None:
+        """Tick every interval_s until stop is set, through any database outage."""
+        while not stop.wait(interval_s):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep reaping through database outages
+                logger.exception("reaping failed; retrying")
