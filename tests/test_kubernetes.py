@@ -12,6 +12,7 @@ import argparse
 import copy
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -253,6 +254,32 @@ def test_migrations_run_before_the_api_and_the_workers(overlay: str) -> None:
         pod = one(docs, "Deployment", name)["spec"]["template"]["spec"]
         (init,) = pod["initContainers"]
         assert init["args"] == migrate["args"] and init["image"] == pod["containers"][0]["image"], name
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_the_upgrade_selector_applies_the_job_with_everything_it_reads(overlay: str) -> None:
+    """DEPLOYMENT.md applies `-l app.kubernetes.io/component in (migration, settings)` before the rest."""
+    match = re.search(r"kubectl apply -k \S+ -l '(app\.kubernetes\.io/component) in \(([^)]*)\)'",
+                      (ROOT / "docs" / "DEPLOYMENT.md").read_text())
+    assert match, "the upgrade step of DEPLOYMENT.md changed"
+    label, values = match.group(1), {v.strip() for v in match.group(2).split(",")}
+    docs = render(overlay)
+    selected = {(d["kind"], d["metadata"]["name"]) for d in docs
+                if d["metadata"].get("labels", {}).get(label) in values}
+    (migrate,) = one(docs, "Job", "hpsearch-migrate")["spec"]["template"]["spec"]["containers"]
+    reads = {("ConfigMap", s["configMapRef"]["name"]) for s in migrate.get("envFrom", [])}
+    assert selected == {("Job", "hpsearch-migrate"), *reads}
+
+
+def test_commands_the_documentation_runs_in_pods_exist() -> None:
+    """`kubectl exec ... -- hpsearch ...` lines of the Kubernetes section parse with the real CLI."""
+    text = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    section = text[text.index("### Kubernetes"):]
+    section = section[:section.index("\n### ", 1)]
+    commands = re.findall(r"exec [^\n]*?-- hpsearch ([^\n`#]+)", section)
+    assert any(c.startswith("keys create --owner") for c in commands), commands
+    for command in commands:
+        parse(shlex.split(command))
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
