@@ -45,6 +45,7 @@ KUBERNETES_VERSIONS = ("1.30", latest_version())
 # Custom resources have no bundled schema; only these may appear, and they are checked field by field below.
 CUSTOM_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
 DATABASE_SECRET = "hpsearch-database"
+IMAGES = {"hpsearch", "hpsearch-cuda"}  # the names a user's overlay points at a registry
 API_PREFIX = "/api/v1"
 
 
@@ -230,6 +231,7 @@ def test_commands_flags_and_environment_exist_in_the_code(overlay: str) -> None:
     for workload, _, container in hpsearch_containers(docs):
         where = f"{overlay}: {workload['metadata']['name']}/{container['name']}"
         assert container["command"][0] in scripts and len(container["command"]) == 1, where
+        assert container["image"] in IMAGES, f"{where}: {container['image']} is not an image DEPLOYMENT.md maps"
         parse(container["args"])
         env = env_of(container, docs)
         assert set(env) <= set(fields), f"{where}: {set(env) - set(fields)} are not Settings fields"
