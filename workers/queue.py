@@ -10,7 +10,7 @@ when the connection drops (`@retrying`): a killed connection or a busy database 
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -77,13 +77,19 @@ def _candidate_study_ids(session: Session, statuses: tuple[str, ...]) -> list[st
 
 
 @retrying
-def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: float) -> Lease | None:
-    """Lease the next trial of the oldest study with room: a waiting one first, else a new slot."""
+def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: float,
+                can_run: Callable[[dict[str, Any]], bool] | None = None) -> Lease | None:
+    """Lease the next trial of the oldest study with room: a waiting one first, else a new slot.
+
+    can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins).
+    """
     now = utcnow()
     with db.session() as session:
         for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)):
             study = _lock_study_in_tx(session, db, study_id)
             if study is None or not StudyStatus(study.status).accepts_trials():
+                continue
+            if can_run is not None and not can_run(study.spec):
                 continue
             counts = Counts.of_study_in_tx(session, study.id)
             if counts.running >= study.max_parallel or budget_spent(study, counts, now):
@@ -364,13 +370,16 @@ class FinalizeJob:
 
 
 @retrying
-def claim_finalization(db: Database, *, worker_id: str) -> FinalizeJob | None:
+def claim_finalization(db: Database, *, worker_id: str,
+                       can_run: Callable[[dict[str, Any]], bool] | None = None) -> FinalizeJob | None:
     """Take the evaluation of a study whose budget is spent and whose last trial has ended."""
     now = utcnow()
     with db.session() as session:
         for study_id in _candidate_study_ids(session, (StudyStatus.RUNNING.value,)):
             study = _lock_study_in_tx(session, db, study_id)
             if study is None or study.status != StudyStatus.RUNNING.value:
+                continue
+            if can_run is not None and not can_run(study.spec):
                 continue
             if study.finalize_until is not None and study.finalize_until > now:
                 continue
@@ -432,10 +441,10 @@ def complete_study(db: Database, job: FinalizeJob, *, worker_id: str, test_metri
 
 @retrying
 def register_worker(db: Database, *, worker_id: str, hostname: str, pid: int, devices: list[str],
-                    slots: int) -> None:
+                    slots: int, plugins: list[dict[str, Any]] | None = None) -> None:
     with db.session() as session:
         session.merge(Worker(id=worker_id, hostname=hostname, pid=pid, devices=devices, slots=slots,
-                             started_at=utcnow(), heartbeat_at=utcnow()))
+                             plugins=plugins or [], started_at=utcnow(), heartbeat_at=utcnow()))
 
 
 @retrying

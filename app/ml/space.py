@@ -122,8 +122,17 @@ class SpaceError(ValueError):
         self.message = message
 
 
+def table_for(model: str) -> tuple[Hyperparameter, ...]:
+    """The built-in table, or an enabled model plugin's (SpaceError naming the model otherwise)."""
+    if model in MODELS:
+        return SPACE
+    from app.plugins import model_space
+
+    return model_space(model)
+
+
 def describe_space(model: str) -> list[dict[str, Any]]:
-    return [hp.describe(model) for hp in SPACE if model in hp.models]
+    return [hp.describe(model) for hp in table_for(model) if model in hp.models]
 
 
 # ---- resolving a spec into distributions -------------------------------------------------------------
@@ -131,14 +140,16 @@ def describe_space(model: str) -> list[dict[str, Any]]:
 
 def resolve_space(entries: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Distributions (or fixed values) for every hyperparameter that applies in ctx."""
+    table = table_for(ctx.model)
+    by_name = {hp.name: hp for hp in table}
     for name in entries:
-        hp = BY_NAME.get(name)
+        hp = by_name.get(name)
         if hp is None:
-            raise SpaceError((name,), f"unknown hyperparameter; documented: {', '.join(BY_NAME)}")
+            raise SpaceError((name,), f"unknown hyperparameter; documented: {', '.join(by_name)}")
         if not hp.applies(ctx):
             raise SpaceError((name,), f"does not apply to model {ctx.model!r} with this dataset")
     resolved: dict[str, Any] = {}
-    for hp in SPACE:
+    for hp in table:
         if hp.applies(ctx):
             resolved[hp.name] = _resolve_entry(hp, entries.get(hp.name, hp.default_for(ctx.model)))
     _drop_unreachable_conditions(resolved, entries)

@@ -13,10 +13,11 @@ from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import plugins
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
-from app.ml.space import SpaceError, grid_space, resolve_space
+from app.ml.space import MODELS, SpaceError, grid_space, resolve_space
 from app.models import Study, StudyStatus, Trial, TrialState
 from app.models.base import utcnow
 from app.schemas.study import BestTrial, Progress, SpecRuleError, StudiesPublic, StudyPublic, StudySpec
@@ -77,6 +78,7 @@ def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySp
         raise InvalidInput(("body", "dataset"), exc.message) from exc
     if info["task"] != spec.task:
         raise InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset")
+    check_model(spec.model)
     if spec.model == "cnn" and info.get("image_shape") is None:
         raise InvalidInput(("body", "model"), "cnn needs an image dataset")
     try:
@@ -93,6 +95,16 @@ def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySp
         raise InvalidInput(("body", "budget", "n_trials"),
                            f"the grid has {points} point(s): set n_trials to at most {points}")
     return resolved
+
+
+def check_model(model: str) -> None:
+    """A built-in model or an enabled model plugin that imports and declares its space; else a 422 on model."""
+    if model in MODELS:
+        return
+    try:
+        plugins.current().model(model)
+    except plugins.PluginError as exc:
+        raise InvalidInput(("body", "model"), str(exc)) from exc
 
 
 def _by_idempotency_key(db: Database, owner: str, key: str, spec: StudySpec) -> StudyPublic | None:
