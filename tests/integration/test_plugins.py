@@ -86,7 +86,7 @@ def test_example_plugin_trains_prunes_finalizes_downloads_and_predicts(
     assert len(predicted["probabilities"]) == 2
     local = load_model_dir(folder).predict(np.asarray(x, dtype=np.float32))
     assert np.allclose(local, predicted["probabilities"], atol=1e-5)
-    ensemble = client.post(f"{API}/studies/{sid}/predict", json={"inputs": x, "use": "ensemble"})
+    ensemble = client.post(f"{API}/studies/{sid}/predict", params={"use": "ensemble"}, json={"inputs": x})
     assert ensemble.status_code == 200, ensemble.text
 
 
