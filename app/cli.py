@@ -294,6 +294,9 @@ def cmd_workers(args: argparse.Namespace) -> int:
     for w in workers:
         running = ", ".join(f"trial {r['number']} on {r['device']}" for r in w["running"]) or "idle"
         print(f"{w['id']}  devices {','.join(w['devices'])}  slots {w['slots']}  beat {w['heartbeat_at']}  {running}")
+        for p in w.get("plugins") or []:  # the model and dataset plugins this worker can run
+            broken = f"  fails to import: {p['error']}" if p["error"] else ""
+            print(f"  plugin {p['name']}=={p['version']} ({p['kind']}){broken}")
     if not workers:
         print("no live workers")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
+from app import plugins
 from app.api import API_PREFIX
 from app.api.deps import RateLimiter
 from app.api.errors import install_error_handlers
@@ -19,6 +20,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app = FastAPI(title="hpsearch", version="0.1.0",
                   description="Hyperparameter search for PyTorch: submit studies, watch trials, take models home.")
     app.state.settings = settings
+    plugins.configure(settings.plugins)  # validation and predictions know only these plugins
     app.state.db = db or Database(settings.database_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     api = APIRouter(prefix=API_PREFIX)

@@ -23,7 +23,7 @@ from app.core.db import Database, retrying
 from app.models import FailureKind, Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
 from app.models.base import utcnow
 from app.models.tables import FINISHED_TRIAL_STATES
-from app.schemas.study import StopSpec
+from app.schemas.study import StopSpec, StudySpec
 
 FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
 
@@ -79,13 +79,19 @@ def _candidate_study_ids(session: Session, statuses: tuple[str, ...]) -> list[st
 
 
 @retrying
-def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: float) -> Lease | None:
-    """Lease the next trial of the oldest study with room: a waiting one first, else a new slot."""
+def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: float,
+                can_run: Callable[[StudySpec], bool] | None = None) -> Lease | None:
+    """Lease the next trial of the oldest study with room: a waiting one first, else a new slot.
+
+    can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins).
+    """
     now = utcnow()
     with db.session() as session:
         for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)):
             study = _lock_study_in_tx(session, db, study_id)
             if study is None or not StudyStatus(study.status).accepts_trials():
+                continue
+            if can_run is not None and not can_run(study.config):
                 continue
             counts = Counts.of_study_in_tx(session, study.id)
             if counts.running >= study.max_parallel or budget_spent(study, counts, now):
@@ -391,13 +397,16 @@ class FinalizeJob:
 
 
 @retrying
-def claim_finalization(db: Database, *, worker_id: str) -> FinalizeJob | None:
+def claim_finalization(db: Database, *, worker_id: str,
+                       can_run: Callable[[StudySpec], bool] | None = None) -> FinalizeJob | None:
     """Take the evaluation of a study whose budget is spent and whose last trial has ended."""
     now = utcnow()
     with db.session() as session:
         for study_id in _candidate_study_ids(session, (StudyStatus.RUNNING.value,)):
             study = _lock_study_in_tx(session, db, study_id)
             if study is None or study.status != StudyStatus.RUNNING.value:
+                continue
+            if can_run is not None and not can_run(study.config):
                 continue
             if study.finalize_until is not None and study.finalize_until > now:
                 continue
@@ -459,10 +468,10 @@ def complete_study(db: Database, job: FinalizeJob, *, worker_id: str, test_metri
 
 @retrying
 def register_worker(db: Database, *, worker_id: str, hostname: str, pid: int, devices: list[str],
-                    slots: int) -> None:
+                    slots: int, plugins: list[dict[str, Any]] | None = None) -> None:
     with db.session() as session:
         session.merge(Worker(id=worker_id, hostname=hostname, pid=pid, devices=devices, slots=slots,
-                             started_at=utcnow(), heartbeat_at=utcnow()))
+                             plugins=plugins or [], started_at=utcnow(), heartbeat_at=utcnow()))
 
 
 @retrying

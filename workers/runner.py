@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from app.ml.artifacts import ModelSpec, build_module, describe_layers, save_trial
+from app.ml.artifacts import ModelSpec, build_module, save_trial
 from app.models import FailureKind
 from workers.protocol import Decision, Done, Epoch, Failed, Stopped, Verdict
 
@@ -198,17 +198,22 @@ def _train(conn: Connection, job: TrialJob) -> None:
     import torch
 
     from app.ml.networks import parameter_count
+    from workers import plugin_runner
     from workers.trainer import train
 
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)  # initial weights follow the trial's seed, not the RNG state of the parent
-    module = build_module(job.spec).to(job.device)
     data = _tensors(job)
     reporter = PipeReporter(conn, job.trial)
-    amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
-    result = train(module, data, job.spec.params, epochs=job.epochs, objective=job.objective,
-                   direction=job.direction, patience=job.patience, seed=job.seed, callbacks=[reporter],
-                   amp_dtype=amp, stop_signal=reporter.stop_requested)
+    plugin = plugin_runner.own_loop(job.spec)
+    if plugin is not None:  # a model plugin with its own training loop
+        module, result = plugin_runner.run_own_loop(plugin, job, data, reporter)
+    else:
+        module = build_module(job.spec).to(job.device)
+        amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
+        result = train(module, data, job.spec.params, epochs=job.epochs, objective=job.objective,
+                       direction=job.direction, patience=job.patience, seed=job.seed, callbacks=[reporter],
+                       amp_dtype=amp, stop_signal=reporter.stop_requested)
     if reporter.settle() or result.stop_reason == "stopped":  # a stop verdict outranks how training ended
         conn.send(Stopped(job.trial, reporter.last))
         return
@@ -220,8 +225,8 @@ def _train(conn: Connection, job: TrialJob) -> None:
     metrics["param_count"] = float(parameter_count(module))
     metrics["inference_ms"] = _inference_ms(module, data.x_val)
     # Only a completed trial writes, and only here: pruned, stopped and failed trials leave no files.
-    save_trial(Path(job.artifact_path), result.best_state, job.spec, metrics=metrics,
-               layers=describe_layers(module))
+    save_trial(Path(job.artifact_path), result.best_state, plugin_runner.stamped(job.spec), metrics=metrics,
+               layers=plugin_runner.layers(job.spec, module))
     conn.send(Done(job.trial, {"metrics": metrics, "epochs_run": result.epochs_run,
                                "best_epoch": result.best_epoch, "stop_reason": result.stop_reason}))
 

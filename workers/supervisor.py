@@ -23,6 +23,7 @@ from workers import optuna_sync, queue
 from workers.attempt import Slot, run_attempt
 from workers.devices import threads_per_slot
 from workers.finalization import finalize
+from workers.plugin_runner import worker_plugins
 from workers.prepared import PreparedStudies
 from workers.reaper import Reaper
 from workers.runner import warm_imports
@@ -38,6 +39,7 @@ class Supervisor:
         warm_imports()  # once here, so every forked runner starts with torch and the training code loaded
 
         self.db, self.settings = db, settings
+        self.plugins = worker_plugins(settings.plugins)  # imported here, before any runner forks
         self.slots = [d for d in devices for _ in range(per_device)]
         self.devices = devices
         self.cpu_threads = threads_per_slot(sum(1 for d in self.slots if d == "cpu"))
@@ -58,7 +60,7 @@ class Supervisor:
     def run(self) -> None:
         """Serve until stop() (or SIGTERM via the CLI); running trials get a grace period, then go back."""
         queue.register_worker(self.db, worker_id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
-                              devices=self.devices, slots=len(self.slots))
+                              devices=self.devices, slots=len(self.slots), plugins=self.plugins.advertised())
         self._log.info("worker started with %d slot(s) on %s", len(self.slots), ",".join(self.devices))
         threads = [threading.Thread(target=self._slot_loop, args=(i, d), name=f"slot-{i}", daemon=True)
                    for i, d in enumerate(self.slots)]
@@ -116,7 +118,7 @@ class Supervisor:
 
     def _step(self, device: str) -> bool:
         lease = queue.claim_trial(self.db, worker_id=self.worker_id, device=device,
-                                  trial_deadline_s=self.settings.trial_deadline_s)
+                                  trial_deadline_s=self.settings.trial_deadline_s, can_run=self.plugins.can_run)
         if lease is not None:
             if self.stop_event.is_set():  # stop() came while claiming: hand it straight back
                 queue.release_trial(self.db, lease)
@@ -135,7 +137,7 @@ class Supervisor:
                 with self._active_lock:
                     self._active.pop((lease.trial_id, lease.attempt), None)
             return True
-        job = queue.claim_finalization(self.db, worker_id=self.worker_id)
+        job = queue.claim_finalization(self.db, worker_id=self.worker_id, can_run=self.plugins.can_run)
         if job is not None:
             with self._active_lock:
                 self._finalizing.add(job.study_id)

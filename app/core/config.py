@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -37,6 +38,16 @@ class Settings(BaseSettings):
     trial_memory_mb: int = Field(0, ge=0, description="Address space (MiB) a CPU trial process may add to what "
                                  "it inherits from its worker; beyond it the trial fails out_of_memory (0: none).")
     log_json: bool | None = Field(None, description="JSON logs; default when stderr is not a terminal.")
+    plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Model and dataset plugins (entry points hpsearch.models, "
+        "hpsearch.datasets) this process enables, comma-separated: `name` or `name==version`.")
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

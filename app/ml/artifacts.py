@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from app.ml.ensemble import weighted_average
+from app.ml.space import MODELS
 from app.ml.trees import Trees
 
 WEIGHTS_FILE = "model.safetensors"  # names inside downloads and exports
@@ -45,6 +46,7 @@ class ModelSpec:
     classes: list[str] | None
     mean: list[float] | None = None  # per-channel (images) or per-feature statistics of the training split
     std: list[float] | None = None
+    plugin: dict[str, str] | None = None  # {"name", "version", "distribution"} of a model plugin (app.plugins)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelSpec:
@@ -53,7 +55,7 @@ class ModelSpec:
                    input_shape=tuple(int(d) for d in config["input_shape"]),
                    n_outputs=int(config["n_outputs"]),
                    feature_groups=config.get("feature_groups"), classes=config.get("classes"),
-                   mean=config.get("mean"), std=config.get("std"))
+                   mean=config.get("mean"), std=config.get("std"), plugin=config.get("plugin"))
 
 
 # ---- files of a study ------------------------------------------------------------------------------------
@@ -123,10 +125,14 @@ def _broadcast_stats(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_module(spec: ModelSpec) -> Any:
-    """The untrained network a spec describes (app.ml.networks.build_model)."""
+    """The untrained network a spec describes (app.ml.networks.build_model, or its enabled model plugin)."""
+    mean, std = _broadcast_stats(spec)
+    if spec.model not in MODELS:
+        from app.plugins import build_plugin_module
+
+        return build_plugin_module(spec, mean, std)
     from app.ml.networks import build_model
 
-    mean, std = _broadcast_stats(spec)
     return build_model(spec.params, model=spec.model, input_shape=tuple(spec.input_shape),
                        n_outputs=spec.n_outputs, mean=mean, std=std, feature_groups=spec.feature_groups)
 

@@ -23,12 +23,14 @@ class Context:
     model: str
     image: bool = False
     feature_groups: bool = False
+    table: tuple[Hyperparameter, ...] | None = None  # a model plugin's own table; None: the documented SPACE
 
     @classmethod
-    def of(cls, description: dict[str, Any], model: str) -> Context:
+    def of(cls, description: dict[str, Any], model: str,
+           table: tuple[Hyperparameter, ...] | None = None) -> Context:
         """The context of a model over a dataset, from the dataset's description."""
         return cls(model=model, image=description.get("image_shape") is not None,
-                   feature_groups=bool(description.get("groups")))
+                   feature_groups=bool(description.get("groups")), table=table)
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,8 @@ class SpaceError(ValueError):
         self.message = message
 
 
-def describe_space(model: str) -> list[dict[str, Any]]:
-    return [hp.describe(model) for hp in SPACE if model in hp.models]
+def describe_space(model: str, table: tuple[Hyperparameter, ...] | None = None) -> list[dict[str, Any]]:
+    return [hp.describe(model) for hp in (table or SPACE) if model in hp.models]
 
 
 # ---- resolving a spec into distributions -------------------------------------------------------------
@@ -137,14 +139,16 @@ def describe_space(model: str) -> list[dict[str, Any]]:
 
 def resolve_space(entries: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Distributions (or fixed values) for every hyperparameter that applies in ctx."""
+    table = ctx.table or SPACE
+    by_name = {hp.name: hp for hp in table}
     for name in entries:
-        hp = BY_NAME.get(name)
+        hp = by_name.get(name)
         if hp is None:
-            raise SpaceError((name,), f"unknown hyperparameter; documented: {', '.join(BY_NAME)}")
+            raise SpaceError((name,), f"unknown hyperparameter; documented: {', '.join(by_name)}")
         if not hp.applies(ctx):
             raise SpaceError((name,), f"does not apply to model {ctx.model!r} with this dataset")
     resolved: dict[str, Any] = {}
-    for hp in SPACE:
+    for hp in table:
         if hp.applies(ctx):
             resolved[hp.name] = _resolve_entry(hp, entries.get(hp.name, hp.default_for(ctx.model)))
     _drop_unreachable_conditions(resolved, entries)

@@ -172,6 +172,8 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     devices: Mapped[list[str]] = mapped_column(JSON)
     slots: Mapped[int] = mapped_column(Integer)
+    # [{"name", "kind", "version", "error"}]: the enabled plugins this worker has; it claims only their studies
+    plugins: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

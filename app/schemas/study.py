@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from app import plugins
 from app.ml.space import Context, resolve_space
 from app.schemas.common import Public, Strict
 
@@ -166,9 +167,10 @@ class WarmStartSpec(Strict):
 
 class StudySpec(Strict):
     name: str = Field(min_length=1, max_length=200)
-    dataset: str = Field(pattern=r"^(builtin:[a-z_]{1,40}|dataset:[0-9a-f]{8,32})$")
+    dataset: str = Field(pattern=r"^(builtin:[a-z_]{1,40}|dataset:[0-9a-f]{8,32}|plugin:[a-z][a-z0-9_\-]{0,63})$")
     task: Literal["classification", "regression"] = "classification"
-    model: Literal["mlp", "cnn"] = "mlp"
+    # mlp, cnn or an enabled model plugin's name: which plugins are enabled is the service's to check.
+    model: str = Field("mlp", pattern=r"^[a-z][a-z0-9_\-]{0,63}$")
     objective: Objective | list[Objective] = Field(default_factory=lambda: Objective(metric="val_accuracy"))
     search_space: dict[Annotated[str, Field(max_length=64)], SpaceEntry] = Field(default_factory=dict,
                                                                                    max_length=64)
@@ -249,7 +251,7 @@ class StudySpec(Strict):
 
         Raises app.ml.space.SpaceError for an entry that is unknown or does not apply.
         """
-        return resolve_space(self.space_entries(), Context.of(description, self.model))
+        return resolve_space(self.space_entries(), Context.of(description, self.model, plugins.table_for(self.model)))
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> StudySpec:

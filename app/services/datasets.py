@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from app import plugins
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml import data
@@ -35,6 +36,8 @@ def builtin_refs(settings: Settings) -> list[str]:
 
 def describe_dataset(db: Database, settings: Settings, *, owner: str, ref: str) -> dict[str, Any]:
     """What a study needs to know about a dataset; NotFound for unknown or another owner's."""
+    if ref.startswith(plugins.PREFIX):
+        return {"id": ref, "name": ref, "builtin": True, **data.describe(_plugin_dataset(ref))}
     if ref.startswith("builtin:"):
         if ref not in builtin_refs(settings):
             raise NotFound(f"unknown dataset {ref!r}")
@@ -59,6 +62,11 @@ def _public(record: DatasetRecord) -> dict[str, Any]:
 
 def list_datasets(db: Database, settings: Settings, *, owner: str) -> list[dict[str, Any]]:
     out = [describe_dataset(db, settings, owner=owner, ref=ref) for ref in builtin_refs(settings)]
+    for name in plugins.current().names(plugins.PluginKind.DATASET):
+        try:
+            out.append(describe_dataset(db, settings, owner=owner, ref=plugins.PREFIX + name))
+        except NotFound:
+            continue  # a plugin that fails to load is not offered; a study naming it is told why
     with db.read_session() as session:
         records = session.scalars(
             select(DatasetRecord).where(DatasetRecord.owner == owner).order_by(DatasetRecord.created_at)
@@ -112,8 +120,19 @@ def stored_path(settings: Settings, digest: str) -> Path:
     return settings.data_dir / "datasets" / f"{digest}.npz"
 
 
+def _plugin_dataset(ref: str) -> data.Dataset:
+    """An enabled dataset plugin's data; NotFound (naming the enabled ones) or the plugin's failure otherwise."""
+    try:
+        dataset: data.Dataset = plugins.current().dataset(ref.removeprefix(plugins.PREFIX))
+    except plugins.PluginError as exc:
+        raise NotFound(str(exc)) from exc
+    return dataset
+
+
 def load_dataset(db: Database, settings: Settings, ref: str) -> data.Dataset:
     """The dataset a study names (already validated when the study was created)."""
+    if ref.startswith(plugins.PREFIX):
+        return _plugin_dataset(ref)
     if ref.startswith("builtin:"):
         return data.load_builtin(ref, mnist_dir=_mnist_dir(settings))
     with db.read_session() as session:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from app import plugins
 from app.core.config import Settings
 from app.core.db import Database
-from app.ml.space import SpaceError, grid_space
+from app.ml.space import MODELS, SpaceError, grid_space
 from app.schemas.study import SpecRuleError, StudySpec
 from app.services import datasets
 from app.services.errors import InvalidInput, NotFound
@@ -21,6 +22,7 @@ def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySp
         raise InvalidInput(("body", "dataset"), exc.message) from exc
     if info["task"] != spec.task:
         raise InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset")
+    check_model(spec.model)
     if spec.model == "cnn" and info.get("image_shape") is None:
         raise InvalidInput(("body", "model"), "cnn needs an image dataset")
     try:
@@ -37,3 +39,13 @@ def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySp
         raise InvalidInput(("body", "budget", "n_trials"),
                            f"the grid has {points} point(s): set n_trials to at most {points}")
     return resolved
+
+
+def check_model(model: str) -> None:
+    """A built-in model or an enabled model plugin that imports and declares its space; else a 422 on model."""
+    if model in MODELS:
+        return
+    try:
+        plugins.current().model(model)
+    except plugins.PluginError as exc:
+        raise InvalidInput(("body", "model"), str(exc)) from exc

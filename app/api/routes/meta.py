@@ -1,21 +1,27 @@
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from sqlalchemy import select
 
+from app import plugins
 from app.api.deps import CurrentOwner, DbDep
-from app.ml.space import describe_space
+from app.ml.space import SpaceError, describe_space
 from app.models import Study, Trial, TrialState, Worker
+from app.services.errors import InvalidInput
 
 router = APIRouter(tags=["meta"])
 
 
 @router.get("/search-space")
-def search_space(_owner: CurrentOwner, model: Literal["mlp", "cnn"] = "mlp") -> dict[str, Any]:
-    """The documented hyperparameter space with each entry's default range, condition and source."""
-    return {"model": model, "hyperparameters": describe_space(model)}
+def search_space(_owner: CurrentOwner, model: Annotated[str, Query(max_length=64)] = "mlp") -> dict[str, Any]:
+    """The documented hyperparameter space (of mlp, cnn or an enabled model plugin) with each entry's default
+    range, condition and source."""
+    try:
+        return {"model": model, "hyperparameters": describe_space(model, plugins.table_for(model))}
+    except SpaceError as exc:
+        raise InvalidInput(("query", "model"), exc.message) from exc
 
 
 @router.get("/workers")
@@ -30,6 +36,7 @@ def list_workers(owner: CurrentOwner, db: DbDep) -> dict[str, Any]:
                                   .join(Study, Study.id == Trial.study_id)
                                   .where(Trial.state == TrialState.RUNNING.value)).all()
     data = [{"id": w.id, "hostname": w.hostname, "pid": w.pid, "devices": w.devices, "slots": w.slots,
+             "plugins": w.plugins or [],
              "started_at": w.started_at, "heartbeat_at": w.heartbeat_at,
              "busy": sum(1 for wid, *_ in running if wid == w.id),
              "running": [{"device": d, "study_id": sid, "number": n}

@@ -1,0 +1,1 @@
+"""hpsearch plugin: a 1-D convolutional sequence classifier (`seqconv`) and its dataset (`waveforms`)."""

@@ -1,0 +1,154 @@
+"""Model and dataset plugins end to end: the example package over REST with real worker processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pytest import MonkeyPatch
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.ml.artifacts import load_model_dir
+from tests.factories import client_for, wait_for_status, worker_process
+from tests.integration.processes import processes
+
+API = "/api/v1"
+SITE = Path(__file__).resolve().parents[1] / "plugin_site"  # test plugins, registered by their .dist-info
+EXAMPLE = "seqconv,waveforms"
+
+
+def _client(settings: Settings, db: Database, enabled: str, monkeypatch: MonkeyPatch) -> TestClient:
+    monkeypatch.syspath_prepend(str(SITE))
+    return client_for(settings.model_copy(update={"plugins": enabled.split(",")}), db)
+
+
+def _worker_env(enabled: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH", "")) if p)
+    return {"HPSEARCH_PLUGINS": enabled, "PYTHONPATH": path}
+
+
+def _spec(**overrides: object) -> dict[str, object]:
+    spec: dict[str, object] = {
+        "name": "waveforms-seqconv", "dataset": "plugin:waveforms", "model": "seqconv",
+        "search_space": {"channels": {"type": "int", "low": 8, "high": 16}, "blocks": 1, "optimizer": "adam",
+                         "learning_rate": {"type": "categorical", "choices": [3e-2, 1e-7]}, "batch_size": 64,
+                         "lr_schedule": "constant", "weight_decay": 0.0},
+        "sampler": {"name": "random", "seed": 3}, "pruner": {"name": "median", "n_startup_trials": 1,
+                                                              "n_warmup_steps": 0},
+        "budget": {"n_trials": 3, "epochs": 2, "max_parallel": 1, "patience": None},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_example_plugin_trains_prunes_finalizes_downloads_and_predicts(
+        settings: Settings, db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    client = _client(settings, db, EXAMPLE, monkeypatch)
+    space = client.get(f"{API}/search-space", params={"model": "seqconv"}).json()["hyperparameters"]
+    assert [h["name"] for h in space][:3] == ["channels", "blocks", "kernel"]
+    assert {"optimizer", "learning_rate"} <= {h["name"] for h in space}  # the service's trainer trains it
+    refused = client.post(f"{API}/studies", json=_spec(search_space={"channels": 4096}))
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "search_space", "channels"]
+    sid = client.post(f"{API}/studies", json=_spec()).json()["id"]
+    # A good configuration first, then one that cannot learn: the median pruner stops it after an epoch.
+    for params in ({"channels": 16, "kernel": 5, "learning_rate": 3e-2},
+                   {"channels": 8, "kernel": 3, "learning_rate": 1e-7}):
+        assert client.post(f"{API}/studies/{sid}/trials", json={"params": params}).status_code == 201
+    with processes() as procs:
+        procs.append(worker_process(settings, extra_env=_worker_env(EXAMPLE), log_path=tmp_path / "w.log"))
+        study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=240)
+        workers = client.get(f"{API}/workers").json()["data"]
+    assert study["status"] == "completed", (study, (tmp_path / "w.log").read_text()[-3000:])
+    assert {(p["name"], p["kind"], p["version"]) for p in workers[0]["plugins"]} == {
+        ("seqconv", "model", "0.1.0"), ("waveforms", "dataset", "0.1.0")}
+    trials = client.get(f"{API}/studies/{sid}/trials", params={"limit": 10}).json()["data"]
+    by_number = {t["number"]: t for t in trials}
+    assert study["progress"]["finished"] == 3 and by_number[0]["state"] == "complete"
+    assert by_number[1]["state"] == "pruned" and by_number[1]["epochs_run"] == 1
+    assert study["test_metrics"]["test_accuracy"] > 0.5
+    best = study["best_trial"]["number"]
+    body = client.get(f"{API}/studies/{sid}/trials/{best}/model").content
+    folder = tmp_path / "model"
+    zipfile.ZipFile(io.BytesIO(body)).extractall(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"] == "seqconv"
+    assert config["plugin"] == {"name": "seqconv", "version": "0.1.0", "distribution": "hpsearch-seqconv"}
+    x = [[[float(i % 7) for i in range(64)]], [[1.0 if i % 16 < 8 else -1.0 for i in range(64)]]]
+    predicted = client.post(f"{API}/studies/{sid}/predict", json={"inputs": x}).json()
+    assert len(predicted["probabilities"]) == 2
+    local = load_model_dir(folder).predict(np.asarray(x, dtype=np.float32))
+    assert np.allclose(local, predicted["probabilities"], atol=1e-5)
+    ensemble = client.post(f"{API}/studies/{sid}/predict", params={"use": "ensemble"}, json={"inputs": x})
+    assert ensemble.status_code == 200, ensemble.text
+
+
+def test_a_plugin_installed_but_not_enabled_is_a_422_naming_the_enabled(
+        settings: Settings, db: Database, monkeypatch: MonkeyPatch) -> None:
+    client = _client(settings, db, "waveforms", monkeypatch)  # seqconv is installed, not enabled
+    answer = client.post(f"{API}/studies", json=_spec())
+    assert answer.status_code == 422
+    detail = answer.json()["detail"][0]
+    assert detail["loc"] == ["body", "model"] and "mlp, cnn" in detail["msg"] and "seqconv" in detail["msg"]
+    answer = client.post(f"{API}/studies", json=_spec(model="mlp", dataset="plugin:elsewhere"))
+    detail = answer.json()["detail"][0]
+    assert answer.status_code == 422 and detail["loc"] == ["body", "dataset"]
+    assert "plugin:waveforms" in detail["msg"]
+    assert client.get(f"{API}/search-space", params={"model": "seqconv"}).status_code == 422
+
+
+def test_a_plugin_whose_build_fails_fails_its_trials_and_the_study(
+        settings: Settings, db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    client = _client(settings, db, "brokenbuild,waveforms", monkeypatch)
+    spec = _spec(model="brokenbuild", search_space={"hidden": 8, "optimizer": "adam"},
+                 budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "max_attempts": 1})
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    with processes() as procs:
+        procs.append(worker_process(settings, extra_env=_worker_env("brokenbuild,waveforms"),
+                                    log_path=tmp_path / "w.log"))
+        study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=120)
+        assert procs[0].poll() is None  # the worker keeps serving
+    assert study["status"] == "failed" and study["progress"]["fail"] == 2
+    trials = client.get(f"{API}/studies/{sid}/trials").json()["data"]
+    assert all("this network cannot be built" in t["error"] for t in trials), trials
+
+
+def test_an_own_training_loop_runs_in_the_runner(
+        settings: Settings, db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    client = _client(settings, db, "ownloop,waveforms", monkeypatch)
+    spec = _spec(model="ownloop", search_space={"hidden": 8, "lr": {"type": "float", "low": 0.01, "high": 0.05}},
+                 pruner={"name": "none"}, budget={"n_trials": 2, "epochs": 3, "max_parallel": 1})
+    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    with processes() as procs:
+        procs.append(worker_process(settings, extra_env=_worker_env("ownloop,waveforms"),
+                                    log_path=tmp_path / "w.log"))
+        study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=120)
+    assert study["status"] == "completed", (study, (tmp_path / "w.log").read_text()[-3000:])
+    detail = client.get(f"{API}/studies/{sid}/trials/0").json()
+    assert detail["epochs_run"] == 3 and len(detail["curve"]) == 3  # every report relayed, budget respected
+    assert client.post(f"{API}/studies/{sid}/predict", json={"inputs": [[[0.0] * 64]]}).status_code == 200
+
+
+def test_a_worker_without_the_plugin_does_not_claim_its_study(
+        settings: Settings, db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    client = _client(settings, db, EXAMPLE, monkeypatch)
+    sid = client.post(f"{API}/studies", json=_spec()).json()["id"]
+    with processes() as procs:
+        procs.append(worker_process(settings, extra_env={"HPSEARCH_PLUGINS": ""}, log_path=tmp_path / "w.log"))
+        deadline = time.monotonic() + 60
+        while not client.get(f"{API}/workers").json()["data"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = client.get(f"{API}/workers").json()["data"]
+        assert workers and workers[0]["plugins"] == []
+        time.sleep(3)  # several claim rounds of an idle worker
+        assert client.get(f"{API}/studies/{sid}").json()["status"] == "queued"
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
