@@ -6,6 +6,7 @@ import pytest
 
 from app import plugins
 from app.ml.space import Context, SpaceError, resolve_space
+from app.schemas.study import StudySpec
 
 
 def test_only_enabled_plugins_in_the_pinned_version_are_known() -> None:
@@ -18,12 +19,16 @@ def test_only_enabled_plugins_in_the_pinned_version_are_known() -> None:
         found.model("brokenbuild")
 
 
+def _spec(model: str, dataset: str) -> StudySpec:
+    return StudySpec.model_validate({"name": "s", "model": model, "dataset": dataset})
+
+
 def test_a_study_is_runnable_only_with_its_model_and_dataset_plugins() -> None:
     found = plugins.Plugins(["seqconv"])
-    assert found.can_run({"model": "mlp", "dataset": "builtin:iris"})
-    assert found.can_run({"model": "seqconv", "dataset": "builtin:iris"})
-    assert not found.can_run({"model": "seqconv", "dataset": "plugin:waveforms"})
-    assert not plugins.Plugins([]).can_run({"model": "seqconv", "dataset": "builtin:iris"})
+    assert found.can_run(_spec("mlp", "builtin:iris"))
+    assert found.can_run(_spec("seqconv", "builtin:iris"))
+    assert not found.can_run(_spec("seqconv", "plugin:waveforms"))
+    assert not plugins.Plugins([]).can_run(_spec("seqconv", "builtin:iris"))
 
 
 def test_declared_hyperparameters_take_the_documented_form_and_rules() -> None:
@@ -42,10 +47,11 @@ def test_declared_hyperparameters_take_the_documented_form_and_rules() -> None:
 
 def test_a_spec_is_checked_against_a_plugins_space_like_a_built_in() -> None:
     plugins.configure(["seqconv"])
-    resolved = resolve_space({"channels": 16, "kernel": {"choices": [3, 7]}}, Context("seqconv"))
+    seqconv = Context("seqconv", table=plugins.table_for("seqconv"))
+    resolved = resolve_space({"channels": 16, "kernel": {"choices": [3, 7]}}, seqconv)
     assert resolved["channels"] == 16 and "optimizer" in resolved and "units" not in resolved
     with pytest.raises(SpaceError) as bad:
-        resolve_space({"kernel": 4}, Context("seqconv"))
+        resolve_space({"kernel": 4}, seqconv)
     assert bad.value.loc == ("kernel",) and "[3, 5, 7, 9]" in bad.value.message
     with pytest.raises(SpaceError, match="unknown hyperparameter"):
-        resolve_space({"units": 8}, Context("seqconv"))
+        resolve_space({"units": 8}, seqconv)
