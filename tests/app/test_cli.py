@@ -62,7 +62,7 @@ PROXY_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r
     (502, "text/html", PROXY_502, "error 502 Bad Gateway: 502 Bad Gateway 502 Bad Gateway nginx/1.25.3"),
     (413, "text/plain", b"request entity too large\n", "error 413 Request Entity Too Large: request entity too large"),
     (503, "text/plain", b"", "error 503 Service Unavailable: (empty body)"),
-    (404, "application/json", b'{"detail": "study not found"}', 'error 404 Not Found: "study not found"'),
+    (404, "application/json", b'{"detail": "study not found"}', 'error 404 Not Found: study not found'),
     (200, "text/html", b"<html><body>Sign in</body></html>", "answered 200 with a body that is not JSON: Sign in"),
 ])
 def test_an_answer_that_is_not_the_apis_json_is_one_line_and_a_failure(
