@@ -272,8 +272,9 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
         print(progress_line(study))
         _print_summary(study)
         return 0
+    studies = client.studies.list(limit=100).data
     print(f"{'id':<32}  {'status':<10} {'done':>9}  {'best':>8}  name")
-    for s in client.studies.list(limit=100).data:
+    for s in studies:
         done = f"{s.progress.finished}/{s.progress.n_trials}"
         print(f"{s.id:<32}  {s.status:<10} {done:>9}  {best_text(s):>8}  {s.name}")
     return 0
