@@ -1,8 +1,8 @@
 """hpsearch: a hyperparameter search service for PyTorch.
 
-`hpsearch serve` runs the service on this machine (the API, the dashboard and trial workers, on SQLite by
-default); `submit`, `status`, `trials`, `cancel`, `workers` and `export` talk to a running service over its
-REST API; `worker`, `db` and `keys` are for whoever runs it.
+`hpsearch serve` runs the service on this machine: the API, the dashboard and trial workers, on SQLite by
+default. `submit`, `follow`, `status`, `trials`, `cancel`, `workers` and `export` talk to a running service
+over its REST API (HPSEARCH_API_URL, HPSEARCH_API_KEY); `worker`, `db` and `keys` are for whoever runs it.
 """
 
 from __future__ import annotations
@@ -253,6 +253,10 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_follow(args: argparse.Namespace, client: Client) -> int:
+    return _print_summary(client.studies.follow(args.id))
+
+
 def _print_summary(study: StudyPublic) -> int:
     """What a finished (or any) study came to; exit status 0 only for a completed one."""
     print(f"study {study.id} {study.status} ({study.stop_reason or '-'})")
@@ -455,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(or --url and --key).")
     p.add_argument("spec", help="path of the study spec, a JSON file")
     p.add_argument("--follow", action="store_true", help="show a live progress bar until the study ends")
+    p = _client_command(sub, "follow", "show a study's live progress bar until it ends, then its summary",
+                        cmd_follow)
+    p.add_argument("id", help="the study id")
     p = _client_command(sub, "status", "list your studies, or show one", cmd_status)
     p.add_argument("id", nargs="?", help="a study id (default: list every study)")
     p = _client_command(sub, "trials", "a study's trials as a table (--json for scripts)", cmd_trials)
