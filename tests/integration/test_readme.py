@@ -18,8 +18,6 @@ import pytest
 from tests.conftest import ROOT
 from tests.integration.processes import SHARED_CORES, free_port, processes, wait_until
 
-pytestmark = pytest.mark.slow
-
 
 def _block(section: str, language: str) -> str:
     """The first fenced block of `language` in the README section whose heading is `section`."""
@@ -42,6 +40,7 @@ def _drop_line(text: str, starting: str) -> str:
     return "\n".join(kept) + "\n"
 
 
+@pytest.mark.slow
 def test_the_quick_start_and_the_client_session_run_as_written(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -99,3 +98,26 @@ def test_the_quick_start_and_the_client_session_run_as_written(tmp_path: Path) -
 
     said = [line for line in (tmp_path / "serve.log").read_text().splitlines() if "listening on" in line]
     assert said == [f"hpsearch listening on {url}: dashboard {url}/, API {url}/api/v1, API docs {url}/docs"], said
+
+
+def test_the_readme_names_datasets_as_sent_and_counts_the_searched_hyperparameters() -> None:
+    import json
+
+    from app.ml import data
+    from app.ml.space import Context, resolve_space
+    from app.schemas.study import StudySpec
+
+    readme = (ROOT / "README.md").read_text()
+    datasets = readme.split("**Datasets**", 1)[1].split("\n\n", 1)[0]
+    named = re.findall(r"`(builtin:[a-z_]+)`", datasets)
+    assert sorted(named) == sorted(data.BUILTINS), named  # every built-in, each written as a spec names it
+    assert "HPSEARCH_MNIST_DIR" in datasets and "`dataset:<id>`" in datasets
+    assert not re.search(r"`(iris|wine|breast_cancer|synthetic)`", datasets)
+
+    spec_text = _block("Quick start", "bash").split("<<'SPEC'\n", 1)[1].split("\nSPEC\n", 1)[0]
+    spec = StudySpec.model_validate(json.loads(spec_text))
+    searched = resolve_space(spec.space_entries(), Context(model="mlp", image=True))  # digits: 1x8x8 images
+    named_here = len(spec.search_space)
+    assert f"names {named_here} of the {len(searched)} that apply" in " ".join(readme.split())
+    assert f"the other {len(searched) - named_here} " in " ".join(readme.split())
+    assert "/docs" in readme
