@@ -74,11 +74,15 @@ class Conflict(ApiError):
 
 
 class RateLimited(ApiError):
-    """429 (or 503 while the database restarts): retry after `retry_after` seconds."""
+    """429: this key sent too many requests; retry after `retry_after` seconds."""
 
     def __init__(self, status: int, message: str, *, reason: str = "", retry_after: float | None = None) -> None:
         super().__init__(status, message, reason=reason)
         self.retry_after = retry_after
+
+
+class Unavailable(RateLimited):
+    """503: the service's database is unavailable for a moment; retry after `retry_after` seconds."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,8 @@ def error_from_response(response: httpx.Response, limit: int = 300) -> ApiError:
     message = detail if isinstance(detail, str) else str(detail)
     if status in (429, 503):
         retry = response.headers.get("Retry-After")
-        return RateLimited(status, message, reason=reason,
-                           retry_after=float(retry) if retry and retry.isdigit() else None)
+        kind = RateLimited if status == 429 else Unavailable
+        return kind(status, message, reason=reason, retry_after=float(retry) if retry and retry.isdigit() else None)
     return _BY_STATUS.get(status, ApiError)(status, message, reason=reason)
 
 
