@@ -1,4 +1,9 @@
-"""`hpsearch` commands; the composition root that may start the API and a worker supervisor together."""
+"""hpsearch: a hyperparameter search service for PyTorch.
+
+`hpsearch serve` runs the service on this machine: the API, the dashboard and trial workers, on SQLite by
+default. `submit`, `follow`, `status`, `trials`, `cancel`, `workers` and `export` talk to a running service
+over its REST API (HPSEARCH_API_URL, HPSEARCH_API_KEY); `worker`, `db` and `keys` are for whoever runs it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from app.client import DEFAULT_URL, ApiError, Client, Unauthorized, best_text, progress_line
 from app.core.config import LOOPBACK_HOSTS, Settings, get_settings
+from app.schemas.study import StudyPublic
+from app.schemas.trial import TrialPublic
 
 log = logging.getLogger("hpsearch")
-FINISHED = {"completed", "cancelled", "failed"}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -61,6 +66,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
         key = keys.create_key(db, owner=args.owner)
         print(f"API key for {args.owner} (shown once; store it now):", file=sys.stderr)
         print(key)
+    elif args.action == "list":
+        rows = keys.list_keys(db, owner=args.owner)
+        print(f"{'prefix':<12}  {'owner':<16}  {'created':<20}  revoked")
+        for row in rows:
+            revoked = f"{row.revoked_at:%Y-%m-%d %H:%M:%S}" if row.revoked_at else "-"
+            print(f"{row.prefix:<12}  {row.owner:<16}  {row.created_at:%Y-%m-%d %H:%M:%S}  {revoked}")
+        if not rows:
+            print("no keys yet: `hpsearch keys create --owner NAME` makes one")
     else:
         n = keys.revoke_key(db, prefix_or_key=args.key)
         print(f"revoked {n} key(s)")
@@ -141,8 +154,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         _start_reaper(settings)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
-                    log_config=None)  # uvicorn's lines go through our (JSON) handler
+        listener = _bind(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        if worker is not None:
+            worker.terminate()
+        return 1
+    print(_listening(args.host, args.port), flush=True)
+    try:
+        config = uvicorn.Config(create_app(settings), log_level="warning",
+                                log_config=None)  # uvicorn's lines go through our (JSON) handler
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         if worker is not None:
             worker.terminate()
@@ -151,6 +173,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything says where the service listens."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _listening(host: str, port: int) -> str:
+    """Where to point a browser and the CLI, said once at start."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    everywhere = f" (on every interface: {host})" if shown != host else ""
+    return (f"hpsearch listening on {base}{everywhere}: dashboard {base}/, API {base}/api/v1, "
+            f"API docs {base}/docs")
 
 
 def _start_reaper(settings: Settings) -> None:
@@ -163,134 +208,137 @@ def _start_reaper(settings: Settings) -> None:
                      name="reaper").start()
 
 
-# ---- client side -----------------------------------------------------------------------------------------
+# ---- client side: every command below talks to the API through app.client -------------------------------
 
 
-class Client:
-    def __init__(self, settings: Settings) -> None:
-        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-        self.http = httpx.Client(base_url=settings.api_url.rstrip("/") + "/api/v1", headers=headers, timeout=30)
-
-    def request(self, method: str, path: str, *, accept: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
-        """The response, when it succeeded or its status is in `accept`; else the command ends with a one-line
-        error (exit status 1)."""
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise SystemExit(f"error: cannot reach the API at {self.http.base_url}: {exc}") from exc
-        if response.status_code >= 400 and response.status_code not in accept:
-            raise SystemExit(f"error {response.status_code} {response.reason_phrase}: {_describe(response)}")
-        return response
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.request(method, path, **kwargs)
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:  # e.g. a proxy's sign-in page: HPSEARCH_API_URL points somewhere else
-            raise SystemExit(f"error: {self.http.base_url} answered {response.status_code} with a body that is "
-                             f"not JSON: {_describe(response)}") from None
+class CliError(Exception):
+    """A failure the command reports in one line on stderr (exit status 1)."""
 
 
-def _describe(response: httpx.Response, limit: int = 200) -> str:
-    """The API's JSON `detail`, or else the body as one short line: proxies answer with HTML or plain text."""
+def _client(args: argparse.Namespace) -> Client:
+    settings = get_settings()
+    return Client(args.url or settings.api_url, args.key or settings.api_key or None)
+
+
+def _explain(exc: ApiError, client: Client) -> str:
+    """One line for an API error, with the fix when the fix is the user's: a key, or a field of the spec."""
+    if isinstance(exc, Unauthorized):
+        if not client.key:
+            return ("error: no API key: set HPSEARCH_API_KEY or pass --key "
+                    "(`hpsearch keys create --owner NAME` makes one)")
+        return (f"error 401: the API at {client.url} refused the key {client.key[:10]}...: {exc.message} "
+                "(check HPSEARCH_API_KEY or --key)")
+    return str(exc)
+
+
+def _read_spec(path: str) -> dict[str, Any]:
     try:
-        body = response.json()
-    except ValueError:
-        text = " ".join(re.sub(r"<[^>]*>", " ", response.text).split())  # tags and line breaks out
-        return (text[:limit] + "...") if len(text) > limit else (text or "(empty body)")
-    return json.dumps(body.get("detail", body) if isinstance(body, dict) else body)
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CliError(f"error: cannot read the spec file {path}: {exc.strerror or exc}") from None
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"error: the spec file {path} is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise CliError(f"error: the spec file {path} must hold a JSON object (a study spec)")
+    return spec
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    client = Client(_settings(args))
-    spec = json.loads(Path(args.spec).read_text())
-    study = client.call("POST", "/studies", json=spec)
-    print(study["id"])
+def cmd_submit(args: argparse.Namespace, client: Client) -> int:
+    study = client.studies.create(_read_spec(args.spec))
+    print(study.id)
     if args.follow:
-        return _follow(client, study["id"])
+        return _print_summary(client.studies.follow(study.id))
     return 0
 
 
-def _progress_line(study: dict[str, Any], width: int = 30) -> str:
-    p = study["progress"]
-    done = p["finished"]
-    filled = int(width * done / max(1, p["n_trials"]))
-    return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{p['n_trials']}  running {p['running']}  "
-            f"pruned {p['pruned']}  failed {p['fail']}  best {_best_text(study)}  {study['status']}")
+def cmd_follow(args: argparse.Namespace, client: Client) -> int:
+    return _print_summary(client.studies.follow(args.id))
 
 
-def _best_text(study: dict[str, Any]) -> str:
-    """The best value so far; '-' before any trial finished (queued studies), all values when several."""
-    best = study["best_trial"]
-    if best and best["value"] is not None:
-        return f"{best['value']:.4f}"
-    if best and best.get("values"):
-        return "/".join(f"{v:.4f}" for v in best["values"])
-    return "-"
+def _print_summary(study: StudyPublic) -> int:
+    """What a finished (or any) study came to; exit status 0 only for a completed one."""
+    print(f"study {study.id} {study.status} ({study.stop_reason or '-'})")
+    if best := study.best_trial:
+        print(f"best trial #{best.number}: {best.value if best.value is not None else best.values}")
+        print(f"  params: {json.dumps(best.params)}")
+    if study.test_metrics:
+        print(f"test: {json.dumps(study.test_metrics)}")
+    if study.error:
+        print(f"error: {study.error}")
+    return 0 if study.status == "completed" else 1
 
 
-def _follow(client: Client, study_id: str, interval_s: float = 1.0) -> int:
-    while True:
-        study = client.call("GET", f"/studies/{study_id}")
-        print("\r" + _progress_line(study), end="", flush=True)
-        if study["status"] in FINISHED:
-            print()
-            _print_summary(study)
-            return 0 if study["status"] == "completed" else 1
-        time.sleep(interval_s)
-
-
-def _print_summary(study: dict[str, Any]) -> None:
-    print(f"study {study['id']} {study['status']} ({study.get('stop_reason') or '-'})")
-    if study["best_trial"]:
-        b = study["best_trial"]
-        print(f"best trial #{b['number']}: {b['value'] if b['value'] is not None else b.get('values')}")
-        print(f"  params: {json.dumps(b['params'])}")
-    if study["test_metrics"]:
-        print(f"test: {json.dumps(study['test_metrics'])}")
-    if study.get("error"):
-        print(f"error: {study['error']}")
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    client = Client(_settings(args))
+def cmd_status(args: argparse.Namespace, client: Client) -> int:
     if args.id:
-        study = client.call("GET", f"/studies/{args.id}")
-        print(_progress_line(study))
+        study = client.studies.get(args.id)
+        print(progress_line(study))
         _print_summary(study)
         return 0
-    studies = client.call("GET", "/studies", params={"limit": 100})["data"]
+    studies = client.studies.list(limit=100).data
     print(f"{'id':<32}  {'status':<10} {'done':>9}  {'best':>8}  name")
     for s in studies:
-        done = f"{s['progress']['finished']}/{s['progress']['n_trials']}"
-        print(f"{s['id']:<32}  {s['status']:<10} {done:>9}  {_best_text(s):>8}  {s['name']}")
+        done = f"{s.progress.finished}/{s.progress.n_trials}"
+        print(f"{s.id:<32}  {s.status:<10} {done:>9}  {best_text(s):>8}  {s.name}")
     return 0
 
 
-def cmd_trials(args: argparse.Namespace) -> int:
-    client = Client(_settings(args))
-    query = {"limit": args.limit, "sort": args.sort, "state": args.state}
-    page = client.call("GET", f"/studies/{args.id}/trials", params={k: v for k, v in query.items() if v})
-    print(f"{'#':>5}  {'state':<9} {'value':>9} {'secs':>7}  params")
-    for t in page["data"]:
-        value = f"{t['value']:.4f}" if t["value"] is not None else "-"
-        secs = f"{t['duration_s']:.1f}" if t["duration_s"] is not None else "-"
-        number = "-" if t["number"] is None else t["number"]  # an enqueued configuration not yet claimed
-        print(f"{number:>5}  {t['state']:<9} {value:>9} {secs:>7}  {json.dumps(t['params'])}")
-    print(f"({len(page['data'])} of {page['count']})")
+def cmd_trials(args: argparse.Namespace, client: Client) -> int:
+    page = client.trials.page(args.id, sort=args.sort, state=args.state, limit=args.limit)
+    if args.json:
+        for trial in page.data:
+            print(trial.model_dump_json())
+        return 0
+    names = _param_columns(client, args.id, page.data, args.params)
+    print(trials_table(page.data, names))
+    print(f"({len(page.data)} of {page.count})")
     return 0
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    study = Client(_settings(args)).call("POST", f"/studies/{args.id}/cancel")
-    print(f"study {study['id']} {study['status']}")
+def _param_columns(client: Client, study_id: str, trials: list[TrialPublic], n: int) -> list[str]:
+    """The n parameters to show: most important first (as the dashboard orders them), then as they appear."""
+    seen: list[str] = []
+    for trial in trials:
+        seen += [name for name in trial.params or {} if name not in seen]
+    try:
+        ranked = [i.name for i in client.studies.importance(study_id).importances if i.name in seen]
+    except ApiError:
+        ranked = []
+    return (ranked + [name for name in seen if name not in ranked])[:n]
+
+
+def trials_table(trials: list[TrialPublic], names: list[str]) -> str:
+    """Aligned columns: number, state, value, seconds, then one column per parameter in `names`."""
+    header = ["#", "state", "value", "secs", *names]
+    rows = [[_cell(t.number), t.state, _cell(t.value), _cell(t.duration_s, ".1f"),
+             *(_cell((t.params or {}).get(name)) for name in names)] for t in trials]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [c.rjust(w) if i in (0, 2, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(value: Any, fmt: str = "") -> str:
+    if value is None:
+        return "-"  # no value yet, or an enqueued configuration not yet claimed
+    if isinstance(value, float):
+        if fmt:
+            return format(value, fmt)
+        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
+    study = client.studies.cancel(args.id)
+    print(f"study {study.id} {study.status}")
     return 0
 
 
-def cmd_workers(args: argparse.Namespace) -> int:
-    workers = Client(_settings(args)).call("GET", "/workers")["data"]
+def cmd_workers(args: argparse.Namespace, client: Client) -> int:
+    workers = client.workers()
     for w in workers:
         running = ", ".join(f"trial {r['number']} on {r['device']}" for r in w["running"]) or "idle"
         print(f"{w['id']}  devices {','.join(w['devices'])}  slots {w['slots']}  beat {w['heartbeat_at']}  {running}")
@@ -302,31 +350,28 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace, client: Client) -> int:
     """Write a study's best model (model.safetensors, config.json) and its ensemble (ensemble/) to DIR."""
-    import io
-    import zipfile
-
-    client = Client(_settings(args))
-    study = client.call("GET", f"/studies/{args.id}")
-    if not study["best_trial"]:
-        raise SystemExit(f"error: study {args.id} has no finished model yet")
-
-    def download(path: str, into: Path, *, missing_ok: bool = False) -> bool:
-        response = client.request("GET", path, accept=(404,) if missing_ok else ())
-        if response.status_code == 404:
-            return False
-        zipfile.ZipFile(io.BytesIO(response.content)).extractall(into)
-        return True
-
-    number, out = study["best_trial"]["number"], Path(args.dir)
-    download(f"/studies/{args.id}/trials/{number}/model", out)
-    print(f"best trial #{number}: {out / 'model.safetensors'}, {out / 'config.json'}")
-    if download(f"/studies/{args.id}/ensemble/model", out / "ensemble", missing_ok=True):
-        print(f"ensemble: {out / 'ensemble'} (ensemble.json names the members and weights)")
+    done = client.downloads.export(args.id, args.dir)
+    print(f"best trial #{done.trial_number}: {done.folder / 'model.safetensors'}, {done.folder / 'config.json'}")
+    if done.ensemble is not None:
+        print(f"ensemble: {done.ensemble} (ensemble.json names the members and weights)")
     else:
         print("no ensemble yet: it is chosen when the study completes")
     return 0
+
+
+def _run_client_command(args: argparse.Namespace) -> int:
+    """Run a command that talks to the API; any failure is one line on stderr and exit status 1."""
+    client = _client(args)
+    try:
+        with client:
+            return int(args.client_func(args, client) or 0)
+    except ApiError as exc:
+        print(_explain(exc, client), file=sys.stderr)
+    except CliError as exc:
+        print(exc, file=sys.stderr)
+    return 1
 
 
 # ---- parser ----------------------------------------------------------------------------------------------
@@ -339,67 +384,104 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpsearch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    db_url = {"help": "SQLAlchemy URL (env HPSEARCH_DATABASE_URL)", "default": None}
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help, unless it has none or the help already says it."""
 
-    p = sub.add_parser("serve", help="migrate, then run the API and an embedded worker supervisor")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_URL_HELP = f"address of the hpsearch API (default: $HPSEARCH_API_URL, else {DEFAULT_URL})"
+_KEY_HELP = "API key (default: $HPSEARCH_API_KEY; `hpsearch keys create --owner NAME` makes one)"
+
+
+def _client_command(sub: Any, name: str, help_text: str, func: Any, description: str | None = None) -> Any:
+    """A subcommand that talks to the API: --url and --key, read from the environment by default."""
+    p = sub.add_parser(name, help=help_text, description=description or help_text, formatter_class=_HelpFormatter)
+    p.add_argument("--url", default=None, help=_URL_HELP)
+    p.add_argument("--key", default=None, help=_KEY_HELP)
+    p.set_defaults(func=_run_client_command, client_func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpsearch", description=__doc__, formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    db_url = {"help": "SQLAlchemy database URL (default: $HPSEARCH_DATABASE_URL, else SQLite in "
+                      "$HPSEARCH_HOME, .hpsearch/)", "default": None}
+
+    def server_command(name: str, help_text: str) -> Any:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+    p = server_command("serve", "migrate the database, then run the API, the dashboard and trial workers")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--database-url", **db_url)
     p.add_argument("--workers", type=_non_negative, default=None,
                    help="trial slots in total, spread over the GPUs or the CPU (default: 2 on a CPU, one per GPU; "
                         "0: API only)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="a worker supervisor on this machine")
+    p = server_command("worker", "a worker supervisor on this machine: claims trials and trains them")
     p.add_argument("--database-url", **db_url)
     p.add_argument("--devices", default="auto", help="auto, cpu, or GPU indices such as 0,1")
-    p.add_argument("--per-device", type=int, default=None, help="concurrent trials per device")
+    p.add_argument("--per-device", type=int, default=None,
+                   help="concurrent trials per device (default: 2 on a CPU, 1 per GPU)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running trials get at SIGTERM")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--slots", type=int, default=None, help=argparse.SUPPRESS)  # serve --workers N: N in total
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("db", help="schema migrations")
-    p.add_argument("action", choices=["upgrade", "downgrade"])
-    p.add_argument("revision", nargs="?", default="head")
+    p = server_command("db", "apply or roll back schema migrations")
+    p.add_argument("action", choices=["upgrade", "downgrade"], help="upgrade or downgrade the schema")
+    p.add_argument("revision", nargs="?", default="head", help="the revision to go to (default: head)")
     p.add_argument("--database-url", **db_url)
     p.set_defaults(func=cmd_db)
 
-    p = sub.add_parser("keys", help="API keys")
-    ksub = p.add_subparsers(dest="action", required=True)
-    k = ksub.add_parser("create")
-    k.add_argument("--owner", required=True)
+    p = server_command("keys", "create, list and revoke API keys (straight in the database)")
+    ksub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    k = ksub.add_parser("create", help="create a key for an owner; prints the key alone on its last line",
+                        formatter_class=_HelpFormatter)
+    k.add_argument("--owner", required=True, help="who the key's studies belong to")
     k.add_argument("--database-url", **db_url)
-    k = ksub.add_parser("revoke")
+    k = ksub.add_parser("list", help="list keys by their shown prefix, owner, creation and revocation",
+                        formatter_class=_HelpFormatter)
+    k.add_argument("--owner", default=None, help="only this owner's keys (default: every owner's)")
+    k.add_argument("--database-url", **db_url)
+    k = ksub.add_parser("revoke", help="revoke a key", formatter_class=_HelpFormatter)
     k.add_argument("key", help="the key or its shown prefix")
     k.add_argument("--database-url", **db_url)
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("submit", help="create a study from a JSON spec")
-    p.add_argument("spec")
+    p = _client_command(sub, "submit", "create a study from a JSON spec and print its id", cmd_submit,
+                        "Create a study from a JSON spec file (see README.md and GET /docs) and print its id. "
+                        "Talks to the API at HPSEARCH_API_URL with the key in HPSEARCH_API_KEY "
+                        "(or --url and --key).")
+    p.add_argument("spec", help="path of the study spec, a JSON file")
     p.add_argument("--follow", action="store_true", help="show a live progress bar until the study ends")
-    p.set_defaults(func=cmd_submit)
-    p = sub.add_parser("status", help="list studies, or show one")
-    p.add_argument("id", nargs="?")
-    p.set_defaults(func=cmd_status)
-    p = sub.add_parser("trials", help="a study's trials")
-    p.add_argument("id")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--sort", choices=["number", "value", "duration"], default="number")
-    p.add_argument("--state", choices=["waiting", "running", "complete", "pruned", "fail"], default=None)
-    p.set_defaults(func=cmd_trials)
-    p = sub.add_parser("cancel", help="cancel a study")
-    p.add_argument("id")
-    p.set_defaults(func=cmd_cancel)
-    p = sub.add_parser("workers", help="live workers and their trials")
-    p.set_defaults(func=cmd_workers)
-    p = sub.add_parser("export", help="write a study's best model and its ensemble into a folder")
-    p.add_argument("id")
-    p.add_argument("dir")
-    p.set_defaults(func=cmd_export)
+    p = _client_command(sub, "follow", "show a study's live progress bar until it ends, then its summary",
+                        cmd_follow)
+    p.add_argument("id", help="the study id")
+    p = _client_command(sub, "status", "list your studies, or show one", cmd_status)
+    p.add_argument("id", nargs="?", help="a study id (default: list every study)")
+    p = _client_command(sub, "trials", "a study's trials as a table (--json for scripts)", cmd_trials)
+    p.add_argument("id", help="the study id")
+    p.add_argument("--limit", type=int, default=50, help="how many trials")
+    p.add_argument("--sort", choices=["number", "value", "duration"], default="number", help="order of the rows")
+    p.add_argument("--state", choices=["waiting", "running", "complete", "pruned", "fail"], default=None,
+                   help="only trials in this state (default: all)")
+    p.add_argument("--params", type=_non_negative, default=5,
+                   help="parameter columns, the most important first")
+    p.add_argument("--json", action="store_true", help="one JSON object per trial and line, for scripts")
+    p = _client_command(sub, "cancel", "cancel a queued, running or paused study", cmd_cancel)
+    p.add_argument("id", help="the study id")
+    _client_command(sub, "workers", "live workers and your trials on them", cmd_workers)
+    p = _client_command(sub, "export", "write a study's best model and its ensemble into a folder", cmd_export)
+    p.add_argument("id", help="the study id")
+    p.add_argument("dir", help="the folder to write (created if missing)")
     return parser
 
 

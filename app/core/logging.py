@@ -55,6 +55,9 @@ def setup_logging(json_logs: bool | None = None, level: int = logging.INFO,
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # warnings.warn (Optuna's ExperimentalWarning, torch's UserWarnings) would print raw text to stderr,
+    # breaking JSON lines; as records of the "py.warnings" logger they go through the handler above.
+    logging.captureWarnings(True)
     _route_optuna_logs()
 
 

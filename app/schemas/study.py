@@ -74,7 +74,10 @@ SpaceEntry = Annotated[
 
 
 class Objective(Strict):
-    metric: Literal["val_accuracy", "val_loss", "val_mse", "val_mae", "param_count", "inference_ms"]
+    # Any name here: which metrics apply depends on the task, so StudySpec.check_metrics refuses a wrong one
+    # once, at objective.metric, listing the task's metrics (a Literal gave two errors and no such list).
+    metric: str = Field(max_length=64, description="val_accuracy or val_loss (classification); val_mse, "
+                        "val_mae or val_loss (regression); param_count or inference_ms as extra objectives")
     direction: Literal["maximize", "minimize"] | None = None
 
     @model_validator(mode="after")
@@ -195,14 +198,7 @@ class StudySpec(Strict):
 
     @model_validator(mode="after")
     def _metrics_fit_task(self) -> StudySpec:
-        allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
         objs = self.objectives
-        if objs[0].metric not in allowed:
-            raise ValueError(f"objective.metric {objs[0].metric!r} does not fit task {self.task!r}: "
-                             f"use one of {list(allowed)}")
-        for o in objs[1:]:
-            if o.metric not in allowed + COST_METRICS:
-                raise ValueError(f"objective metric {o.metric!r} does not fit task {self.task!r}")
         if self.budget.max_parallel > self.budget.n_trials:
             self.budget.max_parallel = self.budget.n_trials
         if len(objs) > 1 and "pruner" not in self.model_fields_set:
@@ -258,11 +254,26 @@ class StudySpec(Strict):
         """The typed spec of a stored study (it was validated and dumped by this class)."""
         return cls.model_validate(stored)
 
+    def check_metrics(self) -> None:
+        """Each objective's metric must be one the task has (the first: not a cost metric).
+
+        Raises SpecRuleError at objective.metric (objective.<i>.metric for several) listing the allowed names.
+        """
+        allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+        for i, o in enumerate(self.objectives):
+            fits = allowed if i == 0 else allowed + COST_METRICS
+            if o.metric not in fits:
+                loc: tuple[str | int, ...] = ("objective", "metric") if i == 0 and not isinstance(
+                    self.objective, list) else ("objective", i, "metric")
+                raise SpecRuleError(loc, f"unknown metric {o.metric!r} for task {self.task!r}: use one of "
+                                    f"{', '.join(fits)}")
+
     def check_algorithms(self) -> None:
-        """Sampler and pruner settings that cannot work with this spec's objectives and budget.
+        """Metrics, sampler and pruner settings that cannot work with this spec's task, objectives and budget.
 
         Raises SpecRuleError naming the field to change (the service turns it into a 422).
         """
+        self.check_metrics()
         multi, epochs, pruner = len(self.objectives) > 1, self.budget.epochs, self.pruner
         if multi and self.sampler.name in SINGLE_OBJECTIVE_SAMPLERS:
             raise SpecRuleError(("sampler", "name"), f"{self.sampler.name} optimizes a single objective; "

@@ -35,24 +35,47 @@ def builtin_refs(settings: Settings) -> list[str]:
 
 
 def describe_dataset(db: Database, settings: Settings, *, owner: str, ref: str) -> dict[str, Any]:
-    """What a study needs to know about a dataset; NotFound for unknown or another owner's."""
+    """What a study needs to know about a dataset; NotFound for unknown or another owner's, naming the
+    datasets the caller can use (and, for builtin:mnist, the directory it was looked for in)."""
     if ref.startswith(plugins.PREFIX):
         return {"id": ref, "name": ref, "builtin": True, **data.describe(_plugin_dataset(ref))}
     if ref.startswith("builtin:"):
-        if ref not in builtin_refs(settings):
-            raise NotFound(f"unknown dataset {ref!r}")
-        return {"id": ref, "name": ref.removeprefix("builtin:"), "builtin": True,
-                **_describe_builtin(ref, _mnist_dir(settings))}
+        if ref == "builtin:mnist":
+            _check_mnist(settings)
+        elif ref not in builtin_refs(settings):
+            raise NotFound(f"unknown dataset {ref!r}; {_valid_names(db, settings, owner)}")
+        try:
+            described = _describe_builtin(ref, _mnist_dir(settings))
+        except data.DatasetError as exc:  # an MNIST directory without usable IDX files
+            raise NotFound(f"{ref}: {exc} (searched {settings.mnist_dir}, set by HPSEARCH_MNIST_DIR)") from exc
+        return {"id": ref, "name": ref.removeprefix("builtin:"), "builtin": True, **described}
     record = _own_record(db, owner=owner, ref=ref)
+    if record is None:
+        raise NotFound(f"unknown dataset {ref!r}; {_valid_names(db, settings, owner)}")
     return _public(record)
 
 
-def _own_record(db: Database, *, owner: str, ref: str) -> DatasetRecord:
+def _check_mnist(settings: Settings) -> None:
+    if settings.mnist_dir is None:
+        raise NotFound("builtin:mnist needs a folder of MNIST IDX files: the server has none configured "
+                       "(set HPSEARCH_MNIST_DIR)")
+    if not settings.mnist_dir.is_dir():
+        raise NotFound(f"builtin:mnist: no folder {settings.mnist_dir} (searched HPSEARCH_MNIST_DIR)")
+
+
+def _valid_names(db: Database, settings: Settings, owner: str) -> str:
+    """The names a spec's `dataset` may take for this owner, as they must be sent."""
+    with db.read_session() as session:
+        uploads = session.execute(select(DatasetRecord.id, DatasetRecord.name).where(DatasetRecord.owner == owner)
+                                  .order_by(DatasetRecord.created_at).limit(20)).all()
+    names = builtin_refs(settings) + [f"{UPLOAD_PREFIX}{i} ({name})" for i, name in uploads]
+    return "valid names: " + ", ".join(names)
+
+
+def _own_record(db: Database, *, owner: str, ref: str) -> DatasetRecord | None:
     with db.read_session() as session:
         record = session.get(DatasetRecord, ref.removeprefix(UPLOAD_PREFIX))
-    if record is None or record.owner != owner:
-        raise NotFound(f"unknown dataset {ref!r}")
-    return record
+    return record if record is not None and record.owner == owner else None
 
 
 def _public(record: DatasetRecord) -> dict[str, Any]:

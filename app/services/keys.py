@@ -40,6 +40,15 @@ def revoke_key(db: Database, *, prefix_or_key: str) -> int:
         return len(hits)
 
 
+def list_keys(db: Database, *, owner: str | None = None) -> list[ApiKey]:
+    """Keys by their shown prefix (never the key), oldest first; revoked ones too, marked by revoked_at."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if owner is not None:
+        query = query.where(ApiKey.owner == owner)
+    with db.read_session() as session:
+        return list(session.scalars(query))
+
+
 def authenticate(db: Database, key: str) -> str:
     """The owner of an active key, else Unauthorized."""
     digest = hash_key(key)

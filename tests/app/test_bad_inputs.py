@@ -132,7 +132,12 @@ CASES = [
     Case("too many search-space entries", "POST", "/studies", 422,
          {"json": _spec(search_space={f"p{i}": 1 for i in range(65)})}, ["body", "search_space"]),
     Case("metric of another task", "POST", "/studies", 422,
-         {"json": _spec(objective={"metric": "val_mse"})}, ["body"]),
+         {"json": _spec(objective={"metric": "val_mse"})}, ["body", "objective", "metric"]),
+    Case("unknown metric", "POST", "/studies", 422,
+         {"json": _spec(objective={"metric": "accuracy"})}, ["body", "objective", "metric"]),
+    Case("unknown second metric", "POST", "/studies", 422,
+         {"json": _spec(objective=[{"metric": "val_accuracy"}, {"metric": "flops"}], pruner={"name": "none"})},
+         ["body", "objective", 1, "metric"]),
     Case("dataset that is a path", "POST", "/studies", 422, {"json": _spec(dataset="../../etc/passwd")},
          ["body", "dataset"]),
     Case("unknown built-in dataset", "POST", "/studies", 422, {"json": _spec(dataset="builtin:nope")},
@@ -234,3 +239,53 @@ def test_bad_input_gets_its_4xx(api: tuple[TestClient, str], case: Case) -> None
         assert body["detail"][0]["loc"][: len(case.loc)] == case.loc, body["detail"]
     if case.status == 413:
         assert "larger than" in body["detail"]
+
+
+@pytest.mark.parametrize(("task", "metric", "allowed", "not_allowed"), [
+    ("classification", "accuracy", ["val_accuracy", "val_loss"], "val_mse"),
+    ("classification", "val_mae", ["val_accuracy", "val_loss"], "val_mse"),
+    ("regression", "val_accuracy", ["val_mse", "val_mae", "val_loss"], "val_accuracy,"),
+])
+def test_a_wrong_metric_is_one_error_at_objective_metric_listing_the_tasks_metrics(
+        api: tuple[TestClient, str], task: str, metric: str, allowed: list[str], not_allowed: str) -> None:
+    client, _ = api
+    dataset = "builtin:synthetic_regression" if task == "regression" else "builtin:digits"
+    response = client.post(f"{API}/studies", json=_spec(dataset=dataset, task=task, objective={"metric": metric}))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "objective", "metric"]
+    assert repr(metric) in error["msg"] and all(m in error["msg"] for m in allowed), error["msg"]
+    assert not_allowed not in error["msg"] + ",", error["msg"]
+
+
+def test_an_unknown_dataset_lists_the_names_the_caller_can_use(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+    uploaded = client.post(f"{API}/datasets", data={"kind": "csv", "label_column": "y", "name": "mine"},
+                           files={"file": ("m.csv", b"a,y\n" + b"".join(b"%d,%d\n" % (i, i % 2) for i in range(20)))})
+    assert uploaded.status_code == 201, uploaded.text
+    for wrong in ("iris", "builtin:irises", "dataset:0123456789abcdef"):
+        response = client.post(f"{API}/studies", json=_spec(dataset=wrong))
+        assert response.status_code == 422, response.text
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", "dataset"], error
+        if wrong != "iris":  # "iris" breaks the pattern; its message says which one
+            for name in ("builtin:iris", "builtin:digits", "builtin:synthetic_regression", uploaded.json()["id"]):
+                assert name in error["msg"], error["msg"]
+    own = client.get(f"{API}/datasets/builtin:nope")
+    assert own.status_code == 404 and "builtin:iris" in own.json()["detail"]
+
+
+def test_mnist_without_its_folder_says_which_folder_and_which_setting(sqlite_url: str, tmp_path: Path) -> None:
+    db = Database(sqlite_url)
+    try:
+        for mnist_dir, expected in ((None, "set HPSEARCH_MNIST_DIR"),
+                                    (tmp_path / "no-such-folder", str(tmp_path / "no-such-folder")),
+                                    (tmp_path, str(tmp_path))):  # a folder without IDX files
+            settings = make_settings(sqlite_url, tmp_path / "home").model_copy(update={"mnist_dir": mnist_dir})
+            response = client_for(settings, db).post(f"{API}/studies", json=_spec(dataset="builtin:mnist"))
+            assert response.status_code == 422, response.text
+            [error] = response.json()["detail"]
+            assert error["loc"] == ["body", "dataset"] and expected in error["msg"], error["msg"]
+            assert "HPSEARCH_MNIST_DIR" in error["msg"]
+    finally:
+        db.dispose()

@@ -27,6 +27,7 @@ def restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)  # else the next setup_logging keeps the stale capture and changes nothing
     optuna.logging.disable_propagation()
     optuna.logging.enable_default_handler()
     optuna.logging.set_verbosity(verbosity)
@@ -88,3 +89,22 @@ def test_text_lines_for_a_terminal(restore_logging: None) -> None:
     setup_logging(json_logs=False, stream=stream)
     logging.getLogger("hpsearch.test").info("hello", extra={"worker_id": "w1"})
     assert stream.getvalue().rstrip().endswith("hello  [worker_id=w1]")
+
+
+def test_warnings_become_log_records_not_raw_text(restore_logging: None) -> None:
+    """Optuna's ExperimentalWarning (and any warnings.warn) is a JSON line like every other log line."""
+    import warnings
+
+    stream = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        setup_logging(stream=stream)
+        warnings.warn("Argument ``group`` is an experimental feature.", optuna.exceptions.ExperimentalWarning,
+                      stacklevel=1)
+        logging.captureWarnings(False)
+    lines = stream.getvalue().splitlines()
+    assert lines, "the warning reached the log"
+    records = [json.loads(line) for line in lines]  # every line is JSON: no raw warning text
+    [record] = [r for r in records if "experimental feature" in r["msg"]]
+    assert record["logger"] == "py.warnings" and record["level"] == "WARNING"
+    assert "ExperimentalWarning" in record["msg"]

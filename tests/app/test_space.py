@@ -284,3 +284,12 @@ def test_every_documented_name_is_in_the_table() -> None:
                   "weight_init", "optimizer", "momentum", "learning_rate", "lr_schedule", "batch_size",
                   "augmentation", "filters", "kernel_size", "separable", "branch_merge"}
     assert set(BY_NAME) == documented
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_each_source_says_what_it_teaches_not_a_document_no_user_has(model: str) -> None:
+    from app.ml.space import describe_space
+
+    for entry in describe_space(model):
+        assert "course notes" not in entry["source"].lower(), entry
+        assert len(entry["source"].split()) >= 6, entry  # a sentence, not a reference
