@@ -39,7 +39,10 @@ class EnsemblePublic(Public):
     best_round: int = Field(description="Selection round whose ensemble was kept (1: the best model alone).")
     trees: bool = Field(description="A gradient-boosted trees model was a candidate.")
     note: str | None
-    members: list[EnsembleMember]
+    members: list[EnsembleMember] = Field(description="The models averaged: those with a positive weight, as the "
+                                          "export holds them.")
+    candidates: list[EnsembleMember] = Field(description="Every candidate, picked or not (weight 0), with its "
+                                             "validation score.")
     best_single: BestSingle
     ensemble: Scores
 

@@ -62,8 +62,9 @@ def ensemble_record(db: Database, *, owner: str, study_id: str) -> dict[str, Any
 
 
 def get_ensemble(db: Database, *, owner: str, study_id: str) -> EnsemblePublic:
-    return EnsemblePublic.model_validate({**ensemble_record(db, owner=owner, study_id=study_id),
-                                         "study_id": study_id})
+    record = ensemble_record(db, owner=owner, study_id=study_id)
+    return EnsemblePublic.model_validate({**record, "study_id": study_id, "candidates": record["members"],
+                                         "members": [m for m in record["members"] if m["weight"] > 0]})
 
 
 def ensemble_zip(db: Database, settings: Settings, *, owner: str, study_id: str) -> bytes:

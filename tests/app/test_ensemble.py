@@ -245,8 +245,9 @@ def test_a_completed_study_has_an_ensemble_scored_once_on_test(settings: Setting
     got = client.get(f"{API}/studies/{study['id']}/ensemble")
     assert got.status_code == 200, got.text
     body = got.json()
-    trial_members = [m for m in body["members"] if m["kind"] == "trial"]
-    assert len(trial_members) == 3 and [m["kind"] for m in body["members"]][-1] == "trees"
+    trial_members = [m for m in body["candidates"] if m["kind"] == "trial"]
+    assert len(trial_members) == 3 and [m["kind"] for m in body["candidates"]][-1] == "trees"
+    assert body["members"] == [m for m in body["candidates"] if m["weight"] > 0]  # as the export holds them
     best_number = body["best_single"]["trial_number"]
     assert trial_members[0]["trial_number"] == study["best_trial"]["number"] == best_number
     assert sum(m["weight"] for m in body["members"]) == pytest.approx(1.0)

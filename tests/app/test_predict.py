@@ -157,10 +157,10 @@ def test_download_the_ensemble(finished: Finished) -> None:
     assert response.status_code == 200
     names = set(zipfile.ZipFile(io.BytesIO(response.content)).namelist())
     expected = {"ensemble.json"}
+    assert all(m["weight"] > 0 for m in record["members"])  # members are the models the export holds
     for m in record["members"]:
-        if m["weight"] > 0:
-            expected |= {"trees/trees.npz"} if m["kind"] == "trees" else \
-                {f"{m['name']}/model.safetensors", f"{m['name']}/config.json"}
+        expected |= {"trees/trees.npz"} if m["kind"] == "trees" else \
+            {f"{m['name']}/model.safetensors", f"{m['name']}/config.json"}
     assert names == expected
 
 
