@@ -1,0 +1,129 @@
+"""The study page's first read at any size: downsampled trial points, the exact best-so-far line, and the
+best trials with their parameters.
+
+At 100,000 trials the page cannot load and plot every trial (the column history alone is ten pages and
+several megabytes); this read is one query over three narrow columns plus one indexed query for the best
+trials, and its answer is bounded by `max_points` and `top` whatever the study's size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Text, cast, select
+
+from app.core.db import Database
+from app.ml.space import BY_NAME
+from app.models import Study, Trial, TrialState
+from app.schemas.overview import HistoryOverviewPublic, ParamKind, TopTrials
+from app.services.importance import parse_params
+from app.services.studies import best_trial_order, first_direction, own_study
+
+MAX_POINTS = 4000
+MAX_TOP = 2000
+_OPEN = (TrialState.RUNNING.value, TrialState.WAITING.value)
+_PLOTTED = (TrialState.COMPLETE.value, TrialState.PRUNED.value)
+
+
+def overview(db: Database, *, owner: str, study_id: str, max_points: int = MAX_POINTS,
+             top: int = MAX_TOP) -> HistoryOverviewPublic:
+    """Points of the finished trials (downsampled past `max_points`), the best-so-far steps and the `top` best."""
+    t = Trial.__table__.c
+    with db.read_session() as session:
+        study = own_study(session, owner=owner, study_id=study_id)
+        rows = session.execute(select(t.number, t.state, t.value)
+                               .where(t.study_id == study_id, t.number.is_not(None))).all()
+        best_first = select(t.number, t.value, cast(t.params, Text)).where(
+            t.study_id == study_id, t.state == TrialState.COMPLETE.value, t.value.is_not(None),
+            t.number.is_not(None)).order_by(best_trial_order(study), t.number).limit(top)
+        top_rows = session.execute(best_first).all() if top else []
+        spec, direction = study.spec, first_direction(study)
+    numbers = [r[0] for r in rows]
+    first_open = min((r[0] for r in rows if r[1] in _OPEN), default=None)
+    points = {state: _points(rows, state) for state in _PLOTTED}
+    sampled = sum(len(p[0]) for p in points.values()) > max_points
+    per_state = max(1, max_points // (2 * len(_PLOTTED)))  # buckets per state: a low and a high point each
+    drawn = {state: _downsample(*p, buckets=per_state) if sampled else _pairs(*p) for state, p in points.items()}
+    top_params = parse_params([r[2] for r in top_rows])
+    names = sorted({n for p in top_params for n in p}, key=_documented_order)
+    return HistoryOverviewPublic.model_construct(  # built from typed columns; bounded, but no need to revalidate
+        objective=_objective(study), direction=direction, param_names=names,
+        param_kinds={n: _kind(spec, n) for n in names}, log_scale=[n for n in names if _log(spec, n)],
+        searched=_searched(spec),
+        trials=len(numbers), last_number=max(numbers, default=None), first_open=first_open,
+        with_value={state: len(p[0]) for state, p in points.items()}, sampled=sampled,
+        complete=drawn[TrialState.COMPLETE.value], pruned=drawn[TrialState.PRUNED.value],
+        best=best_steps(*points[TrialState.COMPLETE.value], maximize=direction == "maximize"),
+        top=TopTrials.model_construct(number=[r[0] for r in top_rows], value=[r[1] for r in top_rows],
+                                      params={n: [p.get(n) for p in top_params] for n in names}),
+    )
+
+
+def _points(rows: list[Any], state: str) -> tuple[np.ndarray, np.ndarray]:
+    """Numbers and finite values of one state's trials, by number."""
+    pairs = sorted((r[0], r[2]) for r in rows if r[1] == state and r[2] is not None and math.isfinite(r[2]))
+    numbers = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+    values = np.fromiter((p[1] for p in pairs), dtype=np.float64, count=len(pairs))
+    return numbers, values
+
+
+def _pairs(numbers: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
+    return list(zip(numbers.tolist(), values.tolist(), strict=True))
+
+
+def _downsample(numbers: np.ndarray, values: np.ndarray, *, buckets: int) -> list[tuple[int, float]]:
+    """Per bucket of consecutive numbers, the lowest and the highest value (one point when they coincide)."""
+    if len(numbers) <= 2 * buckets:
+        return _pairs(numbers, values)
+    width = int(numbers[-1]) // buckets + 1
+    bucket = numbers // width
+    order = np.lexsort((values, bucket))  # by bucket, then value
+    starts = np.flatnonzero(np.r_[True, bucket[order][1:] != bucket[order][:-1]])
+    ends = np.r_[starts[1:], len(order)] - 1
+    keep = np.unique(np.r_[order[starts], order[ends]])  # positions in number order
+    return _pairs(numbers[keep], values[keep])
+
+
+def best_steps(numbers: np.ndarray, values: np.ndarray, *, maximize: bool) -> list[tuple[int, float]]:
+    """Every trial that beats all trials numbered before it: the best-so-far line, exactly.
+
+    A tie keeps the earlier trial (the study's rule for its best trial)."""
+    if not len(values):
+        return []
+    running = np.maximum.accumulate(values) if maximize else np.minimum.accumulate(values)
+    previous = np.r_[-np.inf if maximize else np.inf, running[:-1]]
+    improved = values > previous if maximize else values < previous
+    return _pairs(numbers[improved], values[improved])
+
+
+def _searched(spec: dict[str, Any]) -> list[str]:
+    """Names the spec gives a range or choices (a fixed value is not searched)."""
+    return [name for name, entry in (spec.get("search_space") or {}).items() if isinstance(entry, dict)]
+
+
+def _kind(spec: dict[str, Any], name: str) -> ParamKind:
+    entry = (spec.get("search_space") or {}).get(name)
+    if isinstance(entry, dict) and entry.get("type") in ("int", "float", "categorical"):
+        return entry["type"]  # type: ignore[no-any-return]
+    hp = BY_NAME.get(name)
+    return hp.kind if hp is not None else "float"  # type: ignore[return-value]
+
+
+def _log(spec: dict[str, Any], name: str) -> bool:
+    entry = (spec.get("search_space") or {}).get(name)
+    if isinstance(entry, dict):
+        return bool(entry.get("log"))
+    hp = BY_NAME.get(name)
+    return hp is not None and bool(hp.default_for(str(spec.get("model", "mlp"))).get("log"))
+
+
+def _objective(study: Study) -> str:
+    objective = study.spec["objective"]
+    return str((objective[0] if isinstance(objective, list) else objective)["metric"])
+
+
+def _documented_order(name: str) -> tuple[int, str]:
+    order = list(BY_NAME)
+    return (order.index(name) if name in order else len(order), name)
