@@ -9,10 +9,13 @@ trials, and its answer is bounded by `max_points` and `top` whatever the study's
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Text, cast, select
+from sqlalchemy import Text, cast, func, select, text
+from sqlalchemy.orm import Session
 
 from app.core.db import Database
 from app.ml.space import BY_NAME
@@ -23,8 +26,17 @@ from app.services.studies import best_trial_order, first_direction, own_study
 
 MAX_POINTS = 4000
 MAX_TOP = 2000
+CACHED_STUDIES = 16
 _OPEN = (TrialState.RUNNING.value, TrialState.WAITING.value)
 _PLOTTED = (TrialState.COMPLETE.value, TrialState.PRUNED.value)
+# A text query: the scan reads 100,000 rows, and Core's per-column result processing would cost more than it.
+_SCAN = text("SELECT number, state, value FROM hp_trials WHERE study_id = :study_id AND number IS NOT NULL "
+             "AND value IS NOT NULL AND state IN ('complete', 'pruned') ORDER BY number")
+
+# The finished trials' part of an overview, by (study, points, top) and kept while no trial finishes: it is
+# the same until one does, and it is the costly part (a scan of every trial).
+_cache: OrderedDict[tuple[str, int, int], tuple[tuple[Any, ...], dict[str, Any]]] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
 def overview(db: Database, *, owner: str, study_id: str, max_points: int = MAX_POINTS,
@@ -33,37 +45,58 @@ def overview(db: Database, *, owner: str, study_id: str, max_points: int = MAX_P
     t = Trial.__table__.c
     with db.read_session() as session:
         study = own_study(session, owner=owner, study_id=study_id)
-        rows = session.execute(select(t.number, t.state, t.value)
-                               .where(t.study_id == study_id, t.number.is_not(None))).all()
-        best_first = select(t.number, t.value, cast(t.params, Text)).where(
-            t.study_id == study_id, t.state == TrialState.COMPLETE.value, t.value.is_not(None),
-            t.number.is_not(None)).order_by(best_trial_order(study), t.number).limit(top)
-        top_rows = session.execute(best_first).all() if top else []
         spec, direction = study.spec, first_direction(study)
-    numbers = [r[0] for r in rows]
-    first_open = min((r[0] for r in rows if r[1] in _OPEN), default=None)
+        trials, last_number = session.execute(select(func.count(t.number), func.max(t.number))
+                                              .where(t.study_id == study_id)).one()
+        # The open trials are few: read them by the state index (min() in SQL would scan by number).
+        open_numbers = session.scalars(select(t.number).where(t.study_id == study_id, t.state.in_(_OPEN))).all()
+        first_open = min((n for n in open_numbers if n is not None), default=None)
+        version = tuple(session.execute(select(func.count(), func.max(t.finished_at)).where(
+            t.study_id == study_id, t.finished_at.is_not(None))).one())
+        key = (study_id, max_points, top)
+        with _cache_lock:
+            hit = _cache.get(key)
+            if hit is not None and hit[0] == version:
+                _cache.move_to_end(key)
+        finished = hit[1] if hit is not None and hit[0] == version else None
+        if finished is None:
+            finished = _finished_in_tx(session, study, max_points=max_points, top=top)
+            with _cache_lock:
+                _cache[key] = (version, finished)
+                while len(_cache) > CACHED_STUDIES:
+                    _cache.popitem(last=False)
+    names = finished["param_names"]
+    return HistoryOverviewPublic.model_construct(  # built from typed columns; bounded, but no need to revalidate
+        objective=_objective(study), direction=direction, param_kinds={n: _kind(spec, n) for n in names},
+        log_scale=[n for n in names if _log(spec, n)], searched=_searched(spec), trials=trials,
+        last_number=last_number, first_open=first_open, **finished)
+
+
+def _finished_in_tx(session: Session, study: Study, *, max_points: int, top: int) -> dict[str, Any]:
+    """The points, best-so-far steps and best trials: everything that changes only when a trial finishes."""
+    t = Trial.__table__.c
+    rows = session.execute(_SCAN, {"study_id": study.id}).all()
+    top_rows = session.execute(select(t.number, t.value, cast(t.params, Text)).where(
+        t.study_id == study.id, t.state == TrialState.COMPLETE.value, t.value.is_not(None),
+        t.number.is_not(None)).order_by(best_trial_order(study), t.number).limit(top)).all() if top else []
     points = {state: _points(rows, state) for state in _PLOTTED}
     sampled = sum(len(p[0]) for p in points.values()) > max_points
     per_state = max(1, max_points // (2 * len(_PLOTTED)))  # buckets per state: a low and a high point each
     drawn = {state: _downsample(*p, buckets=per_state) if sampled else _pairs(*p) for state, p in points.items()}
     top_params = parse_params([r[2] for r in top_rows])
     names = sorted({n for p in top_params for n in p}, key=_documented_order)
-    return HistoryOverviewPublic.model_construct(  # built from typed columns; bounded, but no need to revalidate
-        objective=_objective(study), direction=direction, param_names=names,
-        param_kinds={n: _kind(spec, n) for n in names}, log_scale=[n for n in names if _log(spec, n)],
-        searched=_searched(spec),
-        trials=len(numbers), last_number=max(numbers, default=None), first_open=first_open,
-        with_value={state: len(p[0]) for state, p in points.items()}, sampled=sampled,
-        complete=drawn[TrialState.COMPLETE.value], pruned=drawn[TrialState.PRUNED.value],
-        best=best_steps(*points[TrialState.COMPLETE.value], maximize=direction == "maximize"),
-        top=TopTrials.model_construct(number=[r[0] for r in top_rows], value=[r[1] for r in top_rows],
-                                      params={n: [p.get(n) for p in top_params] for n in names}),
-    )
+    return {
+        "param_names": names, "with_value": {state: len(p[0]) for state, p in points.items()},
+        "sampled": sampled, "complete": drawn[TrialState.COMPLETE.value], "pruned": drawn[TrialState.PRUNED.value],
+        "best": best_steps(*points[TrialState.COMPLETE.value], maximize=first_direction(study) == "maximize"),
+        "top": TopTrials.model_construct(number=[r[0] for r in top_rows], value=[r[1] for r in top_rows],
+                                         params={n: [p.get(n) for p in top_params] for n in names}),
+    }
 
 
 def _points(rows: list[Any], state: str) -> tuple[np.ndarray, np.ndarray]:
     """Numbers and finite values of one state's trials, by number."""
-    pairs = sorted((r[0], r[2]) for r in rows if r[1] == state and r[2] is not None and math.isfinite(r[2]))
+    pairs = [(r[0], r[2]) for r in rows if r[1] == state and math.isfinite(r[2])]  # rows come by number
     numbers = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
     values = np.fromiter((p[1] for p in pairs), dtype=np.float64, count=len(pairs))
     return numbers, values

@@ -75,7 +75,7 @@ def test_a_small_study_keeps_every_point_and_names_what_the_spec_searched(sqlite
     db = Database(settings.database_url)
     try:
         alice = client_for(settings, db)
-        study = alice.post("/api/v1/studies", json=study_spec(budget={"n_trials": 12, "max_parallel": 1})).json()
+        study = alice.post("/api/v1/studies", json=study_spec(budget={"n_trials": 16, "max_parallel": 1})).json()
         write_trials(db, settings, study_id=study["id"], n=12)
         o = alice.get(f"/api/v1/studies/{study['id']}/history/overview").json()
         rows = _every_trial(alice, study["id"])
@@ -83,6 +83,12 @@ def test_a_small_study_keeps_every_point_and_names_what_the_spec_searched(sqlite
         assert sorted(map(tuple, o["complete"])) == sorted((n, v) for n, s, v in rows if s == "complete")
         assert o["best"] == _best_so_far(rows)
         assert set(o["searched"]) == {"learning_rate", "units", "n_layers"}  # optimizer is fixed: not searched
+        # Kept while no trial finishes, read afresh once one does.
+        write_trials(db, settings, study_id=study["id"], n=4, seed=1)
+        again = alice.get(f"/api/v1/studies/{study['id']}/history/overview").json()
+        rows = _every_trial(alice, study["id"])
+        assert again["trials"] == 16 and again["best"] == _best_so_far(rows)
+        assert sorted(map(tuple, again["complete"])) == sorted((n, v) for n, s, v in rows if s == "complete")
         assert client_for(settings, db, owner="mallory").get(
             f"/api/v1/studies/{study['id']}/history/overview").status_code == 404
     finally:

@@ -31,6 +31,8 @@ const state = {
   searched: [], // names the spec gives a range or choices: always on the parallel plot unless the user unticks them
   importantFirst: [], // parameter names by importance, once known
   axesChosen: null, // the user's parallel axes; null = the automatic rule
+  parallelDrawn: null, // what the parallel plot shows now: its axes and lines
+  basics: Promise.resolve(), // settles once the summary and the overview are drawn
   overview: null, // GET /history/overview: points, exact best-so-far steps, best trials
   top: new Map(), // number -> {number, state, value, params}: the overview's best trials
   live: new Map(), // number -> trial seen since the overview (events or polls)
@@ -266,14 +268,21 @@ function drawParallel() {
   const lines = parallelTrials();
   if (!lines.length) {
     chart("parallel-chart").clear();
+    state.parallelDrawn = null;
     $("parallel-note").textContent = "· no complete trial yet";
     $("axes-picker").classList.add("hidden");
   } else {
     const varying = varyingParams(lines, state.paramNames);
     const { names, rule } = chooseAxes({ varying, searched: state.searched, importantFirst: state.importantFirst,
                                          chosen: state.axesChosen, max: PARALLEL_AXES });
-    chart("parallel-chart").setOption(parallelOption(lines, { ...state, axes: names, limit: PARALLEL_LINES }),
-                                      { notMerge: true });
+    // Redrawing 2,000 lines is the page's costliest draw: skip it when the lines and axes are the same
+    // (a streamed trial rarely enters the best 2,000 of a large study).
+    const drawn = `${names.join()}|${lines.map((t) => t.number).join()}`;
+    if (drawn !== state.parallelDrawn) {
+      chart("parallel-chart").setOption(parallelOption(lines, { ...state, axes: names, limit: PARALLEL_LINES }),
+                                        { notMerge: true });
+      state.parallelDrawn = drawn;
+    }
     const total = (state.overview ? state.overview.with_value.complete : 0)
       + [...state.live.values()].filter((t) => t.state === "complete" && !state.top.has(t.number)).length;
     $("parallel-note").textContent = `· ${rule}` + (total > lines.length
@@ -304,6 +313,7 @@ async function loadCurves(numbers = []) {
   const wanted = [...new Set([...numbers, ...(state.selected !== null ? [state.selected] : [])])];
   if (wanted.length) params.set("numbers", wanted.join(","));
   const result = await getJSON(`${BASE}/curves?${params}`);
+  await state.basics;
   state.curves = new Map(result.data.map((c) => [c.number, c]));
   drawCurves();
 }
@@ -337,6 +347,7 @@ function onEpoch(e) {
 async function loadImportance() {
   try {
     const result = await getJSON(`${BASE}/importance`);
+    await state.basics;
     $("importance-note").textContent = result.importances.length
       ? `${result.evaluator === "fanova" ? "fANOVA" : "PED-ANOVA"} over ${result.n_trials.toLocaleString()} complete trials`
       : `Not yet: ${result.reason}.`;
@@ -393,6 +404,7 @@ async function loadTable() {
   if (cursor) params.set("cursor", cursor);
   if (t.state) params.set("state", t.state);
   const page = await getJSON(`${BASE}/trials?${params}`);
+  await state.basics;
   t.next = page.next_cursor;
   tableHead();
   const rows = page.data.map((trial) => el("tr", {
@@ -530,11 +542,17 @@ async function load() {
     // Stream first: whatever happens while the rest loads arrives as events and is merged by number.
     if (state.stream) state.stream.stop();
     startStream();
+    // Every read starts at once; the table, curves and importance wait for the summary and overview only
+    // to draw (they need the objective, the epochs and the parameter names).
+    let basicsDrawn;
+    state.basics = new Promise((resolve) => { basicsDrawn = resolve; });
+    const rest = Promise.all([loadTable(), loadCurves(), loadImportance()]);
     const [study] = await Promise.all([getJSON(BASE), loadOverview()]);
     renderSummary(study);
     drawHistory();
     drawParallel();
-    await Promise.all([loadTable(), loadCurves(), loadImportance()]);
+    basicsDrawn();
+    await rest;
   } catch (error) {
     failed(error);
   }
