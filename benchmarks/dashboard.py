@@ -361,7 +361,7 @@ def measure_page(backend: str, built: BuiltStudy, url: str, before: str, runs: i
         for i, (label, extra) in enumerate(versions):
             with _server("serve-ours", url, "/healthz", *extra) as base:
                 page = f"{base}/studies/{built.study_id}#key={built.key}"
-                _page_ms(browser, page)  # one unmeasured run: server caches and query plans
+                cold = _page_ms(browser, page)  # the first open: no server cache, no query plans yet
                 draws = [_page_ms(browser, page) for _ in range(runs)]
                 load_tasks = browser.js("window.__longTasks.slice()") or []
                 browser.wait_for("document.getElementById('live').textContent === 'live'", timeout_s=60)
@@ -380,6 +380,7 @@ def measure_page(backend: str, built: BuiltStudy, url: str, before: str, runs: i
                 tasks = browser.js("window.__longTasks.slice()") or []
                 row = {"page": label, "history_drawn_ms": round(statistics.median(d[0] for d in draws)),
                        "first_full_draw_ms": round(statistics.median(d[1] for d in draws)),
+                       "first_open_ms": [round(x) for x in cold],
                        "draws_ms": [[round(x) for x in d] for d in draws],
                        "longest_task_at_load_ms": round(max(load_tasks, default=0)),
                        "streamed_trials": stream, "stream_s": round(written - started, 1),

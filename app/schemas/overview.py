@@ -22,10 +22,11 @@ class TopTrials(Public):
 class HistoryOverviewPublic(Public):
     """Every finished trial's point, or a downsample of them, and the best-so-far line exact.
 
-    Points are `[number, value]` pairs. Past `max_points` trials with a value, the trials are cut into
-    buckets of consecutive numbers and each bucket keeps its lowest and highest value of each state, so the
-    cloud keeps its shape and its extremes; `best` always holds every trial that improved on all those
-    numbered before it, so the best-so-far line is the same as drawn from every trial.
+    Points are `[number, value]` pairs of real trials. Past `points` trials with a value, each state's plot
+    is cut into a grid (stretches of numbers x bands of value) and every occupied cell keeps one trial, and
+    every stretch its lowest and highest, so the cloud keeps its shape and its extremes; `best` always holds
+    every trial that improved on all those numbered before it, so the best-so-far line is the same as drawn
+    from every trial.
     """
 
     objective: str

@@ -27,6 +27,7 @@ from app.services.studies import best_trial_order, first_direction, own_study
 MAX_POINTS = 4000
 MAX_TOP = 2000
 CACHED_STUDIES = 16
+BANDS = 16  # bands of value in the downsampling grid
 _OPEN = (TrialState.RUNNING.value, TrialState.WAITING.value)
 _PLOTTED = (TrialState.COMPLETE.value, TrialState.PRUNED.value)
 # A text query: the scan reads 100,000 rows, and Core's per-column result processing would cost more than it.
@@ -81,8 +82,8 @@ def _finished_in_tx(session: Session, study: Study, *, max_points: int, top: int
         t.number.is_not(None)).order_by(best_trial_order(study), t.number).limit(top)).all() if top else []
     points = {state: _points(rows, state) for state in _PLOTTED}
     sampled = sum(len(p[0]) for p in points.values()) > max_points
-    per_state = max(1, max_points // (2 * len(_PLOTTED)))  # buckets per state: a low and a high point each
-    drawn = {state: _downsample(*p, buckets=per_state) if sampled else _pairs(*p) for state, p in points.items()}
+    budget = max(1, max_points // len(_PLOTTED))
+    drawn = {state: _downsample(*p, budget=budget) if sampled else _pairs(*p) for state, p in points.items()}
     top_params = parse_params([r[2] for r in top_rows])
     names = sorted({n for p in top_params for n in p}, key=_documented_order)
     return {
@@ -106,16 +107,24 @@ def _pairs(numbers: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
     return list(zip(numbers.tolist(), values.tolist(), strict=True))
 
 
-def _downsample(numbers: np.ndarray, values: np.ndarray, *, buckets: int) -> list[tuple[int, float]]:
-    """Per bucket of consecutive numbers, the lowest and the highest value (one point when they coincide)."""
-    if len(numbers) <= 2 * buckets:
+def _downsample(numbers: np.ndarray, values: np.ndarray, *, budget: int) -> list[tuple[int, float]]:
+    """At most `budget` of the points, keeping the cloud's shape and its edges.
+
+    The plot is cut into a grid (stretches of trial numbers x bands of value): each occupied cell keeps its
+    first trial, so every region that holds a trial still shows one, dense or sparse; and each stretch keeps
+    its lowest and highest trial, so the extremes are drawn exactly.
+    """
+    if len(numbers) <= budget:
         return _pairs(numbers, values)
-    width = int(numbers[-1]) // buckets + 1
-    bucket = numbers // width
-    order = np.lexsort((values, bucket))  # by bucket, then value
-    starts = np.flatnonzero(np.r_[True, bucket[order][1:] != bucket[order][:-1]])
+    stretches = max(1, budget // (BANDS + 2))
+    stretch = numbers * stretches // (int(numbers[-1]) + 1)
+    low, high = float(values.min()), float(values.max())
+    band = np.minimum(((values - low) / ((high - low) or 1.0) * BANDS).astype(np.int64), BANDS - 1)
+    _, first_in_cell = np.unique(stretch * BANDS + band, return_index=True)  # first = lowest number
+    order = np.lexsort((values, stretch))  # by stretch, then value
+    starts = np.flatnonzero(np.r_[True, stretch[order][1:] != stretch[order][:-1]])
     ends = np.r_[starts[1:], len(order)] - 1
-    keep = np.unique(np.r_[order[starts], order[ends]])  # positions in number order
+    keep = np.unique(np.r_[first_in_cell, order[starts], order[ends]])  # positions in number order
     return _pairs(numbers[keep], values[keep])
 
 

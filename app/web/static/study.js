@@ -252,7 +252,7 @@ function drawHistory() {
   chart("history-chart").setOption(historyOption(data, state), { notMerge: true });
   const o = state.overview;
   $("history-note").textContent = o.sampled
-    ? `· ${(o.complete.length + o.pruned.length).toLocaleString()} of ${(o.with_value.complete + o.with_value.pruned).toLocaleString()} points: each stretch's highest and lowest; best so far exact`
+    ? `· ${(o.complete.length + o.pruned.length).toLocaleString()} of ${(o.with_value.complete + o.with_value.pruned).toLocaleString()} points (downsampled: every region and extreme kept); best so far exact`
     : "";
   markDrawn("history-chart");
 }
