@@ -31,8 +31,8 @@ BANDS = 16  # bands of value in the downsampling grid
 _OPEN = (TrialState.RUNNING.value, TrialState.WAITING.value)
 _PLOTTED = (TrialState.COMPLETE.value, TrialState.PRUNED.value)
 # A text query: the scan reads 100,000 rows, and Core's per-column result processing would cost more than it.
-_SCAN = text("SELECT number, state, value FROM hp_trials WHERE study_id = :study_id AND number IS NOT NULL "
-             "AND value IS NOT NULL AND state IN ('complete', 'pruned') ORDER BY number")
+_SCAN = text(f"SELECT number, state, value FROM {Trial.__tablename__} WHERE study_id = :study_id "
+             f"AND number IS NOT NULL AND value IS NOT NULL AND state IN {_PLOTTED!r} ORDER BY number")
 
 # The finished trials' part of an overview, by (study, points, top) and kept while no trial finishes: it is
 # the same until one does, and it is the costly part (a scan of every trial).
