@@ -1,4 +1,5 @@
-"""The dashboard's reads at 10,000 trials, side by side with optuna-dashboard serving the same database.
+"""The dashboard's reads at 10,000 trials, side by side with optuna-dashboard serving the same database;
+and the study page in Chromium at 100,000 trials, this version beside an earlier one.
 
 Builds a finished study of N trials x 8 reported epochs in bulk (our tables and Optuna's, see
 dashboard_data.py), serves it with hpsearch (uvicorn) and with optuna-dashboard (its WSGI app under
@@ -8,35 +9,51 @@ timed both cold (caches cleared: what a live study costs every few seconds) and 
 
     pip install -e '.[bench]'
     python -m benchmarks.dashboard --trials 10000 --backends sqlite,postgresql --out /tmp/dashboard.json
+
+The page mode serves the same API with the pages of this checkout and of an earlier commit (`--before`,
+its app/web taken with `git archive`), and times each in headless Chromium: navigation start to every panel
+drawn (`body[data-ready]`), then, with the study running, the longest main-thread task while trials stream
+in over the event stream:
+
+    python -m benchmarks.dashboard --reads page --trials 100000 --backends sqlite --before c37796a
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import httpx
+import numpy as np
+import optuna.distributions as od
 import uvicorn
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
 
 from app.core import migrate
 from app.core.config import Settings
+from app.core.db import Database
 from app.main import create_app
+from app.models import Study
 from app.services import importance as our_importance
+from benchmarks import dashboard_data
 from benchmarks.common import machine, write_json
 from benchmarks.dashboard_data import BuiltStudy, build_study
 
@@ -89,8 +106,13 @@ def _database(backend: str, workdir: Path) -> Iterator[str]:
 CLEAR_PATH = "/__bench/clear"  # benchmark servers only: drop in-process caches for a cold read
 
 
-def serve_ours(url: str, port: int) -> None:
-    """hpsearch's API as `hpsearch serve --workers 0` runs it, plus the cache-clearing route."""
+def serve_ours(url: str, port: int, web_dir: str | None = None) -> None:
+    """hpsearch's API as `hpsearch serve --workers 0` runs it, plus the cache-clearing route; with web_dir,
+    the dashboard pages and scripts from there (an earlier version's app/web) over this version's API."""
+    if web_dir:
+        from app.api.routes import dashboard
+
+        dashboard.WEB_DIR = Path(web_dir)
     settings = Settings(home=Path(tempfile.mkdtemp()), database_url=url, rate_limit_per_s=1e6,
                         rate_limit_burst=10**6)
     app = create_app(settings)
@@ -133,10 +155,10 @@ def serve_theirs(url: str, port: int) -> None:
 
 
 @contextmanager
-def _server(kind: str, url: str, ready_path: str) -> Iterator[str]:
+def _server(kind: str, url: str, ready_path: str, *extra: str) -> Iterator[str]:
     """A server in its own process, so client and server never share an interpreter lock."""
     port = _free_port()
-    command = [sys.executable, "-m", "benchmarks.dashboard", kind, "--url", url, "--port", str(port)]
+    command = [sys.executable, "-m", "benchmarks.dashboard", kind, "--url", url, "--port", str(port), *extra]
     proc = subprocess.Popen(command)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -152,7 +174,11 @@ def _server(kind: str, url: str, ready_path: str) -> Iterator[str]:
         yield base
     finally:
         proc.terminate()
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:  # an open event stream holds a graceful shutdown
+            proc.kill()
+            proc.wait(20)
 
 
 def _time_get(client: httpx.Client, path: str, *, cold: bool = False) -> float:
@@ -263,16 +289,123 @@ def _time_page(browser: Any, url: str, drawn_selector: str, server: httpx.Client
     return (time.perf_counter() - start) * 1000
 
 
+# ---- the study page, this version beside an earlier one ------------------------------------------------------
+
+LONG_TASKS = """window.__longTasks = [];
+try {
+  new PerformanceObserver((list) => { for (const e of list.getEntries()) window.__longTasks.push(e.duration); })
+    .observe({ type: "longtask", buffered: true });
+} catch (e) { /* no long-task timing in this browser */ }"""
+
+
+def _web_dir(rev: str, into: Path) -> Path:
+    """app/web as it was at `rev`, unpacked under `into`."""
+    archive = subprocess.run(["git", "archive", rev, "app/web"], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "app" / "web"
+
+
+def _reopen_study(url: str, built: BuiltStudy, n_trials: int) -> None:
+    """Make the built study running again with room for more trials, so its event stream stays open."""
+    db = Database(url)
+    with db.session() as session:
+        session.execute(update(Study).where(Study.id == built.study_id)
+                        .values(status="running", finished_at=None, stop_reason=None, n_trials=n_trials))
+    db.dispose()
+
+
+def _stream_trials(url: str, built: BuiltStudy, first: int, count: int, per_s: int, seed: int) -> None:
+    """Write `count` finished trials (numbered from `first`, with their epochs) at `per_s` a second, as a
+    fleet of workers would: the page reads them from its event stream."""
+    rng = np.random.default_rng(seed)
+    db = Database(url)
+    described = dashboard_data.data.describe(dashboard_data.data.load_builtin(dashboard_data.SPEC["dataset"]))
+    resolved = dashboard_data.resolve_space({}, dashboard_data.space_context(described, dashboard_data.SPEC["model"]))
+    dists = {k: d for k, d in resolved.items() if isinstance(d, od.BaseDistribution)}
+    batch = max(1, per_s // 4)
+    for start in range(first, first + count, batch):
+        now = datetime.now(UTC)
+        trials = [dashboard_data._trial(rng, n, dists, 4, now) for n in range(start, min(start + batch, first + count))]
+        for t in trials:
+            t["began"], t["ended"], t["optuna_trial_id"] = now, datetime.now(UTC), None
+        dashboard_data._write_ours(db, built.study_id, trials)
+        time.sleep(0.25)
+    db.dispose()
+
+
+def _page_ms(browser: Any, url: str) -> tuple[float, float]:
+    """Navigation start to the history plot drawn, and to every panel drawn (polled every 0.1 s)."""
+    browser.call("Page.navigate", session=True, url="about:blank")
+    browser.wait_for("location.href === 'about:blank'")
+    start = time.perf_counter()
+    browser.call("Page.navigate", session=True, url=url)
+    browser.wait_for("document.querySelector('#history-chart[data-drawn] canvas') !== null", timeout_s=300)
+    history = time.perf_counter()
+    browser.wait_for("document.body && document.body.dataset.ready === 'true'", timeout_s=300)
+    return (history - start) * 1000, (time.perf_counter() - start) * 1000
+
+
+def measure_page(backend: str, built: BuiltStudy, url: str, before: str, runs: int,
+                 stream: int) -> list[dict[str, Any]]:
+    """First full draw, then responsiveness while `stream` trials arrive, for each version of the page."""
+    rows: list[dict[str, Any]] = []
+    n = built.n_trials
+    _reopen_study(url, built, n + 2 * stream)
+    with tempfile.TemporaryDirectory() as tmp, _browser(enabled=True) as browser:
+        if browser is None:
+            return rows
+        browser.call("Page.enable", session=True)
+        browser.call("Page.addScriptToEvaluateOnNewDocument", session=True, source=LONG_TASKS)
+        versions = [(f"before ({before})", ("--web-dir", str(_web_dir(before, Path(tmp))))), ("after", ())]
+        for i, (label, extra) in enumerate(versions):
+            with _server("serve-ours", url, "/healthz", *extra) as base:
+                page = f"{base}/studies/{built.study_id}#key={built.key}"
+                cold = _page_ms(browser, page)  # the first open: no server cache, no query plans yet
+                draws = [_page_ms(browser, page) for _ in range(runs)]
+                load_tasks = browser.js("window.__longTasks.slice()") or []
+                browser.wait_for("document.getElementById('live').textContent === 'live'", timeout_s=60)
+                browser.js("window.__longTasks = []")
+                first = n + i * stream
+                started = time.perf_counter()
+                writer = threading.Thread(target=_stream_trials, args=(url, built, first, stream, 200, i))
+                writer.start()
+                writer.join()
+                written = time.perf_counter()
+                shown = f"{first + stream}/"
+                browser.wait_for(f"document.getElementById('progress-counts').textContent.includes({shown!r})",
+                                 timeout_s=300)
+                lag = time.perf_counter() - written
+                time.sleep(3)  # the throttled redraws after the last event
+                tasks = browser.js("window.__longTasks.slice()") or []
+                row = {"page": label, "history_drawn_ms": round(statistics.median(d[0] for d in draws)),
+                       "first_full_draw_ms": round(statistics.median(d[1] for d in draws)),
+                       "first_open_ms": [round(x) for x in cold],
+                       "draws_ms": [[round(x) for x in d] for d in draws],
+                       "longest_task_at_load_ms": round(max(load_tasks, default=0)),
+                       "streamed_trials": stream, "stream_s": round(written - started, 1),
+                       "longest_task_streaming_ms": round(max(tasks, default=0)),
+                       "long_task_total_streaming_ms": round(sum(tasks)),
+                       "shown_after_last_write_s": round(lag, 2)}
+                rows.append(row)
+                print(f"  [{backend}] {row}", flush=True)
+    return rows
+
+
 def run(backend: str, n_trials: int, epochs: int, repeat: int, cold_repeat: int,
-        reads: set[str]) -> dict[str, Any]:
+        reads: set[str], before: str = "HEAD", stream: int = 2000) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, _database(backend, Path(tmp)) as url:
         migrate.upgrade(url)
         started = time.perf_counter()
         built = build_study(url, n_trials=n_trials, epochs=epochs)
         took = time.perf_counter() - started
         print(f"[{backend}] built {n_trials} trials x {epochs} epochs in {took:.1f}s", flush=True)
-        timings = measure(backend, built, url, repeat, cold_repeat, reads)
-        return {"backend": backend, "trials": n_trials, "epochs": epochs, "rows": [t.row() for t in timings]}
+        out: dict[str, Any] = {"backend": backend, "trials": n_trials, "epochs": epochs}
+        if reads & {"http", "browser"}:
+            out["rows"] = [t.row() for t in measure(backend, built, url, repeat, cold_repeat, reads)]
+        if "page" in reads:
+            out["page"] = measure_page(backend, built, url, before, cold_repeat, stream)
+        return out
 
 
 def main() -> None:
@@ -284,19 +417,24 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30, help="runs of each warm read")
     parser.add_argument("--cold-repeat", type=int, default=5, help="runs of each cold read")
     parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--reads", default="http,browser", help="http reads, the page in Chromium, or both")
+    parser.add_argument("--reads", default="http,browser",
+                        help="http reads, browser (first plot, beside optuna-dashboard), page (this version's "
+                             "study page beside --before's: first full draw and streaming)")
+    parser.add_argument("--before", default="HEAD", help="page: the git revision of the earlier pages")
+    parser.add_argument("--stream", type=int, default=2000, help="page: trials streamed in while it is open")
+    parser.add_argument("--web-dir", help="serve-ours: the dashboard's pages and scripts from here")
     parser.add_argument("--out", default=None)
     parser.add_argument("--url", help="serve-*: the database")
     parser.add_argument("--port", type=int, help="serve-*: the loopback port")
     args = parser.parse_args()
     if args.mode == "serve-ours":
-        serve_ours(args.url, args.port)
+        serve_ours(args.url, args.port, args.web_dir)
     elif args.mode == "serve-theirs":
         serve_theirs(args.url, args.port)
     else:
         reads = set(args.reads.split(","))
-        results = [run(backend, args.trials, args.epochs, args.repeat, args.cold_repeat, reads)
-                   for backend in args.backends.split(",")]
+        results = [run(backend, args.trials, args.epochs, args.repeat, args.cold_repeat, reads, args.before,
+                       args.stream) for backend in args.backends.split(",")]
         write_json(args.out, {"machine": machine(), "args": vars(args), "results": results})
 
 

@@ -1,4 +1,5 @@
 """A large finished study written in bulk: our tables and Optuna's, so both dashboards read the same rows.
+Epochs are numbered from 1, as workers record them.
 
 Rows go in through SQLAlchemy Core in batches (a real study of 10,000 trials would take days to run). The
 values follow a smooth function of the parameters plus noise, so that importance has something to find.
@@ -136,7 +137,7 @@ def _write_optuna(engine: Any, study_id: int, trials: list[dict[str, Any]], dist
                 conn.execute(insert(om.TrialValueModel.__table__), values)
             conn.execute(insert(om.TrialIntermediateValueModel.__table__), [
                 {"trial_id": ids[t["number"]], "step": e, "intermediate_value": v,
-                 "intermediate_value_type": "FINITE"} for t in chunk for e, v in enumerate(t["curve"])])
+                 "intermediate_value_type": "FINITE"} for t in chunk for e, v in enumerate(t["curve"], 1)])
     for t in trials:
         t["optuna_trial_id"] = ids[t["number"]]
 
@@ -153,7 +154,7 @@ def _write_ours(db: Database, study_id: str, trials: list[dict[str, Any]]) -> No
                  "created_at": t["began"],
                  "started_at": t["began"], "heartbeat_at": t["ended"], "finished_at": t["ended"],
                  "duration_s": (t["ended"] - t["began"]).total_seconds(), "epochs_run": len(t["curve"]),
-                 "best_epoch": int(np.argmax(t["curve"])) if t["curve"] else None,
+                 "best_epoch": int(np.argmax(t["curve"])) + 1 if t["curve"] else None,
                  "error": "trial process died (exit code -9)" if t["state"] == "fail" else None}
                 for t in chunk])
         ids = dict(conn.execute(select(Trial.number, Trial.id).where(Trial.study_id == study_id)).all())
@@ -162,8 +163,8 @@ def _write_ours(db: Database, study_id: str, trials: list[dict[str, Any]]) -> No
                 {"trial_id": ids[t["number"]], "attempt": 1, "epoch": e, "train_loss": 1.1 - v,
                  "val_loss": 1.05 - v, "val_metric": v, "learning_rate": t["params"]["learning_rate"],
                  "seconds": t["seconds"],
-                 "created_at": t["began"] + timedelta(seconds=t["seconds"] * (e + 1))}
-                for t in chunk for e, v in enumerate(t["curve"])])
+                 "created_at": t["began"] + timedelta(seconds=t["seconds"] * e)}
+                for t in chunk for e, v in enumerate(t["curve"], 1)])
 
 
 def _metrics(t: dict[str, Any]) -> dict[str, float] | None:

@@ -92,6 +92,14 @@ class Browser:
             raise RuntimeError(result["exceptionDetails"])
         return result["result"].get("value")
 
+    def js_await(self, expression: str) -> Any:
+        """Evaluate an expression that may be a promise (e.g. a dynamic `import()`), and return its value."""
+        result = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(result["exceptionDetails"])
+        return result["result"].get("value")
+
     def wait_for(self, expression: str, timeout_s: float = WAIT_S) -> Any:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

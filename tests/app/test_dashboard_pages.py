@@ -67,7 +67,7 @@ def test_the_pages_send_the_key_in_a_header_never_in_a_url(settings: Settings, d
     assert "Authorization: `Bearer ${key}`" in api and "sessionStorage" in api
     assert "EventSource(" not in api and "?key=" not in api
     study = client.get("/static/study.js").text
-    assert "/events" in study and "/history?after=" in study and "/trials?" in study
+    assert "/events" in study and "/history/overview" in study and "/history?after=" in study and "/trials?" in study
 
 
 def test_pages_are_not_in_the_api_schema(settings: Settings, db: Database) -> None:
@@ -76,4 +76,4 @@ def test_pages_are_not_in_the_api_schema(settings: Settings, db: Database) -> No
     assert "/" not in paths and "/studies/{study_id}" not in paths
     assert {"/api/v1/studies/{study_id}/events", "/api/v1/studies/{study_id}/importance",
             "/api/v1/studies/{study_id}/trials.csv", "/api/v1/studies/{study_id}/history",
-            "/api/v1/studies/{study_id}/curves"} <= set(paths)
+            "/api/v1/studies/{study_id}/curves", "/api/v1/studies/{study_id}/history/overview"} <= set(paths)

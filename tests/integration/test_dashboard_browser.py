@@ -126,3 +126,132 @@ def test_sign_in_watch_a_study_live_then_read_it_finished(server: tuple[str, Set
     shot = ARTIFACTS / "dashboard-study.png"
     browser.screenshot(shot)
     assert shot.stat().st_size > 20_000
+
+
+def _option(chart: str) -> str:
+    """JS for a chart's current ECharts option (functions such as label formatters included)."""
+    return f"echarts.getInstanceByDom(document.getElementById({json.dumps(chart)})).getOption()"
+
+
+def test_charts_draw_epoch_n_at_n_and_pruned_here_at_the_last_epoch(server: tuple[str, Settings, Database],
+                                                                     browser: Browser) -> None:
+    """Workers number epochs from 1; the charts once added 1, so the last epoch fell off the axis."""
+    base, _, _ = server
+    browser.open(f"{base}/")
+    got = browser.js_await("""import('/static/charts.js').then((c) => {
+      const curves = [{ number: 1, state: 'complete', epoch: [1, 2, 3], val_metric: [0.5, 0.7, 0.8] },
+                      { number: 2, state: 'pruned', epoch: [1, 2], val_metric: [0.4, 0.45] }];
+      const o = c.curvesOption(curves, { objective: 'val_accuracy', epochs: 3, selected: null });
+      const t = c.trialOption([1, 2, 3].map((e) => ({ epoch: e, val_metric: e / 10, val_loss: 1, train_loss: 1 })),
+                              { objective: 'val_accuracy', epochs: 3 });
+      return { complete: o.series[0].data, pruned: o.series[1].data, cut: o.series[2].data, max: o.xAxis.max,
+               trial: t.series[0].data.map((p) => p[0]), trialMax: t.xAxis.max };
+    })""")
+    assert got["complete"] == [[1, 0.5], [2, 0.7], [3, 0.8]]
+    assert got["pruned"] == [[1, 0.4], [2, 0.45]]
+    assert got["cut"] == [{"value": [2, 0.45], "number": 2}]  # pruned after its second epoch
+    assert got["max"] == 3 and got["trial"] == [1, 2, 3] and got["trialMax"] == 3
+
+
+def test_chart_rules_tick_labels_best_line_and_axis_choice(server: tuple[str, Settings, Database],
+                                                           browser: Browser) -> None:
+    base, _, _ = server
+    browser.open(f"{base}/")
+    got = browser.js_await("""import('/static/charts.js').then((c) => {
+      const steps = [[0, 0.5], [3, 0.7], [5, 0.9]];
+      c.addToBest(steps, 2, 0.8, 'maximize');  // a late finisher becomes a step and hides #3
+      c.addToBest(steps, 4, 0.8, 'maximize');  // a tie with the best before it: the earlier trial stays
+      const axes = c.chooseAxes({ varying: ['n_layers', 'units', 'dropout', 'learning_rate', 'batch_size'],
+                                  searched: ['batch_size'], importantFirst: ['learning_rate', 'dropout', 'units'],
+                                  max: 3 });
+      return { ticks: [1e-7, 3e-6, 0.01, 250, 2e5].map(c.formatTick), steps, axes };
+    })""")
+    assert got["ticks"] == ["1e-7", "3e-6", "0.01", "250", "2e5"]
+    assert got["steps"] == [[0, 0.5], [2, 0.8], [5, 0.9]]
+    # The searched parameter is always an axis, however unimportant; the rule is said in words.
+    assert got["axes"]["names"] == ["dropout", "learning_rate", "batch_size"]
+    assert got["axes"]["rule"] == "3 of 5 parameters: the 1 searched in the spec and the 2 most important"
+
+
+def test_study_page_axes_best_trial_and_pause_resume_cancel(server: tuple[str, Settings, Database],
+                                                            browser: Browser) -> None:
+    base, settings, db = server
+    client = client_for(settings, db)
+    space = {"learning_rate": {"type": "float", "low": 1e-7, "high": 1e-1, "log": True},
+             "batch_size": {"type": "categorical", "choices": [128, 32, 64]}, "optimizer": "adam"}
+    study = client.post("/api/v1/studies", json=study_spec(name="controls", search_space=space,
+                                                           budget={"n_trials": 30, "max_parallel": 1})).json()
+    write_trials(db, settings, study_id=study["id"], n=12)
+    key = keys.create_key(db, owner="alice")
+    browser.open(f"{base}/studies/{study['id']}#key={key}")
+    browser.wait_for("document.body.dataset.ready === 'true'")
+
+    # Parallel coordinates: numeric choices on a category axis in numeric order, log ticks as 1e-7.
+    axes = browser.js(f"{_option('parallel-chart')}.parallelAxis.map((a) => [a.name, a.type, a.data || null])")
+    by_name = {name: (kind, data) for name, kind, data in axes}
+    assert by_name["batch_size"] == ("category", ["32", "64", "128"])
+    assert by_name["learning_rate"][0] == "log"
+    assert browser.js(f"{_option('parallel-chart')}.parallelAxis.find((a) => a.name === 'learning_rate')"
+                      ".axisLabel.formatter(1e-7)") == "1e-7"
+    note = browser.js("document.getElementById('parallel-note').textContent")
+    assert "parameters" in note
+    # The user picks the axes; "Automatic" goes back to the rule.
+    browser.js("document.getElementById('axes-picker').open = true;"
+               "document.querySelector('#axes-list input[value=\"learning_rate\"]').click()")
+    assert "learning_rate" not in browser.js("document.getElementById('parallel-chart').dataset.axes")
+    assert "as chosen" in browser.js("document.getElementById('parallel-note').textContent")
+    browser.js("document.getElementById('axes-auto').click()")
+    assert "learning_rate" in browser.js("document.getElementById('parallel-chart').dataset.axes").split(",")
+
+    # The history's last trial is inside the axis, not on its edge.
+    last = max(client.get(f"/api/v1/studies/{study['id']}/history").json()["number"])
+    assert browser.js(f"{_option('history-chart')}.xAxis[0].max") > last
+
+    # The trial panel opens on the best trial, without putting it in the address.
+    best = client.get(f"/api/v1/studies/{study['id']}").json()["best_trial"]
+    browser.wait_for(f"document.getElementById('detail').dataset.number === '{best['number']}'")
+    assert "trial=" not in browser.js("location.href")
+
+    # Pause, resume, and cancel only after confirming.
+    browser.wait_for("!document.getElementById('pause').classList.contains('hidden')")
+    browser.js("document.getElementById('pause').click()")
+    browser.wait_for("document.getElementById('study-status').textContent === 'paused'")
+    assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "paused"
+    browser.js("document.getElementById('resume').click()")
+    browser.wait_for("document.getElementById('study-status').textContent === 'running'")
+    browser.js("document.getElementById('cancel').click()")
+    assert browser.js("!document.getElementById('cancel-confirm').classList.contains('hidden')")
+    assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "running"  # not yet
+    browser.js("document.getElementById('cancel-no').click()")
+    assert browser.js("document.getElementById('cancel-confirm').classList.contains('hidden')")
+    browser.js("document.getElementById('cancel').click(); document.getElementById('cancel-yes').click()")
+    browser.wait_for("document.getElementById('study-status').textContent === 'cancelled'")
+    assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "cancelled"
+    assert browser.js("document.getElementById('cancel').classList.contains('hidden')")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.screenshot(ARTIFACTS / "dashboard-controls.png")
+
+
+def test_study_list_tells_studies_apart_and_says_when_a_key_is_rejected(
+        server: tuple[str, Settings, Database], browser: Browser) -> None:
+    base, settings, db = server
+    client = client_for(settings, db)
+    older = client.post("/api/v1/studies", json=study_spec(name="same-name")).json()
+    newer = client.post("/api/v1/studies", json=study_spec(name="same-name")).json()
+    key = keys.create_key(db, owner="alice")
+    browser.open(f"{base}/#key={key}")
+    browser.wait_for("document.body.dataset.ready === 'true'")
+    rows = browser.js("[...document.querySelectorAll('#studies-table tbody tr')].map((r) => "
+                      "[r.dataset.id, r.querySelector('.short-id').textContent, r.title])")
+    assert [r[0] for r in rows] == [newer["id"], older["id"]]  # newest first
+    assert [r[1] for r in rows] == [newer["id"][:8], older["id"][:8]]
+    assert all(f"id {sid}" in title and "created" in title for sid, _, title in rows)
+
+    browser.js("sessionStorage.setItem('hpsearch.apiKey', 'hps_wrong0123456789')")
+    browser.open(f"{base}/")
+    browser.wait_for("document.getElementById('key-rejected') !== null")
+    bar = browser.js("document.getElementById('signin').textContent")
+    assert "rejected" in bar and "signed in" not in bar
+    assert browser.js("document.getElementById('api-key') !== null")  # the field to try another key
+    assert "rejected" in browser.js("document.getElementById('notice').textContent")

@@ -9,7 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep
 from app.schemas.insights import CurvesPublic, HistoryPublic, ImportancePublic
+from app.schemas.overview import HistoryOverviewPublic
 from app.services import events, exports, importance
+from app.services import history as history_overview
 
 router = APIRouter(prefix="/studies/{study_id}", tags=["insights"])
 NUMBERS_PATTERN = r"^\d{1,9}(,\d{1,9}){0,59}$"
@@ -52,6 +54,16 @@ def get_history(study_id: str, owner: CurrentOwner, db: DbDep,
                 ) -> HistoryPublic:
     """Trials numbered after `after`, in columns (compact for plots of every trial)."""
     return exports.history(db, owner=owner, study_id=study_id, after=after, limit=limit)
+
+
+@router.get("/history/overview", response_model=HistoryOverviewPublic)
+def get_history_overview(study_id: str, owner: CurrentOwner, db: DbDep,
+                         points: Annotated[int, Query(ge=100, le=history_overview.MAX_POINTS)] = (
+                             history_overview.MAX_POINTS),
+                         top: Annotated[int, Query(ge=0, le=history_overview.MAX_TOP)] = history_overview.MAX_TOP,
+                         ) -> HistoryOverviewPublic:
+    """Finished trials' points (downsampled past `points`), the exact best-so-far line, the `top` best trials."""
+    return history_overview.overview(db, owner=owner, study_id=study_id, max_points=points, top=top)
 
 
 @router.get("/curves", response_model=CurvesPublic)

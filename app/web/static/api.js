@@ -28,8 +28,23 @@ export function takeKeyFromFragment() {
   history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
 }
 
+const REJECTED_EVENT = "hpsearch:key-rejected";
+let rejectedKey = null; // the key the API last answered 401 to
+
 export const apiKey = () => sessionStorage.getItem(KEY_ITEM) || "";
-export const setApiKey = (key) => key ? sessionStorage.setItem(KEY_ITEM, key) : sessionStorage.removeItem(KEY_ITEM);
+export const setApiKey = (key) => {
+  rejectedKey = null;
+  if (key) sessionStorage.setItem(KEY_ITEM, key);
+  else sessionStorage.removeItem(KEY_ITEM);
+};
+export const keyRejected = () => Boolean(rejectedKey) && rejectedKey === apiKey();
+
+/** A 401 to a request that carried a key: that key is wrong or revoked, and the sign-in bar says so. */
+function noteRejected(status) {
+  if (status !== 401 || !apiKey() || keyRejected()) return;
+  rejectedKey = apiKey();
+  window.dispatchEvent(new CustomEvent(REJECTED_EVENT));
+}
 
 function headers(extra = {}) {
   const key = apiKey();
@@ -41,6 +56,7 @@ export async function getJSON(path, { signal } = {}) {
   if (!response.ok) {
     let detail = null;
     try { detail = (await response.json()).detail; } catch { /* not JSON */ }
+    noteRejected(response.status);
     throw new ApiError(response.status, detail);
   }
   return response.json();
@@ -48,7 +64,10 @@ export async function getJSON(path, { signal } = {}) {
 
 export async function postJSON(path) {
   const response = await fetch(API + path, { method: "POST", headers: headers() });
-  if (!response.ok) throw new ApiError(response.status, (await response.json().catch(() => ({}))).detail);
+  if (!response.ok) {
+    noteRejected(response.status);
+    throw new ApiError(response.status, (await response.json().catch(() => ({}))).detail);
+  }
   return response.json();
 }
 
@@ -203,11 +222,12 @@ export function mountSignIn(container, onChange) {
   const render = () => {
     container.replaceChildren();
     const key = apiKey();
-    if (key) {
+    if (key && !keyRejected()) {
       container.append(el("span", { class: "who" }, `signed in · ${key.slice(0, 10)}…`),
         el("button", { type: "button", onclick: () => { setApiKey(""); render(); onChange(); } }, "Sign out"));
       return;
     }
+    if (key) container.append(el("span", { class: "who rejected", id: "key-rejected" }, `key ${key.slice(0, 10)}… rejected`));
     const input = el("input", { type: "password", placeholder: "API key", autocomplete: "off", id: "api-key" });
     const form = el("form", { class: "signin", onsubmit: (event) => {
       event.preventDefault();
@@ -217,6 +237,7 @@ export function mountSignIn(container, onChange) {
     } }, input, el("button", { type: "submit", class: "primary" }, "Sign in"));
     container.append(form);
   };
+  window.addEventListener(REJECTED_EVENT, render);
   render();
 }
 

@@ -1,5 +1,5 @@
 // The studies page: the signed-in owner's studies with status, progress, best value and age.
-import { ApiError, el, formatAge, formatValue, getJSON, mountSignIn, takeKeyFromFragment } from "./api.js";
+import { ApiError, el, formatAge, formatValue, getJSON, keyRejected, mountSignIn, takeKeyFromFragment } from "./api.js";
 
 const PAGE = 50;
 const REFRESH_MS = 5000;
@@ -34,14 +34,17 @@ function progressCell(progress) {
 
 function row(study) {
   const best = study.best_trial;
-  return el("tr", { "data-id": study.id, onclick: () => { location.href = `/studies/${study.id}`; } },
-    el("td", {}, el("a", { href: `/studies/${study.id}` }, study.name)),
+  const created = new Date(study.created_at).toLocaleString();
+  const short = study.id.slice(0, 8);
+  return el("tr", { "data-id": study.id, title: `${study.name} · id ${study.id} · created ${created}`,
+                    onclick: () => { location.href = `/studies/${study.id}`; } },
+    el("td", {}, el("a", { href: `/studies/${study.id}` }, study.name), " ", el("span", { class: "short-id" }, short)),
     el("td", {}, el("span", { class: `badge ${study.status}` }, study.status)),
     progressCell(study.progress),
     el("td", { class: "num" }, best ? `${formatValue(best.value)} (#${best.number})` : "—"),
     el("td", {}, objectiveText(study.spec)),
     el("td", {}, `${study.dataset} · ${study.model}`),
-    el("td", { title: study.created_at }, formatAge(study.created_at)));
+    el("td", { class: "age", title: `created ${created}` }, formatAge(study.created_at)));
 }
 
 async function load(reset) {
@@ -63,7 +66,10 @@ async function load(reset) {
     document.body.dataset.ready = "true";
   } catch (error) {
     body.replaceChildren();
-    if (error instanceof ApiError && error.status === 401) showNotice("Sign in with your API key to see your studies.");
+    if (error instanceof ApiError && error.status === 401) {
+      showNotice(keyRejected() ? "That API key was rejected (revoked or mistyped): sign in with a valid key."
+        : "Sign in with your API key to see your studies.", keyRejected());
+    }
     else showNotice(`Could not load studies: ${error.message}`, true);
   }
 }

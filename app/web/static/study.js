@@ -2,9 +2,10 @@
 // incremental polling when streaming is not possible). With 10,000 trials the page loads the compact
 // history once, curves only for a few trials, and the table one server-side page at a time.
 /* global echarts */
-import { ApiError, EventStream, download, el, formatDuration, formatValue, fragment, getJSON, mountSignIn,
-         takeKeyFromFragment, throttle } from "./api.js";
-import { curvesOption, historyOption, importanceOption, parallelOption, trialOption } from "./charts.js";
+import { ApiError, EventStream, apiKey, download, el, formatDuration, formatValue, fragment, getJSON, mountSignIn,
+         postJSON, takeKeyFromFragment, throttle } from "./api.js";
+import { bestComplete, chooseAxes, curvesOption, historyData, historyOption, importanceOption, parallelOption,
+         trialOption, varyingParams } from "./charts.js";
 
 const STUDY_ID = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
 const BASE = `/studies/${encodeURIComponent(STUDY_ID)}`;
@@ -15,6 +16,8 @@ const POLL_MS = 3000;
 const IMPORTANCE_EVERY_MS = 15000;
 const PARAM_COLUMNS = 8;
 const PARALLEL_AXES = 8;
+const PARALLEL_LINES = 2000;
+const LIVE_MAX = 2000; // trials kept one by one before a fresh overview replaces them
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -23,8 +26,16 @@ const state = {
   direction: "maximize",
   epochs: 1,
   paramNames: [],
+  paramKinds: {}, // name -> int | float | categorical
+  logScale: null, // names sampled on a log scale
+  searched: [], // names the spec gives a range or choices: always on the parallel plot unless the user unticks them
   importantFirst: [], // parameter names by importance, once known
-  trials: new Map(), // number -> {number, state, value, duration_s, epochs_run, params}
+  axesChosen: null, // the user's parallel axes; null = the automatic rule
+  parallelDrawn: null, // what the parallel plot shows now: its axes and lines
+  basics: Promise.resolve(), // settles once the summary and the overview are drawn
+  overview: null, // GET /history/overview: points, exact best-so-far steps, best trials
+  top: new Map(), // number -> {number, state, value, params}: the overview's best trials
+  live: new Map(), // number -> trial seen since the overview (events or polls)
   curves: new Map(), // number -> curve as GET /curves returns it
   selected: null,
   table: { sort: "number", order: "asc", cursors: [null], index: 0, next: null, state: "" },
@@ -57,7 +68,10 @@ function notice(text, error = false) {
 }
 
 function failed(error) {
-  if (error instanceof ApiError && error.status === 401) notice("Sign in with your API key to see this study.");
+  if (error instanceof ApiError && error.status === 401) {
+    notice(apiKey() ? "That API key was rejected (revoked or mistyped): sign in with a valid key."
+      : "Sign in with your API key to see this study.", Boolean(apiKey()));
+  }
   else if (error instanceof ApiError && error.status === 404) notice("No such study among yours.", true);
   else notice(`Could not load: ${error.message}`, true);
 }
@@ -105,6 +119,7 @@ function renderSummary(study) {
     ]);
   }
   if (study.error) notice(`Study failed: ${study.error}`, true);
+  renderControls(study.status);
   markDrawn("summary");
 }
 
@@ -112,6 +127,8 @@ function renderBest(best) {
   $("best-empty").classList.toggle("hidden", Boolean(best));
   $("best").classList.toggle("hidden", !best);
   if (!best) return;
+  // The trial panel shows the best trial until the user picks one.
+  if (state.started && state.selected === null) selectTrial(best.number, { link: false });
   $("best-value").textContent = formatValue(best.value);
   $("best-value").dataset.value = String(best.value);
   const label = el("a", { href: "#", onclick: (e) => { e.preventDefault(); selectTrial(best.number); } },
@@ -127,7 +144,59 @@ function renderTestMetrics(metrics) {
   kv($("test-metrics"), flat.map(([k, v]) => [k, formatValue(v)]));
 }
 
-// ---- history and parallel coordinates (all trials, compact) ---------------------------------------------
+// ---- pause, resume, cancel ------------------------------------------------------------------------------
+
+const ENDED = ["completed", "cancelled", "failed"];
+
+function renderControls(status) {
+  $("pause").classList.toggle("hidden", !["queued", "running"].includes(status));
+  $("resume").classList.toggle("hidden", status !== "paused");
+  $("cancel").classList.toggle("hidden", ENDED.includes(status));
+  if (ENDED.includes(status)) $("cancel-confirm").classList.add("hidden");
+}
+
+/** POST pause, resume or cancel; the answer is the study as it now stands. */
+async function changeState(action) {
+  for (const id of ["pause", "resume", "cancel", "cancel-yes"]) $(id).disabled = true;
+  try {
+    renderSummary(await postJSON(`${BASE}/${action}`));
+    $("cancel-confirm").classList.add("hidden");
+  } catch (error) {
+    notice(`Could not ${action} the study: ${error.message}`, true);
+  } finally {
+    for (const id of ["pause", "resume", "cancel", "cancel-yes"]) $(id).disabled = false;
+  }
+}
+
+// ---- history and parallel coordinates (a bounded overview, then live trials) -------------------------------
+
+/**
+ * The overview: every finished trial's point (downsampled past a few thousand, with the best-so-far line
+ * exact) and the best trials with their parameters. Trials that finish afterwards are kept one by one in
+ * state.live and drawn on top, until there are enough of them to fetch a fresh overview.
+ */
+async function loadOverview() {
+  const o = await getJSON(`${BASE}/history/overview`);
+  state.overview = o;
+  state.objective = o.objective;
+  state.direction = o.direction;
+  state.searched = o.searched;
+  Object.assign(state.paramKinds, o.param_kinds);
+  state.logScale = o.log_scale;
+  for (const name of o.param_names) if (!state.paramNames.includes(name)) state.paramNames.push(name);
+  state.top = new Map(o.top.number.map((number, i) => {
+    const params = {};
+    for (const name of o.param_names) {
+      const v = o.top.params[name][i];
+      if (v !== null && v !== undefined) params[name] = v;
+    }
+    return [number, { number, state: "complete", value: o.top.value[i], params }];
+  }));
+  // What the overview holds no longer needs to be kept one by one; open trials stay for polling.
+  for (const [number, t] of state.live) {
+    if (number <= (o.last_number ?? -1) && !["running", "waiting"].includes(t.state)) state.live.delete(number);
+  }
+}
 
 function mergeHistory(h) {
   state.objective = h.objective;
@@ -139,16 +208,25 @@ function mergeHistory(h) {
       const v = h.params[name][i];
       if (v !== null && v !== undefined) params[name] = v;
     }
-    state.trials.set(number, { number, state: h.state[i], value: h.value[i], duration_s: h.duration_s[i],
-                               epochs_run: h.epochs_run[i], params });
+    addLive({ number, state: h.state[i], value: h.value[i], params });
   });
+}
+
+/** A trial seen after the overview: kept for the plots unless the overview already drew it finished. */
+function addLive(trial) {
+  const o = state.overview;
+  const finished = !["running", "waiting"].includes(trial.state);
+  if (finished && o && trial.number <= (o.last_number ?? -1) && !state.live.has(trial.number)
+      && !(o.first_open !== null && trial.number >= o.first_open)) return;
+  state.live.set(trial.number, trial);
 }
 
 /** After which number to ask for changes: before the first unfinished trial, else after the last one. */
 function pollAfter() {
-  let after = -1;
-  let firstOpen = null;
-  for (const t of state.trials.values()) {
+  const o = state.overview;
+  let after = o && o.last_number !== null ? o.last_number : -1;
+  let firstOpen = o ? o.first_open : null;
+  for (const t of state.live.values()) {
     after = Math.max(after, t.number);
     if ((t.state === "running" || t.state === "waiting") && (firstOpen === null || t.number < firstOpen)) firstOpen = t.number;
   }
@@ -164,29 +242,68 @@ async function loadHistory(after = -1) {
   } while (next !== null);
 }
 
-function sortedTrials() {
-  return [...state.trials.values()].sort((a, b) => a.number - b.number);
+function liveTrials() {
+  return [...state.live.values()].sort((a, b) => a.number - b.number);
 }
 
 function drawHistory() {
-  chart("history-chart").setOption(historyOption(sortedTrials(), state), { notMerge: true });
+  if (!state.overview) return;
+  const data = historyData(state.overview, liveTrials(), state.direction);
+  chart("history-chart").setOption(historyOption(data, state), { notMerge: true });
+  const o = state.overview;
+  $("history-note").textContent = o.sampled
+    ? `· ${(o.complete.length + o.pruned.length).toLocaleString()} of ${(o.with_value.complete + o.with_value.pruned).toLocaleString()} points (downsampled: every region and extreme kept); best so far exact`
+    : "";
   markDrawn("history-chart");
 }
 
+/** The lines of the parallel plot: the overview's best trials and the trials that finished since. */
+function parallelTrials() {
+  const byNumber = new Map(state.top);
+  for (const t of state.live.values()) if (t.state === "complete") byNumber.set(t.number, t);
+  return bestComplete([...byNumber.values()], state.direction, PARALLEL_LINES);
+}
+
 function drawParallel() {
-  const trials = sortedTrials();
-  const complete = trials.filter((t) => t.state === "complete").length;
-  if (!complete) {
+  const lines = parallelTrials();
+  if (!lines.length) {
     chart("parallel-chart").clear();
+    state.parallelDrawn = null;
     $("parallel-note").textContent = "· no complete trial yet";
+    $("axes-picker").classList.add("hidden");
   } else {
-    const ranked = state.importantFirst.filter((n) => state.paramNames.includes(n));
-    const names = [...ranked, ...state.paramNames.filter((n) => !ranked.includes(n))];
-    chart("parallel-chart").setOption(parallelOption(trials, { ...state, paramNames: names, maxAxes: PARALLEL_AXES }),
-                                      { notMerge: true });
-    $("parallel-note").textContent = complete > 2000 ? `· best 2,000 of ${complete.toLocaleString()}` : "";
+    const varying = varyingParams(lines, state.paramNames);
+    const { names, rule } = chooseAxes({ varying, searched: state.searched, importantFirst: state.importantFirst,
+                                         chosen: state.axesChosen, max: PARALLEL_AXES });
+    // Redrawing 2,000 lines is the page's costliest draw: skip it when the lines and axes are the same
+    // (a streamed trial rarely enters the best 2,000 of a large study).
+    const drawn = `${names.join()}|${lines.map((t) => t.number).join()}`;
+    if (drawn !== state.parallelDrawn) {
+      chart("parallel-chart").setOption(parallelOption(lines, { ...state, axes: names, limit: PARALLEL_LINES }),
+                                        { notMerge: true });
+      state.parallelDrawn = drawn;
+    }
+    const total = (state.overview ? state.overview.with_value.complete : 0)
+      + [...state.live.values()].filter((t) => t.state === "complete" && !state.top.has(t.number)).length;
+    $("parallel-note").textContent = `· ${rule}` + (total > lines.length
+      ? ` · best ${lines.length.toLocaleString()} of ${total.toLocaleString()} trials` : "");
+    $("parallel-chart").dataset.axes = names.join(",");
+    renderAxesPicker(varying, names);
   }
   markDrawn("parallel-chart");
+}
+
+/** Checkboxes, one per parameter that varied: ticking any switches from the automatic rule to the user's. */
+function renderAxesPicker(varying, shown) {
+  $("axes-picker").classList.remove("hidden");
+  const boxes = varying.map((name) => el("label", {},
+    el("input", { type: "checkbox", value: name, checked: shown.includes(name),
+                  onchange: () => {
+                    state.axesChosen = [...$("axes-list").querySelectorAll("input:checked")].map((i) => i.value);
+                    drawParallel();
+                  } }),
+    ` ${name}${state.searched.includes(name) ? " (searched)" : ""}`));
+  $("axes-list").replaceChildren(...boxes);
 }
 
 // ---- learning curves ------------------------------------------------------------------------------------
@@ -196,6 +313,7 @@ async function loadCurves(numbers = []) {
   const wanted = [...new Set([...numbers, ...(state.selected !== null ? [state.selected] : [])])];
   if (wanted.length) params.set("numbers", wanted.join(","));
   const result = await getJSON(`${BASE}/curves?${params}`);
+  await state.basics;
   state.curves = new Map(result.data.map((c) => [c.number, c]));
   drawCurves();
 }
@@ -229,6 +347,7 @@ function onEpoch(e) {
 async function loadImportance() {
   try {
     const result = await getJSON(`${BASE}/importance`);
+    await state.basics;
     $("importance-note").textContent = result.importances.length
       ? `${result.evaluator === "fanova" ? "fANOVA" : "PED-ANOVA"} over ${result.n_trials.toLocaleString()} complete trials`
       : `Not yet: ${result.reason}.`;
@@ -285,12 +404,16 @@ async function loadTable() {
   if (cursor) params.set("cursor", cursor);
   if (t.state) params.set("state", t.state);
   const page = await getJSON(`${BASE}/trials?${params}`);
+  await state.basics;
   t.next = page.next_cursor;
   tableHead();
   const rows = page.data.map((trial) => el("tr", {
     "data-number": trial.number, class: trial.number === state.selected ? "selected" : null,
     // an enqueued configuration still waiting has no number (nor curves) until a worker claims it
-    onclick: trial.number === null ? null : () => selectTrial(trial.number),
+    onclick: trial.number === null ? null : () => {
+      selectTrial(trial.number);
+      $("detail-panel").scrollIntoView({ block: "nearest" });
+    },
   },
   ...COLUMNS.map((c) => el("td", { class: c.num ? "num" : null },
     c.key === "state" ? el("span", { class: `badge ${trial.state}` }, trial.state)
@@ -309,15 +432,17 @@ async function loadTable() {
 
 // ---- one trial ------------------------------------------------------------------------------------------
 
-async function selectTrial(number) {
+/** Show one trial in the panel; `link` puts it in the URL fragment (not for the best trial shown at first). */
+async function selectTrial(number, { link = true } = {}) {
   state.selected = number;
-  history.replaceState(null, "", `${location.pathname}${location.search}#trial=${number}`);
+  if (link) history.replaceState(null, "", `${location.pathname}${location.search}#trial=${number}`);
   for (const row of $("trials-table").tBodies[0].rows) row.classList.toggle("selected", Number(row.dataset.number) === number);
   try {
     const trial = await getJSON(`${BASE}/trials/${number}`);
     $("detail-empty").classList.add("hidden");
     $("detail").classList.remove("hidden");
     $("detail-title").textContent = `#${trial.number}`;
+    $("detail-why").textContent = link ? "" : "· the best so far";
     $("detail").dataset.number = String(trial.number);
     chart("detail-chart").resize();
     chart("detail-chart").setOption(trialOption(trial.curve, state), { notMerge: true });
@@ -341,7 +466,13 @@ async function selectTrial(number) {
 // ---- live updates ---------------------------------------------------------------------------------------
 
 const redrawCurves = throttle(drawCurves, 1000);
-const redrawTrials = throttle(() => { drawHistory(); drawParallel(); }, 1500);
+const redrawTrials = throttle(() => {
+  if (state.live.size > LIVE_MAX) refreshOverview();
+  drawHistory();
+  drawParallel();
+}, 1500);
+const refreshOverview = throttle(() => loadOverview().then(() => { drawHistory(); drawParallel(); }).catch(() => {}),
+                                 10000);
 const refreshTable = throttle(() => { if (state.table.index === 0) loadTable().catch(() => {}); }, 3000);
 const refreshImportance = throttle(() => loadImportance(), IMPORTANCE_EVERY_MS);
 const refreshCurves = throttle(() => loadCurves().catch(() => {}), 5000);
@@ -350,14 +481,13 @@ function onEvent(kind, data) {
   if (kind === "study_status") {
     renderSummary({ ...data, spec: state.spec });
   } else if (kind === "trial_started") {
-    const known = state.trials.get(data.number);
-    state.trials.set(data.number, { ...(known || { params: {}, value: null }), number: data.number, state: "running" });
+    const known = state.live.get(data.number);
+    state.live.set(data.number, { ...(known || { params: {}, value: null }), number: data.number, state: "running" });
     refreshTable();
   } else if (kind === "epoch") {
     onEpoch(data);
   } else if (kind === "trial_finished") {
-    state.trials.set(data.number, { number: data.number, state: data.state, value: data.value,
-                                    duration_s: data.duration_s, epochs_run: data.epochs_run, params: data.params || {} });
+    state.live.set(data.number, { number: data.number, state: data.state, value: data.value, params: data.params || {} });
     for (const name of Object.keys(data.params || {})) if (!state.paramNames.includes(name)) state.paramNames.push(name);
     const curve = state.curves.get(data.number);
     if (curve) Object.assign(curve, { state: data.state, value: data.value });
@@ -390,10 +520,10 @@ function startPolling() {
     try {
       const study = await getJSON(BASE);
       renderSummary(study);
-      const before = state.trials.size;
+      const before = JSON.stringify([...state.live.values()].map((t) => [t.number, t.state]));
       await loadHistory(pollAfter());
       redrawTrials();
-      if (state.trials.size !== before) { refreshTable(); refreshImportance(); refreshCurves(); }
+      if (JSON.stringify([...state.live.values()].map((t) => [t.number, t.state])) !== before) { refreshTable(); refreshImportance(); refreshCurves(); }
       if (["completed", "cancelled", "failed"].includes(study.status) && !study.progress.running) {
         setLive("finished", false);
         return;
@@ -412,12 +542,17 @@ async function load() {
     // Stream first: whatever happens while the rest loads arrives as events and is merged by number.
     if (state.stream) state.stream.stop();
     startStream();
-    const study = await getJSON(BASE);
+    // Every read starts at once; the table, curves and importance wait for the summary and overview only
+    // to draw (they need the objective, the epochs and the parameter names).
+    let basicsDrawn;
+    state.basics = new Promise((resolve) => { basicsDrawn = resolve; });
+    const rest = Promise.all([loadTable(), loadCurves(), loadImportance()]);
+    const [study] = await Promise.all([getJSON(BASE), loadOverview()]);
     renderSummary(study);
-    await loadHistory();
     drawHistory();
     drawParallel();
-    await Promise.all([loadTable(), loadCurves(), loadImportance()]);
+    basicsDrawn();
+    await rest;
   } catch (error) {
     failed(error);
   }
@@ -443,9 +578,17 @@ $("prev").addEventListener("click", () => {
   t.index -= 1;
   loadTable().catch(failed);
 });
+$("pause").addEventListener("click", () => changeState("pause"));
+$("resume").addEventListener("click", () => changeState("resume"));
+$("cancel").addEventListener("click", () => $("cancel-confirm").classList.remove("hidden"));
+$("cancel-no").addEventListener("click", () => $("cancel-confirm").classList.add("hidden"));
+$("cancel-yes").addEventListener("click", () => changeState("cancel"));
+$("axes-auto").addEventListener("click", () => { state.axesChosen = null; drawParallel(); });
 $("csv").addEventListener("click", () => download(`${BASE}/trials.csv`, `study-${STUDY_ID}-trials.csv`).catch(failed));
 load().then(() => {
+  state.started = true;
   if (Number.isInteger(linkedTrial)) selectTrial(linkedTrial);
+  else if (state.study && state.study.best_trial) selectTrial(state.study.best_trial.number, { link: false });
   chart("curves-chart").on("click", (p) => {
     const number = p.seriesName === "pruned here" ? p.data.number : Number(String(p.seriesName).slice(1));
     if (Number.isInteger(number)) selectTrial(number);
