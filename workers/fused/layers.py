@@ -3,9 +3,8 @@
 Weights are shaped `[K, in, out]` and run by `torch.baddbmm` (HFTA's fused linear). Widths are padded to
 the group's widest with zeros and the padded units' outputs are masked to zero, so padding never changes an
 output and never receives a gradient. A member with fewer layers passes its activations through the layers
-it lacks (`torch.where`, which also blocks any gradient into them). Batch norm, activation and dropout are
-per member; a member's categorical choices are applied on contiguous runs of the member axis, so sorting the
-members (`fusion_order`) keeps the number of runs small.
+it lacks (`torch.where`, which also blocks any gradient into them). Batch norm (per placement, with per-member
+statistics), activation and dropout rate are per member.
 """
 
 from __future__ import annotations
@@ -67,11 +66,8 @@ def _batch_size(spec: ModelSpec) -> int:
 
 
 def fusion_order(specs: Sequence[ModelSpec]) -> list[int]:
-    """Member indices sorted so that equal optimizers, batch-norm placements and activations sit together."""
-    def key(i: int) -> tuple[str, str, str]:
-        p = member_params(specs[i])
-        return str(p.get("optimizer", "adam")), str(p["batch_norm"]), str(p["activation"])
-    return sorted(range(len(specs)), key=key)
+    """Member indices sorted so that members of one optimizer family sit together (one update run each)."""
+    return sorted(range(len(specs)), key=lambda i: str(specs[i].params.get("optimizer", "adam")))
 
 
 def runs(values: Sequence[Any]) -> list[Run]:
@@ -83,14 +79,6 @@ def runs(values: Sequence[Any]) -> list[Run]:
         else:
             out.append((i, i + 1, v))
     return out
-
-
-def per_run(x: Tensor, parts: list[Run], fn: Callable[[Tensor, int, int, Any], Tensor]) -> Tensor:
-    """fn applied to each run's slice of the member axis (dim 0), concatenated back."""
-    if len(parts) == 1:
-        a, b, v = parts[0]
-        return fn(x, a, b, v)
-    return torch.cat([fn(x[a:b], a, b, v) for a, b, v in parts], dim=0)
 
 
 @dataclass(frozen=True)
@@ -134,11 +122,10 @@ class FusedMLP(nn.Module):
         fan_in = [int(np.prod(self.input_shape))] + self.widths[:-1]
         self.weight = nn.ParameterList([nn.Parameter(torch.zeros(k, fan_in[i], w)) for i, w in enumerate(self.widths)])
         self.bias = nn.ParameterList([nn.Parameter(torch.zeros(k, 1, w)) for w in self.widths])
-        self.bn_weight = nn.ParameterList([nn.Parameter(torch.zeros(k, w)) for w in self.widths])
-        self.bn_bias = nn.ParameterList([nn.Parameter(torch.zeros(k, w)) for w in self.widths])
-        for i, w in enumerate(self.widths):
-            self.register_buffer(f"running_mean_{i}", torch.zeros(k, w))
-            self.register_buffer(f"running_var_{i}", torch.ones(k, w))
+        placements = {m.batch_norm for m in self.members} - {"none"}
+        # One stacked batch norm per placement and layer: a member uses the one of its own placement.
+        self.norms = nn.ModuleDict({p: nn.ModuleList([StackedNorm(k, w) for w in self.widths])
+                                    for p in sorted(placements)})
         self.head_weight = nn.Parameter(torch.zeros(k, self.widths[-1], self.n_outputs))
         self.head_bias = nn.Parameter(torch.zeros(k, 1, self.n_outputs))
         with torch.no_grad():
@@ -153,24 +140,33 @@ class FusedMLP(nn.Module):
         return {name: t for name, t in self.state_dict(keep_vars=True).items() if not name.startswith("standardize")}
 
     def keep_members(self, slots: Sequence[int]) -> None:
-        """Drop every member not in `slots` (in that order): stopped members then cost no compute."""
+        """Drop every member not in `slots` (in that order): stopped members then cost no compute.
+
+        The parameters are new objects afterwards: hand `parameters()` to the optimizer's `keep_members`.
+        """
         index = torch.as_tensor(list(slots), dtype=torch.long, device=self.head_bias.device)
         with torch.no_grad():
-            for t in self.member_tensors().values():
-                t.data = t.data.index_select(0, index)
-                if isinstance(t, nn.Parameter):
-                    t.grad = None
+            for name, t in self.member_tensors().items():
+                # New tensors, not new `.data`: a graph still alive from the last batch caches the old shapes.
+                kept = t.detach().index_select(0, index)
+                parent, _, attr = name.rpartition(".")
+                owner = self.get_submodule(parent) if parent else self
+                setattr(owner, attr, nn.Parameter(kept) if isinstance(t, nn.Parameter) else kept)
         self.members = [self.members[s] for s in slots]
         self._refresh()
 
     def _refresh(self) -> None:
-        """Masks, depth gates, dropout keep probabilities and runs for the current members."""
+        """Masks, depth gates, dropout keep probabilities and per-choice member masks for the current members."""
         dev = self.head_bias.device
         k = len(self.members)
-        self.act_runs = runs([m.activation for m in self.members])
-        self.bn_runs = runs([m.batch_norm for m in self.members])
-        placements = {m.batch_norm for m in self.members}
-        self.has_bn = {p: p in placements for p in ("before_activation", "after_activation")}
+
+        def members_with(attr: str, value: str) -> Tensor:
+            return torch.tensor([getattr(m, attr) == value for m in self.members], device=dev).view(k, 1, 1)
+
+        acts = sorted({m.activation for m in self.members})
+        self.activations = [(a, members_with("activation", a)) for a in acts]
+        self.placements = {p: members_with("batch_norm", p) for p in self.norms
+                           if any(m.batch_norm == p for m in self.members)}
         self.any_dropout = any(m.keep < 1.0 for m in self.members)
         self.keep = torch.tensor([m.keep for m in self.members], device=dev).view(k, 1, 1)
         self.masks: list[Tensor | None] = []
@@ -207,32 +203,28 @@ class FusedMLP(nn.Module):
         return torch.baddbmm(self.head_bias, h, self.head_weight)
 
     def _block(self, i: int, z: Tensor) -> Tensor:
-        """Batch norm before or after the activation, the activation, dropout: per member, as the solo layers."""
-        s = z
-        if self.has_bn["before_activation"]:
-            s = self._bn(i, s, "before_activation")
-        s = per_run(s, self.act_runs, lambda t, a, b, act: ACTIVATION_FNS[act](t))
-        if self.has_bn["after_activation"]:
-            s = self._bn(i, s, "after_activation")
+        """Batch norm before or after the activation, the activation, dropout: per member, as the solo layers.
+
+        Each choice runs over the whole stack and `torch.where` keeps it for the members that made it: no
+        slicing of the member axis, whose backward would cost a full-size copy per slice.
+        """
+        s = self._norm(i, z, "before_activation")
+        first, *others = self.activations
+        out = ACTIVATION_FNS[first[0]](s)
+        for name, chosen in others:
+            out = torch.where(chosen, ACTIVATION_FNS[name](s), out)
+        out = self._norm(i, out, "after_activation")
         if self.training and self.any_dropout:
             keep = self.keep
-            s = s * (torch.rand(s.shape, device=s.device, dtype=s.dtype) < keep).to(s.dtype).div_(keep)
-        return s
+            out = out * (torch.rand(out.shape, device=out.device, dtype=out.dtype) < keep).to(out.dtype).div_(keep)
+        return out
 
-    def _bn(self, i: int, s: Tensor, where: str) -> Tensor:
-        mean, var = getattr(self, f"running_mean_{i}"), getattr(self, f"running_var_{i}")
-
-        def norm(t: Tensor, a: int, b: int, placement: str) -> Tensor:
-            if placement != where:
-                return t
-            n, rows, w = t.shape
-            # One channel per (member, unit): the solo BatchNorm1d's kernel, statistics over the batch rows.
-            flat = t.transpose(0, 1).reshape(rows, n * w)
-            y = F.batch_norm(flat, mean[a:b].view(-1), var[a:b].view(-1), self.bn_weight[i][a:b].reshape(-1),
-                             self.bn_bias[i][a:b].reshape(-1), self.training, BN_MOMENTUM, BN_EPS)
-            return y.view(rows, n, w).transpose(0, 1)
-
-        return per_run(s, self.bn_runs, norm)
+    def _norm(self, i: int, s: Tensor, placement: str) -> Tensor:
+        chosen = self.placements.get(placement)
+        if chosen is None:
+            return s
+        normed = self.norms[placement][i](s)
+        return normed if bool(chosen.all()) else torch.where(chosen, normed, s)
 
     # ---- member <-> solo network -------------------------------------------------------------------
 
@@ -246,12 +238,14 @@ class FusedMLP(nn.Module):
         head = linears[-1]
         self.head_weight[slot, :head.in_features] = head.weight.T
         self.head_bias[slot, 0] = head.bias
+        placement = self.members[slot].batch_norm
         for i, bn in enumerate(bns):
+            norm = self.norms[placement][i]
             w = widths[i]
-            self.bn_weight[i][slot, :w] = bn.weight
-            self.bn_bias[i][slot, :w] = bn.bias
-            getattr(self, f"running_mean_{i}")[slot, :w] = bn.running_mean
-            getattr(self, f"running_var_{i}")[slot, :w] = bn.running_var
+            norm.weight[slot, :w] = bn.weight
+            norm.bias[slot, :w] = bn.bias
+            norm.running_mean[slot, :w] = bn.running_mean
+            norm.running_var[slot, :w] = bn.running_var
 
     def member_state(self, slot: int, state: dict[str, Tensor] | None = None,
                      batches_tracked: int | None = None) -> dict[str, Tensor]:
@@ -271,12 +265,11 @@ class FusedMLP(nn.Module):
             head = linears[-1]
             head.weight.copy_(src["head_weight"][slot, :head.in_features].T)
             head.bias.copy_(src["head_bias"][slot, 0])
+            placement = self.members[slot].batch_norm
             for i, bn in enumerate(bns):
-                w = bn.num_features
-                bn.weight.copy_(src[f"bn_weight.{i}"][slot, :w])
-                bn.bias.copy_(src[f"bn_bias.{i}"][slot, :w])
-                bn.running_mean.copy_(src[f"running_mean_{i}"][slot, :w])
-                bn.running_var.copy_(src[f"running_var_{i}"][slot, :w])
+                w, prefix = bn.num_features, f"norms.{placement}.{i}."
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, name).copy_(src[prefix + name][slot, :w])
                 bn.num_batches_tracked.fill_(tracked)
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -285,6 +278,28 @@ class FusedMLP(nn.Module):
         module = _solo(self.members[slot].spec, 0)
         module.load_state_dict(self.member_state(slot))
         return module.eval()
+
+
+class StackedNorm(nn.Module):
+    """K BatchNorm1d layers of width w: one channel per (member, unit), statistics over each member's batch."""
+
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(self, k: int, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(k, width))
+        self.bias = nn.Parameter(torch.zeros(k, width))
+        self.register_buffer("running_mean", torch.zeros(k, width))
+        self.register_buffer("running_var", torch.ones(k, width))
+
+    def forward(self, s: Tensor) -> Tensor:
+        k, rows, w = s.shape
+        # The solo BatchNorm1d's own kernel over (rows, k*w) channels: each one sees only its member's batch.
+        flat = s.transpose(0, 1).reshape(rows, k * w)
+        y = F.batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
+                         self.bias.view(-1), self.training, BN_MOMENTUM, BN_EPS)
+        return y.view(rows, k, w).transpose(0, 1)
 
 
 def _solo(spec: ModelSpec, seed: int) -> nn.Module:

@@ -48,35 +48,55 @@ class FusedOptimizer:
         self.state: list[dict[str, Tensor]] = [{s: torch.zeros_like(p) for s in sorted(kinds)} for p in self.params]
         self.steps = 0  # every member steps together, so one count serves the bias corrections
         self._runs = runs(self.names)
+        self._plan: list[Any] | None = None
+        self._grads: list[tuple[nn.Parameter, Tensor | None]] = []
 
     def set_lr(self, lrs: Sequence[float]) -> None:
         self.lr = torch.tensor(list(lrs), dtype=self.lr.dtype, device=self.lr.device)
+        self._plan = None
 
     def zero_grad(self) -> None:
+        """Zero the gradients in place: the update plan keeps views of them."""
         for p in self.params:
-            p.grad = None
+            if p.grad is not None:
+                p.grad.zero_()
 
-    def keep_members(self, slots: Sequence[int]) -> None:
-        """Drop the state and coefficients of members not in `slots` (the module does the same to weights)."""
+    def keep_members(self, slots: Sequence[int], params: Iterable[nn.Parameter]) -> None:
+        """Drop the state and coefficients of members not in `slots`; `params` are the module's compacted ones."""
+        self.params = list(params)
         index = torch.as_tensor(list(slots), dtype=torch.long, device=self.lr.device)
         self.lr, self.weight_decay, self.momentum = (t.index_select(0, index) for t in
                                                      (self.lr, self.weight_decay, self.momentum))
         self.state = [{k: v.index_select(0, index) for k, v in st.items()} for st in self.state]
         self.names = [self.names[s] for s in slots]
         self._runs = runs(self.names)
+        self._plan = None
 
-    @torch.no_grad()
-    def step(self) -> None:
-        self.steps += 1
+    def _make_plan(self) -> list[tuple[Any, Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]]:
+        """Views of each run's slice of every parameter, gradient, state and coefficient, made once."""
+        plan = []
         for p, state in zip(self.params, self.state, strict=True):
-            if p.grad is None:  # not used by any member's forward (e.g. batch norm no member has)
+            if p.grad is None:  # not used by any member's forward (a placement no member has any more)
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
             for a, b, name in self._runs:
                 coef = {"lr": self.lr[a:b].view(shape), "wd": self.weight_decay[a:b].view(shape),
                         "momentum": self.momentum[a:b].view(shape)}
-                sliced = {k: v[a:b] for k, v in state.items()}
-                _RULES[name](p.data[a:b], p.grad[a:b], sliced, coef, self.steps)
+                plan.append((_RULES[name], p.data[a:b], p.grad[a:b], {k: v[a:b] for k, v in state.items()}, coef))
+        return plan
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        if self._plan is None or any(p.grad is not None and not _same(p, g) for p, g in self._grads):
+            self._plan = self._make_plan()
+            self._grads = [(p, p.grad) for p in self.params]
+        for rule, p, g, state, coef in self._plan:
+            rule(p, g, state, coef, self.steps)
+
+
+def _same(p: nn.Parameter, grad: Tensor | None) -> bool:
+    return p.grad is grad
 
 
 def _sgd(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Tensor], step: int, *,

@@ -125,7 +125,7 @@ class _Group:
         keep = [s for s in range(len(self)) if s not in ending]
         if keep:
             self.model.keep_members(keep)
-            self.optimizer.keep_members(keep)
+            self.optimizer.keep_members(keep, self.model.parameters())
             index = torch.as_tensor(keep, dtype=torch.long, device=self.model.head_bias.device)
             self.best = {n: t.index_select(0, index) for n, t in self.best.items()}
         self.schedules.keep_members(keep)
