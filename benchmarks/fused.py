@@ -47,6 +47,7 @@ class Arm:
     device: str
     threads: int
     batch_size: int | None  # None: sampled from the documented choices
+    max_waste: float = 0.5
 
 
 def load_rows(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -184,7 +185,8 @@ def run_fused(search: _Search) -> None:
             trial = search.study.ask()
             trials[trial.number] = trial
             members.append(Member(trial.number, search.spec(sample_params(trial, search.space)), trial.number))
-        for group in plan_groups([m.spec for m in members], max_members=search.arm.k):
+        for group in plan_groups([m.spec for m in members], max_members=search.arm.k,
+                                 max_waste=search.arm.max_waste):
             chosen = [members[i] for i in group]
             keys = [m.key for m in chosen]
             train_group(chosen, search.data, epochs=search.arm.epochs, objective="val_accuracy",
@@ -218,7 +220,8 @@ def _child(arm: Arm, queue: Any) -> None:
 
 def compare(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     arms = [Arm(mode, dataset, args.budget, args.k, args.epochs, args.device, args.threads,
-                None if args.batch_size == "any" else int(args.batch_size)) for mode in ("solo", "fused")]
+                None if args.batch_size == "any" else int(args.batch_size), args.max_waste)
+            for mode in ("solo", "fused")]
     if args.device == "cpu":  # side by side: both arms see the same machine load
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     parser.add_argument("--batch-size", default=str(BATCH_SIZE), help="a fixed batch size, or 'any'")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--max-waste", type=float, default=0.5,
+                        help="padding a group may add, as a fraction of its members' own compute")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda"):

@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from app.ml.artifacts import ModelSpec, NetPredictor, build_module, describe_layers, save_trial
-from workers.fused import FusedMLP, Member, can_fuse, train_group
+from workers.fused import FusedMLP, Member, can_fuse, plan_groups, train_group
 from workers.runner import standardization
 from workers.trainer import EpochReport, TrainData, TrainResult, train
 
@@ -77,11 +77,12 @@ LEARNING_RATES = {"sgd": 0.1, "momentum": 0.03, "nesterov": 0.03, "adagrad": 0.0
                   "adam": 0.005, "adamw": 0.005}
 
 
-# Adagrad, RMSprop, Adam and AdamW divide by the root of (averaged) squared gradients: the bias of a layer
-# followed by batch norm has a gradient of pure rounding noise, which they turn into steps of about ±lr, and a
-# solo run itself then changes by 1e-4 to 1e-3 between one and two threads. There is no exact curve to compare
-# against, so their first member puts batch norm after the activation (SGD's members cover both placements).
-ILL_CONDITIONED = {name: {"batch_norm": "after_activation"} for name in ("adagrad", "rmsprop", "adam", "adamw")}
+# Adagrad, RMSprop, Adam and AdamW divide by the root of (averaged) squared gradients. The bias of a layer
+# followed by batch norm, and a ReLU unit active for one or two rows of a batch followed by batch norm, get
+# gradients of rounding noise, which they turn into steps of about ±lr: such a solo run changes by 1e-4 to
+# 1e-3 between one and two threads, so there is no exact curve to compare against. Their first member runs
+# without batch norm; their second (tanh, batch norm after) and SGD's members cover the placements.
+ILL_CONDITIONED = {name: {"batch_norm": "none"} for name in ("adagrad", "rmsprop", "adam", "adamw")}
 
 
 @pytest.mark.parametrize("optimizer", list(LEARNING_RATES))
@@ -303,3 +304,12 @@ def test_can_fuse_says_why_not() -> None:
         assert not ok and word in reason
     with pytest.raises(ValueError, match="batch_size"):
         FusedMLP([spec({}), spec({"batch_size": 64})], [0, 1])
+
+
+def test_plan_groups_splits_by_batch_size_and_padding_waste() -> None:
+    specs = [spec({"units": 32}), spec({"units": 34}), spec({"units": 512, "n_layers": 4}), spec({"units": 33}),
+             spec({"units": 32, "batch_size": 64}), spec({"units": 500, "n_layers": 4})]
+    groups = plan_groups(specs, max_members=8)
+    assert sorted(i for g in groups for i in g) == list(range(len(specs)))
+    assert sorted(map(sorted, groups)) == [[0, 1, 3], [2, 5], [4]]
+    assert all(len(g) <= 2 for g in plan_groups(specs, max_members=2))
