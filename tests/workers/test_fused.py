@@ -10,11 +10,20 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from torch import nn
 
 from app.ml.artifacts import ModelSpec, NetPredictor, build_module, describe_layers, save_trial
-from workers.fused import FusedMLP, Member, can_fuse, plan_groups, train_group
+from workers.fused import FusedMLP, Member, MemberSchedules, can_fuse, plan_groups, train_group
 from workers.runner import standardization
-from workers.trainer import EpochReport, TrainData, TrainResult, train
+from workers.trainer import (
+    EpochReport,
+    TrainData,
+    TrainResult,
+    make_optimizer,
+    make_scheduler,
+    step_scheduler,
+    train,
+)
 
 RTOL = 1e-5
 EPOCHS = 6  # past the step schedule's first halving (epoch 5)
@@ -113,14 +122,30 @@ def test_mixed_optimizers_inits_and_sigmoid_in_one_group() -> None:
         assert_same_run(results[i], solo(params, 100 + i, patience=2))
 
 
-def test_plateau_lowers_each_members_rate_as_its_solo_run() -> None:
-    group = [{"optimizer": "momentum", "learning_rate": 0.5, "momentum": 0.9, "units": 16, "lr_schedule": "plateau"},
-             {"optimizer": "adam", "learning_rate": 0.1, "units": 16, "lr_schedule": "plateau"}]
-    results = fused(group, epochs=7, patience=None)
-    for i, params in enumerate(group):
-        want = solo(params, 100 + i, epochs=7, patience=None)
-        assert len({r.learning_rate for r in want.history}) > 1  # the plateau rule fired
-        assert_same_run(results[i], want)
+def test_each_members_schedule_decides_as_its_solo_scheduler() -> None:
+    """Per-member plateau, step and cosine, fed each member's own validation losses (plateau fires for one)."""
+    group = [{"lr_schedule": "plateau", "learning_rate": 0.1}, {"lr_schedule": "plateau", "learning_rate": 0.2},
+             {"lr_schedule": "step", "learning_rate": 0.3}, {"lr_schedule": "cosine", "learning_rate": 0.4}]
+    losses = [[1.0, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0], [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
+              [1.0] * 8, [1.0] * 8]
+    fused_rates = MemberSchedules(group, epochs=8)
+    solo_rates = []
+    for params, member_losses in zip(group, losses, strict=True):
+        opt = make_optimizer({"optimizer": "sgd", **params}, nn.Linear(2, 2))
+        sched = make_scheduler(params, opt, epochs=8)
+        rates = []
+        for loss in member_losses:
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            step_scheduler(sched, loss)
+        solo_rates.append(rates)
+    got: list[list[float]] = [[] for _ in group]
+    for epoch in range(8):
+        for member, rate in enumerate(fused_rates.rates()):
+            got[member].append(rate)
+        fused_rates.step([member_losses[epoch] for member_losses in losses])
+    assert got == solo_rates
+    assert got[0][-1] < 0.1 and got[1][-1] == 0.2  # the plateau fired for the first member only
 
 
 def test_regression_members_follow_their_solo_curves() -> None:
