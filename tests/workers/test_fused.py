@@ -214,10 +214,10 @@ def test_a_stop_signal_ends_a_member_mid_epoch_without_counting_that_epoch() -> 
         polls += 1
         return {0} if polls > 12 else set()  # 10 batches per epoch: in the second epoch
 
-    results = fused(GROUP3, patience=None, stop_signal=signal)
+    results = fused(GROUP3, epochs=3, patience=None, stop_signal=signal)
     assert (results[0].stop_reason, results[0].epochs_run, len(results[0].history)) == ("stopped", 1, 1)
     for i in (1, 2):
-        assert_same_run(results[i], solo(GROUP3[i], 100 + i, patience=None))
+        assert_same_run(results[i], solo(GROUP3[i], 100 + i, epochs=3, patience=None))
 
 
 def test_a_diverging_member_fails_alone() -> None:
