@@ -1,0 +1,275 @@
+"""Fused trials against one trial at a time: trials finished per minute and best validation accuracy.
+
+Both arms search the same space (the documented MLP space for image data, batch size fixed unless
+`--batch-size any`) with the same seed, for the same wall-clock budget, on the same device. This benchmark
+drives the training engines directly, not the service: a real Optuna study (TPE with constant liar, Hyperband
+pruning fed by every epoch's report) through ask/tell; one arm trains each trial alone with
+`workers.trainer.train`, the other asks K trials at once and trains them as fused groups with
+`workers.fused.train_group`, split by `workers.fused.plan_groups` (per batch size, bounded padding). A
+trial is finished when it completed, was pruned or diverged before the budget ran out; a trial still
+running then is stopped and not counted. On the CPU the two arms run side by side in two processes of
+`--threads` threads each, so they share whatever load the machine carries; on CUDA they run one after the
+other.
+
+    python -m benchmarks.fused --dataset digits --budget 90 --k 8
+    python -m benchmarks.fused --dataset mnist --budget 90 --k 8 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SEED = 0
+EPOCHS = 8
+PATIENCE = 3
+VALIDATION_SPLIT = 0.2
+BATCH_SIZE = 128
+
+
+@dataclass
+class Arm:
+    mode: str  # "solo" | "fused"
+    dataset: str
+    budget_s: float
+    k: int
+    epochs: int
+    device: str
+    threads: int
+    batch_size: int | None  # None: sampled from the documented choices
+    max_waste: float = 0.5
+
+
+def load_rows(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train/validation rows: digits from the service's split, MNIST-10k as the other benchmarks use it."""
+    if dataset == "mnist":
+        from benchmarks.common import mnist_rows
+
+        r = mnist_rows(SEED)
+        return r.x_train, r.y_train, r.x_val, r.y_val
+    from app.ml import data
+
+    s = data.split_dataset(data.load_builtin("builtin:digits"), validation_split=VALIDATION_SPLIT, seed=SEED)
+    return s.x_train, s.y_train, s.x_val, s.y_val
+
+
+class _Search:
+    """One arm's study, data and bookkeeping: what each finished trial scored and when."""
+
+    def __init__(self, arm: Arm) -> None:
+        import optuna
+        import torch
+
+        from app.ml.space import Context, resolve_space
+        from workers.runner import standardization
+        from workers.trainer import TrainData
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        torch.set_num_threads(arm.threads)
+        self.arm = arm
+        x_tr, y_tr, x_va, y_va = load_rows(arm.dataset)
+        self.mean, self.std = standardization(x_tr, True)
+        self.shape = tuple(int(d) for d in x_tr.shape[1:])
+        self.n_classes = int(max(y_tr.max(), y_va.max())) + 1
+        dev = torch.device(arm.device)
+        self.data = TrainData(torch.as_tensor(x_tr, dtype=torch.float32, device=dev),
+                              torch.as_tensor(y_tr, dtype=torch.long, device=dev),
+                              torch.as_tensor(x_va, dtype=torch.float32, device=dev),
+                              torch.as_tensor(y_va, dtype=torch.long, device=dev), "classification", image=True)
+        entries = {} if arm.batch_size is None else {"batch_size": arm.batch_size}
+        self.space = resolve_space(entries, Context("mlp", image=True))
+        self.study = optuna.create_study(
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=SEED, constant_liar=True),
+            pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=arm.epochs, reduction_factor=3))
+        self.records: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+        self.deadline = self.start + arm.budget_s
+        self.pruned: set[int] = set()
+        self.group_sizes: list[int] = []
+
+    def spec(self, params: dict[str, Any]) -> Any:
+        from app.ml.artifacts import ModelSpec
+
+        return ModelSpec("mlp", params, "classification", self.shape, self.n_classes, None, None,
+                         self.mean.tolist(), self.std.tolist())
+
+    def over(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def report(self, trial: Any, epoch: int, value: float) -> bool:
+        """Hand an epoch to the pruner; True (stop) when it prunes the trial."""
+        trial.report(value, epoch)
+        if trial.should_prune():
+            self.pruned.add(trial.number)
+            return True
+        return False
+
+    def finish(self, trial: Any, result: Any) -> None:
+        import optuna
+
+        now = time.perf_counter()
+        state: str
+        if trial.number in self.pruned:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            state = "pruned"
+        elif result.stop_reason == "non_finite_loss" or not result.best_metrics:
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            state = "failed"
+        elif result.stop_reason == "stopped":  # the budget ran out mid-trial
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        else:
+            self.study.tell(trial, result.best_metrics["val_accuracy"])
+            state = "complete"
+        if now <= self.deadline:
+            value = result.best_metrics.get("val_accuracy") if state == "complete" else None
+            self.records.append({"number": trial.number, "state": state, "value": value,
+                                 "finished_s": round(now - self.start, 2), "epochs": result.epochs_run})
+
+    def summary(self) -> dict[str, Any]:
+        done = self.records
+        values = [r["value"] for r in done if r["value"] is not None]
+        minutes = self.arm.budget_s / 60
+        return {"mode": self.arm.mode, "dataset": self.arm.dataset, "k": self.arm.k if self.arm.mode == "fused" else 1,
+                "budget_s": self.arm.budget_s, "finished": len(done),
+                "complete": sum(r["state"] == "complete" for r in done),
+                "pruned": sum(r["state"] == "pruned" for r in done),
+                "failed": sum(r["state"] == "failed" for r in done),
+                "trials_per_min": round(len(done) / minutes, 2), "best_val_accuracy": max(values) if values else None,
+                "epochs_trained": sum(r["epochs"] for r in done), "device": self.arm.device,
+                "threads": self.arm.threads,
+                "mean_group_size": round(float(np.mean(self.group_sizes)), 2) if self.group_sizes else None}
+
+
+def run_solo(search: _Search) -> None:
+    import torch
+
+    from app.ml.artifacts import build_module
+    from app.ml.space import sample_params
+    from workers.trainer import train
+
+    while not search.over():
+        trial = search.study.ask()
+        params = sample_params(trial, search.space)
+        torch.manual_seed(trial.number)
+        module = build_module(search.spec(params))
+
+        class Reporter:
+            def on_epoch_end(self, report: Any, trial: Any = trial) -> bool:
+                return search.report(trial, report.epoch, report.metrics["val_accuracy"])
+
+        result = train(module, search.data, params, epochs=search.arm.epochs, objective="val_accuracy",
+                       direction="maximize", patience=PATIENCE, seed=trial.number, callbacks=[Reporter()],
+                       stop_signal=search.over)
+        search.finish(trial, result)
+
+
+def run_fused(search: _Search) -> None:
+    from app.ml.space import sample_params
+    from workers.fused import Member, plan_groups, train_group
+
+    while not search.over():
+        trials: dict[int, Any] = {}
+        members: list[Member] = []
+        for _ in range(search.arm.k):
+            trial = search.study.ask()
+            trials[trial.number] = trial
+            members.append(Member(trial.number, search.spec(sample_params(trial, search.space)), trial.number))
+        for group in plan_groups([m.spec for m in members], max_members=search.arm.k,
+                                 max_waste=search.arm.max_waste):
+            chosen = [members[i] for i in group]
+            keys = [m.key for m in chosen]
+            train_group(chosen, search.data, epochs=search.arm.epochs, objective="val_accuracy",
+                        direction="maximize", patience=PATIENCE, callbacks=[_GroupReporter(search, trials)],
+                        stop_signal=lambda keys=keys: keys if search.over() else ())
+            search.group_sizes.append(len(group))
+
+
+class _GroupReporter:
+    """Each member's epochs to its own Optuna trial; a member that ends is told at once."""
+
+    def __init__(self, search: _Search, trials: dict[int, Any]) -> None:
+        self.search, self.trials = search, trials
+
+    def on_epoch_end(self, key: Hashable, report: Any) -> bool:
+        return self.search.report(self.trials[key], report.epoch, report.metrics["val_accuracy"])  # type: ignore[index]
+
+    def on_member_end(self, key: Hashable, result: Any) -> None:
+        self.search.finish(self.trials[key], result)  # type: ignore[index]
+
+
+def run_arm(arm: Arm) -> dict[str, Any]:
+    search = _Search(arm)
+    (run_fused if arm.mode == "fused" else run_solo)(search)
+    return search.summary()
+
+
+def _child(arm: Arm, queue: Any) -> None:
+    queue.put(run_arm(arm))
+
+
+def compare(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
+    arms = [Arm(mode, dataset, args.budget, args.k, args.epochs, args.device, args.threads,
+                None if args.batch_size == "any" else int(args.batch_size), args.max_waste)
+            for mode in ("solo", "fused")]
+    if args.device == "cpu":  # side by side: both arms see the same machine load
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_child, args=(arm, queue)) for arm in arms]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+    else:
+        results = [run_arm(arm) for arm in arms]
+    by_mode = {r["mode"]: r for r in results}
+    solo, fused = by_mode["solo"], by_mode["fused"]
+    speedup = fused["trials_per_min"] / solo["trials_per_min"] if solo["trials_per_min"] else math.inf
+    return {"dataset": dataset, "solo": solo, "fused": fused, "speedup_trials_per_min": round(speedup, 2),
+            "best_delta": None if solo["best_val_accuracy"] is None or fused["best_val_accuracy"] is None
+            else round(fused["best_val_accuracy"] - solo["best_val_accuracy"], 4),
+            "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("digits", "mnist", "both"), default="both")
+    parser.add_argument("--budget", type=float, default=90.0, help="seconds per arm")
+    parser.add_argument("--k", type=int, default=8, help="trials per fused group")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    parser.add_argument("--batch-size", default=str(BATCH_SIZE), help="a fixed batch size, or 'any'")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--max-waste", type=float, default=0.5,
+                        help="padding a group may add, as a fraction of its members' own compute")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device: the fused benchmark on CUDA is skipped")
+            return 0
+    datasets = ["digits", "mnist"] if args.dataset == "both" else [args.dataset]
+    out = [compare(d, args) for d in datasets]
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Split claimed trials into fused groups whose padding wastes little compute (HFTA's hfht/partition idea).
+
+A fused group pads every member to the widest and deepest member, so a 32-unit member grouped with a
+512-unit one computes 512-wide layers. Groups are formed per batch size (`can_fuse`), over members sorted by
+size, and a member joins the current group only while the group's padded cost stays within `max_waste` of
+what its members would compute alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from app.ml.artifacts import ModelSpec
+from app.ml.networks import _widths
+from workers.fused.layers import can_fuse, member_params
+from workers.trainer import DEFAULT_BATCH_SIZE
+
+MAX_WASTE = 0.5  # padded cost at most 1.5x the members' own cost
+
+
+def layer_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of each Linear of the member's solo network, the head last."""
+    widths = _widths(member_params(spec))
+    fan_in = [int(np.prod(spec.input_shape))] + widths
+    return list(zip(fan_in, widths + [int(spec.n_outputs)], strict=True))
+
+
+def own_cost(spec: ModelSpec) -> int:
+    """Multiply-adds per sample of the member's own network."""
+    return sum(i * o for i, o in layer_sizes(spec))
+
+
+def padded_cost(specs: Sequence[ModelSpec]) -> int:
+    """Multiply-adds per sample of the fused group (every member at the padded widths and depth)."""
+    sizes = [[o for _, o in layer_sizes(s)[:-1]] for s in specs]
+    depth = max(len(w) for w in sizes)
+    widths = [max(w[min(i, len(w) - 1)] for w in sizes) for i in range(depth)]
+    fan_in = [int(np.prod(specs[0].input_shape))] + widths
+    outs = widths + [int(specs[0].n_outputs)]
+    return len(specs) * sum(i * o for i, o in zip(fan_in, outs, strict=True))
+
+
+def plan_groups(specs: Sequence[ModelSpec], *, max_members: int, max_waste: float = MAX_WASTE) -> list[list[int]]:
+    """Indices of `specs` in fusable groups of at most `max_members`; a member that fits nowhere runs alone."""
+    groups: list[list[int]] = []
+    by_batch: dict[int, list[int]] = {}
+    for i, spec in enumerate(specs):
+        by_batch.setdefault(int(member_params(spec).get("batch_size", DEFAULT_BATCH_SIZE)), []).append(i)
+    for members in by_batch.values():
+        current: list[int] = []
+        for i in sorted(members, key=lambda j: own_cost(specs[j])):
+            if not can_fuse([specs[i]])[0]:
+                groups.append([i])
+                continue
+            trial = current + [i]
+            chosen = [specs[j] for j in trial]
+            fits = len(trial) <= max_members and padded_cost(chosen) <= (1 + max_waste) * sum(map(own_cost, chosen))
+            if current and not fits:
+                groups.append(current)
+                trial = [i]
+            current = trial
+        if current:
+            groups.append(current)
+    return groups
