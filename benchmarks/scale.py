@@ -204,37 +204,50 @@ def check_filled(study: Any, configs: list[dict[str, Any]]) -> None:
             raise RuntimeError(f"trial {t.number} reads back {t.params}, inserted {configs[t.number]}")
 
 
-def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, mirror: bool) -> dict[str, Any]:
-    """Seconds per ask of the next trial's configuration; the first (cold) ask is reported apart."""
+def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, path: str) -> dict[str, Any]:
+    """Seconds per ask of the next trial's configuration; the first (cold) ask, a joining worker's, apart.
+
+    Paths: `window` the mirror over a bounded window (the service now), `full` the same mirror holding the
+    whole history (the service before: it read and scored every trial), `direct` Optuna's ask + suggests.
+    """
     import optuna
 
     from app.core.optuna_store import optuna_storage
-    from workers.asking import _ask_directly, ask_trial
+    from workers import asking
     from workers.search import make_sampler
 
     storage = optuna_storage(url)
     spec = {"sampler": {"name": "tpe", "seed": SEED}, "objective": {"metric": "val_accuracy"}}
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, resolved),
                               pruner=optuna.pruners.NopPruner())
+    sizes = (asking.BEST_TRIALS, asking.RECENT_TRIALS)
+    if path == "full":
+        asking.BEST_TRIALS = asking.RECENT_TRIALS = 10**9
     rng = np.random.default_rng(SEED + 1)
     seconds: list[float] = []
-    for _ in range(asks + 1):
-        start = time.perf_counter()
-        if mirror:
-            number, _, params = ask_trial(study, storage, resolved)
-        else:
-            number, _, params = _ask_directly(study, storage, resolved, None)
-        seconds.append(time.perf_counter() - start)
-        if set(params) - set(resolved):
-            raise RuntimeError(f"an ask returned parameters outside the space: {sorted(params)}")
-        study.tell(number, float(rng.uniform(0.1, 0.98)))  # a worker finishes its trial before the next ask
-    storage.engine.dispose()
+    try:
+        for _ in range(asks + 1):
+            start = time.perf_counter()
+            if path == "direct":
+                number, _, params = asking._ask_directly(study, storage, resolved, None)
+            else:
+                number, _, params = asking.ask_trial(study, storage, resolved)
+            seconds.append(time.perf_counter() - start)
+            if set(params) - set(resolved):
+                raise RuntimeError(f"an ask returned parameters outside the space: {sorted(params)}")
+            study.tell(number, float(rng.uniform(0.1, 0.98)))  # a worker finishes its trial before the next ask
+        mirror = asking._mirrors.get(study)
+        held = len(mirror.window.trials()) if mirror is not None else None
+    finally:
+        asking.BEST_TRIALS, asking.RECENT_TRIALS = sizes
+        storage.engine.dispose()
     warm = seconds[1:]
     return {"cold_ms": round(1000 * seconds[0], 1), "median_ms": round(1000 * statistics.median(warm), 1),
-            "max_ms": round(1000 * max(warm), 1), "asks": len(warm)}
+            "max_ms": round(1000 * max(warm), 1), "asks": len(warm), "trials_held": held}
 
 
-def run_asks(sizes: list[int], asks: int) -> list[dict[str, Any]]:
+def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sqlite",
+             admin_url: str = POSTGRES_ADMIN_URL) -> list[dict[str, Any]]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -243,20 +256,28 @@ def run_asks(sizes: list[int], asks: int) -> list[dict[str, Any]]:
     out = []
     for n in sizes:
         configs = random_configs(n, resolved)
-        row: dict[str, Any] = {"trials_in_study": n}
-        for path, mirror in (("mirror", True), ("direct", False)):
-            tmp = Path(tempfile.mkdtemp(prefix="hpsearch-asks-"))
-            url = f"sqlite:///{tmp / 'optuna.db'}"
-            try:
+        row: dict[str, Any] = {"trials_in_study": n, "database": database}
+        for path in paths:
+            with _ask_database(database, admin_url) as url:
                 started = time.perf_counter()
                 fill_study(url, f"asks-{n}", configs, resolved)
                 row["fill_s"] = round(time.perf_counter() - started, 1)
-                row[path] = time_asks(url, f"asks-{n}", resolved, asks, mirror)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        row["ratio"] = round(row["mirror"]["median_ms"] / row["direct"]["median_ms"], 3)
+                row[path] = time_asks(url, f"asks-{n}", resolved, asks, path)
         out.append(row)
     return out
+
+
+@contextmanager
+def _ask_database(database: str, admin_url: str) -> Iterator[str]:
+    if database == "postgresql":
+        with fresh_postgres(admin_url) as (url, _):
+            yield url
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="hpsearch-asks-"))
+    try:
+        yield f"sqlite:///{tmp / 'optuna.db'}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- memory: one worker over many trials ---------------------------------------------------------------
@@ -319,10 +340,9 @@ def print_table(result: dict[str, Any]) -> None:
                      f"{c['distinct_numbers']} distinct numbers, {c['started_twice']} started twice, "
                      f"{c['postgres_deadlocks']} deadlocks"))
     for a in result.get("asks", []):
-        rows.append((f"TPE ask at {a['trials_in_study']} trials",
-                     f"mirror {a['mirror']['median_ms']} ms (cold {a['mirror']['cold_ms']}), "
-                     f"plain ask+suggest {a['direct']['median_ms']} ms (cold {a['direct']['cold_ms']}), "
-                     f"ratio {a['ratio']}"))
+        rows.append((f"TPE ask at {a['trials_in_study']} trials ({a['database']})",
+                     ", ".join(f"{p} {a[p]['median_ms']} ms (cold {a[p]['cold_ms']}, {a[p]['trials_held']} held)"
+                               for p in ("window", "full", "direct") if p in a)))
     if m := result.get("memory"):
         rows.append((f"worker RSS over {m['n_trials']} trials",
                      f"{m['first']['rss_mib']} MiB after {m['first']['after_trials']}, "
@@ -341,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres-url", default=POSTGRES_ADMIN_URL, help="a server's admin database URL")
     parser.add_argument("--ask-sizes", default="1000,10000", help="finished trials in the study, comma list")
     parser.add_argument("--asks", type=int, default=10, help="timed asks per size and path (after a cold one)")
+    parser.add_argument("--ask-paths", default="window,full", help="comma list of window, full, direct")
+    parser.add_argument("--ask-database", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--memory-trials", type=int, default=200, help="trials of the memory run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -353,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         result["claims"] = run_claims(args.workers, args.trials, args.postgres_url)
         result["claims"]["ok"] = claims_ok(result["claims"])
     if "asks" in parts:
-        result["asks"] = run_asks([int(s) for s in args.ask_sizes.split(",") if s.strip()], args.asks)
+        result["asks"] = run_asks([int(s) for s in args.ask_sizes.split(",") if s.strip()], args.asks,
+                                  [p for p in args.ask_paths.split(",") if p], args.ask_database, args.postgres_url)
     if "memory" in parts:
         result["memory"] = run_memory(args.memory_trials)
         result["memory"]["ok"] = memory_ok(result["memory"])
