@@ -2,60 +2,107 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, case, func, select, tuple_
+from sqlalchemy import ColumnElement, func, literal, select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.core.db import Database
-from app.models import Study, Trial, TrialEpoch, TrialState
+from app.models import Trial, TrialEpoch, TrialState
 from app.schemas.trial import EpochPoint, TrialDetail, TrialPublic, TrialsPublic
-from app.services.errors import NotFound
-from app.services.paging import column_kinds, decode_cursor, encode_cursor
+from app.services.errors import InvalidInput, NotFound
+from app.services.paging import CursorKind, column_kinds, decode_cursor, encode_cursor
 from app.services.studies import first_direction, own_study
 
-SortKey = Literal["number", "value", "duration"]
-
-
-def _sort_keys(study: Study, sort: SortKey, order: str | None) -> list[ColumnElement[Any]]:
-    """Columns that order ascending for the page; descending orders are negated numbers.
-
-    Trials without a value go last, and configurations not yet numbered after them in enqueue order; every
-    key is non-null so that keyset cursors compare.
-    """
-    column = {"number": Trial.number, "value": Trial.value, "duration": Trial.duration_s}[sort]
-    if order is None:
-        maximize = first_direction(study) == "maximize"
-        order = "desc" if sort == "value" and maximize else "asc"
-    sign = -1 if order == "desc" else 1
-    missing = case((column.is_(None), 1), else_=0)
-    unnumbered = case((Trial.number.is_(None), 1), else_=0)
-    return [missing, sign * func.coalesce(column, 0), unnumbered, sign * func.coalesce(Trial.number, 0), Trial.id]
+SortKey = Literal["number", "value", "duration", "newest"]
+_SORT_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
+    "number": Trial.number, "value": Trial.value, "duration": Trial.duration_s, "newest": Trial.finished_at}
 
 
 def list_trials(db: Database, *, owner: str, study_id: str, limit: int = 50, cursor: str | None = None,
                 state: str | None = None, sort: SortKey = "number", order: str | None = None,
                 after: int | None = None) -> TrialsPublic:
     """A page of a study's trials. Configurations enqueued but not yet claimed have no number: only
-    `state=waiting` lists them (number null), so numbered listings and `after=` polling stay as they were."""
+    `state=waiting` lists them (number null, in enqueue order), so numbered listings and `after=` polling
+    stay as they were.
+
+    Numbered pages run in two keyset segments, each one index range (migration 0004): trials with a value of
+    the sort column, by (column, number), then those without it, by number. `newest` is the latest finished
+    first.
+    """
     with db.read_session() as session:
         study = own_study(session, owner=owner, study_id=study_id)
         where = [Trial.study_id == study.id]
-        if state != TrialState.WAITING.value:
-            where.append(Trial.number.is_not(None))
         if state:
             where.append(Trial.state == state)
-        if after is not None:
-            where.append(Trial.number > after)
-        keys = _sort_keys(study, sort, order)
-        stmt = select(Trial, *keys).where(*where)
-        if cursor:
-            stmt = stmt.where(tuple_(*keys) > tuple(decode_cursor(cursor, column_kinds(keys))))
-        rows = session.execute(stmt.order_by(*keys).limit(limit + 1)).all()
+        if state == TrialState.WAITING.value:
+            rows = _waiting_page(session, where, cursor, limit)
+        else:
+            where.append(Trial.number.is_not(None))
+            if after is not None:
+                where.append(Trial.number > after)
+            if order is None:
+                maximize = first_direction(study) == "maximize"
+                order = "desc" if sort == "newest" or (sort == "value" and maximize) else "asc"
+            rows = _numbered_page(session, where, _SORT_COLUMNS[sort], order == "desc", cursor, limit)
         count = session.scalar(select(func.count()).select_from(Trial).where(*where)) or 0
         page = rows[:limit]
-        next_cursor = encode_cursor(list(page[-1][1:])) if len(rows) > limit else None
+        next_cursor = encode_cursor(list(page[-1][1])) if len(rows) > limit else None
         return TrialsPublic(data=[TrialPublic.model_validate(r[0]) for r in page], count=count,
                             next_cursor=next_cursor)
+
+
+Row = tuple[Trial, list[Any]]  # a trial and its cursor
+
+
+def _waiting_page(session: Session, where: list[ColumnElement[bool]], cursor: str | None, limit: int) -> list[Row]:
+    stmt = select(Trial).where(*where)
+    if cursor:
+        stmt = stmt.where(Trial.id > decode_cursor(cursor, [int])[0])
+    return [(t, [t.id]) for t in session.scalars(stmt.order_by(Trial.id).limit(limit + 1))]
+
+
+def _numbered_page(session: Session, where: list[ColumnElement[bool]], column: InstrumentedAttribute[Any],
+                   desc: bool, cursor: str | None, limit: int) -> list[Row]:
+    """Up to limit + 1 trials after the cursor: [0, value, number] in the first segment, [1, number] after."""
+    position = _decode_numbered(cursor, column_kinds([column])[0]) if cursor else None
+    rows: list[Row] = []
+    if position is None or position[0] == 0:
+        stmt = select(Trial).where(*where, column.is_not(None))
+        if position is not None:
+            bound = tuple_(literal(position[1], column.type), literal(position[2]))
+            stmt = stmt.where(tuple_(column, Trial.number) < bound if desc else tuple_(column, Trial.number) > bound)
+        keys = (column.desc(), Trial.number.desc()) if desc else (column.asc(), Trial.number.asc())
+        rows = [(t, [0, _cursor_value(getattr(t, column.key)), t.number])
+                for t in session.scalars(stmt.order_by(*keys).limit(limit + 1))]
+        position = None
+    if len(rows) <= limit and column is not Trial.number:
+        stmt = select(Trial).where(*where, column.is_(None))
+        if position is not None:
+            stmt = stmt.where(Trial.number < position[1] if desc else Trial.number > position[1])
+        stmt = stmt.order_by(Trial.number.desc() if desc else Trial.number.asc()).limit(limit + 1 - len(rows))
+        rows += [(t, [1, t.number]) for t in session.scalars(stmt)]
+    return rows
+
+
+def cursor_kinds(sort: SortKey) -> list[CursorKind]:
+    """What a numbered page's cursor holds in its first segment: [0, the sort column's value, number]."""
+    return [int, column_kinds([_SORT_COLUMNS[sort]])[0], int]
+
+
+def _decode_numbered(cursor: str, kind: CursorKind) -> list[Any]:
+    try:
+        position = decode_cursor(cursor, [int, kind, int])
+    except InvalidInput:
+        position = decode_cursor(cursor, [int, int])  # the second segment: [1, number]
+    if position[0] != (0 if len(position) == 3 else 1):
+        raise InvalidInput(("query", "cursor"), "not a cursor this endpoint returned")
+    return position
+
+
+def _cursor_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def get_trial(db: Database, *, owner: str, study_id: str, number: int) -> TrialDetail:

@@ -1,0 +1,95 @@
+"""Trial pages read by index ranges: every sort order, both directions and every state filter list each
+trial exactly once, in the order the sort promises, however small the pages."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from app.core.db import Database
+from app.models import Study, Trial
+from app.services.errors import InvalidInput
+from app.services.paging import encode_cursor
+from app.services.trials import list_trials
+from tests.factories import study_spec
+
+STATES = ["complete", "pruned", "fail", "running"]
+
+
+def _study_with_trials(db: Database, n: int = 41) -> str:
+    """Trials of every state; values and durations tie, and running trials have neither nor a finish time."""
+    rng = random.Random(5)
+    study_id = uuid.uuid4().hex
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    with db.session() as session:
+        session.add(Study(id=study_id, owner="alice", name="reads", spec=study_spec(), status="running",
+                          optuna_name=f"hpsearch-{study_id}", n_trials=n, max_parallel=4))
+        session.flush()
+        for number in range(n):
+            state = rng.choice(STATES)
+            finished = state != "running"
+            session.add(Trial(
+                study_id=study_id, number=number, state=state, params={},
+                value=rng.choice([0.5, 0.75, 0.9, rng.random()]) if state in ("complete", "pruned") else None,
+                duration_s=rng.choice([1.0, 2.0, rng.random()]) if finished else None,
+                finished_at=start + timedelta(seconds=rng.choice([1, 2, number])) if finished else None))
+    return study_id
+
+
+def _all_pages(db: Database, study_id: str, **query: Any) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = list_trials(db, owner="alice", study_id=study_id, limit=3, cursor=cursor, **query)
+        seen += [t.model_dump() for t in page.data]
+        count = page.count
+        cursor = page.next_cursor
+        if cursor is None:
+            assert count == len(seen)
+            return seen
+
+
+def _expected(trials: list[dict[str, Any]], field: str, desc: bool) -> list[int]:
+    """With a value by (value, number), then without one by number; desc reverses both."""
+    with_value = sorted((t for t in trials if t[field] is not None), key=lambda t: (t[field], t["number"]),
+                        reverse=desc)
+    without = sorted((t for t in trials if t[field] is None), key=lambda t: t["number"], reverse=desc)
+    return [t["number"] for t in with_value + without]
+
+
+@pytest.mark.parametrize("sort,field", [("number", "number"), ("value", "value"), ("duration", "duration_s"),
+                                        ("newest", "finished_at")])
+def test_every_order_and_state_filter_lists_each_trial_once_in_order(db: Database, sort: str, field: str) -> None:
+    study_id = _study_with_trials(db)
+    everything = _all_pages(db, study_id, sort="number", order="asc")
+    assert [t["number"] for t in everything] == list(range(41))
+    for state in [None, *STATES]:
+        chosen = [t for t in everything if state is None or t["state"] == state]
+        for order in ("asc", "desc"):
+            got = _all_pages(db, study_id, sort=sort, order=order, state=state)
+            assert [t["number"] for t in got] == _expected(chosen, field, order == "desc"), (state, order)
+
+
+def test_default_orders_put_the_best_value_and_the_latest_finished_first(db: Database) -> None:
+    study_id = _study_with_trials(db)  # the spec maximizes
+    everything = _all_pages(db, study_id)
+    by_value = _all_pages(db, study_id, sort="value")
+    newest = _all_pages(db, study_id, sort="newest")
+    assert [t["number"] for t in by_value] == _expected(everything, "value", desc=True)
+    assert [t["number"] for t in newest] == _expected(everything, "finished_at", desc=True)
+
+
+def test_incremental_polling_lists_only_newer_trials(db: Database) -> None:
+    study_id = _study_with_trials(db)
+    assert [t["number"] for t in _all_pages(db, study_id, after=37)] == [38, 39, 40]
+
+
+@pytest.mark.parametrize("values", [[2, 0.5, 3], [0, 0.5], [1, 0.5, 3], ["x", 1]])
+def test_a_cursor_of_the_wrong_segment_or_shape_is_invalid_input(db: Database, values: list[Any]) -> None:
+    study_id = _study_with_trials(db)
+    with pytest.raises(InvalidInput):
+        list_trials(db, owner="alice", study_id=study_id, sort="value", cursor=encode_cursor(values))
