@@ -3,6 +3,7 @@ trial exactly once, in the order the sort promises, however small the pages."""
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -10,12 +11,17 @@ from typing import Any
 
 import pytest
 
+from app.core.config import Settings
 from app.core.db import Database
-from app.models import Study, Trial
+from app.models import Study, Trial, TrialState
+from app.services import importance
 from app.services.errors import InvalidInput
 from app.services.paging import encode_cursor
 from app.services.trials import list_trials
-from tests.factories import study_spec
+from tests.factories import client_for, study_spec
+from tests.study_rows import Outcome, write_trials
+
+API = "/api/v1"
 
 STATES = ["complete", "pruned", "fail", "running"]
 
@@ -93,3 +99,20 @@ def test_a_cursor_of_the_wrong_segment_or_shape_is_invalid_input(db: Database, v
     study_id = _study_with_trials(db)
     with pytest.raises(InvalidInput):
         list_trials(db, owner="alice", study_id=study_id, sort="value", cursor=encode_cursor(values))
+
+
+def test_importance_of_a_large_study_runs_on_a_sample_and_says_so(settings: Settings, db: Database,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def by_learning_rate(number: int, params: dict[str, Any]) -> Outcome:
+        return Outcome(TrialState.COMPLETE, [0.95 - 0.1 * (math.log10(params["learning_rate"]) + 2) ** 2])
+
+    client = client_for(settings, db)
+    study = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 30, "max_parallel": 1})).json()
+    write_trials(db, settings, study_id=study["id"], n=24, outcome=by_learning_rate)
+    whole = client.get(f"{API}/studies/{study['id']}/importance").json()
+    assert whole["n_trials"] == 24 and whole["sampled_from"] is None
+    monkeypatch.setattr(importance, "SAMPLE_TRIALS", 8)
+    write_trials(db, settings, study_id=study["id"], n=1, outcome=by_learning_rate, seed=1)  # a new cache key
+    sampled = client.get(f"{API}/studies/{study['id']}/importance").json()
+    assert sampled["sampled_from"] == 25 and 2 <= sampled["n_trials"] <= 8  # every 4th trial by number
+    assert sampled["importances"][0]["name"] == "learning_rate"
