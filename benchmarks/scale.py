@@ -267,6 +267,7 @@ def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sql
                 fill_study(url, f"asks-{n}", configs, resolved)
                 row["fill_s"] = round(time.perf_counter() - started, 1)
                 row[path] = time_asks(url, f"asks-{n}", resolved, asks, path)
+                print(f"asks at {n} trials ({database}), {path}: {row[path]}", flush=True)
         out.append(row)
     return out
 
