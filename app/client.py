@@ -291,14 +291,14 @@ class Studies(_Part):
 class Trials(_Part):
     """A study's trials."""
 
-    def page(self, study_id: str, *, sort: Literal["number", "value", "duration"] = "number",
+    def page(self, study_id: str, *, sort: Literal["number", "value", "duration", "newest"] = "number",
              order: Literal["asc", "desc"] | None = None, state: str | None = None, limit: int = 50,
              cursor: str | None = None, after: int | None = None) -> TrialsPublic:
         query = {"sort": sort, "order": order, "state": state, "limit": limit, "cursor": cursor, "after": after}
         params = {k: v for k, v in query.items() if v is not None}
         return TrialsPublic.model_validate(self._c.json("GET", f"/studies/{study_id}/trials", params=params))
 
-    def iterate(self, study_id: str, *, sort: Literal["number", "value", "duration"] = "number",
+    def iterate(self, study_id: str, *, sort: Literal["number", "value", "duration", "newest"] = "number",
                 state: str | None = None, page_size: int = 500) -> Iterator[TrialPublic]:
         """Every trial, page after page."""
         cursor: str | None = None

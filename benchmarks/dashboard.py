@@ -321,7 +321,7 @@ def _stream_trials(url: str, built: BuiltStudy, first: int, count: int, per_s: i
     rng = np.random.default_rng(seed)
     db = Database(url)
     described = dashboard_data.data.describe(dashboard_data.data.load_builtin(dashboard_data.SPEC["dataset"]))
-    resolved = dashboard_data.resolve_space({}, dashboard_data.space_context(described, dashboard_data.SPEC["model"]))
+    resolved = dashboard_data.resolve_space({}, dashboard_data.Context.of(described, dashboard_data.SPEC["model"]))
     dists = {k: d for k, d in resolved.items() if isinstance(d, od.BaseDistribution)}
     batch = max(1, per_s // 4)
     for start in range(first, first + count, batch):

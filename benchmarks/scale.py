@@ -149,8 +149,12 @@ def random_configs(n: int, resolved: dict[str, Any], seed: int = SEED) -> list[d
 
     from app.ml.space import sample_params
 
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    return [sample_params(study.ask(), resolved) for _ in range(n)]
+    sampler = optuna.samplers.RandomSampler(seed=seed)
+    configs: list[dict[str, Any]] = []
+    while len(configs) < n:  # a fresh study now and then: each ask scans the study's trials for waiting ones
+        study = optuna.create_study(sampler=sampler)
+        configs += [sample_params(study.ask(), resolved) for _ in range(min(500, n - len(configs)))]
+    return configs
 
 
 def fill_study(url: str, study_name: str, configs: list[dict[str, Any]], resolved: dict[str, Any],
@@ -204,37 +208,50 @@ def check_filled(study: Any, configs: list[dict[str, Any]]) -> None:
             raise RuntimeError(f"trial {t.number} reads back {t.params}, inserted {configs[t.number]}")
 
 
-def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, mirror: bool) -> dict[str, Any]:
-    """Seconds per ask of the next trial's configuration; the first (cold) ask is reported apart."""
+def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, path: str) -> dict[str, Any]:
+    """Seconds per ask of the next trial's configuration; the first (cold) ask, a joining worker's, apart.
+
+    Paths: `window` the mirror over a bounded window (the service now), `full` the same mirror holding the
+    whole history (the service before: it read and scored every trial), `direct` Optuna's ask + suggests.
+    """
     import optuna
 
     from app.core.optuna_store import optuna_storage
-    from workers.asking import _ask_directly, ask_trial
+    from workers import asking
     from workers.search import make_sampler
 
     storage = optuna_storage(url)
     spec = {"sampler": {"name": "tpe", "seed": SEED}, "objective": {"metric": "val_accuracy"}}
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, resolved),
                               pruner=optuna.pruners.NopPruner())
+    sizes = (asking.BEST_TRIALS, asking.RECENT_TRIALS)
+    if path == "full":
+        asking.BEST_TRIALS = asking.RECENT_TRIALS = 10**9
     rng = np.random.default_rng(SEED + 1)
     seconds: list[float] = []
-    for _ in range(asks + 1):
-        start = time.perf_counter()
-        if mirror:
-            number, _, params = ask_trial(study, storage, resolved)
-        else:
-            number, _, params = _ask_directly(study, storage, resolved, None)
-        seconds.append(time.perf_counter() - start)
-        if set(params) - set(resolved):
-            raise RuntimeError(f"an ask returned parameters outside the space: {sorted(params)}")
-        study.tell(number, float(rng.uniform(0.1, 0.98)))  # a worker finishes its trial before the next ask
-    storage.engine.dispose()
+    try:
+        for _ in range(asks + 1):
+            start = time.perf_counter()
+            if path == "direct":
+                number, _, params = asking._ask_directly(study, storage, resolved, None)
+            else:
+                number, _, params = asking.ask_trial(study, storage, resolved)
+            seconds.append(time.perf_counter() - start)
+            if set(params) - set(resolved):
+                raise RuntimeError(f"an ask returned parameters outside the space: {sorted(params)}")
+            study.tell(number, float(rng.uniform(0.1, 0.98)))  # a worker finishes its trial before the next ask
+        mirror = asking._mirrors.get(study)
+        held = len(mirror.window.trials()) if mirror is not None else None
+    finally:
+        asking.BEST_TRIALS, asking.RECENT_TRIALS = sizes
+        storage.engine.dispose()
     warm = seconds[1:]
     return {"cold_ms": round(1000 * seconds[0], 1), "median_ms": round(1000 * statistics.median(warm), 1),
-            "max_ms": round(1000 * max(warm), 1), "asks": len(warm)}
+            "max_ms": round(1000 * max(warm), 1), "asks": len(warm), "trials_held": held}
 
 
-def run_asks(sizes: list[int], asks: int) -> list[dict[str, Any]]:
+def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sqlite",
+             admin_url: str = POSTGRES_ADMIN_URL) -> list[dict[str, Any]]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -243,20 +260,184 @@ def run_asks(sizes: list[int], asks: int) -> list[dict[str, Any]]:
     out = []
     for n in sizes:
         configs = random_configs(n, resolved)
-        row: dict[str, Any] = {"trials_in_study": n}
-        for path, mirror in (("mirror", True), ("direct", False)):
-            tmp = Path(tempfile.mkdtemp(prefix="hpsearch-asks-"))
-            url = f"sqlite:///{tmp / 'optuna.db'}"
-            try:
+        row: dict[str, Any] = {"trials_in_study": n, "database": database}
+        for path in paths:
+            with _ask_database(database, admin_url) as url:
                 started = time.perf_counter()
                 fill_study(url, f"asks-{n}", configs, resolved)
                 row["fill_s"] = round(time.perf_counter() - started, 1)
-                row[path] = time_asks(url, f"asks-{n}", resolved, asks, mirror)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        row["ratio"] = round(row["mirror"]["median_ms"] / row["direct"]["median_ms"], 3)
+                row[path] = time_asks(url, f"asks-{n}", resolved, asks, path)
+                print(f"asks at {n} trials ({database}), {path}: {row[path]}", flush=True)
         out.append(row)
     return out
+
+
+@contextmanager
+def _ask_database(database: str, admin_url: str) -> Iterator[str]:
+    if database == "postgresql":
+        with fresh_postgres(admin_url) as (url, _):
+            yield url
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="hpsearch-asks-"))
+    try:
+        yield f"sqlite:///{tmp / 'optuna.db'}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- reads: the API's reads of a 100,000-trial study -----------------------------------------------------
+
+READ_STATES = (None, "complete", "pruned", "fail", "running")
+READ_REPEATS = 7
+BEFORE_REVISION = "0003"  # the schema before the sort indexes
+BEFORE_COMMIT = "c37796a"  # the services before this work, for the side-by-side figures
+
+
+def _module_at(commit: str, path: str) -> Any:
+    """A module as it was at `commit`, imported under a private name (the previous behaviour)."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "show", f"{commit}:{path}"], check=True, capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    module = types.ModuleType(f"_before_{path.replace('/', '_').removesuffix('.py')}")
+    exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102 - our own file from our own history
+    return module
+
+
+def _median_ms(fn: Any, repeats: int = READ_REPEATS) -> float:
+    fn()  # warm the connection pool and the page cache
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 1)
+
+
+@contextmanager
+def _captured(engine: Any) -> Iterator[list[tuple[str, Any]]]:
+    """The SQL statements an engine runs meanwhile (statement, parameters)."""
+    from sqlalchemy import event
+
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def _plans(engine: Any, statements: list[tuple[str, Any]]) -> list[str]:
+    """EXPLAIN of each statement on its own database: what index (if any) each query reads."""
+    out = []
+    sqlite = engine.dialect.name == "sqlite"
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for statement, parameters in statements:
+            if not statement.lstrip().upper().startswith("SELECT") or "hp_trials" not in statement:
+                continue
+            cursor.execute(("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + statement, parameters)
+            rows = cursor.fetchall()
+            out.append(" | ".join(str(r[-1] if sqlite else r[0]).strip() for r in rows))
+    finally:
+        raw.close()
+    return out
+
+
+def time_reads(url: str, built: Any, services: dict[str, Any], *, newest: bool) -> dict[str, Any]:
+    """Median milliseconds of each read through the given service modules."""
+    from app.core.config import Settings
+    from app.core.db import Database
+
+    db, settings = Database(url), Settings(database_url=url)
+    owner, sid, n = "bench", built.study_id, built.n_trials
+    trials, studies, exports, importance = (services[k] for k in ("trials", "studies", "exports", "importance"))
+    out: dict[str, Any] = {"summary_ms": _median_ms(lambda: studies.get_study(db, owner=owner, study_id=sid))}
+    pages: dict[str, float] = {}
+    for sort in ("number", "value", "duration", *(("newest",) if newest else ())):
+        for state in READ_STATES:
+            def page(sort: str = sort, state: str | None = state) -> Any:
+                first = trials.list_trials(db, owner=owner, study_id=sid, limit=100, sort=sort, state=state)
+                if first.next_cursor:  # and the page after it, through the cursor
+                    trials.list_trials(db, owner=owner, study_id=sid, limit=100, sort=sort, state=state,
+                                       cursor=first.next_cursor)
+            pages[f"{sort}/{state or 'all'}"] = round(_median_ms(page) / 2, 1)
+    out["page_ms"] = pages
+    out["page_max_ms"] = max(pages.values())
+    out["poll_ms"] = _median_ms(lambda: trials.list_trials(db, owner=owner, study_id=sid, limit=100,
+                                                           after=n - 20))
+    def first_chunk() -> None:
+        next(iter(exports.trials_csv(db, settings, owner=owner, study_id=sid)))
+    out["csv_first_chunk_ms"] = _median_ms(first_chunk)
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    size = sum(len(c) for c in exports.trials_csv(db, settings, owner=owner, study_id=sid))
+    out["csv_total_s"] = round(time.perf_counter() - start, 2)
+    out["csv_peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+    tracemalloc.stop()
+    out["csv_mib"] = round(size / 2**20, 1)
+    importance._cache.clear()
+    start = time.perf_counter()
+    result = importance.param_importance(db, settings, owner=owner, study_id=sid)
+    out["importance_cold_ms"] = round(1000 * (time.perf_counter() - start), 1)
+    out["importance_warm_ms"] = _median_ms(lambda: importance.param_importance(db, settings, owner=owner,
+                                                                              study_id=sid))
+    out["importance"] = {"evaluator": result.evaluator, "n_trials": result.n_trials,
+                         "sampled_from": getattr(result, "sampled_from", None),
+                         "top": [i.name for i in result.importances[:3]]}
+    with _captured(db.engine) as statements:
+        for sort in ("number", "value", "duration", *(("newest",) if newest else ())):
+            for state in READ_STATES:
+                trials.list_trials(db, owner=owner, study_id=sid, limit=100, sort=sort, state=state)
+        studies.get_study(db, owner=owner, study_id=sid)
+    out["plans"] = _plans(db.engine, statements)
+    db.dispose()
+    return out
+
+
+def run_reads(sizes: list[int], database: str, admin_url: str = POSTGRES_ADMIN_URL) -> list[dict[str, Any]]:
+    """Each size on a fresh database: the reads now, then downgraded to the schema and code before."""
+    from app.core import migrate
+    from app.services import exports, importance, studies, trials
+    from benchmarks.dashboard_data import build_study
+
+    before = {name: _module_at(BEFORE_COMMIT, f"app/services/{name}.py")
+              for name in ("trials", "exports", "importance")}
+    before["studies"] = studies
+    out = []
+    for n in sizes:
+        with _ask_database(database, admin_url) as url:
+            migrate.upgrade(url)
+            started = time.perf_counter()
+            built = build_study(url, n_trials=n)
+            if database == "postgresql":
+                _analyze(url)
+            row: dict[str, Any] = {"trials_in_study": n, "database": database,
+                                   "fill_s": round(time.perf_counter() - started, 1)}
+            row["now"] = time_reads(url, built, {"trials": trials, "studies": studies, "exports": exports,
+                                                 "importance": importance}, newest=True)
+            migrate.downgrade(url, BEFORE_REVISION)
+            row["before"] = time_reads(url, built, before, newest=False)
+        out.append(row)
+    return out
+
+
+def _analyze(url: str) -> None:
+    """What autovacuum does after a bulk load: planner statistics for the new rows."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("VACUUM ANALYZE"))
+    engine.dispose()
 
 
 # ---- memory: one worker over many trials ---------------------------------------------------------------
@@ -319,10 +500,17 @@ def print_table(result: dict[str, Any]) -> None:
                      f"{c['distinct_numbers']} distinct numbers, {c['started_twice']} started twice, "
                      f"{c['postgres_deadlocks']} deadlocks"))
     for a in result.get("asks", []):
-        rows.append((f"TPE ask at {a['trials_in_study']} trials",
-                     f"mirror {a['mirror']['median_ms']} ms (cold {a['mirror']['cold_ms']}), "
-                     f"plain ask+suggest {a['direct']['median_ms']} ms (cold {a['direct']['cold_ms']}), "
-                     f"ratio {a['ratio']}"))
+        rows.append((f"TPE ask at {a['trials_in_study']} trials ({a['database']})",
+                     ", ".join(f"{p} {a[p]['median_ms']} ms (cold {a[p]['cold_ms']}, {a[p]['trials_held']} held)"
+                               for p in ("window", "full", "direct") if p in a)))
+    for r in result.get("reads", []):
+        for label in ("now", "before"):
+            x = r[label]
+            rows.append((f"reads at {r['trials_in_study']} trials ({r['database']}), {label}",
+                         f"summary {x['summary_ms']} ms, page max {x['page_max_ms']} ms, poll {x['poll_ms']} ms, "
+                         f"csv first chunk {x['csv_first_chunk_ms']} ms (all {x['csv_total_s']} s, "
+                         f"peak {x['csv_peak_mib']} MiB), importance cold {x['importance_cold_ms']} ms "
+                         f"warm {x['importance_warm_ms']} ms"))
     if m := result.get("memory"):
         rows.append((f"worker RSS over {m['n_trials']} trials",
                      f"{m['first']['rss_mib']} MiB after {m['first']['after_trials']}, "
@@ -335,17 +523,21 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="claims,asks,memory", help="comma list of claims, asks, memory")
+    parser.add_argument("--only", default="claims,asks,memory",
+                        help="comma list of claims, asks, reads, memory")
+    parser.add_argument("--read-sizes", default="10000,100000", help="trials of the read studies, comma list")
     parser.add_argument("--workers", type=int, default=16, help="worker processes for the claims run")
     parser.add_argument("--trials", type=int, default=320, help="tiny trials of the claims run")
     parser.add_argument("--postgres-url", default=POSTGRES_ADMIN_URL, help="a server's admin database URL")
     parser.add_argument("--ask-sizes", default="1000,10000", help="finished trials in the study, comma list")
     parser.add_argument("--asks", type=int, default=10, help="timed asks per size and path (after a cold one)")
+    parser.add_argument("--ask-paths", default="window,full", help="comma list of window, full, direct")
+    parser.add_argument("--ask-database", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--memory-trials", type=int, default=200, help="trials of the memory run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
-    unknown = parts - {"claims", "asks", "memory"}
+    unknown = parts - {"claims", "asks", "reads", "memory"}
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     result: dict[str, Any] = {}
@@ -353,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         result["claims"] = run_claims(args.workers, args.trials, args.postgres_url)
         result["claims"]["ok"] = claims_ok(result["claims"])
     if "asks" in parts:
-        result["asks"] = run_asks([int(s) for s in args.ask_sizes.split(",") if s.strip()], args.asks)
+        result["asks"] = run_asks([int(s) for s in args.ask_sizes.split(",") if s.strip()], args.asks,
+                                  [p for p in args.ask_paths.split(",") if p], args.ask_database, args.postgres_url)
+    if "reads" in parts:
+        result["reads"] = run_reads([int(s) for s in args.read_sizes.split(",") if s.strip()], args.ask_database,
+                                    args.postgres_url)
     if "memory" in parts:
         result["memory"] = run_memory(args.memory_trials)
         result["memory"]["ok"] = memory_ok(result["memory"])

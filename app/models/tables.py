@@ -114,9 +114,15 @@ class Trial(Base):
     __tablename__ = "hp_trials"
     __table_args__ = (
         UniqueConstraint("study_id", "number", name="uq_hp_trials_study_number"),
-        Index("ix_hp_trials_study_state", "study_id", "state"),
-        Index("ix_hp_trials_study_value", "study_id", "value"),
-        Index("ix_hp_trials_study_finished", "study_id", "finished_at"),  # what finished since a moment
+        # One index range per page order, with and without a state filter (migration 0004); the finish
+        # time ones also serve what finished since a moment.
+        Index("ix_hp_trials_study_state_number", "study_id", "state", "number"),
+        Index("ix_hp_trials_study_value_number", "study_id", "value", "number"),
+        Index("ix_hp_trials_study_duration_number", "study_id", "duration_s", "number"),
+        Index("ix_hp_trials_study_finished_number", "study_id", "finished_at", "number"),
+        Index("ix_hp_trials_study_state_value_number", "study_id", "state", "value", "number"),
+        Index("ix_hp_trials_study_state_duration_number", "study_id", "state", "duration_s", "number"),
+        Index("ix_hp_trials_study_state_finished_number", "study_id", "state", "finished_at", "number"),
         Index("ix_hp_trials_state_heartbeat", "state", "heartbeat_at"),
     )
 

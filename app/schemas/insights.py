@@ -18,6 +18,7 @@ class ImportancePublic(Public):
     finished: int  # finished trials when computed: the cache key
     importances: list[ParamImportance]  # most important first; only parameters that varied
     reason: str | None = None  # why the list is empty
+    sampled_from: int | None = None  # complete trials in the study when n_trials is a sample of them
 
 
 class HistoryPublic(Public):

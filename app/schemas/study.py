@@ -134,7 +134,7 @@ class PrunerSpec(Strict):
 
 
 class Budget(Strict):
-    n_trials: int = Field(20, ge=1, le=10_000)
+    n_trials: int = Field(20, ge=1, le=1_000_000)
     timeout_s: float | None = Field(None, gt=0, le=30 * 86400)
     max_parallel: int = Field(4, ge=1, le=256)
     epochs: int = Field(10, ge=1, le=1000)

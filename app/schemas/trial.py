@@ -23,7 +23,9 @@ class TrialPublic(Public):
     state: str
     source: str
     params: dict[str, Any] | None
-    value: float | None
+    value: float | None = Field(description="The first objective: of the best epoch for a complete trial; for a "
+                                            "pruned trial, of its last epoch before it was pruned (a partial "
+                                            "result: filter with state=complete to rank finished trials only)")
     values: list[float] | None
     metrics: dict[str, float] | None
     attempt: int

@@ -21,8 +21,9 @@ from app.core.db import Database
 from app.ml.space import BY_NAME
 from app.models import Study, Trial, TrialState
 from app.schemas.overview import HistoryOverviewPublic, ParamKind, TopTrials
+from app.schemas.study import Choices, FloatRange, IntRange, StudySpec
 from app.services.importance import parse_params
-from app.services.studies import best_trial_order, first_direction, own_study
+from app.services.ownership import own_study
 
 MAX_POINTS = 4000
 MAX_TOP = 2000
@@ -46,7 +47,7 @@ def overview(db: Database, *, owner: str, study_id: str, max_points: int = MAX_P
     t = Trial.__table__.c
     with db.read_session() as session:
         study = own_study(session, owner=owner, study_id=study_id)
-        spec, direction = study.spec, first_direction(study)
+        spec, direction = study.config, str(study.config.primary.direction)
         trials, last_number = session.execute(select(func.count(t.number), func.max(t.number))
                                               .where(t.study_id == study_id)).one()
         # The open trials are few: read them by the state index (min() in SQL would scan by number).
@@ -68,7 +69,7 @@ def overview(db: Database, *, owner: str, study_id: str, max_points: int = MAX_P
                     _cache.popitem(last=False)
     names = finished["param_names"]
     return HistoryOverviewPublic.model_construct(  # built from typed columns; bounded, but no need to revalidate
-        objective=_objective(study), direction=direction, param_kinds={n: _kind(spec, n) for n in names},
+        objective=spec.primary.metric, direction=direction, param_kinds={n: _kind(spec, n) for n in names},
         log_scale=[n for n in names if _log(spec, n)], searched=_searched(spec), trials=trials,
         last_number=last_number, first_open=first_open, **finished)
 
@@ -79,7 +80,7 @@ def _finished_in_tx(session: Session, study: Study, *, max_points: int, top: int
     rows = session.execute(_SCAN, {"study_id": study.id}).all()
     top_rows = session.execute(select(t.number, t.value, cast(t.params, Text)).where(
         t.study_id == study.id, t.state == TrialState.COMPLETE.value, t.value.is_not(None),
-        t.number.is_not(None)).order_by(best_trial_order(study), t.number).limit(top)).all() if top else []
+        t.number.is_not(None)).order_by(*study.best_first()).limit(top)).all() if top else []
     points = {state: _points(rows, state) for state in _PLOTTED}
     sampled = sum(len(p[0]) for p in points.values()) > max_points
     budget = max(1, max_points // len(_PLOTTED))
@@ -89,7 +90,7 @@ def _finished_in_tx(session: Session, study: Study, *, max_points: int, top: int
     return {
         "param_names": names, "with_value": {state: len(p[0]) for state, p in points.items()},
         "sampled": sampled, "complete": drawn[TrialState.COMPLETE.value], "pruned": drawn[TrialState.PRUNED.value],
-        "best": best_steps(*points[TrialState.COMPLETE.value], maximize=first_direction(study) == "maximize"),
+        "best": best_steps(*points[TrialState.COMPLETE.value], maximize=study.config.maximize),
         "top": TopTrials.model_construct(number=[r[0] for r in top_rows], value=[r[1] for r in top_rows],
                                          params={n: [p.get(n) for p in top_params] for n in names}),
     }
@@ -140,30 +141,25 @@ def best_steps(numbers: np.ndarray, values: np.ndarray, *, maximize: bool) -> li
     return _pairs(numbers[improved], values[improved])
 
 
-def _searched(spec: dict[str, Any]) -> list[str]:
+def _searched(spec: StudySpec) -> list[str]:
     """Names the spec gives a range or choices (a fixed value is not searched)."""
-    return [name for name, entry in (spec.get("search_space") or {}).items() if isinstance(entry, dict)]
+    return [name for name, entry in spec.search_space.items() if isinstance(entry, FloatRange | IntRange | Choices)]
 
 
-def _kind(spec: dict[str, Any], name: str) -> ParamKind:
-    entry = (spec.get("search_space") or {}).get(name)
-    if isinstance(entry, dict) and entry.get("type") in ("int", "float", "categorical"):
-        return entry["type"]  # type: ignore[no-any-return]
+def _kind(spec: StudySpec, name: str) -> ParamKind:
+    entry = spec.search_space.get(name)
+    if isinstance(entry, FloatRange | IntRange | Choices):
+        return entry.type
     hp = BY_NAME.get(name)
     return hp.kind if hp is not None else "float"  # type: ignore[return-value]
 
 
-def _log(spec: dict[str, Any], name: str) -> bool:
-    entry = (spec.get("search_space") or {}).get(name)
-    if isinstance(entry, dict):
-        return bool(entry.get("log"))
+def _log(spec: StudySpec, name: str) -> bool:
+    entry = spec.search_space.get(name)
+    if isinstance(entry, FloatRange | IntRange | Choices):
+        return bool(getattr(entry, "log", False))
     hp = BY_NAME.get(name)
-    return hp is not None and bool(hp.default_for(str(spec.get("model", "mlp"))).get("log"))
-
-
-def _objective(study: Study) -> str:
-    objective = study.spec["objective"]
-    return str((objective[0] if isinstance(objective, list) else objective)["metric"])
+    return hp is not None and bool(hp.default_for(spec.model).get("log"))
 
 
 def _documented_order(name: str) -> tuple[int, str]:

@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 
-from app.models import Study
 from app.services.errors import InvalidInput
-from app.services.paging import column_kinds, decode_cursor, encode_cursor
-from app.services.trials import _sort_keys
+from app.services.paging import decode_cursor, encode_cursor
+from app.services.trials import cursor_kinds
 
 
 def test_a_cursor_round_trips_with_its_kinds() -> None:
@@ -34,9 +33,7 @@ def test_bad_dates_are_invalid_input(values: list[Any]) -> None:
 
 
 def test_the_kinds_follow_the_sort_keys() -> None:
-    """Trials page by their sort keys: by value the key after complete-first and missing-last holds a float,
-    by number the second key an integer."""
-    by_value = column_kinds(_sort_keys(Study(), "value", "desc"))
-    by_number = column_kinds(_sort_keys(Study(), "number", "asc"))
-    assert by_value[:3] == [int, int, float] and by_number[1] is int
+    """Trials page by their sort keys: by value the second key holds a float, by number an integer."""
+    by_value, by_number, newest = cursor_kinds("value"), cursor_kinds("number"), cursor_kinds("newest")
+    assert by_value[1] is float and by_number[1] is int and newest[1] is datetime
     assert set(by_value) <= {int, float, str, datetime}

@@ -16,7 +16,7 @@ TrialStateFilter = Literal["waiting", "running", "complete", "pruned", "fail"]
 def list_trials(study_id: str, owner: CurrentOwner, db: DbDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
                 cursor: Annotated[str | None, Query(max_length=500)] = None,
                 state: TrialStateFilter | None = None,
-                sort: Literal["number", "value", "duration"] = "number",
+                sort: Literal["number", "value", "duration", "newest"] = "number",
                 order: Literal["asc", "desc"] | None = None,
                 after: Annotated[int | None, Query(ge=-1, le=10**9)] = None) -> TrialsPublic:
     return trials.list_trials(db, owner=owner, study_id=study_id, limit=limit, cursor=cursor, state=state,
