@@ -7,14 +7,17 @@ import json
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from app.core.config import Settings
 from app.core.db import Database
+from app.models import Study, TrialState
 from app.models.base import utcnow
 from app.services import events
 from app.services.events import Cursor, StreamOptions
 from tests.factories import client_for, study_spec
 from tests.study_rows import finalize, write_trials
+from workers import queue
 
 API = "/api/v1"
 FAST = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.2, max_s=20.0)
@@ -146,3 +149,41 @@ def test_event_ids_round_trip_and_sort_as_text() -> None:
     a = Cursor(1_700_000_000_000_000, events.EPOCH, 42, 1, 3)
     b = Cursor(1_700_000_000_000_000, events.FINISHED, 7, 1, 0)
     assert Cursor.parse(a.encode()) == a and a < b and a.encode() < b.encode()
+
+
+def _poll_like_a_stream(db: Database, study_id: str, cursor: Cursor) -> tuple[list[events.Event], Cursor]:
+    """One poll of the stream with no settle window; the cursor moves to the last event sent."""
+    got, _ = events._poll(db, study_id, cursor, utcnow())
+    return got, (got[-1].cursor if got else cursor)
+
+
+def test_a_trial_bound_after_later_trials_ran_still_starts_exactly_once(settings: Settings,
+                                                                         db: Database) -> None:
+    """A slow ask: trial A is claimed, then trial B runs to its end, then A gets its number."""
+    client = client_for(settings, db)
+    study_id = _study(client, n_trials=2)
+    with db.session() as session:
+        session.execute(update(Study).where(Study.id == study_id).values(max_parallel=2))
+    slow = queue.claim_trial(db, worker_id="slow", device="cpu", trial_deadline_s=600)
+    assert slow is not None and slow.number is None
+    cursor, sent = Cursor(0), []
+    write_trials(db, settings, study_id=study_id, n=1)  # B: claimed, bound, epochs 1..3, finished
+    got, cursor = _poll_like_a_stream(db, study_id, cursor)
+    sent += got
+    bound = queue.bind_trial(db, slow, number=1, optuna_trial_id=10**6, params={"units": 32})
+    assert bound is not None
+    for epoch in (1, 2):
+        queue.record_epoch(db, bound, epoch=epoch, train_loss=0.5, val_loss=0.5, val_metric=0.8,
+                           learning_rate=0.01, seconds=0.01)
+    assert queue.finish_trial(db, bound, state=TrialState.COMPLETE, value=0.8, values=[0.8], epochs_run=2,
+                              best_epoch=2)
+    got, cursor = _poll_like_a_stream(db, study_id, cursor)
+    sent += got
+    got, cursor = _poll_like_a_stream(db, study_id, cursor)
+    assert got == []  # nothing left, nothing sent twice
+    started = [e.data["number"] for e in sent if e.kind == "trial_started"]
+    assert sorted(started) == [0, 1]
+    assert [e.cursor for e in sent] == sorted(e.cursor for e in sent)
+    assert [(e.data["number"], e.data["epoch"]) for e in sent if e.kind == "epoch"] \
+        == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+    assert sorted(e.data["number"] for e in sent if e.kind == "trial_finished") == [0, 1]
