@@ -13,7 +13,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import Study, TrialState
 from app.models.base import utcnow
-from app.services import events
+from app.services import events, keys
 from app.services.events import Cursor, StreamOptions
 from tests.factories import client_for, study_spec
 from tests.study_rows import finalize, write_trials
@@ -187,3 +187,62 @@ def test_a_trial_bound_after_later_trials_ran_still_starts_exactly_once(settings
     assert [(e.data["number"], e.data["epoch"]) for e in sent if e.kind == "epoch"] \
         == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
     assert sorted(e.data["number"] for e in sent if e.kind == "trial_finished") == [0, 1]
+
+
+class _OpenStream:
+    """One GET /events driven through the ASGI app directly: open until `disconnect` is called."""
+
+    def __init__(self, app: Any, authorization: str, study_id: str) -> None:
+        self.status: asyncio.Future[tuple[int, dict[str, str]]] = asyncio.get_running_loop().create_future()
+        self._gone = asyncio.Event()
+        path = f"{API}/studies/{study_id}/events"
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+                 "headers": [(b"host", b"testserver"), (b"authorization", authorization.encode())]}
+        self.task = asyncio.create_task(app(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not self.status.done():
+            headers = {k.decode(): v.decode() for k, v in message["headers"]}
+            self.status.set_result((message["status"], headers))
+
+    async def opened(self) -> tuple[int, dict[str, str]]:
+        return await asyncio.wait_for(asyncio.shield(self.status), 30)
+
+    async def disconnect(self) -> None:
+        self._gone.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+def test_open_streams_per_key_are_limited(settings: Settings, db: Database) -> None:
+    limited = settings.model_copy(update={"max_streams_per_key": 2})
+    client = client_for(limited, db)
+    client.app.state.event_stream_options = FAST  # type: ignore[attr-defined]
+    study_id = _study(client, n_trials=2)
+    key_a = client.headers["Authorization"]
+    key_b = f"Bearer {keys.create_key(db, owner='alice')}"  # the same owner's other key has its own limit
+
+    async def scenario() -> list[int]:
+        first, second = _OpenStream(client.app, key_a, study_id), _OpenStream(client.app, key_a, study_id)
+        statuses = [(await first.opened())[0], (await second.opened())[0]]
+        third = _OpenStream(client.app, key_a, study_id)
+        status, headers = await third.opened()
+        await asyncio.wait_for(third.task, 30)  # refused: it ends at once
+        assert int(headers["retry-after"]) >= 1
+        other_key = _OpenStream(client.app, key_b, study_id)
+        statuses += [status, (await other_key.opened())[0]]
+        await first.disconnect()  # its slot comes back
+        again = _OpenStream(client.app, key_a, study_id)
+        statuses.append((await again.opened())[0])
+        for stream in (second, other_key, again):
+            await stream.disconnect()
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 429, 200, 200]
+    limiter = client.app.state.stream_limiter  # type: ignore[attr-defined]
+    assert limiter.open_streams(keys.hash_key(key_a.removeprefix("Bearer "))) == 0

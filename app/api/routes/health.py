@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
@@ -27,6 +27,6 @@ def readyz(db: DbDep) -> Response:
 
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format"}})
-def prometheus_metrics(db: DbDep) -> Response:
-    body, content_type = metrics.render(db)
+def prometheus_metrics(db: DbDep, request: Request) -> Response:
+    body, content_type = metrics.render(db, request.app.state.metrics_cache)
     return Response(body, media_type=content_type)
