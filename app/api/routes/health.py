@@ -15,7 +15,10 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+DATABASE_DOWN = {503: {"description": "The database is unreachable; retry after `Retry-After` seconds."}}
+
+
+@router.get("/readyz", responses={503: {"description": "The database is unreachable."}})
 def readyz(db: DbDep) -> Response:
     try:
         with db.read_session() as session:
@@ -26,7 +29,7 @@ def readyz(db: DbDep) -> Response:
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
-            responses={200: {"description": "Prometheus text exposition format"}})
+            responses={200: {"description": "Prometheus text exposition format"}, **DATABASE_DOWN})
 def prometheus_metrics(db: DbDep, request: Request) -> Response:
     body, content_type = metrics.render(db, request.app.state.metrics_cache)
     return Response(body, media_type=content_type)
