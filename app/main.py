@@ -11,8 +11,10 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, LatencyMiddleware
 from app.api.routes import datasets, downloads, health, insights, meta, pareto, studies, trials
 from app.api.routes.dashboard import install_dashboard
+from app.api.streams import StreamLimiter
 from app.core.config import Settings, get_settings
 from app.core.db import Database
+from app.core.metrics import DatabaseMetricsCache
 
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
@@ -23,6 +25,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     plugins.configure(settings.plugins)  # validation and predictions know only these plugins
     app.state.db = db or Database(settings.database_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.state.stream_limiter = StreamLimiter(settings.max_streams_per_key)
+    app.state.metrics_cache = DatabaseMetricsCache(settings.metrics_cache_s)
     api = APIRouter(prefix=API_PREFIX)
     for module in (studies, trials, datasets, meta, pareto, downloads, insights):
         api.include_router(module.router)

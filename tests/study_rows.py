@@ -73,7 +73,7 @@ def write_trials(db: Database, settings: Settings, *, study_id: str, n: int,
 
 def _record(db: Database, lease: queue.Lease, trial: optuna.Trial, result: Outcome,
             params: dict[str, Any]) -> None:
-    for epoch, value in enumerate(result.curve):
+    for epoch, value in enumerate(result.curve, start=1):  # workers number epochs from 1
         queue.record_epoch(db, lease, epoch=epoch, train_loss=1.0 - value, val_loss=1.1 - value,
                            val_metric=value, learning_rate=params.get("learning_rate"), seconds=0.01)
         trial.report(value, epoch)
@@ -82,7 +82,7 @@ def _record(db: Database, lease: queue.Lease, trial: optuna.Trial, result: Outco
         value = result.curve[-1]
         assert queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=value, values=[value],
                                   metrics={"val_accuracy": value, "val_loss": 1.1 - value},
-                                  epochs_run=len(result.curve), best_epoch=len(result.curve) - 1)
+                                  epochs_run=len(result.curve), best_epoch=len(result.curve))
         study.tell(trial, value)
     elif result.state is TrialState.PRUNED:
         assert queue.finish_trial(db, lease, state=TrialState.PRUNED, value=result.curve[-1],

@@ -85,10 +85,10 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
 
     can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins).
     """
-    now = utcnow()
     with db.session() as session:
         for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)):
             study = _lock_study_in_tx(session, db, study_id)
+            now = utcnow()  # after the lock: a stamp older than its commit by a lock wait would hide the event
             if study is None or not StudyStatus(study.status).accepts_trials():
                 continue
             if can_run is not None and not can_run(study.config):
@@ -191,10 +191,10 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
     to hold, before the commit: a complete trial's weights take its name there, so no reaper can take the
     lease between publishing and recording, and no finalization sees the row without its weights.
     """
-    now = utcnow()
     with db.session() as session:
         # The study first, as every writer that locks both does: deleting a study locks it, then its trials.
         study = session.get(Study, lease.study_id, with_for_update=True)
+        now = utcnow()  # after the lock, so the stamp is no older than the commit by a lock wait
         trial = _held_in_tx(session, lease) if study is not None else None
         if trial is None:
             # A retry after a commit whose reply was lost finds its own outcome already there.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -323,6 +324,40 @@ def _noise_std(data: TrainData) -> float:
     return NOISE_FRACTION * float(data.x_train.float().std())
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each training batch over n rows: every row in exactly one batch per epoch.
+
+    A last batch of one row joins the batch before it (batch_size + 1 rows), so batch norm never sees a
+    lone sample unless the batch size itself is 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    starts = list(range(0, n, batch_size))
+    if batch_size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
+
+
+@contextmanager
+def one_sample_batch_norm(module: nn.Module, *, active: bool = True) -> Iterator[None]:
+    """Batch norm layers normalize a one-row batch with their running statistics, as in evaluation.
+
+    The statistics of a single row are undefined (its variance is 0; torch refuses a 1-d one), so a
+    batch of one is normalized the way the trained model will normalize it at inference; the running
+    statistics are not updated by it, and the affine weights still train. Other layers stay in training
+    mode (dropout applies).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if active else []
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
 def _train_epoch(module: nn.Module, data: TrainData, optimizer: torch.optim.Optimizer, batch_size: int,
                  generator: torch.Generator, noise_std: float | None, amp_dtype: torch.dtype | None,
                  stop_signal: Callable[[], bool] | None = None) -> float | None:
@@ -332,26 +367,23 @@ def _train_epoch(module: nn.Module, data: TrainData, optimizer: torch.optim.Opti
     """
     module.train()
     x, y = data.x_train, data.y_train
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=generator, device=x.device)
+    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
     losses: list[Tensor] = []
     sizes: list[int] = []
-    for start in range(0, n, batch_size):
+    for start, end in batch_bounds(x.shape[0], batch_size):
         if stop_signal is not None and stop_signal():
             return None
-        idx = perm[start:start + batch_size]
-        if idx.numel() == 1 and n > 1:
-            continue  # a batch of one breaks BatchNorm's batch statistics; its sample comes back next epoch
+        idx = perm[start:end]
         xb, yb = x[idx], y[idx]
         if noise_std is not None:
             xb = augment(xb, generator, noise_std)
-        with _autocast(x.device, amp_dtype):
+        with _autocast(x.device, amp_dtype), one_sample_batch_norm(module, active=end - start == 1):
             out = module(xb)
         loss = _loss(out, yb, data.task)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        sizes.append(idx.numel())
+        sizes.append(end - start)
     weights = torch.tensor(sizes, dtype=torch.float64, device=x.device)
     return float(torch.stack(losses).double() @ weights) / sum(sizes)

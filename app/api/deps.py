@@ -60,12 +60,14 @@ def current_owner(request: Request, db: DbDep, settings: SettingsDep, credential
     request over it is refused before it touches anything else. Unknown keys get no bucket: 401 first.
     """
     if not settings.auth_enabled:
+        request.state.key_id = "local"
         return "local"
     if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("missing bearer API key: send 'Authorization: Bearer <key>'")
     key = credentials.credentials.strip()
     owner = keys.authenticate(db, key)
-    request.app.state.rate_limiter.take(keys.hash_key(key))
+    request.state.key_id = keys.hash_key(key)  # what per-key limits count by
+    request.app.state.rate_limiter.take(request.state.key_id)
     return owner
 
 

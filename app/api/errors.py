@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.db import is_transient
 from app.services import errors
@@ -38,8 +40,11 @@ _DESCRIPTIONS = {
     404: "No such resource for this owner (another owner's resources do not exist for you).",
     409: "The request does not apply in the resource's current state.",
     413: "Request body or upload larger than the server's limit.",
-    415: "Request body of the wrong media type (send `application/json`).",
-    429: "Rate limit of this key exceeded; retry after `Retry-After` seconds.",
+    415: "Request body of the wrong media type (send `application/json`; uploads `multipart/form-data`).",
+    422: "Invalid request: each item of `detail` names the field (`loc`) and the rule it broke (`msg`); a "
+         "malformed body (JSON, NaN or Infinity, a broken multipart form) is reported at `loc` [\"body\"].",
+    429: "Rate limit of this key exceeded, or as many event streams open as the key may hold; retry after "
+         "`Retry-After` seconds.",
     503: "The database is unavailable for a moment; retry after `Retry-After` seconds.",
 }
 
@@ -69,8 +74,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "the database is unavailable for a moment; retry"}, status_code=503,
                             headers={"Retry-After": str(DB_RETRY_AFTER_S)})
 
+    async def malformed_body(request: Request, exc: Exception) -> Response:
+        # FastAPI answers a body it cannot parse (a broken multipart form: no boundary, truncated parts)
+        # with a bare 400. Malformed JSON is a 422 at loc ["body"]; so is this, with the parser's reason.
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code != 400:
+            return await http_exception_handler(request, exc)
+        reason = str(exc.__cause__ or exc.detail)[:300]
+        detail = [{"loc": ["body"], "msg": f"malformed request body: {reason}", "type": "body_invalid"}]
+        return JSONResponse({"detail": detail}, status_code=422)
+
     app.add_exception_handler(errors.DomainError, handle)
     app.add_exception_handler(DBAPIError, database_unavailable)
+    app.add_exception_handler(StarletteHTTPException, malformed_body)
     document_error_responses(app)
 
 
@@ -95,6 +111,7 @@ def document_error_responses(app: FastAPI) -> None:
 
 
 def _statuses(path: str, method: str, operation: dict[str, Any]) -> list[int]:
+    """Every error status the operation can answer: its dependencies', its services' and the middleware's."""
     if not path.startswith("/api/"):
         return []
     out = [503]
@@ -104,15 +121,19 @@ def _statuses(path: str, method: str, operation: dict[str, Any]) -> list[int]:
         out += [404, 409]
     if method in ("post", "put", "patch", "delete"):
         out.append(409)
-    if "requestBody" in operation:
-        out += [413, 415]
+    if method in ("post", "put", "patch"):
+        # BodyLimitMiddleware answers any body sent here, before the route: too large, not JSON, NaN.
+        out += [413, 415, 422]
+    if "requestBody" in operation or operation.get("parameters"):
+        out.append(422)
     return sorted(set(out))
 
 
 def _response(status: int) -> dict[str, Any]:
+    body = "HTTPValidationError" if status == 422 else "ErrorMessage"  # FastAPI's own 422 schema
     response: dict[str, Any] = {
         "description": _DESCRIPTIONS[status],
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorMessage"}}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
     }
     if status in (429, 503):
         response["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.",

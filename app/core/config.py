@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(200 * 2**20, ge=1024, description="Largest dataset upload.")
     rate_limit_per_s: float = Field(50.0, gt=0, description="Sustained requests per second per key.")
     rate_limit_burst: int = Field(200, ge=1, description="Requests a key may burst above the rate.")
+    max_streams_per_key: int = Field(8, ge=1, description="Event streams one API key may hold open at once; "
+                                     "one more is answered 429 with Retry-After.")
+    metrics_cache_s: float = Field(5.0, ge=0, description="Seconds a /metrics scrape reuses the database "
+                                   "aggregates of the previous one (0: every scrape reads them).")
     heartbeat_interval_s: float = Field(2.0, gt=0, description="How often workers beat for their leases.")
     lease_grace_s: float = Field(30.0, gt=0, description="A lease without a beat for this long is reaped.")
     trial_deadline_s: float = Field(3600.0, gt=0, description="Wall-clock limit of one trial attempt.")

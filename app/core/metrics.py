@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -34,18 +35,48 @@ ACTIVE_STUDY_STATUSES = (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)
 
 
 class DatabaseCollector:
-    """Studies, trials, queue, workers and leases, each family from one grouped query."""
+    """Studies, trials, queue, workers and leases, each family from one grouped query.
 
-    def __init__(self, db: Database) -> None:
+    The aggregates read whole tables; with a cache, scrapes within its interval share one reading.
+    """
+
+    def __init__(self, db: Database, cache: DatabaseMetricsCache | None = None) -> None:
         self.db = db
+        self.cache = cache
 
     def collect(self) -> Iterable[Metric]:
-        with self.db.read_session() as session:
-            families = [
-                _studies(session), *_trial_counters(session), _queue_depth(session), _running(session),
-                *_leases(session), *_workers(session), _duration_histogram(session),
-            ]
-        yield from families
+        yield from (self.cache.families(self.db) if self.cache is not None else read_database_families(self.db))
+
+
+def read_database_families(db: Database) -> list[Metric]:
+    with db.read_session() as session:
+        return [
+            _studies(session), *_trial_counters(session), _queue_depth(session), _running(session),
+            *_leases(session), *_workers(session), _duration_histogram(session),
+        ]
+
+
+class DatabaseMetricsCache:
+    """The database families of the last reading, reused for `max_age_s` seconds.
+
+    Several Prometheus servers (or a short scrape interval) would otherwise run every whole-table aggregate
+    on each scrape. Concurrent scrapes wait for one reading instead of each starting their own.
+    """
+
+    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._families: list[Metric] | None = None
+        self._read_at = 0.0
+        self._db: Database | None = None
+
+    def families(self, db: Database) -> list[Metric]:
+        with self._lock:
+            now = self._clock()
+            if self._families is None or self._db is not db or now - self._read_at >= self.max_age_s:
+                self._families, self._read_at, self._db = read_database_families(db), now, db
+            return self._families
 
 
 def _studies(session: Session) -> Metric:
@@ -232,14 +263,14 @@ GPUS = GpuCollector()
 # ---- exposition ----------------------------------------------------------------------------------------
 
 
-def registry_for(db: Database) -> CollectorRegistry:
-    """A registry per scrape: registering collectors is cheap and nothing outlives the request."""
+def registry_for(db: Database, cache: DatabaseMetricsCache | None = None) -> CollectorRegistry:
+    """A registry per scrape: registering collectors is cheap; only the cache outlives the request."""
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(db))
+    registry.register(DatabaseCollector(db, cache))
     registry.register(REQUEST_LATENCY)
     registry.register(GPUS)
     return registry
 
 
-def render(db: Database) -> tuple[bytes, str]:
-    return generate_latest(registry_for(db)), CONTENT_TYPE_LATEST
+def render(db: Database, cache: DatabaseMetricsCache | None = None) -> tuple[bytes, str]:
+    return generate_latest(registry_for(db, cache)), CONTENT_TYPE_LATEST

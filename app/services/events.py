@@ -4,7 +4,9 @@ There is no in-memory bus: API processes and workers may run on different machin
 the rows of its study. Each event has a place in one total order (event time, kind, trial, attempt, epoch)
 and its SSE id encodes that place. A stream only sends events older than `settle_s`, so a row whose
 transaction is still committing cannot land behind an id already sent; a reconnect with `Last-Event-ID`
-resumes right after that id, without loss or duplicates.
+resumes right after that id, without loss or duplicates. A trial's start is stamped when it is claimed
+but it has no number until the worker binds its Optuna trial, so no stream sends anything past the claim
+of a trial still unbound: its trial_started comes once, in order.
 """
 
 from __future__ import annotations
@@ -97,7 +99,13 @@ def _clean(data: dict[str, Any]) -> dict[str, Any]:
 
 def events_in_tx(session: Session, study_id: str, *, after: Cursor, until: datetime,
                  limit: int = MAX_BATCH) -> list[Event]:
-    """Events of the study after `after` and stamped no later than `until`, in order, at most limit."""
+    """Events of the study after `after` and stamped no later than `until`, in order, at most limit.
+
+    `until` is held back before the claim of any running trial still waiting for its number: its
+    trial_started event is stamped at its claim but can only be sent once the number is bound, so no
+    cursor may pass the claim before then.
+    """
+    until = _held_back_in_tx(session, study_id, until)
     since = after.moment
     # An event stamped at or after `since` belongs to a trial that is unfinished now or finished since then:
     # two indexed reads, never a scan of every trial of the study.
@@ -122,6 +130,15 @@ def events_in_tx(session: Session, study_id: str, *, after: Cursor, until: datet
     events = sorted((e for e in events if e.cursor > after), key=lambda e: e.cursor)[:limit]
     _fill_finished_in_tx(session, [e for e in events if e.kind == "trial_finished"])
     return events
+
+
+def _held_back_in_tx(session: Session, study_id: str, until: datetime) -> datetime:
+    """`until`, or just before the earliest claim of a running trial that has no number yet."""
+    unbound = session.scalar(select(func.min(Trial.started_at)).where(
+        Trial.study_id == study_id, Trial.state == TrialState.RUNNING.value, Trial.number.is_(None)))
+    if unbound is None or unbound > until:
+        return until
+    return unbound - timedelta(microseconds=1)
 
 
 def _epoch_events_in_tx(session: Session, numbers: dict[int, int], *, since: datetime, until: datetime,

@@ -7,14 +7,17 @@ import json
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from app.core.config import Settings
 from app.core.db import Database
+from app.models import Study, TrialState
 from app.models.base import utcnow
-from app.services import events
+from app.services import events, keys
 from app.services.events import Cursor, StreamOptions
 from tests.factories import client_for, study_spec
 from tests.study_rows import finalize, write_trials
+from workers import queue
 
 API = "/api/v1"
 FAST = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.2, max_s=20.0)
@@ -146,3 +149,100 @@ def test_event_ids_round_trip_and_sort_as_text() -> None:
     a = Cursor(1_700_000_000_000_000, events.EPOCH, 42, 1, 3)
     b = Cursor(1_700_000_000_000_000, events.FINISHED, 7, 1, 0)
     assert Cursor.parse(a.encode()) == a and a < b and a.encode() < b.encode()
+
+
+def _poll_like_a_stream(db: Database, study_id: str, cursor: Cursor) -> tuple[list[events.Event], Cursor]:
+    """One poll of the stream with no settle window; the cursor moves to the last event sent."""
+    got, _ = events._poll(db, study_id, cursor, utcnow())
+    return got, (got[-1].cursor if got else cursor)
+
+
+def test_a_trial_bound_after_later_trials_ran_still_starts_exactly_once(settings: Settings,
+                                                                         db: Database) -> None:
+    """A slow ask: trial A is claimed, then trial B runs to its end, then A gets its number."""
+    client = client_for(settings, db)
+    study_id = _study(client, n_trials=2)
+    with db.session() as session:
+        session.execute(update(Study).where(Study.id == study_id).values(max_parallel=2))
+    slow = queue.claim_trial(db, worker_id="slow", device="cpu", trial_deadline_s=600)
+    assert slow is not None and slow.number is None
+    cursor, sent = Cursor(0), []
+    write_trials(db, settings, study_id=study_id, n=1)  # B: claimed, bound, epochs 1..3, finished
+    got, cursor = _poll_like_a_stream(db, study_id, cursor)
+    sent += got
+    bound = queue.bind_trial(db, slow, number=1, optuna_trial_id=10**6, params={"units": 32})
+    assert bound is not None
+    for epoch in (1, 2):
+        queue.record_epoch(db, bound, epoch=epoch, train_loss=0.5, val_loss=0.5, val_metric=0.8,
+                           learning_rate=0.01, seconds=0.01)
+    assert queue.finish_trial(db, bound, state=TrialState.COMPLETE, value=0.8, values=[0.8], epochs_run=2,
+                              best_epoch=2)
+    got, cursor = _poll_like_a_stream(db, study_id, cursor)
+    sent += got
+    got, cursor = _poll_like_a_stream(db, study_id, cursor)
+    assert got == []  # nothing left, nothing sent twice
+    started = [e.data["number"] for e in sent if e.kind == "trial_started"]
+    assert sorted(started) == [0, 1]
+    assert [e.cursor for e in sent] == sorted(e.cursor for e in sent)
+    assert [(e.data["number"], e.data["epoch"]) for e in sent if e.kind == "epoch"] \
+        == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+    assert sorted(e.data["number"] for e in sent if e.kind == "trial_finished") == [0, 1]
+
+
+class _OpenStream:
+    """One GET /events driven through the ASGI app directly: open until `disconnect` is called."""
+
+    def __init__(self, app: Any, authorization: str, study_id: str) -> None:
+        self.status: asyncio.Future[tuple[int, dict[str, str]]] = asyncio.get_running_loop().create_future()
+        self._gone = asyncio.Event()
+        path = f"{API}/studies/{study_id}/events"
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+                 "headers": [(b"host", b"testserver"), (b"authorization", authorization.encode())]}
+        self.task = asyncio.create_task(app(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not self.status.done():
+            headers = {k.decode(): v.decode() for k, v in message["headers"]}
+            self.status.set_result((message["status"], headers))
+
+    async def opened(self) -> tuple[int, dict[str, str]]:
+        return await asyncio.wait_for(asyncio.shield(self.status), 30)
+
+    async def disconnect(self) -> None:
+        self._gone.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+def test_open_streams_per_key_are_limited(settings: Settings, db: Database) -> None:
+    limited = settings.model_copy(update={"max_streams_per_key": 2})
+    client = client_for(limited, db)
+    client.app.state.event_stream_options = FAST  # type: ignore[attr-defined]
+    study_id = _study(client, n_trials=2)
+    key_a = client.headers["Authorization"]
+    key_b = f"Bearer {keys.create_key(db, owner='alice')}"  # the same owner's other key has its own limit
+
+    async def scenario() -> list[int]:
+        first, second = _OpenStream(client.app, key_a, study_id), _OpenStream(client.app, key_a, study_id)
+        statuses = [(await first.opened())[0], (await second.opened())[0]]
+        third = _OpenStream(client.app, key_a, study_id)
+        status, headers = await third.opened()
+        await asyncio.wait_for(third.task, 30)  # refused: it ends at once
+        assert int(headers["retry-after"]) >= 1
+        other_key = _OpenStream(client.app, key_b, study_id)
+        statuses += [status, (await other_key.opened())[0]]
+        await first.disconnect()  # its slot comes back
+        again = _OpenStream(client.app, key_a, study_id)
+        statuses.append((await again.opened())[0])
+        for stream in (second, other_key, again):
+            await stream.disconnect()
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 429, 200, 200]
+    limiter = client.app.state.stream_limiter  # type: ignore[attr-defined]
+    assert limiter.open_streams(keys.hash_key(key_a.removeprefix("Bearer "))) == 0

@@ -90,7 +90,7 @@ def test_curves_of_the_best_the_latest_and_the_asked(settings: Settings, db: Dat
     assert [c["number"] for c in top["data"]] == sorted(t["number"] for t in complete[:2])
     asked = client.get(f"{API}/studies/{study_id}/curves", params={"numbers": "3,6"}).json()["data"]
     pruned, failed = asked
-    assert (pruned["number"], pruned["state"], pruned["epoch"]) == (3, "pruned", [0])  # cut short
+    assert (pruned["number"], pruned["state"], pruned["epoch"]) == (3, "pruned", [1])  # cut short
     assert (failed["number"], failed["state"], failed["epoch"]) == (6, "fail", [])
     detail = client.get(f"{API}/studies/{study_id}/trials/0").json()
     curve0 = client.get(f"{API}/studies/{study_id}/curves", params={"numbers": "0"}).json()["data"][0]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import time
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from sqlalchemy import event, update
 
 from app.core import metrics
 from app.core.config import Settings
 from app.core.db import Database
+from app.models import Trial
+from app.models.base import utcnow
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 from workers import queue
 
@@ -35,6 +38,11 @@ class Scrape:
         return found.value
 
 
+def _fresh_client(settings: Settings, db: Database) -> TestClient:
+    """Every scrape reads the database: these tests change rows between scrapes."""
+    return client_for(settings.model_copy(update={"metrics_cache_s": 0.0}), db)
+
+
 def _create(client: TestClient, **overrides: Any) -> str:
     response = client.post(f"{API}/studies", json=study_spec(**overrides))
     assert response.status_code == 201, response.text
@@ -42,7 +50,7 @@ def _create(client: TestClient, **overrides: Any) -> str:
 
 
 def test_counters_move_after_a_small_study(settings: Settings, db: Database) -> None:
-    client = client_for(settings, db)
+    client = _fresh_client(settings, db)
     before = Scrape(client)
     assert before.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 0
     assert before.value("hpsearch_studies", status="completed") == 0
@@ -102,7 +110,7 @@ def _assert_gpu_metrics_follow_nvml(scrape: Scrape) -> None:
 
 def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Database) -> None:
     """Leases taken back by the reaper, through the real queue functions the supervisors use."""
-    client = client_for(settings, db)
+    client = _fresh_client(settings, db)
     _create(client, budget={"n_trials": 3, "max_attempts": 2})
 
     def lease(deadline_s: float = 3600.0) -> queue.Lease:
@@ -120,8 +128,10 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
 
     assert lease().trial_id == first.trial_id  # the second attempt of the same trial
     assert [r.requeued for r in queue.reap(db, grace_s=-1.0)] == [False]  # max_attempts used
-    lease(deadline_s=0.001)
-    time.sleep(0.05)
+    late = lease()
+    with db.session() as session:  # the deadline passed: recorded, not waited for
+        session.execute(update(Trial).where(Trial.id == late.trial_id)
+                        .values(deadline_at=utcnow() - timedelta(seconds=1)))
     assert len(queue.reap(db, grace_s=3600.0)) == 1  # beating, but past its deadline
 
     scrape = Scrape(client)
@@ -133,7 +143,7 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
 
 
 def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: Database) -> None:
-    client = client_for(settings, db)
+    client = _fresh_client(settings, db)
     _create(client, budget={"n_trials": 4})
     paused = _create(client, budget={"n_trials": 5})
     assert Scrape(client).value("hpsearch_queue_depth") == 9
@@ -145,3 +155,31 @@ def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: 
     scrape = Scrape(client)
     assert scrape.value("hpsearch_queue_depth") == 3
     assert scrape.value("hpsearch_running_trials", worker="w", device="cpu") == 1
+
+
+def _count_statements(db: Database) -> list[str]:
+    """Every SQL statement the database's engine runs from now on."""
+    seen: list[str] = []
+    event.listen(db.engine, "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *_args: seen.append(statement))
+    return seen
+
+
+def test_scrapes_within_the_cache_interval_read_the_database_once(settings: Settings, db: Database) -> None:
+    client = client_for(settings.model_copy(update={"metrics_cache_s": 3600.0}), db)
+    _create(client)
+    statements = _count_statements(db)
+    first = Scrape(client)
+    read_once = len(statements)
+    assert read_once > 0 and any("count" in s.lower() for s in statements)
+    for _ in range(4):
+        assert Scrape(client).value("hpsearch_studies", status="queued") == 1
+    assert len(statements) == read_once  # four more scrapes, no more aggregates
+    assert first.value("hpsearch_studies", status="queued") == 1
+
+    uncached = _fresh_client(settings, db)
+    statements.clear()
+    Scrape(uncached)
+    per_scrape = len(statements)
+    Scrape(uncached)
+    assert per_scrape == read_once and len(statements) == 2 * per_scrape

@@ -6,6 +6,7 @@ import gzip
 import io
 import pickle
 import struct
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from app.core.config import Settings
 from app.core.db import Database
+from app.services import datasets as datasets_service
 from tests.conftest import make_settings
 from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 
@@ -225,3 +227,41 @@ def test_a_study_on_an_uploaded_csv_with_feature_groups(settings: Settings, db: 
     assert sorted(t["params"]["branch_merge"] for t in trials) == ["add", "concat"]
     assert study["best_trial"]["value"] > 0.9  # two well separated species
     assert study["test_metrics"]["test_accuracy"] > 0.9
+
+
+# ---- concurrency ---------------------------------------------------------------------------------------
+
+
+def test_other_requests_are_answered_while_an_upload_parses(settings: Settings, db: Database,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parse runs in a worker thread: it is held mid-parse until another request has been answered."""
+    parsing, release = threading.Event(), threading.Event()
+    order: list[str] = []
+    real_parse = datasets_service.parse_upload
+
+    def held_parse(*args: Any, **kwargs: Any) -> Any:
+        parsing.set()
+        release.wait(60)  # the real parse, held until the test lets it go
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(datasets_service, "parse_upload", held_parse)
+    with client_for(settings, db) as client:  # one event loop serves every request, as in a server
+        uploaded: list[Any] = []
+        uploader = threading.Thread(target=lambda: uploaded.append(
+            upload(client, "csv", {"file": ("f.csv", flowers_csv(), "text/csv")}, label_column="species")))
+        uploader.start()
+        assert parsing.wait(60)
+        answered = threading.Event()
+
+        def other_request() -> None:
+            assert client.get(f"{API}/datasets").status_code == 200
+            order.append("other request answered")
+            answered.set()
+
+        threading.Thread(target=other_request).start()
+        answered.wait(60)  # a parse on the event loop would hold this request until the release below
+        order.append("parse released")
+        release.set()
+        uploader.join()
+    assert uploaded[0].status_code == 201, uploaded[0].text
+    assert order == ["other request answered", "parse released"]

@@ -4,7 +4,6 @@ per Idempotency-Key."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,7 @@ from sqlalchemy import func, select
 
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
-from app.models import Study, Trial, TrialState, Worker
+from app.models import Study, TrialState, Worker
 from app.services import keys
 from tests.conftest import make_settings
 from tests.factories import client_for, study_spec
@@ -28,6 +27,7 @@ from tests.integration.processes import (
     study_status,
     wait_until,
 )
+from tests.recorded import peak_running
 
 API = "/api/v1"
 TROUBLE = ("database is locked", "deadlock", "Traceback", "too many clients")
@@ -41,23 +41,15 @@ def _run_many_workers(url: str, tmp_path: Path, n_workers: int, n_trials: int, m
     sid = client.post(f"{API}/studies", json=spec).json()["id"]
     assert client.post(f"{API}/studies/{sid}/pause").status_code == 200
     logs = [tmp_path / f"w{i}.log" for i in range(n_workers)]
-    peak = 0
     with processes() as procs:
         procs += [start_worker(settings, log) for log in logs]
         wait_until(lambda: _live_workers(db) == n_workers, 180, f"{n_workers} workers to register", 0.2)
         # Every worker polls already: on resume they all race for the first claims at once.
         assert client.post(f"{API}/studies/{sid}/resume").status_code == 200
-        deadline = time.monotonic() + 120
-        while study_status(db, sid) not in ("completed", "failed"):
-            assert time.monotonic() < deadline, "the study did not end"
-            with db.read_session() as session:
-                running = session.scalar(select(func.count()).select_from(Trial).where(
-                    Trial.study_id == sid, Trial.state == TrialState.RUNNING.value)) or 0
-            peak = max(peak, running)
-            time.sleep(0.02)
+        wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 120, "the study to end", 0.2)
         assert all(alive(p.pid) for p in procs)  # nobody crashed
     assert study_status(db, sid) == "completed"
-    assert 1 <= peak <= max_parallel
+    assert 1 <= peak_running(db, sid) <= max_parallel  # from the recorded claim and finish times
     rows = assert_study_settled(db, sid, n_trials)
     assert sorted(r.number for r in rows) == list(range(n_trials))
     assert all(r.state == TrialState.COMPLETE.value and r.attempt == 1 for r in rows)

@@ -17,7 +17,7 @@ from pytest import MonkeyPatch
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml.artifacts import load_model_dir
-from tests.factories import client_for, wait_for_status, worker_process
+from tests.factories import client_for, study_spec, wait_for_status, worker_process
 from tests.integration.processes import processes
 
 API = "/api/v1"
@@ -147,7 +147,10 @@ def test_a_worker_without_the_plugin_does_not_claim_its_study(
             time.sleep(0.2)
         workers = client.get(f"{API}/workers").json()["data"]
         assert workers and workers[0]["plugins"] == []
-        time.sleep(3)  # several claim rounds of an idle worker
+        # Claims take the oldest study first: a newer study the worker can run, done, shows the plugin's
+        # study was considered and passed over, which waiting for a while could not show.
+        plain = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 1, "epochs": 1})).json()["id"]
+        assert wait_for_status(client, plain, {"completed", "failed"}, timeout_s=120)["status"] == "completed"
         assert client.get(f"{API}/studies/{sid}").json()["status"] == "queued"
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import sys
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.core.config import Settings
 from app.core.db import Database
@@ -158,3 +161,52 @@ def test_a_beat_renews_the_finalization_lease_and_revives_a_reaped_worker(db: Da
         assert study is not None and worker is not None and worker.stopped_at is None
         assert study.finalize_until > soon + timedelta(seconds=queue.FINALIZE_LEASE_S / 2)
     assert queue.claim_finalization(db, worker_id="w2") is None
+
+
+def _waits_in_a_statement(thread: threading.Thread) -> bool:
+    """The thread is inside a database statement (the one that waits for the lock held below)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name in ("do_execute", "do_execute_no_params"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _behind_a_held_lock(db: Database, study_id: str, call: Callable[[], object]) -> tuple[object, datetime]:
+    """Run call while another transaction holds the study's lock; return its result and the lock's release.
+
+    The lock is released only once the call's thread is inside a statement, waiting for it.
+    """
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(call()))
+    with db.session() as session:  # SQLite: BEGIN IMMEDIATE; PostgreSQL: the study row locked for update
+        session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+        thread.start()
+        while not _waits_in_a_statement(thread):
+            thread.join(0.005)
+            assert thread.is_alive(), "the call ended without waiting for the lock"
+        released = utcnow()
+    thread.join()
+    return result[0], released
+
+
+def test_claim_and_finish_stamp_their_time_after_the_lock(db: Database, settings: Settings) -> None:
+    """A stamp taken before a lock wait is older than its commit: a stream that passed it would lose it."""
+    sid = _study(db, settings)
+    if db.is_sqlite:  # PostgreSQL's claim skips a locked study instead of waiting for it
+        lease, released = _behind_a_held_lock(db, sid, lambda: _claim(db))
+        assert isinstance(lease, queue.Lease)
+        with db.read_session() as session:
+            trial = session.get(Trial, lease.trial_id)
+            assert trial is not None and trial.started_at is not None and trial.started_at >= released
+    else:
+        lease = _claim(db)
+        assert lease is not None
+    bound = _bind(db, lease, 0)
+    finished, released = _behind_a_held_lock(
+        db, sid, lambda: queue.finish_trial(db, bound, state=TrialState.COMPLETE, value=0.5))
+    assert finished
+    with db.read_session() as session:
+        trial = session.get(Trial, lease.trial_id)
+        assert trial is not None and trial.finished_at is not None and trial.finished_at >= released

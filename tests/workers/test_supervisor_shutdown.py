@@ -40,13 +40,13 @@ def test_a_final_evaluation_past_the_shutdown_grace_is_handed_back_and_done_by_t
         while _finalizer(db, sid) is None:
             assert time.monotonic() < deadline, "the final evaluation never started"
             time.sleep(0.1)
-        stopped_at = time.monotonic()
         supervisor.stop()
-        thread.join(30)
-        assert not thread.is_alive() and time.monotonic() - stopped_at < 15  # not the 600 s evaluation timeout
+        thread.join(90)  # the evaluation sleeps 120 s: a supervisor that waited for it would still run
+        assert not thread.is_alive()
     finally:
         final_evaluation.test_evaluation_hooks.remove(slow)
-    assert client.get(f"{API}/studies/{sid}").json()["status"] == "running"
+    handed_back = client.get(f"{API}/studies/{sid}").json()
+    assert handed_back["status"] == "running" and handed_back["test_metrics"] is None  # not evaluated
     assert _finalizer(db, sid) is None  # free for the next worker now, not when the lease runs out
     with running_supervisor(settings, db, slots=1):
         study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=60)

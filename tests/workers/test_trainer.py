@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,12 @@ from workers.trainer import (
     EpochReport,
     TrainData,
     augment,
+    batch_bounds,
     cpu_state,
     evaluate,
     make_optimizer,
     make_scheduler,
+    one_sample_batch_norm,
     step_scheduler,
     train,
 )
@@ -393,3 +396,65 @@ def test_bad_arguments_are_rejected() -> None:
         train(module, data, {}, epochs=0, objective="val_loss", direction="minimize")
     with pytest.raises(ValueError):
         train(module, data, {"lr_schedule": "exp"}, epochs=1, objective="val_loss", direction="minimize")
+
+
+class RowCounter(nn.Module):
+    """Wraps a model and counts the rows of each training batch it is given."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batch_rows: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.batch_rows.append(int(x.shape[0]))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("batch_norm", ["before_activation", "after_activation", "none"])
+def test_a_last_batch_of_one_joins_the_previous_batch(batch_norm: str) -> None:
+    data = blobs(n=88)
+    data.x_train, data.y_train = data.x_train[:65], data.y_train[:65]  # 64 + 1 rows
+    params = {"batch_norm": batch_norm, "batch_size": 32}
+    counter = RowCounter(model_for(data, params))
+    result = train(counter, data, params, epochs=2, objective="val_loss", direction="minimize", patience=None)
+    assert result.epochs_run == 2
+    assert counter.batch_rows == [32, 33] * 2  # every row trains every epoch, no batch of one
+
+
+@pytest.mark.parametrize(("model", "batch_norm"), [("mlp", "before_activation"), ("mlp", "after_activation"),
+                                                   ("mlp", "none"), ("cnn", "before_activation")])
+def test_batch_size_one_trains_with_or_without_batch_norm(model: str, batch_norm: str) -> None:
+    data = images() if model == "cnn" else blobs(n=40)
+    params = {"batch_norm": batch_norm, "batch_size": 1, "n_layers": 1, "units": 8, "filters": 4}
+    counter = RowCounter(model_for(data, params, model=model))
+    result = train(counter, data, params, epochs=2, objective="val_loss", direction="minimize", patience=None)
+    assert result.stop_reason == "completed" and result.epochs_run == 2
+    assert counter.batch_rows == [1] * (2 * data.x_train.shape[0])
+    assert all(math.isfinite(r.train_loss) and math.isfinite(r.val_loss) for r in result.history)
+
+
+def test_one_sample_batch_norm_uses_the_same_normalization_in_training_and_evaluation() -> None:
+    """With batch size 1, batch statistics are undefined: training normalizes the way evaluation does."""
+    data = blobs(n=40)
+    params = {"batch_norm": "before_activation", "batch_size": 1, "n_layers": 1, "units": 8,
+              "learning_rate": 0.0}
+    module = model_for(data, params)
+    train(module, data, params, epochs=1, objective="val_loss", direction="minimize")
+    module.train()
+    with one_sample_batch_norm(module):
+        training_out = module(data.x_train[:1])
+    assert all(m.training for m in module.modules())  # training mode comes back after the batch
+    module.eval()
+    assert torch.equal(training_out, module(data.x_train[:1]))
+
+
+@pytest.mark.parametrize(("n", "batch_size", "sizes"), [(65, 32, [32, 33]), (64, 32, [32, 32]),
+                                                        (66, 32, [32, 32, 2]), (1, 32, [1]), (3, 1, [1, 1, 1]),
+                                                        (2, 1, [1, 1]), (33, 32, [33])])
+def test_batch_bounds_cover_every_row_once(n: int, batch_size: int, sizes: list[int]) -> None:
+    bounds = batch_bounds(n, batch_size)
+    assert [end - start for start, end in bounds] == sizes
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))

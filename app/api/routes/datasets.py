@@ -4,6 +4,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep
 from app.services import datasets
@@ -57,8 +58,9 @@ async def upload_dataset(
         fields = "images and labels" if kind == "idx" else "file"
         raise InvalidInput(("body",), f"kind {kind} takes the file field(s) {fields}")
     groups = _parse_groups(feature_groups)
-    return datasets.upload_dataset(db, settings, owner=owner, kind=kind, name=name, files=files,
-                                   label_column=label_column, task=task, feature_groups=groups)
+    # Parsing a large CSV takes seconds of CPU: in a worker thread, so other requests and streams go on.
+    return await run_in_threadpool(datasets.upload_dataset, db, settings, owner=owner, kind=kind, name=name,
+                                   files=files, label_column=label_column, task=task, feature_groups=groups)
 
 
 def _parse_groups(raw: str | None) -> dict[str, list[str]] | None:

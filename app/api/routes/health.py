@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
@@ -15,7 +15,10 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+DATABASE_DOWN = {503: {"description": "The database is unreachable; retry after `Retry-After` seconds."}}
+
+
+@router.get("/readyz", responses={503: {"description": "The database is unreachable."}})
 def readyz(db: DbDep) -> Response:
     try:
         with db.read_session() as session:
@@ -26,7 +29,7 @@ def readyz(db: DbDep) -> Response:
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
-            responses={200: {"description": "Prometheus text exposition format"}})
-def prometheus_metrics(db: DbDep) -> Response:
-    body, content_type = metrics.render(db)
+            responses={200: {"description": "Prometheus text exposition format"}, **DATABASE_DOWN})
+def prometheus_metrics(db: DbDep, request: Request) -> Response:
+    body, content_type = metrics.render(db, request.app.state.metrics_cache)
     return Response(body, media_type=content_type)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep
+from app.api.streams import HeldStreamingResponse
 from app.schemas.insights import CurvesPublic, HistoryPublic, ImportancePublic
 from app.schemas.overview import HistoryOverviewPublic
 from app.services import events, exports, importance
@@ -33,9 +34,10 @@ def stream_events(study_id: str, owner: CurrentOwner, db: DbDep, request: Reques
     options = getattr(request.app.state, "event_stream_options", None) or events.StreamOptions()
     cursor = events.start_cursor(db, owner=owner, study_id=study_id, last_event_id=last_event_id,
                                  settle_s=options.settle_s)
+    release = request.app.state.stream_limiter.acquire(request.state.key_id)  # 429 beyond the key's limit
     body = events.stream(db, owner=owner, study_id=study_id, cursor=cursor, options=options)
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return HeldStreamingResponse(body, media_type="text/event-stream", release=release,
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/trials.csv", response_class=StreamingResponse,
