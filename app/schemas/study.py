@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ REGRESSION_METRICS = ("val_mse", "val_mae", "val_loss")
 COST_METRICS = ("param_count", "inference_ms")  # extra objectives of multi-objective studies
 MAXIMIZED = {"val_accuracy"}
 
+DATASET_REFERENCE = re.compile(r"builtin:[a-z_]{1,40}|dataset:[0-9a-f]{8,32}|plugin:[a-z][a-z0-9_\-]{0,63}")
 Scalar = StrictBool | StrictInt | StrictFloat | Annotated[StrictStr, Field(max_length=64)]
 
 
@@ -170,7 +172,8 @@ class WarmStartSpec(Strict):
 
 class StudySpec(Strict):
     name: str = Field(min_length=1, max_length=200)
-    dataset: str = Field(pattern=r"^(builtin:[a-z_]{1,40}|dataset:[0-9a-f]{8,32}|plugin:[a-z][a-z0-9_\-]{0,63})$")
+    dataset: str = Field(max_length=80, description="builtin:<name> (e.g. builtin:iris), dataset:<id> of an upload, "
+                         "or plugin:<name> of an enabled dataset plugin")
     task: Literal["classification", "regression"] = "classification"
     # mlp, cnn or an enabled model plugin's name: which plugins are enabled is the service's to check.
     model: str = Field("mlp", pattern=r"^[a-z][a-z0-9_\-]{0,63}$")
@@ -185,6 +188,15 @@ class StudySpec(Strict):
     stop: StopSpec | None = None
     warm_start: WarmStartSpec | None = None
     tensorboard: bool = False
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_reference(cls, v: str) -> str:
+        if not DATASET_REFERENCE.fullmatch(v):
+            hint = f"; did you mean builtin:{v}?" if re.fullmatch(r"[a-z_]{1,40}", v) else ""
+            raise ValueError("name a dataset as builtin:<name> (e.g. builtin:iris), dataset:<id> of an upload "
+                             f"or plugin:<name>{hint}")
+        return v
 
     @field_validator("objective")
     @classmethod

@@ -266,7 +266,9 @@ def test_an_unknown_dataset_lists_the_names_the_caller_can_use(api: tuple[TestCl
         assert response.status_code == 422, response.text
         [error] = response.json()["detail"]
         assert error["loc"] == ["body", "dataset"], error
-        if wrong != "iris":  # "iris" breaks the pattern; its message says which one
+        if wrong == "iris":  # not a reference at all: the message says how to write one
+            assert "did you mean builtin:iris?" in error["msg"] and "pattern" not in error["msg"], error["msg"]
+        else:
             for name in ("builtin:iris", "builtin:digits", "builtin:synthetic_regression", uploaded.json()["id"]):
                 assert name in error["msg"], error["msg"]
     own = client.get(f"{API}/datasets/builtin:nope")
