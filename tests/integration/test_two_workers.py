@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -13,9 +12,8 @@ from sqlalchemy import func, select
 from app.core.db import Database
 from app.models import Trial, TrialState
 from tests.conftest import make_settings
-from tests.factories import client_for, study_spec, wait_for_status, worker_process
-
-API = "/api/v1"
+from tests.factories import API, client_for, create_study_via_api, start_worker, study_spec, wait_for_status
+from tests.integration.processes import processes
 
 
 @pytest.mark.postgres
@@ -24,11 +22,11 @@ def test_two_workers_share_a_study_without_running_a_trial_twice(postgres_url: s
     db = Database(postgres_url)
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": 8, "epochs": 2, "max_parallel": 3})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
-    workers = [worker_process(settings, per_device=2, log_path=p) for p in logs]
     peak_running = 0
-    try:
+    with processes() as workers:
+        workers += [start_worker(settings, p, per_device=2) for p in logs]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with db.read_session() as session:
@@ -39,11 +37,6 @@ def test_two_workers_share_a_study_without_running_a_trial_twice(postgres_url: s
                 break
             time.sleep(0.05)
         study = wait_for_status(client, sid, {"completed"}, timeout_s=5)
-    finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        for w in workers:
-            w.wait(60)
     assert study["progress"]["finished"] == study["progress"]["complete"] == 8
     assert peak_running <= 3
     with db.read_session() as session:
