@@ -17,9 +17,8 @@ from app.models import Study
 from app.services.paging import column_kinds
 from app.services.trials import _sort_keys
 from tests.conftest import fresh_database, make_settings
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 
-API = "/api/v1"
 STUDY = "{study}"  # replaced by a real study of the caller
 
 

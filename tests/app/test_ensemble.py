@@ -14,10 +14,8 @@ from app.core.db import Database
 from app.ml import ensemble
 from app.ml.artifacts import ModelSpec, build_module, describe_layers, prune_study_dir, save_trial
 from app.ml.trees import Trees, fit_trees
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 from workers import finalize
-
-API = "/api/v1"
 
 
 def _random_probs(rng: np.random.Generator, n: int, classes: int, sharpness: float) -> np.ndarray:

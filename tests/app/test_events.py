@@ -13,10 +13,9 @@ from app.core.db import Database
 from app.models.base import utcnow
 from app.services import events
 from app.services.events import Cursor, StreamOptions
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.study_rows import finalize, write_trials
 
-API = "/api/v1"
 FAST = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.2, max_s=20.0)
 
 

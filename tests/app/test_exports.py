@@ -14,10 +14,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import TrialState
 from app.services import exports
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.study_rows import Outcome, default_outcome, finalize, write_trials
-
-API = "/api/v1"
 
 
 def _study(client: TestClient, n_trials: int) -> str:

@@ -12,10 +12,8 @@ from prometheus_client.samples import Sample
 from app.core import metrics
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 from workers import queue
-
-API = "/api/v1"
 
 
 class Scrape:
@@ -74,7 +72,7 @@ def test_counters_move_after_a_small_study(settings: Settings, db: Database) -> 
     latency = after.samples("hpsearch_http_request_seconds", "hpsearch_http_request_seconds_count",
                             method="GET", status="200")
     routes = {s.labels["route"]: s.value for s in latency}
-    assert routes.get("/api/v1/studies/{study_id}", 0) >= 1, routes  # the full template, prefix included
+    assert routes.get(f"{API}/studies/{{study_id}}", 0) >= 1, routes  # the full template, prefix included
     assert not any(sid in r for r in routes)  # labelled by route template, never by id: bounded series
     _assert_gpu_metrics_follow_nvml(after)
 

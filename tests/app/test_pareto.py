@@ -11,9 +11,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import Trial
 from app.services.pareto import nondominated
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 
-API = "/api/v1"
 MULTI = [{"metric": "val_accuracy", "direction": "maximize"},
          {"metric": "param_count", "direction": "minimize"}]
 

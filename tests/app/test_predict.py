@@ -21,9 +21,8 @@ from app.core.db import Database
 from app.ml.artifacts import load_model_dir
 from app.services import predictions
 from tests.conftest import ROOT, fresh_database, make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 DIGITS_SHAPE = (1, 8, 8)
 
 

@@ -8,9 +8,8 @@ import torch
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 TIMING_METRICS = {"inference_ms"}  # wall-clock measurements, the only thing allowed to differ
 
 

@@ -26,15 +26,14 @@ from app.main import create_app
 from app.models import ApiKey
 from app.services import keys
 from tests.conftest import fresh_database, make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 DIGITS_INPUT = [[0.0] * 64]
 # A valid body for each operation that takes one and works on an existing resource: with a valid body the
 # answer comes from the owner check, not from validation. A new operation with a body must be added here.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
-    ("post", "/api/v1/studies/{study_id}/trials"): {"params": {"learning_rate": 0.01}},
-    ("post", "/api/v1/studies/{study_id}/predict"): {"inputs": DIGITS_INPUT},
+    ("post", f"{API}/studies/{{study_id}}/trials"): {"params": {"learning_rate": 0.01}},
+    ("post", f"{API}/studies/{{study_id}}/predict"): {"inputs": DIGITS_INPUT},
 }
 
 

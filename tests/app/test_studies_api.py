@@ -8,9 +8,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, study_spec
-
-API = "/api/v1"
+from tests.factories import API, client_for, study_spec
 
 
 def _create(client: TestClient, **overrides: Any) -> dict[str, Any]:

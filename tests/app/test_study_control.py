@@ -14,11 +14,10 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, TrialState
 from app.services import enqueue
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.study_rows import Outcome, write_trials
 from workers import queue
 
-API = "/api/v1"
 FIXED = {"optimizer": "adam", "units": 32, "n_layers": 1, "dropout": 0.0, "weight_decay": 0.0, "batch_size": 64,
          "activation": "relu", "batch_norm": "none", "weight_init": "he_normal", "lr_schedule": "constant",
          "augmentation": "none"}

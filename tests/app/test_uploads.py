@@ -16,9 +16,8 @@ import pytest
 from app.core.config import Settings
 from app.core.db import Database
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 GROUPS = '{"sepal": ["sepal_l", "sepal_w"], "petal": ["petal_l", "petal_w"]}'
 
 

@@ -20,9 +20,8 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.core.db import Database
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 HPSEARCH = Path(sys.executable).with_name("hpsearch")
 LONG_STUDY = study_spec(budget={"n_trials": 4, "epochs": 500, "patience": None, "max_parallel": 1})
 

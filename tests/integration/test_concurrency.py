@@ -16,7 +16,7 @@ from app.core.optuna_store import optuna_storage
 from app.models import Study, Trial, TrialState, Worker
 from app.services import keys
 from tests.conftest import make_settings
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.integration.processes import (
     alive,
     assert_study_settled,
@@ -29,7 +29,6 @@ from tests.integration.processes import (
     wait_until,
 )
 
-API = "/api/v1"
 TROUBLE = ("database is locked", "deadlock", "Traceback", "too many clients")
 
 

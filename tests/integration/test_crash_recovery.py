@@ -20,7 +20,7 @@ from app.models import TrialState
 from app.schemas.study import StudySpec
 from app.services import studies
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 from tests.integration.processes import (
     GRACE_S,
     HEARTBEAT_S,
@@ -38,8 +38,6 @@ from tests.integration.processes import (
     wait_until,
 )
 from workers import queue
-
-API = "/api/v1"
 
 
 def _setup(db_url: str, tmp_path: Path, **overrides: object) -> tuple[Database, TestClient, Settings]:

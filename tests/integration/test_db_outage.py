@@ -17,7 +17,7 @@ from app.models import TrialState
 from app.schemas.study import StudySpec
 from app.services import keys, studies
 from tests.conftest import POSTGRES_ADMIN_URL, make_settings
-from tests.factories import study_spec
+from tests.factories import API, study_spec
 from tests.integration.processes import (
     alive,
     assert_study_settled,
@@ -31,7 +31,6 @@ from tests.integration.processes import (
     wait_until,
 )
 
-API = "/api/v1"
 KILL_EVERY_S = 0.7
 STORM_S = 8.0
 TERMINATE_OTHERS = text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-
-API = "/api/v1"
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
 
 def test_digits_study_runs_exactly_n_trials_with_curves_and_a_test_metric(settings: Settings, db: Database) -> None:

@@ -9,9 +9,8 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import Study
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 STATES = {"complete": OptunaState.COMPLETE, "pruned": OptunaState.PRUNED, "fail": OptunaState.FAIL}
 
 

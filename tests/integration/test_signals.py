@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from app.core.db import Database, is_sqlite
 from app.models import Trial, TrialState
 from tests.conftest import make_settings
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.integration.processes import (
     GRACE_S,
     assert_study_settled,
@@ -27,8 +27,6 @@ from tests.integration.processes import (
     trials_of,
     wait_until,
 )
-
-API = "/api/v1"
 
 
 def _mine(rows: list[Trial], pid: int) -> list[Trial]:

@@ -11,7 +11,7 @@ from tests.factories import client_for, running_supervisor, study_spec, wait_for
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-API = "/api/v1"
+from tests.factories import API
 
 
 def test_each_trial_writes_its_epoch_scalars_and_deleting_the_study_removes_them(settings: Settings,

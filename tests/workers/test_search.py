@@ -13,10 +13,9 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.ml.space import Context, resolve_space
 from app.models import Study
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 from workers.search import make_pruner, make_sampler
 
-API = "/api/v1"
 IRIS = Context("mlp", feature_groups=True)
 MULTI = [{"metric": "val_accuracy", "direction": "maximize"},
          {"metric": "param_count", "direction": "minimize"}]

@@ -11,10 +11,8 @@ import pytest
 from app.core.config import Settings
 from app.core.db import Database
 from tests.app.test_uploads import npz_bytes, upload
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 from workers.supervisor import Supervisor
-
-API = "/api/v1"
 
 
 def test_a_runner_that_cannot_be_forked_fails_its_trials_after_max_attempts(

@@ -10,11 +10,10 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import Study
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 from workers import finalize
 from workers.supervisor import Supervisor
 
-API = "/api/v1"
 GRACE_S = 1.0
 
 
