@@ -13,17 +13,10 @@ from app.core.db import Database
 from app.models.base import utcnow
 from app.services import events
 from app.services.events import Cursor, StreamOptions
-from tests.factories import API, client_for, study_spec
+from tests.factories import API, client_for, create_study_via_api
 from tests.study_rows import finalize, write_trials
 
 FAST = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.2, max_s=20.0)
-
-
-def _study(client: TestClient, n_trials: int) -> str:
-    spec = study_spec(budget={"n_trials": n_trials, "max_parallel": 1})
-    response = client.post(f"{API}/studies", json=spec)
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
 
 
 def _parse(text: str) -> list[dict[str, Any]]:
@@ -48,7 +41,7 @@ def _all_events(db: Database, study_id: str) -> list[events.Event]:
 
 def test_each_trial_starts_reports_epochs_and_finishes_in_order(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=7)
+    study_id = create_study_via_api(client, budget={"n_trials": 7, "max_parallel": 1})
     write_trials(db, settings, study_id=study_id, n=7)
     got = _all_events(db, study_id)
     ids = [e.cursor.encode() for e in got]
@@ -73,7 +66,7 @@ def trial_curve(client: TestClient, study_id: str, number: int) -> list[dict[str
 def test_last_event_id_resumes_without_loss_or_duplicates(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     client.app.state.event_stream_options = FAST  # type: ignore[attr-defined]
-    study_id = _study(client, n_trials=4)
+    study_id = create_study_via_api(client, budget={"n_trials": 4, "max_parallel": 1})
     write_trials(db, settings, study_id=study_id, n=4)
     finalize(db)
     everything = _all_events(db, study_id)
@@ -92,7 +85,7 @@ def test_last_event_id_resumes_without_loss_or_duplicates(settings: Settings, db
 
 def test_a_stream_delivers_trials_written_while_it_is_open(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=3)
+    study_id = create_study_via_api(client, budget={"n_trials": 3, "max_parallel": 1})
     start = events.start_cursor(db, owner="alice", study_id=study_id, last_event_id=None, settle_s=0.0)
 
     async def follow() -> list[str]:
@@ -118,7 +111,7 @@ def test_a_stream_delivers_trials_written_while_it_is_open(settings: Settings, d
 
 def test_keepalive_comments_while_nothing_happens(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=2)
+    study_id = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 1})
     start = events.start_cursor(db, owner="alice", study_id=study_id, last_event_id=None)
     options = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.1, max_s=0.5)
 
@@ -133,7 +126,7 @@ def test_keepalive_comments_while_nothing_happens(settings: Settings, db: Databa
 
 def test_events_of_another_owner_are_not_found_and_bad_ids_refused(settings: Settings, db: Database) -> None:
     alice, bob = client_for(settings, db, "alice"), client_for(settings, db, "bob")
-    study_id = _study(alice, n_trials=1)
+    study_id = create_study_via_api(alice, budget={"n_trials": 1, "max_parallel": 1})
     assert bob.get(f"{API}/studies/{study_id}/events").status_code == 404
     assert alice.get(f"{API}/studies/{'0' * 32}/events").status_code == 404
     bad = alice.get(f"{API}/studies/{study_id}/events", headers={"Last-Event-ID": "1; DROP TABLE"})

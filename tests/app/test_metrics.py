@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +11,7 @@ from prometheus_client.samples import Sample
 from app.core import metrics
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, wait_for_status
 from workers import queue
 
 
@@ -33,19 +32,13 @@ class Scrape:
         return found.value
 
 
-def _create(client: TestClient, **overrides: Any) -> str:
-    response = client.post(f"{API}/studies", json=study_spec(**overrides))
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
 def test_counters_move_after_a_small_study(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     before = Scrape(client)
     assert before.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 0
     assert before.value("hpsearch_studies", status="completed") == 0
     assert before.samples("hpsearch_trial_duration_seconds") == []
-    sid = _create(client, budget={"n_trials": 2, "epochs": 1, "max_parallel": 2})
+    sid = create_study_via_api(client, budget={"n_trials": 2, "epochs": 1, "max_parallel": 2})
     queued = Scrape(client)
     assert queued.value("hpsearch_studies", status="queued") == 1
     assert queued.value("hpsearch_queue_depth") == 2
@@ -101,7 +94,7 @@ def _assert_gpu_metrics_follow_nvml(scrape: Scrape) -> None:
 def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Database) -> None:
     """Leases taken back by the reaper, through the real queue functions the supervisors use."""
     client = client_for(settings, db)
-    _create(client, budget={"n_trials": 3, "max_attempts": 2})
+    create_study_via_api(client, budget={"n_trials": 3, "max_attempts": 2})
 
     def lease(deadline_s: float = 3600.0) -> queue.Lease:
         claimed = queue.claim_trial(db, worker_id="w-lost", device="cpu", trial_deadline_s=deadline_s)
@@ -132,8 +125,8 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
 
 def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    _create(client, budget={"n_trials": 4})
-    paused = _create(client, budget={"n_trials": 5})
+    create_study_via_api(client, budget={"n_trials": 4})
+    paused = create_study_via_api(client, budget={"n_trials": 5})
     assert Scrape(client).value("hpsearch_queue_depth") == 9
     assert client.post(f"{API}/studies/{paused}/pause").status_code == 200
     scrape = Scrape(client)

@@ -10,15 +10,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import Study, Trial, TrialState, Worker
 from app.models.base import utcnow
-from app.schemas.study import StudySpec
-from app.services import studies
-from tests.factories import study_spec
+from tests.factories import create_study_via_service
 from workers import queue
-
-
-def _study(db: Database, settings: Settings, **overrides: object) -> str:
-    spec = StudySpec.model_validate(study_spec(**overrides))
-    return studies.create_study(db, settings, owner="alice", spec=spec)[0].id
 
 
 def _claim(db: Database, worker: str = "w1") -> queue.Lease | None:
@@ -30,7 +23,7 @@ def _bind(db: Database, lease: queue.Lease, number: int) -> queue.Lease:
 
 
 def test_claims_respect_max_parallel_and_n_trials(db: Database, settings: Settings) -> None:
-    sid = _study(db, settings, budget={"n_trials": 3, "max_parallel": 2})
+    sid = create_study_via_service(db, settings, budget={"n_trials": 3, "max_parallel": 2})
     first, second = _claim(db), _claim(db, "w2")
     assert first and second and first.trial_id != second.trial_id
     assert _claim(db) is None  # max_parallel reached
@@ -45,7 +38,7 @@ def test_claims_respect_max_parallel_and_n_trials(db: Database, settings: Settin
 
 
 def test_a_lost_lease_cannot_finish(db: Database, settings: Settings) -> None:
-    _study(db, settings)
+    create_study_via_service(db, settings)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     with db.session() as session:  # another worker's reaper took it back
         session.execute(update(Trial).where(Trial.id == lease.trial_id).values(state="waiting", attempt=2))
@@ -56,7 +49,7 @@ def test_a_lost_lease_cannot_finish(db: Database, settings: Settings) -> None:
 
 def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: Database,
                                                                              settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 3, "max_attempts": 2})
+    create_study_via_service(db, settings, budget={"n_trials": 3, "max_attempts": 2})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     stale = utcnow() - timedelta(seconds=60)
     with db.session() as session:
@@ -76,7 +69,7 @@ def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: 
 
 
 def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Settings) -> None:
-    _study(db, settings)
+    create_study_via_service(db, settings)
     lease = _claim(db)
     assert lease is not None and lease.number is None
     with db.session() as session:
@@ -88,7 +81,7 @@ def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Set
 
 
 def test_release_hands_back_without_counting_an_attempt(db: Database, settings: Settings) -> None:
-    _study(db, settings)
+    create_study_via_service(db, settings)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     assert queue.release_trial(db, lease)
     again = _claim(db, "w2")
@@ -96,7 +89,7 @@ def test_release_hands_back_without_counting_an_attempt(db: Database, settings: 
 
 
 def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 1})
+    create_study_via_service(db, settings, budget={"n_trials": 1})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     assert queue.claim_finalization(db, worker_id="w1") is None  # budget spent only when it finishes
     queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
@@ -110,7 +103,7 @@ def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, s
 
 
 def test_a_worker_side_error_counts_an_attempt_then_fails_the_trial(db: Database, settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 1, "max_attempts": 2})
+    create_study_via_service(db, settings, budget={"n_trials": 1, "max_attempts": 2})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     first = queue.fail_attempt(db, lease, reason="worker error: OSError: fork failed")
     assert first is not None and first.requeued and first.number == 0
@@ -128,7 +121,7 @@ def test_a_worker_side_error_counts_an_attempt_then_fails_the_trial(db: Database
 
 def test_a_beat_renews_the_finalization_lease_and_revives_a_reaped_worker(db: Database,
                                                                           settings: Settings) -> None:
-    sid = _study(db, settings, budget={"n_trials": 1})
+    sid = create_study_via_service(db, settings, budget={"n_trials": 1})
     queue.register_worker(db, worker_id="w1", hostname="h", pid=1, devices=["cpu"], slots=1)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
