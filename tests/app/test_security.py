@@ -26,7 +26,7 @@ from app.main import create_app
 from app.models import ApiKey
 from app.services import keys
 from tests.conftest import fresh_database, make_settings
-from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, auth_headers, client_for, running_supervisor, study_spec, wait_for_status
 
 DIGITS_INPUT = [[0.0] * 64]
 # A valid body for each operation that takes one and works on an existing resource: with a valid body the
@@ -265,7 +265,7 @@ def test_rate_limit_answers_429_with_retry_after(sqlite_url: str, tmp_path: Path
 def test_two_keys_of_one_owner_have_separate_buckets(sqlite_url: str, tmp_path: Path) -> None:
     """The limit is per key, as promised: a second key of the same owner starts with its own full burst."""
     client, db = _limited(sqlite_url, tmp_path)
-    other = TestClient(client.app, headers={"Authorization": f"Bearer {keys.create_key(db, owner='alice')}"})
+    other = TestClient(client.app, headers=auth_headers(db, 'alice'))
     assert [client.get(f"{API}/studies").status_code for _ in range(4)] == [200, 200, 200, 429]
     assert [other.get(f"{API}/studies").status_code for _ in range(4)] == [200, 200, 200, 429]
     assert client.get(f"{API}/studies").status_code == 429  # the first key's bucket was left empty

@@ -14,9 +14,8 @@ from sqlalchemy import func, select
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, Trial, TrialState, Worker
-from app.services import keys
 from tests.conftest import make_settings
-from tests.factories import API, client_for, study_spec
+from tests.factories import API, auth_headers, client_for, start_worker, study_spec
 from tests.integration.processes import (
     alive,
     assert_study_settled,
@@ -24,7 +23,6 @@ from tests.integration.processes import (
     log_lines,
     processes,
     start_api,
-    start_worker,
     study_status,
     wait_until,
 )
@@ -87,7 +85,7 @@ def test_four_workers_starting_together_on_sqlite_share_one_study(sqlite_url: st
 def test_concurrent_posts_with_one_idempotency_key_create_one_study(db_url: str, tmp_path: Path) -> None:
     settings = make_settings(db_url, tmp_path / "home")
     db = Database(db_url)
-    key = keys.create_key(db, owner="alice")
+    headers = {**auth_headers(db), "Idempotency-Key": "retry-1"}
     port = free_port()
     spec = study_spec(name="once")
     replies: list[httpx.Response] = []
@@ -95,7 +93,7 @@ def test_concurrent_posts_with_one_idempotency_key_create_one_study(db_url: str,
 
     def post() -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}{API}", timeout=60,
-                          headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-1"}) as http:
+                          headers=headers) as http:
             barrier.wait()
             replies.append(http.post("/studies", json=spec))
 
@@ -107,7 +105,7 @@ def test_concurrent_posts_with_one_idempotency_key_create_one_study(db_url: str,
         for t in threads:
             t.join(90)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}{API}", timeout=60,
-                          headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-1"}) as http:
+                          headers=headers) as http:
             changed = http.post("/studies", json={**spec, "name": "another"})
     assert sorted(r.status_code for r in replies) == [200] * 7 + [201], [r.text for r in replies]
     assert len({r.json()["id"] for r in replies}) == 1

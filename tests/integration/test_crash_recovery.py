@@ -20,10 +20,18 @@ from app.models import TrialState
 from app.schemas.study import StudySpec
 from app.services import studies
 from tests.conftest import make_settings
-from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
-from tests.integration.processes import (
+from tests.factories import (
+    API,
     GRACE_S,
     HEARTBEAT_S,
+    client_for,
+    create_study_via_api,
+    running_supervisor,
+    start_worker,
+    study_spec,
+    wait_for_status,
+)
+from tests.integration.processes import (
     alive,
     assert_study_settled,
     children_of,
@@ -31,7 +39,6 @@ from tests.integration.processes import (
     optuna_trials,
     processes,
     running_with_epochs,
-    start_worker,
     study_status,
     training_spec,
     trials_of,

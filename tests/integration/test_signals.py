@@ -13,15 +13,13 @@ from sqlalchemy.engine import make_url
 from app.core.db import Database, is_sqlite
 from app.models import Trial, TrialState
 from tests.conftest import make_settings
-from tests.factories import API, client_for, study_spec
+from tests.factories import API, GRACE_S, client_for, start_worker, study_spec
 from tests.integration.processes import (
-    GRACE_S,
     assert_study_settled,
     log_lines,
     optuna_trials,
     processes,
     running_with_epochs,
-    start_worker,
     study_status,
     training_spec,
     trials_of,
