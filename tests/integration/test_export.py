@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from app.core.db import Database
-from app.ml.artifacts import ModelSpec, build_module, describe_layers, save_trial
+from app.ml.artifacts import ModelSpec, build_module, describe_layers, load_ensemble_dir, save_trial
 from app.services import keys
 from tests.conftest import ROOT, make_settings
 from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
@@ -82,6 +82,8 @@ def test_the_documented_loader_rebuilds_every_architecture(model: str, params: d
 
 def test_export_round_trip_gives_the_services_predictions(sqlite_url: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished study exported by `hpsearch export`, then loaded with the README's code exactly as written:
+    its `load()` gives what POST /predict serves, its `load_ensemble_dir` what POST /predict?use=ensemble does."""
     settings = make_settings(sqlite_url, tmp_path / "home")
     db = Database(sqlite_url)
     client = client_for(settings, db)
@@ -107,9 +109,10 @@ def test_export_round_trip_gives_the_services_predictions(sqlite_url: str, tmp_p
         namespace: dict[str, Any] = {}
         for block in _doc_blocks():
             exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102
+        assert namespace["load_ensemble_dir"] is load_ensemble_dir  # the README's ensemble block ran
         x = namespace["x"].numpy().tolist()
         api = httpx.Client(base_url=f"{api_url}{API}/studies/{sid}",
-                           headers={"Authorization": f"Bearer {key}"})
+                           headers={"Authorization": f"Bearer {key}"}, timeout=60)
         served = api.post("/predict", json={"inputs": x}).json()
         np.testing.assert_allclose(namespace["probabilities"].numpy(), served["probabilities"], rtol=0,
                                    atol=1e-6)
