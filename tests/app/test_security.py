@@ -26,7 +26,15 @@ from app.main import create_app
 from app.models import ApiKey
 from app.services import keys
 from tests.conftest import fresh_database, make_settings
-from tests.factories import API, auth_headers, client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import (
+    API,
+    auth_headers,
+    client_for,
+    create_study_via_api,
+    running_supervisor,
+    study_spec,
+    wait_for_status,
+)
 
 DIGITS_INPUT = [[0.0] * 64]
 # A valid body for each operation that takes one and works on an existing resource: with a valid body the
@@ -78,7 +86,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     uploaded = alice.post(f"{API}/datasets", data={"kind": "csv", "name": "secret", "label_column": "label"},
                           files={"file": ("s.csv", _csv(), "text/csv")})
     assert uploaded.status_code == 201, uploaded.text
-    sid = alice.post(f"{API}/studies", json=study_spec(budget={"n_trials": 2, "epochs": 1})).json()["id"]
+    sid = create_study_via_api(alice, budget={"n_trials": 2, "epochs": 1})
     with running_supervisor(settings, db, slots=1):
         assert wait_for_status(alice, sid, {"completed", "failed"})["status"] == "completed"
     number = alice.get(f"{API}/studies/{sid}").json()["best_trial"]["number"]

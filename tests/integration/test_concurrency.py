@@ -15,7 +15,7 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, Trial, TrialState, Worker
 from tests.conftest import make_settings
-from tests.factories import API, auth_headers, client_for, start_worker, study_spec
+from tests.factories import API, auth_headers, client_for, create_study_via_api, start_worker, study_spec
 from tests.integration.processes import (
     alive,
     assert_study_settled,
@@ -35,7 +35,7 @@ def _run_many_workers(url: str, tmp_path: Path, n_workers: int, n_trials: int, m
     db = Database(url)
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": n_trials, "epochs": 1, "max_parallel": max_parallel})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     assert client.post(f"{API}/studies/{sid}/pause").status_code == 200
     logs = [tmp_path / f"w{i}.log" for i in range(n_workers)]
     peak = 0
