@@ -52,9 +52,6 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-Process = subprocess.Popen[bytes]
-
-
 def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:
     """SIGTERM whatever still runs, then SIGKILL what did not exit in time."""
     for p in procs:
