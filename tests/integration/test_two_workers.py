@@ -26,7 +26,10 @@ def test_two_workers_share_a_study_without_running_a_trial_twice(postgres_url: s
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
     peak_running = 0
     with processes() as workers:
-        workers += [start_worker(settings, p, per_device=2) for p in logs]
+        # This test's own timings (the settings' grace, not the process tests' short one), as before.
+        leases = {"HPSEARCH_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+                  "HPSEARCH_LEASE_GRACE_S": str(settings.lease_grace_s)}
+        workers += [start_worker(settings, p, per_device=2, extra_env=leases) for p in logs]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with db.read_session() as session:
