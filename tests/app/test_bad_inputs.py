@@ -15,9 +15,8 @@ from fastapi.testclient import TestClient
 from app.core.db import Database
 from app.services.trials import cursor_kinds
 from tests.conftest import fresh_database, make_settings
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 
-API = "/api/v1"
 STUDY = "{study}"  # replaced by a real study of the caller
 
 

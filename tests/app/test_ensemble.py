@@ -14,10 +14,8 @@ from app.core.db import Database
 from app.ml import ensemble
 from app.ml.artifacts import ModelSpec, build_module, describe_layers, prune_study_dir, save_trial
 from app.ml.trees import Trees, fit_trees
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 from workers import final_evaluation
-
-API = "/api/v1"
 
 
 def _random_probs(rng: np.random.Generator, n: int, classes: int, sharpness: float) -> np.ndarray:
@@ -219,7 +217,7 @@ def test_prune_study_dir_keeps_only_the_given_trials(tmp_path: Path) -> None:
 
 
 def _run_study(settings: Settings, db: Database, client: TestClient, **overrides: Any) -> dict[str, Any]:
-    sid = client.post(f"{API}/studies", json=study_spec(**overrides)).json()["id"]
+    sid = create_study_via_api(client, **overrides)
     with running_supervisor(settings, db, slots=overrides.get("budget", {}).get("max_parallel", 2)):
         return wait_for_status(client, sid, {"completed", "failed"})
 
@@ -273,7 +271,7 @@ def test_pruned_and_half_written_trials_keep_no_artifacts(sqlite_url: str, tmp_p
         # Keeping only the top 1% after one trial prunes the others (deterministic with these seeds).
         pruner = {"name": "percentile", "percentile": 1.0, "n_startup_trials": 1, "n_warmup_steps": 0}
         spec = study_spec(budget={"n_trials": 4, "epochs": 2, "max_parallel": 1}, pruner=pruner)
-        sid = client.post(f"{API}/studies", json=spec).json()["id"]
+        sid = create_study_via_api(client, spec)
         assert settings.artifact_dir is not None
         folder = settings.artifact_dir / sid
         folder.mkdir(parents=True)

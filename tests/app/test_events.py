@@ -15,19 +15,11 @@ from app.models import Study, TrialState
 from app.models.base import utcnow
 from app.services import events, keys
 from app.services.events import Cursor, StreamOptions
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, create_study_via_api
 from tests.study_rows import finalize, write_trials
 from workers import queue
 
-API = "/api/v1"
 FAST = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.2, max_s=20.0)
-
-
-def _study(client: TestClient, n_trials: int) -> str:
-    spec = study_spec(budget={"n_trials": n_trials, "max_parallel": 1})
-    response = client.post(f"{API}/studies", json=spec)
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
 
 
 def _parse(text: str) -> list[dict[str, Any]]:
@@ -52,7 +44,7 @@ def _all_events(db: Database, study_id: str) -> list[events.Event]:
 
 def test_each_trial_starts_reports_epochs_and_finishes_in_order(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=7)
+    study_id = create_study_via_api(client, budget={"n_trials": 7, "max_parallel": 1})
     write_trials(db, settings, study_id=study_id, n=7)
     got = _all_events(db, study_id)
     ids = [e.cursor.encode() for e in got]
@@ -77,7 +69,7 @@ def trial_curve(client: TestClient, study_id: str, number: int) -> list[dict[str
 def test_last_event_id_resumes_without_loss_or_duplicates(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     client.app.state.event_stream_options = FAST  # type: ignore[attr-defined]
-    study_id = _study(client, n_trials=4)
+    study_id = create_study_via_api(client, budget={"n_trials": 4, "max_parallel": 1})
     write_trials(db, settings, study_id=study_id, n=4)
     finalize(db)
     everything = _all_events(db, study_id)
@@ -96,7 +88,7 @@ def test_last_event_id_resumes_without_loss_or_duplicates(settings: Settings, db
 
 def test_a_stream_delivers_trials_written_while_it_is_open(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=3)
+    study_id = create_study_via_api(client, budget={"n_trials": 3, "max_parallel": 1})
     start = events.start_cursor(db, owner="alice", study_id=study_id, last_event_id=None, settle_s=0.0)
 
     async def follow() -> list[str]:
@@ -122,7 +114,7 @@ def test_a_stream_delivers_trials_written_while_it_is_open(settings: Settings, d
 
 def test_keepalive_comments_while_nothing_happens(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=2)
+    study_id = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 1})
     start = events.start_cursor(db, owner="alice", study_id=study_id, last_event_id=None)
     options = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.1, max_s=0.5)
 
@@ -137,7 +129,7 @@ def test_keepalive_comments_while_nothing_happens(settings: Settings, db: Databa
 
 def test_events_of_another_owner_are_not_found_and_bad_ids_refused(settings: Settings, db: Database) -> None:
     alice, bob = client_for(settings, db, "alice"), client_for(settings, db, "bob")
-    study_id = _study(alice, n_trials=1)
+    study_id = create_study_via_api(alice, budget={"n_trials": 1, "max_parallel": 1})
     assert bob.get(f"{API}/studies/{study_id}/events").status_code == 404
     assert alice.get(f"{API}/studies/{'0' * 32}/events").status_code == 404
     bad = alice.get(f"{API}/studies/{study_id}/events", headers={"Last-Event-ID": "1; DROP TABLE"})
@@ -161,7 +153,7 @@ def test_a_trial_bound_after_later_trials_ran_still_starts_exactly_once(settings
                                                                          db: Database) -> None:
     """A slow ask: trial A is claimed, then trial B runs to its end, then A gets its number."""
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=2)
+    study_id = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 1})
     with db.session() as session:
         session.execute(update(Study).where(Study.id == study_id).values(max_parallel=2))
     slow = queue.claim_trial(db, worker_id="slow", device="cpu", trial_deadline_s=600)
@@ -223,7 +215,7 @@ def test_open_streams_per_key_are_limited(settings: Settings, db: Database) -> N
     limited = settings.model_copy(update={"max_streams_per_key": 2})
     client = client_for(limited, db)
     client.app.state.event_stream_options = FAST  # type: ignore[attr-defined]
-    study_id = _study(client, n_trials=2)
+    study_id = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 1})
     key_a = client.headers["Authorization"]
     key_b = f"Bearer {keys.create_key(db, owner='alice')}"  # the same owner's other key has its own limit
 

@@ -14,17 +14,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import TrialState
 from app.services import exports
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, create_study_via_api
 from tests.study_rows import Outcome, default_outcome, finalize, write_trials
-
-API = "/api/v1"
-
-
-def _study(client: TestClient, n_trials: int) -> str:
-    spec = study_spec(budget={"n_trials": n_trials, "max_parallel": 1})
-    response = client.post(f"{API}/studies", json=spec)
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
 
 
 def _all_trials(client: TestClient, study_id: str) -> list[dict[str, Any]]:
@@ -41,7 +32,7 @@ def test_csv_has_every_trial_with_params_as_columns_in_chunks(settings: Settings
         return default_outcome(number, params)
 
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=8)
+    study_id = create_study_via_api(client, budget={"n_trials": 8, "max_parallel": 1})
     write_trials(db, settings, study_id=study_id, n=8, outcome=outcome)
     response = client.get(f"{API}/studies/{study_id}/trials.csv")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
@@ -62,7 +53,7 @@ def test_csv_has_every_trial_with_params_as_columns_in_chunks(settings: Settings
 
 def test_history_in_columns_pages_with_after(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=8)
+    study_id = create_study_via_api(client, budget={"n_trials": 8, "max_parallel": 1})
     write_trials(db, settings, study_id=study_id, n=8)
     trials = _all_trials(client, study_id)
     h = client.get(f"{API}/studies/{study_id}/history").json()
@@ -79,7 +70,7 @@ def test_history_in_columns_pages_with_after(settings: Settings, db: Database) -
 
 def test_curves_of_the_best_the_latest_and_the_asked(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study_id = _study(client, n_trials=8)
+    study_id = create_study_via_api(client, budget={"n_trials": 8, "max_parallel": 1})
     write_trials(db, settings, study_id=study_id, n=8)
     finalize(db)
     trials = _all_trials(client, study_id)
@@ -104,6 +95,6 @@ def test_curves_of_the_best_the_latest_and_the_asked(settings: Settings, db: Dat
 @pytest.mark.parametrize("path", ["trials.csv", "history", "curves?top=3"])
 def test_another_owners_trials_are_not_found(settings: Settings, db: Database, path: str) -> None:
     alice, bob = client_for(settings, db, "alice"), client_for(settings, db, "bob")
-    study_id = _study(alice, n_trials=2)
+    study_id = create_study_via_api(alice, budget={"n_trials": 2, "max_parallel": 1})
     assert alice.get(f"{API}/studies/{study_id}/{path}").status_code == 200
     assert bob.get(f"{API}/studies/{study_id}/{path}").status_code == 404

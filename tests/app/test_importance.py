@@ -14,10 +14,9 @@ from app.core.db import Database
 from app.models import TrialState
 from app.services import importance
 from app.services.importance import compute_importance
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.study_rows import Outcome, write_trials
 
-API = "/api/v1"
 SPACE: dict[str, Any] = {
     "learning_rate": od.FloatDistribution(1e-4, 1e-1, log=True),
     "dropout": od.FloatDistribution(0.0, 0.5),

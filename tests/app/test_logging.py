@@ -15,7 +15,7 @@ import pytest
 from app.core.db import Database
 from app.core.logging import setup_logging
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import client_for, create_study_via_api, running_supervisor, wait_for_status
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_worker_logs_carry_study_trial_and_worker_ids(log_stream: io.StringIO, s
     settings = make_settings(sqlite_url, tmp_path / "home")
     db = Database(sqlite_url)
     client = client_for(settings, db)
-    sid = client.post("/api/v1/studies", json=study_spec(budget={"n_trials": 1, "epochs": 1})).json()["id"]
+    sid = create_study_via_api(client, budget={"n_trials": 1, "epochs": 1})
     with running_supervisor(settings, db, slots=1) as supervisor:
         wait_for_status(client, sid, {"completed", "failed"})
     db.dispose()

@@ -15,10 +15,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import Trial
 from app.models.base import utcnow
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 from workers import queue
-
-API = "/api/v1"
 
 
 class Scrape:
@@ -55,7 +53,7 @@ def test_counters_move_after_a_small_study(settings: Settings, db: Database) -> 
     assert before.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 0
     assert before.value("hpsearch_studies", status="completed") == 0
     assert before.samples("hpsearch_trial_duration_seconds") == []
-    sid = _create(client, budget={"n_trials": 2, "epochs": 1, "max_parallel": 2})
+    sid = create_study_via_api(client, budget={"n_trials": 2, "epochs": 1, "max_parallel": 2})
     queued = Scrape(client)
     assert queued.value("hpsearch_studies", status="queued") == 1
     assert queued.value("hpsearch_queue_depth") == 2
@@ -82,7 +80,7 @@ def test_counters_move_after_a_small_study(settings: Settings, db: Database) -> 
     latency = after.samples("hpsearch_http_request_seconds", "hpsearch_http_request_seconds_count",
                             method="GET", status="200")
     routes = {s.labels["route"]: s.value for s in latency}
-    assert routes.get("/api/v1/studies/{study_id}", 0) >= 1, routes  # the full template, prefix included
+    assert routes.get(f"{API}/studies/{{study_id}}", 0) >= 1, routes  # the full template, prefix included
     assert not any(sid in r for r in routes)  # labelled by route template, never by id: bounded series
     _assert_gpu_metrics_follow_nvml(after)
 
@@ -112,6 +110,8 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
     """Leases taken back by the reaper, through the real queue functions the supervisors use."""
     client = _fresh_client(settings, db)
     _create(client, budget={"n_trials": 3, "max_attempts": 2})
+    client = client_for(settings, db)
+    create_study_via_api(client, budget={"n_trials": 3, "max_attempts": 2})
 
     def lease(deadline_s: float = 3600.0) -> queue.Lease:
         claimed = queue.claim_trial(db, worker_id="w-lost", device="cpu", trial_deadline_s=deadline_s)
@@ -146,6 +146,9 @@ def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: 
     client = _fresh_client(settings, db)
     _create(client, budget={"n_trials": 4})
     paused = _create(client, budget={"n_trials": 5})
+    client = client_for(settings, db)
+    create_study_via_api(client, budget={"n_trials": 4})
+    paused = create_study_via_api(client, budget={"n_trials": 5})
     assert Scrape(client).value("hpsearch_queue_depth") == 9
     assert client.post(f"{API}/studies/{paused}/pause").status_code == 200
     scrape = Scrape(client)

@@ -11,9 +11,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import Trial
 from app.services.pareto import nondominated
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, create_study_via_api, study_spec
 
-API = "/api/v1"
 MULTI = [{"metric": "val_accuracy", "direction": "maximize"},
          {"metric": "param_count", "direction": "minimize"}]
 
@@ -72,7 +71,7 @@ def test_front_from_rows_in_both_directions(settings: Settings, db: Database) ->
 
 def test_pareto_is_409_for_one_objective_and_404_for_another_owner(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    single = client.post(f"{API}/studies", json=study_spec()).json()["id"]
+    single = create_study_via_api(client)
     response = client.get(f"{API}/studies/{single}/pareto")
     assert response.status_code == 409 and "single objective" in response.json()["detail"]
     multi = create_multi(client)

@@ -21,9 +21,8 @@ from app.core.db import Database
 from app.ml.artifacts import load_model_dir
 from app.services import predictions
 from tests.conftest import ROOT, fresh_database, make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 DIGITS_SHAPE = (1, 8, 8)
 
 
@@ -165,7 +164,7 @@ def test_download_the_ensemble(finished: Finished) -> None:
 
 
 def test_a_study_without_a_finished_model(finished: Finished) -> None:
-    queued = finished.client.post(f"{API}/studies", json=study_spec(name="not-started")).json()["id"]
+    queued = create_study_via_api(finished.client, name="not-started")
     url = f"{API}/studies/{queued}"
     for use in ("best", "ensemble"):
         response = finished.client.post(f"{url}/predict", params={"use": use}, json={"inputs": _rows(1)})
@@ -204,7 +203,7 @@ def test_a_regression_study_predicts_values(sqlite_url: str, tmp_path: Path) -> 
     spec = study_spec(dataset="builtin:synthetic_regression", task="regression",
                       objective={"metric": "val_mse", "direction": "minimize"},
                       budget={"n_trials": 2, "epochs": 2})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db):
         study = wait_for_status(client, sid, {"completed", "failed"})
     assert study["status"] == "completed", study["error"]
@@ -240,7 +239,7 @@ def images(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> I
                            files={"images": ("i.idx", _idx(2051, pixels)), "labels": ("l.idx", _idx(2049, labels))})
     assert uploaded.status_code == 201, uploaded.text
     spec = study_spec(dataset=uploaded.json()["id"], budget={"n_trials": 1, "epochs": 1})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db, slots=1):
         study = wait_for_status(client, sid, {"completed", "failed"})
     assert study["status"] == "completed", study["error"]

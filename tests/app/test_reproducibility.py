@@ -8,14 +8,13 @@ import torch
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 TIMING_METRICS = {"inference_ms"}  # wall-clock measurements, the only thing allowed to differ
 
 
 def run_once(settings: Settings, db: Database, client: Any, spec: dict[str, Any]) -> list[dict[str, Any]]:
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db, slots=1):
         assert wait_for_status(client, sid, {"completed", "failed"})["status"] == "completed"
     trials = client.get(f"{API}/studies/{sid}/trials", params={"limit": 100}).json()["data"]

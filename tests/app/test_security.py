@@ -26,15 +26,22 @@ from app.main import create_app
 from app.models import ApiKey
 from app.services import keys
 from tests.conftest import fresh_database, make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import (
+    API,
+    auth_headers,
+    client_for,
+    create_study_via_api,
+    running_supervisor,
+    study_spec,
+    wait_for_status,
+)
 
-API = "/api/v1"
 DIGITS_INPUT = [[0.0] * 64]
 # A valid body for each operation that takes one and works on an existing resource: with a valid body the
 # answer comes from the owner check, not from validation. A new operation with a body must be added here.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
-    ("post", "/api/v1/studies/{study_id}/trials"): {"params": {"learning_rate": 0.01}},
-    ("post", "/api/v1/studies/{study_id}/predict"): {"inputs": DIGITS_INPUT},
+    ("post", f"{API}/studies/{{study_id}}/trials"): {"params": {"learning_rate": 0.01}},
+    ("post", f"{API}/studies/{{study_id}}/predict"): {"inputs": DIGITS_INPUT},
 }
 
 
@@ -79,7 +86,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     uploaded = alice.post(f"{API}/datasets", data={"kind": "csv", "name": "secret", "label_column": "label"},
                           files={"file": ("s.csv", _csv(), "text/csv")})
     assert uploaded.status_code == 201, uploaded.text
-    sid = alice.post(f"{API}/studies", json=study_spec(budget={"n_trials": 2, "epochs": 1})).json()["id"]
+    sid = create_study_via_api(alice, budget={"n_trials": 2, "epochs": 1})
     with running_supervisor(settings, db, slots=1):
         assert wait_for_status(alice, sid, {"completed", "failed"})["status"] == "completed"
     number = alice.get(f"{API}/studies/{sid}").json()["best_trial"]["number"]
@@ -266,7 +273,7 @@ def test_rate_limit_answers_429_with_retry_after(sqlite_url: str, tmp_path: Path
 def test_two_keys_of_one_owner_have_separate_buckets(sqlite_url: str, tmp_path: Path) -> None:
     """The limit is per key, as promised: a second key of the same owner starts with its own full burst."""
     client, db = _limited(sqlite_url, tmp_path)
-    other = TestClient(client.app, headers={"Authorization": f"Bearer {keys.create_key(db, owner='alice')}"})
+    other = TestClient(client.app, headers=auth_headers(db, 'alice'))
     assert [client.get(f"{API}/studies").status_code for _ in range(4)] == [200, 200, 200, 429]
     assert [other.get(f"{API}/studies").status_code for _ in range(4)] == [200, 200, 200, 429]
     assert client.get(f"{API}/studies").status_code == 429  # the first key's bucket was left empty

@@ -20,9 +20,8 @@ from app.ml.space import (
     resolve_space,
     sample_params,
 )
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 
-API = "/api/v1"
 MLP = Context("mlp")
 MLP_GROUPS = Context("mlp", feature_groups=True)
 MLP_IMAGES = Context("mlp", image=True)

@@ -8,20 +8,12 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, study_spec
-
-API = "/api/v1"
-
-
-def _create(client: TestClient, **overrides: Any) -> dict[str, Any]:
-    response = client.post(f"{API}/studies", json=study_spec(**overrides))
-    assert response.status_code == 201, response.text
-    return response.json()
+from tests.factories import API, client_for, create_study_via_api, post_study, study_spec
 
 
 def test_create_then_get_shows_queued_study(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    study = _create(client, name="first")
+    study = post_study(client, name="first")
     assert study["status"] == "queued"
     assert study["progress"] == {"n_trials": 3, "waiting": 0, "running": 0, "complete": 0, "pruned": 0, "fail": 0,
                                  "finished": 0}
@@ -31,7 +23,7 @@ def test_create_then_get_shows_queued_study(settings: Settings, db: Database) ->
 
 def test_list_pages_with_cursor_and_filters_by_status(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    ids = [_create(client, name=f"s{i}")["id"] for i in range(5)]
+    ids = [create_study_via_api(client, name=f"s{i}") for i in range(5)]
     client.post(f"{API}/studies/{ids[0]}/pause")
     seen: list[str] = []
     cursor = None
@@ -50,7 +42,7 @@ def test_list_pages_with_cursor_and_filters_by_status(settings: Settings, db: Da
 
 def test_pause_resume_cancel_follow_the_state_machine(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    sid = _create(client)["id"]
+    sid = create_study_via_api(client)
     assert client.post(f"{API}/studies/{sid}/resume").status_code == 409  # not paused
     assert client.post(f"{API}/studies/{sid}/pause").json()["status"] == "paused"
     assert client.post(f"{API}/studies/{sid}/pause").status_code == 409
@@ -68,7 +60,7 @@ def test_delete_removes_the_study_and_its_optuna_study(settings: Settings, db: D
     from app.core.optuna_store import optuna_storage
 
     client = client_for(settings, db)
-    sid = _create(client)["id"]
+    sid = create_study_via_api(client)
     assert client.delete(f"{API}/studies/{sid}").status_code == 204
     assert client.get(f"{API}/studies/{sid}").status_code == 404
     assert client.delete(f"{API}/studies/{sid}").status_code == 404
@@ -78,7 +70,7 @@ def test_delete_removes_the_study_and_its_optuna_study(settings: Settings, db: D
 
 def test_another_owners_study_is_not_found_and_not_listed(settings: Settings, db: Database) -> None:
     alice, bob = client_for(settings, db, "alice"), client_for(settings, db, "bob")
-    sid = _create(alice)["id"]
+    sid = create_study_via_api(alice)
     for method, path in [("get", f"/studies/{sid}"), ("post", f"/studies/{sid}/pause"),
                          ("post", f"/studies/{sid}/cancel"), ("delete", f"/studies/{sid}"),
                          ("get", f"/studies/{sid}/trials"), ("get", f"/studies/{sid}/trials/0")]:
@@ -130,7 +122,7 @@ def test_invalid_specs_name_the_field_and_the_rule(settings: Settings, db: Datab
 def test_unknown_study_and_trial_are_404(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     assert client.get(f"{API}/studies/{'0' * 32}").status_code == 404
-    sid = _create(client)["id"]
+    sid = create_study_via_api(client)
     assert client.get(f"{API}/studies/{sid}/trials/7").status_code == 404
     assert client.get(f"{API}/studies/{sid}/trials", params={"cursor": "garbage"}).status_code == 422
 

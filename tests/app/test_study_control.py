@@ -14,21 +14,14 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, TrialState
 from app.services import enqueue
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, create_study_via_api, study_spec
 from tests.study_rows import Outcome, write_trials
 
-API = "/api/v1"
 FIXED = {"optimizer": "adam", "units": 32, "n_layers": 1, "dropout": 0.0, "weight_decay": 0.0, "batch_size": 64,
          "activation": "relu", "batch_norm": "none", "weight_init": "he_normal", "lr_schedule": "constant",
          "augmentation": "none"}
 MLP_GRID = {**FIXED, "layer_shape": {"type": "categorical", "choices": ["constant", "funnel"]},
             "learning_rate": {"type": "categorical", "choices": [1e-3, 1e-2]}}  # 4 points
-
-
-def _create(client: TestClient, **overrides: Any) -> str:
-    response = client.post(f"{API}/studies", json=study_spec(**overrides))
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
 
 
 def _enqueue(client: TestClient, sid: str, params: dict[str, Any]) -> Any:
@@ -48,7 +41,8 @@ def _optuna_trials(db: Database, sid: str) -> list[optuna.trial.FrozenTrial]:
 
 def test_grid_studies_take_complete_configurations_only(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    sid = _create(client, sampler={"name": "grid", "seed": 0}, search_space=MLP_GRID, budget={"n_trials": 4})
+    sid = create_study_via_api(client, sampler={"name": "grid", "seed": 0}, search_space=MLP_GRID,
+                               budget={"n_trials": 4})
     partial = _enqueue(client, sid, {"learning_rate": 1e-3})
     assert partial.status_code == 422
     error = partial.json()["detail"][0]
@@ -61,7 +55,7 @@ def test_grid_studies_take_complete_configurations_only(settings: Settings, db: 
 
 def test_the_same_configuration_means_equal_not_compatible(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    sid = _create(client, search_space={"optimizer": {"type": "categorical", "choices": ["adam", "sgd"]}},
+    sid = create_study_via_api(client, search_space={"optimizer": {"type": "categorical", "choices": ["adam", "sgd"]}},
                   budget={"n_trials": 10})
     write_trials(db, settings, study_id=sid, n=1)
     ran = client.get(f"{API}/studies/{sid}/trials").json()["data"][0]["params"]
@@ -78,7 +72,7 @@ def test_the_same_configuration_means_equal_not_compatible(settings: Settings, d
 
 def test_waiting_configurations_are_listed_until_claimed(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    sid = _create(client, budget={"n_trials": 10})
+    sid = create_study_via_api(client, budget={"n_trials": 10})
     configs = [{"units": 32 + i, "optimizer": "adam"} for i in range(3)]
     for config in configs:
         assert _enqueue(client, sid, config).status_code == 201
@@ -109,7 +103,7 @@ def test_warm_start_into_a_grid_study_needs_complete_configurations(settings: Se
     # A cnn study has no layer_shape, which the new mlp grid searches.
     cnn = {**FIXED, "filters": 16, "kernel_size": 3, "separable": False,
            "learning_rate": {"type": "categorical", "choices": [1e-3, 1e-2]}}
-    source = _create(client, model="cnn", search_space=cnn, sampler={"name": "random", "seed": 0})
+    source = create_study_via_api(client, model="cnn", search_space=cnn, sampler={"name": "random", "seed": 0})
     write_trials(db, settings, study_id=source, n=2, outcome=_complete)
     grid = {"sampler": {"name": "grid", "seed": 0}, "search_space": MLP_GRID, "budget": {"n_trials": 4}}
     refused = client.post(f"{API}/studies", json=study_spec(**grid, warm_start={"studies": [source]}))
@@ -125,9 +119,10 @@ def _complete(number: int, params: dict[str, Any]) -> Outcome:
 
 def test_history_warm_start_adds_every_complete_and_pruned_trial(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    source = _create(client, budget={"n_trials": 8})
+    source = create_study_via_api(client, budget={"n_trials": 8})
     write_trials(db, settings, study_id=source, n=8)  # #3 and #7 pruned, #6 failed
-    sid = _create(client, budget={"n_trials": 2}, warm_start={"studies": [source], "top_k": 1, "history": True})
+    sid = create_study_via_api(client, budget={"n_trials": 2},
+                               warm_start={"studies": [source], "top_k": 1, "history": True})
     history = _optuna_trials(db, sid)
     states = sorted((int(t.user_attrs["warm_start_from"].split(":")[1]), t.state) for t in history)
     assert states == [(n, optuna.trial.TrialState.PRUNED if n in (3, 7) else optuna.trial.TrialState.COMPLETE)
@@ -140,18 +135,18 @@ def test_history_warm_start_adds_every_complete_and_pruned_trial(settings: Setti
 def test_history_is_bounded_keeping_the_best_complete_trials(settings: Settings, db: Database,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     client = client_for(settings, db)
-    source = _create(client, budget={"n_trials": 6})
+    source = create_study_via_api(client, budget={"n_trials": 6})
     write_trials(db, settings, study_id=source, n=6)
     complete = [t for t in client.get(f"{API}/studies/{source}/trials").json()["data"] if t["state"] == "complete"]
     best = sorted(complete, key=lambda t: -t["value"])[:2]
     monkeypatch.setattr(enqueue, "HISTORY_MAX_TRIALS", 2)
-    sid = _create(client, warm_start={"studies": [source], "history": True})
+    sid = create_study_via_api(client, warm_start={"studies": [source], "history": True})
     assert sorted(t.value for t in _optuna_trials(db, sid)) == sorted(t["value"] for t in best)
 
 
 def test_history_needs_the_same_objectives(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    source = _create(client)
+    source = create_study_via_api(client)
     write_trials(db, settings, study_id=source, n=2)
     other_metrics = [{"objective": {"metric": "val_loss"}},
                      {"objective": {"metric": "val_accuracy", "direction": "minimize"}},
@@ -180,7 +175,7 @@ def test_stop_values_are_bounded(settings: Settings, db: Database) -> None:
 
 def test_the_study_says_when_its_stop_criterion_fired(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    sid = _create(client, budget={"n_trials": 5}, stop={"target_value": 0.5})
+    sid = create_study_via_api(client, budget={"n_trials": 5}, stop={"target_value": 0.5})
     assert client.get(f"{API}/studies/{sid}").json()["stopped_at"] is None
     write_trials(db, settings, study_id=sid, n=1, outcome=_complete)  # finishing it checks the criteria
     with db.read_session() as session:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
-import struct
 import threading
 import zipfile
 from pathlib import Path
@@ -18,9 +17,17 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.services import datasets as datasets_service
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import (
+    API,
+    client_for,
+    idx_images,
+    idx_labels,
+    npz_bytes,
+    running_supervisor,
+    study_spec,
+    wait_for_status,
+)
 
-API = "/api/v1"
 GROUPS = '{"sepal": ["sepal_l", "sepal_w"], "petal": ["petal_l", "petal_w"]}'
 
 
@@ -44,18 +51,6 @@ def flowers_csv(n: int = 60, seed: int = 0) -> bytes:
         row = base + rng.normal(0, 0.3, size=4)
         lines.append(",".join(f"{v:.3f}" for v in row) + f",{species}")
     return ("\n".join(lines) + "\n").encode()
-
-
-def npz_bytes(**arrays: Any) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def idx_bytes(images: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]:
-    n, h, w = images.shape
-    return (struct.pack(">IIII", 2051, n, h, w) + images.astype(np.uint8).tobytes(),
-            struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
 
 
 def upload(client: Any, kind: str, files: dict[str, Any], **form: str) -> Any:
@@ -107,7 +102,7 @@ def test_npz_classification_and_regression_uploads(settings: Settings, db: Datab
 def test_idx_image_and_label_pair(settings: Settings, db: Database, gz: bool) -> None:
     client = client_for(settings, db)
     rng = np.random.default_rng(1)
-    images, labels = idx_bytes(rng.integers(0, 256, size=(12, 5, 4)), np.arange(12) % 3)
+    images, labels = idx_images(rng.integers(0, 256, size=(12, 5, 4))), idx_labels(np.arange(12) % 3)
     if gz:
         images, labels = gzip.compress(images), gzip.compress(labels)
     response = upload(client, "idx", {"images": ("train-images-idx3-ubyte.gz", images),
@@ -143,7 +138,7 @@ def test_a_path_in_a_file_name_is_refused(settings: Settings, db: Database) -> N
         response = upload(client, "csv", {"file": (filename, flowers_csv())}, label_column="species")
         assert response.status_code == 422, (filename, response.text)
         assert response.json()["detail"][0]["loc"] == ["body", "file"]
-    images, labels = idx_bytes(np.zeros((12, 5, 4)), np.arange(12) % 3)
+    images, labels = idx_images(np.zeros((12, 5, 4))), idx_labels(np.arange(12) % 3)
     response = upload(client, "idx", {"images": ("ok", images), "labels": ("../labels", labels)})
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "labels"]
     assert not [d for d in client.get(f"{API}/datasets").json()["data"] if not d["builtin"]]
@@ -152,7 +147,7 @@ def test_a_path_in_a_file_name_is_refused(settings: Settings, db: Database) -> N
 def test_wrong_signatures_missing_files_and_bad_values_are_422(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     png = b"\x89PNG\r\n\x1a\n" + bytes(200)
-    images, labels = idx_bytes(np.zeros((12, 5, 4)), np.arange(12) % 3)
+    images, labels = idx_images(np.zeros((12, 5, 4))), idx_labels(np.arange(12) % 3)
     nan_csv = flowers_csv().replace(b"\n", b"\nnan,1,1,1,setosa\n", 1)
     cases = [
         ("npz", {"file": ("d.npz", png)}, {}, "not an NPZ"),
@@ -196,8 +191,8 @@ def test_too_large_uploads_and_zip_bombs_are_413(settings: Settings, db: Databas
     assert len(bomb.getvalue()) < 20_000
     response = upload(client, "npz", {"file": ("bomb.npz", bomb.getvalue())})
     assert response.status_code == 413 and "expands" in detail_text(response)
-    gz_images = gzip.compress(idx_bytes(np.zeros((2000, 28, 28)), np.arange(2000) % 2)[0])
-    gz_labels = idx_bytes(np.zeros((2000, 1, 1)), np.arange(2000) % 2)[1]
+    gz_images = gzip.compress(idx_images(np.zeros((2000, 28, 28))))
+    gz_labels = idx_labels(np.arange(2000) % 2)
     response = upload(client, "idx", {"images": ("i.gz", gz_images), "labels": ("l", gz_labels)})
     assert response.status_code == 413, response.text
     assert not [d for d in client.get(f"{API}/datasets").json()["data"] if not d["builtin"]]

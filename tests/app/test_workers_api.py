@@ -20,9 +20,8 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.core.db import Database
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 HPSEARCH = Path(sys.executable).with_name("hpsearch")
 LONG_STUDY = study_spec(budget={"n_trials": 4, "epochs": 500, "patience": None, "max_parallel": 1})
 
@@ -40,7 +39,7 @@ def _wait_for_running_trial(client: TestClient, timeout_s: float = 60.0) -> dict
 def test_workers_lists_live_supervisors_with_their_trials(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     assert client.get(f"{API}/workers").json() == {"data": [], "count": 0}
-    sid = client.post(f"{API}/studies", json=LONG_STUDY).json()["id"]
+    sid = create_study_via_api(client, LONG_STUDY)
     with running_supervisor(settings, db, slots=2) as supervisor:
         worker = _wait_for_running_trial(client)
         assert worker["id"] == supervisor.worker_id and worker["hostname"] == socket.gethostname()
@@ -68,8 +67,8 @@ def _running(client: TestClient, study_id: str, timeout_s: float = 60.0) -> dict
 def test_workers_show_each_owner_only_their_own_trials(settings: Settings, db: Database) -> None:
     """Workers are shared; which studies they run is not: another owner's trials only count as busy slots."""
     alice, bob, carol = (client_for(settings, db, name) for name in ("alice", "bob", "carol"))
-    mine = alice.post(f"{API}/studies", json=LONG_STUDY).json()["id"]
-    theirs = bob.post(f"{API}/studies", json=LONG_STUDY).json()["id"]
+    mine = create_study_via_api(alice, LONG_STUDY)
+    theirs = create_study_via_api(bob, LONG_STUDY)
     with running_supervisor(settings, db, slots=2):
         _running(alice, mine)
         seen_by_bob = _running(bob, theirs)
@@ -117,7 +116,7 @@ def test_hpsearch_workers_command(sqlite_url: str, tmp_path: Path) -> None:
     db = Database(sqlite_url)
     client = client_for(settings, db)
     key = client.headers["Authorization"].removeprefix("Bearer ")
-    sid = client.post(f"{API}/studies", json=LONG_STUDY).json()["id"]
+    sid = create_study_via_api(client, LONG_STUDY)
     with _serving(client.app) as url:  # type: ignore[arg-type]
         with running_supervisor(settings, db, slots=1) as supervisor:
             _wait_for_running_trial(client)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,15 +21,16 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, Trial, TrialEpoch, TrialState
-from tests.factories import study_spec
+
+# Worker processes and their timings are made in tests.factories; the names stay importable from here.
+from tests.factories import FAST_LEASES as FAST_LEASES
+from tests.factories import GRACE_S as GRACE_S
+from tests.factories import HEARTBEAT_S as HEARTBEAT_S
+from tests.factories import SHARED_CORES as SHARED_CORES
+from tests.factories import process_env, study_spec
+from tests.factories import start_worker as start_worker
 
 T = TypeVar("T")
-HEARTBEAT_S = 0.3
-GRACE_S = 2.0
-FAST_LEASES = {"HPSEARCH_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S), "HPSEARCH_LEASE_GRACE_S": str(GRACE_S)}
-# These tests run many workers on two shared cores, each sized for the whole machine. Spinning OpenMP
-# threads then slow every trial several times over; sleeping ones keep the tests' timings honest.
-SHARED_CORES = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def training_spec(epochs: int, **budget: Any) -> dict[str, Any]:
@@ -50,24 +50,6 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def _env(settings: Settings, extra_env: dict[str, str] | None) -> dict[str, str]:
-    return {**os.environ, "HPSEARCH_DATABASE_URL": settings.database_url, "HPSEARCH_HOME": str(settings.home),
-            "HPSEARCH_MNIST_DIR": str(settings.mnist_dir or ""), "HPSEARCH_LOG_JSON": "true", **FAST_LEASES,
-            **SHARED_CORES, **(extra_env or {})}
-
-
-Process = subprocess.Popen[bytes]
-
-
-def start_worker(settings: Settings, log_path: Path, *, per_device: int = 1,
-                 extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Process:
-    """`hpsearch worker --devices cpu` with short heartbeats and grace, JSON logs into log_path."""
-    out = open(log_path, "wb")  # noqa: SIM115 - the child process owns it
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--devices", "cpu", "--per-device",
-                             str(per_device), *args], env=_env(settings, extra_env), stdout=out,
-                            stderr=subprocess.STDOUT)
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:
@@ -175,7 +157,7 @@ def free_port() -> int:
 def start_api(settings: Settings, log_path: Path, *, port: int,
               extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`hpsearch serve --workers 0` (API and reaper, no trial slots); returns once /readyz answers."""
-    env = _env(settings, {"HPSEARCH_RATE_LIMIT_PER_S": "100000", "HPSEARCH_RATE_LIMIT_BURST": "100000",
+    env = process_env(settings, {"HPSEARCH_RATE_LIMIT_PER_S": "100000", "HPSEARCH_RATE_LIMIT_BURST": "100000",
                           **(extra_env or {})})
     out = open(log_path, "wb")  # noqa: SIM115 - the child process owns it
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", "0", "--port", str(port)],

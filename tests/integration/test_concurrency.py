@@ -13,9 +13,8 @@ from sqlalchemy import func, select
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, TrialState, Worker
-from app.services import keys
 from tests.conftest import make_settings
-from tests.factories import client_for, study_spec
+from tests.factories import API, auth_headers, client_for, create_study_via_api, start_worker, study_spec
 from tests.integration.processes import (
     alive,
     assert_study_settled,
@@ -23,13 +22,11 @@ from tests.integration.processes import (
     log_lines,
     processes,
     start_api,
-    start_worker,
     study_status,
     wait_until,
 )
 from tests.recorded import peak_running
 
-API = "/api/v1"
 TROUBLE = ("database is locked", "deadlock", "Traceback", "too many clients")
 
 
@@ -38,7 +35,7 @@ def _run_many_workers(url: str, tmp_path: Path, n_workers: int, n_trials: int, m
     db = Database(url)
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": n_trials, "epochs": 1, "max_parallel": max_parallel})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     assert client.post(f"{API}/studies/{sid}/pause").status_code == 200
     logs = [tmp_path / f"w{i}.log" for i in range(n_workers)]
     with processes() as procs:
@@ -80,7 +77,7 @@ def test_four_workers_starting_together_on_sqlite_share_one_study(sqlite_url: st
 def test_concurrent_posts_with_one_idempotency_key_create_one_study(db_url: str, tmp_path: Path) -> None:
     settings = make_settings(db_url, tmp_path / "home")
     db = Database(db_url)
-    key = keys.create_key(db, owner="alice")
+    headers = {**auth_headers(db), "Idempotency-Key": "retry-1"}
     port = free_port()
     spec = study_spec(name="once")
     replies: list[httpx.Response] = []
@@ -88,7 +85,7 @@ def test_concurrent_posts_with_one_idempotency_key_create_one_study(db_url: str,
 
     def post() -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}{API}", timeout=60,
-                          headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-1"}) as http:
+                          headers=headers) as http:
             barrier.wait()
             replies.append(http.post("/studies", json=spec))
 
@@ -100,7 +97,7 @@ def test_concurrent_posts_with_one_idempotency_key_create_one_study(db_url: str,
         for t in threads:
             t.join(90)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}{API}", timeout=60,
-                          headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-1"}) as http:
+                          headers=headers) as http:
             changed = http.post("/studies", json={**spec, "name": "another"})
     assert sorted(r.status_code for r in replies) == [200] * 7 + [201], [r.text for r in replies]
     assert len({r.json()["id"] for r in replies}) == 1

@@ -20,10 +20,18 @@ from app.models import TrialState
 from app.schemas.study import StudySpec
 from app.services.validation import validate_spec
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-from tests.integration.processes import (
+from tests.factories import (
+    API,
     GRACE_S,
     HEARTBEAT_S,
+    client_for,
+    create_study_via_api,
+    running_supervisor,
+    start_worker,
+    study_spec,
+    wait_for_status,
+)
+from tests.integration.processes import (
     alive,
     assert_study_settled,
     children_of,
@@ -31,15 +39,12 @@ from tests.integration.processes import (
     optuna_trials,
     processes,
     running_with_epochs,
-    start_worker,
     study_status,
     training_spec,
     trials_of,
     wait_until,
 )
 from workers import queue
-
-API = "/api/v1"
 
 
 def _setup(db_url: str, tmp_path: Path, **overrides: object) -> tuple[Database, TestClient, Settings]:
@@ -49,17 +54,11 @@ def _setup(db_url: str, tmp_path: Path, **overrides: object) -> tuple[Database, 
     return db, client_for(settings, db), settings
 
 
-def _create(client: TestClient, spec: dict[str, object]) -> str:
-    created = client.post(f"{API}/studies", json=spec)
-    assert created.status_code == 201, created.text
-    return str(created.json()["id"])
-
-
 def test_all_workers_killed_mid_trial_then_a_new_worker_finishes_with_the_same_params(
         db_url: str, tmp_path: Path) -> None:
     db, client, settings = _setup(db_url, tmp_path)
     spec = training_spec(30, n_trials=3, max_parallel=2, max_attempts=2)
-    sid = _create(client, spec)
+    sid = create_study_via_api(client, spec)
     with processes() as procs:
         procs += [start_worker(settings, tmp_path / f"w{i}.log") for i in range(2)]
         running = wait_until(lambda: running_with_epochs(db, sid, 2), 90, "two trials mid-training")
@@ -92,7 +91,7 @@ def test_leases_left_by_a_worker_that_died_before_its_first_heartbeat_are_recove
     """A worker that died right after claiming, after asking Optuna, or after binding its parameters."""
     db, client, settings = _setup(db_url, tmp_path)
     spec = study_spec(budget={"n_trials": 3, "epochs": 2, "max_parallel": 3, "max_attempts": 2})
-    sid = _create(client, spec)
+    sid = create_study_via_api(client, spec)
     dead = subprocess.Popen(["true"])
     dead.wait()  # a real pid that no longer runs
     dead_id = f"crashed-{dead.pid}"
@@ -130,7 +129,7 @@ def test_a_hung_trial_is_killed_at_its_deadline_although_its_heartbeat_goes_on(s
                                                                                  tmp_path: Path) -> None:
     db, client, settings = _setup(sqlite_url, tmp_path)
     spec = study_spec(budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "trial_timeout_s": 6})
-    sid = _create(client, spec)
+    sid = create_study_via_api(client, spec)
     with processes() as procs:
         worker = start_worker(settings, tmp_path / "w.log")
         procs.append(worker)
@@ -159,7 +158,7 @@ def test_a_non_finite_loss_fails_that_trial_with_its_reason_and_the_study_contin
                                     "weight_init": {"type": "categorical", "choices": ["he_normal", "normal"]},
                                     "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
                                     "batch_norm": "none", "n_layers": 2, "units": 64})
-    sid = _create(client, spec)
+    sid = create_study_via_api(client, spec)
     diverging = {"learning_rate": 10.0, "weight_init": "normal", "optimizer": "sgd"}
     assert client.post(f"{API}/studies/{sid}/trials", json={"params": diverging}).status_code == 201
     sane = {"learning_rate": 0.003, "weight_init": "he_normal", "optimizer": "adam"}
@@ -180,7 +179,7 @@ def test_a_trial_over_the_memory_limit_fails_out_of_memory_once_and_the_next_sta
     spec = study_spec(budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "max_attempts": 3},
                       search_space={"units": {"type": "int", "low": 32, "high": 4096, "log": True},
                                     "n_layers": {"type": "int", "low": 1, "high": 8}, "layer_shape": "constant"})
-    sid = _create(client, spec)
+    sid = create_study_via_api(client, spec)
     # 4096 units x 8 layers: ~0.5 GB of weights, twice that with Adam's state, far over 300 MiB.
     for params in ({"units": 4096, "n_layers": 8}, {"units": 32, "n_layers": 1}):
         assert client.post(f"{API}/studies/{sid}/trials", json={"params": params}).status_code == 201
@@ -203,7 +202,7 @@ def test_a_final_evaluation_that_fails_ends_the_study_once_with_its_reason(sqlit
 
     monkeypatch.setattr(final_evaluation, "run", broken)  # the forked evaluation child inherits it
     db, client, settings = _setup(sqlite_url, tmp_path)
-    sid = _create(client, study_spec(budget={"n_trials": 2, "epochs": 1}))
+    sid = create_study_via_api(client, study_spec(budget={"n_trials": 2, "epochs": 1}))
     with running_supervisor(settings, db, slots=1):
         study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=60)
     assert study["status"] == "failed" and study["test_metrics"] is None

@@ -22,7 +22,7 @@ from app.main import create_app
 from app.services import keys
 from tests.browser import Browser, find_chromium
 from tests.conftest import ROOT, make_settings
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.study_rows import finalize, write_trials
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -82,7 +82,7 @@ def test_sign_in_watch_a_study_live_then_read_it_finished(server: tuple[str, Set
                                                           browser: Browser) -> None:
     base, settings, db = server
     client = client_for(settings, db)
-    study = client.post("/api/v1/studies", json=study_spec(name="browser-study",
+    study = client.post(f"{API}/studies", json=study_spec(name="browser-study",
                                                            budget={"n_trials": 14, "max_parallel": 1})).json()
     write_trials(db, settings, study_id=study["id"], n=6)
     key = keys.create_key(db, owner="alice")
@@ -109,7 +109,7 @@ def test_sign_in_watch_a_study_live_then_read_it_finished(server: tuple[str, Set
     browser.wait_for("document.getElementById('progress-counts').textContent.startsWith('14/14 finished')")
 
     # Read it finished, from a link with the key in the fragment and a trial selected.
-    best = client.get(f"/api/v1/studies/{study['id']}").json()["best_trial"]
+    best = client.get(f"{API}/studies/{study['id']}").json()["best_trial"]
     browser.js("sessionStorage.clear()")
     browser.open(f"{base}/studies/{study['id']}#key={key}&trial=3")
     browser.wait_for("document.body.dataset.ready === 'true'")

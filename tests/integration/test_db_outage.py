@@ -14,10 +14,9 @@ from sqlalchemy.engine import make_url
 
 from app.core.db import Database
 from app.models import TrialState
-from app.schemas.study import StudySpec
-from app.services import keys, studies
+from app.services import keys
 from tests.conftest import POSTGRES_ADMIN_URL, make_settings
-from tests.factories import study_spec
+from tests.factories import API, create_study_via_service, start_worker, study_spec
 from tests.integration.processes import (
     alive,
     assert_study_settled,
@@ -26,12 +25,10 @@ from tests.integration.processes import (
     processes,
     running_with_epochs,
     start_api,
-    start_worker,
     study_status,
     wait_until,
 )
 
-API = "/api/v1"
 KILL_EVERY_S = 0.7
 STORM_S = 8.0
 TERMINATE_OTHERS = text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -130,7 +127,7 @@ def test_an_outage_longer_than_the_grace_period_loses_no_trial(postgres_url: str
     spec["search_space"] = {**spec["search_space"], "batch_size": 16}
     with processes() as procs:
         procs.append(start_api(settings, tmp_path / "api.log", port=free_port()))  # a second reaper
-        sid = studies.create_study(db, settings, owner="alice", spec=StudySpec.model_validate(spec))[0].id
+        sid = create_study_via_service(db, settings, spec=spec)
         procs.append(start_worker(settings, tmp_path / "worker.log", per_device=2))
         wait_until(lambda: running_with_epochs(db, sid, 1), 90, "a trial mid-training")
         db.dispose()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-
-API = "/api/v1"
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 
 
 def test_digits_study_runs_exactly_n_trials_with_curves_and_a_test_metric(settings: Settings, db: Database) -> None:
@@ -37,7 +35,7 @@ def test_digits_study_runs_exactly_n_trials_with_curves_and_a_test_metric(settin
 
 def test_trials_page_sorts_filters_and_polls_incrementally(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    sid = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 5, "epochs": 2})).json()["id"]
+    sid = create_study_via_api(client, budget={"n_trials": 5, "epochs": 2})
     with running_supervisor(settings, db, slots=2):
         wait_for_status(client, sid, {"completed"})
     by_value = client.get(f"{API}/studies/{sid}/trials", params={"sort": "value", "limit": 2}).json()
@@ -57,7 +55,7 @@ def test_trials_page_sorts_filters_and_polls_incrementally(settings: Settings, d
 def test_cancel_stops_running_trials(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": 50, "epochs": 200, "patience": None, "max_parallel": 2})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db, slots=2):
         wait_for_status(client, sid, {"running"})
         assert client.post(f"{API}/studies/{sid}/cancel").json()["status"] == "cancelled"

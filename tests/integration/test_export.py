@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from app.core.db import Database
-from app.ml.artifacts import ModelSpec, build_module, describe_layers, save_trial
+from app.ml.artifacts import ModelSpec, build_module, describe_layers, load_ensemble_dir, save_trial
 from app.services import keys
 from tests.conftest import ROOT, make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 from tests.integration.processes import free_port, start_api, stop_all
 
 DOC = ROOT / "README.md"
@@ -82,10 +82,12 @@ def test_the_documented_loader_rebuilds_every_architecture(model: str, params: d
 
 def test_export_round_trip_gives_the_services_predictions(sqlite_url: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished study exported by `hpsearch export`, then loaded with the README's code exactly as written:
+    its `load()` gives what POST /predict serves, its `load_ensemble_dir` what POST /predict?use=ensemble does."""
     settings = make_settings(sqlite_url, tmp_path / "home")
     db = Database(sqlite_url)
     client = client_for(settings, db)
-    sid = client.post("/api/v1/studies", json=study_spec(budget={"n_trials": 3, "epochs": 2},
+    sid = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 3, "epochs": 2},
                                                          ensemble={"top_k": 2, "trees": True})).json()["id"]
     with running_supervisor(settings, db):
         study = wait_for_status(client, sid, {"completed", "failed"})
@@ -107,9 +109,10 @@ def test_export_round_trip_gives_the_services_predictions(sqlite_url: str, tmp_p
         namespace: dict[str, Any] = {}
         for block in _doc_blocks():
             exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102
+        assert namespace["load_ensemble_dir"] is load_ensemble_dir  # the README's ensemble block ran
         x = namespace["x"].numpy().tolist()
-        api = httpx.Client(base_url=f"{api_url}/api/v1/studies/{sid}",
-                           headers={"Authorization": f"Bearer {key}"})
+        api = httpx.Client(base_url=f"{api_url}{API}/studies/{sid}",
+                           headers={"Authorization": f"Bearer {key}"}, timeout=60)
         served = api.post("/predict", json={"inputs": x}).json()
         np.testing.assert_allclose(namespace["probabilities"].numpy(), served["probabilities"], rtol=0,
                                    atol=1e-6)

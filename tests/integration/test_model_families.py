@@ -19,9 +19,8 @@ from app.core.db import Database
 from app.ml.artifacts import ModelSpec, load_module, read_config, trial_files, trial_stem
 from app.ml.networks import Branches
 from tests.conftest import make_settings
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 # Everything a family does not vary is fixed, so each study runs only what it tests.
 COMMON = {"optimizer": "adam", "learning_rate": 3e-3, "weight_decay": 0.0, "dropout": 0.0,
           "batch_norm": "none", "activation": "relu", "weight_init": "he_normal", "lr_schedule": "constant"}

@@ -9,16 +9,15 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import Study
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 
-API = "/api/v1"
 STATES = {"complete": OptunaState.COMPLETE, "pruned": OptunaState.PRUNED, "fail": OptunaState.FAIL}
 
 
 def test_load_study_sees_the_same_trials_and_best_value(settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": 3, "epochs": 2, "max_parallel": 2})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db, slots=2):
         study = wait_for_status(client, sid, {"completed", "failed"})
     assert study["status"] == "completed", study

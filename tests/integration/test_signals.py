@@ -13,22 +13,18 @@ from sqlalchemy.engine import make_url
 from app.core.db import Database, is_sqlite
 from app.models import Trial, TrialState
 from tests.conftest import make_settings
-from tests.factories import client_for, study_spec
+from tests.factories import GRACE_S, client_for, create_study_via_api, start_worker, study_spec
 from tests.integration.processes import (
-    GRACE_S,
     assert_study_settled,
     log_lines,
     optuna_trials,
     processes,
     running_with_epochs,
-    start_worker,
     study_status,
     training_spec,
     trials_of,
     wait_until,
 )
-
-API = "/api/v1"
 
 
 def _mine(rows: list[Trial], pid: int) -> list[Trial]:
@@ -71,7 +67,7 @@ def test_a_worker_frozen_past_the_grace_has_its_late_result_refused_and_survives
     db = Database(db_url)
     client = client_for(settings, db)
     spec = training_spec(20, n_trials=3, max_parallel=2, max_attempts=2)
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     logs = [tmp_path / "frozen.log", tmp_path / "other.log"]
     with processes() as procs:
         frozen, other = start_worker(settings, logs[0]), start_worker(settings, logs[1])
@@ -103,7 +99,7 @@ def test_sigterm_hands_running_trials_back_without_counting_an_attempt(db_url: s
     db = Database(db_url)
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": 4, "epochs": 200, "patience": None, "max_parallel": 2})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with processes() as procs:
         worker = start_worker(settings, tmp_path / "w.log", per_device=2, args=("--shutdown-grace", "1"))
         procs.append(worker)
@@ -130,7 +126,7 @@ def test_sigterm_lets_running_trials_finish_within_the_grace(sqlite_url: str, tm
     db = Database(sqlite_url)
     client = client_for(settings, db)
     spec = training_spec(15, n_trials=6, max_parallel=2)
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with processes() as procs:
         worker = start_worker(settings, tmp_path / "w.log", per_device=2, args=("--shutdown-grace", "30"))
         procs.append(worker)

@@ -8,9 +8,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-
-API = "/api/v1"
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
 
 def _run(client: TestClient, settings: Settings, db: Database, spec: dict[str, Any],

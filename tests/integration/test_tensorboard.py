@@ -6,19 +6,19 @@ import pytest
 
 from app.core.config import Settings
 from app.core.db import Database
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-API = "/api/v1"
+from tests.factories import API
 
 
 def test_each_trial_writes_its_epoch_scalars_and_deleting_the_study_removes_them(settings: Settings,
                                                                                db: Database) -> None:
     client = client_for(settings, db)
     spec = {**study_spec(budget={"n_trials": 2, "epochs": 3, "patience": None}), "tensorboard": True}
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db):
         assert wait_for_status(client, sid, {"completed", "failed"})["status"] == "completed"
     assert settings.artifact_dir is not None
@@ -33,7 +33,7 @@ def test_each_trial_writes_its_epoch_scalars_and_deleting_the_study_removes_them
         logged = [(e.step, e.value) for e in events.Scalars("val/val_accuracy")]
         assert logged == [(p["epoch"], pytest.approx(p["val_metric"])) for p in curve]
 
-    plain = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 1, "epochs": 1})).json()["id"]
+    plain = create_study_via_api(client, budget={"n_trials": 1, "epochs": 1})
     with running_supervisor(settings, db):
         wait_for_status(client, plain, {"completed", "failed"})
     assert not (settings.artifact_dir / "tensorboard" / plain).exists()  # off unless the spec asks

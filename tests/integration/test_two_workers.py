@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,9 @@ from sqlalchemy import select
 from app.core.db import Database
 from app.models import Trial, Worker
 from tests.conftest import make_settings
-from tests.factories import client_for, study_spec, wait_for_status, worker_process
+from tests.factories import client_for, create_study_via_api, start_worker, study_spec, wait_for_status
+from tests.integration.processes import processes
 from tests.recorded import peak_running
-
-API = "/api/v1"
 
 
 @pytest.mark.postgres
@@ -23,17 +21,14 @@ def test_two_workers_share_a_study_without_running_a_trial_twice(postgres_url: s
     settings = make_settings(postgres_url, tmp_path / "home")
     db = Database(postgres_url)
     client = client_for(settings, db)
-    spec = study_spec(budget={"n_trials": 8, "epochs": 2, "max_parallel": 3})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, study_spec(budget={"n_trials": 8, "epochs": 2, "max_parallel": 3}))
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
-    workers = [worker_process(settings, per_device=2, log_path=p) for p in logs]
-    try:
+    with processes() as workers:
+        # This test's own timings (the settings' grace, not the process tests' short one).
+        leases = {"HPSEARCH_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+                  "HPSEARCH_LEASE_GRACE_S": str(settings.lease_grace_s)}
+        workers += [start_worker(settings, p, per_device=2, extra_env=leases) for p in logs]
         study = wait_for_status(client, sid, {"completed"}, timeout_s=120)
-    finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        for w in workers:
-            w.wait(60)
     assert study["progress"]["finished"] == study["progress"]["complete"] == 8
     assert peak_running(db, sid) <= 3  # from the recorded claim and finish times
     with db.read_session() as session:

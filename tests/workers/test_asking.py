@@ -25,7 +25,7 @@ def _objective(params: dict[str, Any]) -> float:
     return -abs(params["units"] - 100) / 100 - abs(params["learning_rate"] - 0.01)
 
 
-def _study(url: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+def _optuna_study(url: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     return optuna.create_study(study_name=name, storage=optuna_storage(url), sampler=sampler,
                                direction="maximize", load_if_exists=True)
 
@@ -47,8 +47,8 @@ def test_the_mirror_proposes_what_optunas_own_ask_would(db_url: str, sampler: st
                                               constant_liar=True)
         return optuna.samplers.RandomSampler(seed=3)
 
-    direct = _run(_study(db_url, f"direct-{sampler}", make()), db_url, 12, _ask_directly)
-    mirrored_study = _study(db_url, f"mirrored-{sampler}", make())
+    direct = _run(_optuna_study(db_url, f"direct-{sampler}", make()), db_url, 12, _ask_directly)
+    mirrored_study = _optuna_study(db_url, f"mirrored-{sampler}", make())
     mirrored = _run(mirrored_study, db_url, 12, ask_trial)
     assert mirrored == direct
     stored = mirrored_study.get_trials(deepcopy=False)
@@ -60,8 +60,8 @@ def test_the_mirror_proposes_what_optunas_own_ask_would(db_url: str, sampler: st
 def test_two_workers_mirrors_keep_optunas_numbering_and_see_each_others_trials(db_url: str) -> None:
     """Two Study objects stand for two workers asking the same study in turns."""
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2, constant_liar=True)
-    first = _study(db_url, "shared", sampler)
-    second = _study(db_url, "shared", optuna.samplers.TPESampler(seed=1, n_startup_trials=2, constant_liar=True))
+    first = _optuna_study(db_url, "shared", sampler)
+    second = _optuna_study(db_url, "shared", optuna.samplers.TPESampler(seed=1, n_startup_trials=2, constant_liar=True))
     storage = optuna_storage(db_url)
     proposed: dict[int, dict[str, Any]] = {}
     for turn in range(8):
@@ -77,7 +77,7 @@ def test_two_workers_mirrors_keep_optunas_numbering_and_see_each_others_trials(d
 
 
 def test_an_enqueued_configuration_is_proposed_with_its_fixed_values(db_url: str) -> None:
-    study = _study(db_url, "fixed", optuna.samplers.TPESampler(seed=0))
+    study = _optuna_study(db_url, "fixed", optuna.samplers.TPESampler(seed=0))
     fixed = {"learning_rate": 0.02, "units": 64, "optimizer": "momentum"}
     number, trial_id, params = ask_trial(study, optuna_storage(db_url), SPACE, fixed)
     assert {k: params[k] for k in fixed} == fixed and "momentum" in params  # the sampler fills the rest
@@ -86,10 +86,10 @@ def test_an_enqueued_configuration_is_proposed_with_its_fixed_values(db_url: str
 
 def test_finishing_directly_stores_what_tell_would_and_leaves_finished_trials_alone(db_url: str) -> None:
     storage = optuna_storage(db_url)
-    told = _study(db_url, "told", optuna.samplers.TPESampler(seed=0))
-    direct = _study(db_url, "direct", optuna.samplers.TPESampler(seed=0))
+    told = _optuna_study(db_url, "told", optuna.samplers.TPESampler(seed=0))
+    direct = _optuna_study(db_url, "direct", optuna.samplers.TPESampler(seed=0))
     assert finishes_directly(direct)
-    assert not finishes_directly(_study(db_url, "cma", optuna.samplers.CmaEsSampler(seed=0)))
+    assert not finishes_directly(_optuna_study(db_url, "cma", optuna.samplers.CmaEsSampler(seed=0)))
     for state, values in ((OptunaState.COMPLETE, [0.75]), (OptunaState.FAIL, None)):
         number, _, _ = ask_trial(told, storage, SPACE)
         told.tell(number, values, state=state)

@@ -13,15 +13,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import FailureKind, Study, Trial, TrialState, Worker
 from app.models.base import utcnow
-from app.schemas.study import StudySpec
-from app.services import studies
-from tests.factories import study_spec
+from tests.factories import create_study_via_service
 from workers import queue
-
-
-def _study(db: Database, settings: Settings, **overrides: object) -> str:
-    spec = StudySpec.model_validate(study_spec(**overrides))
-    return studies.create_study(db, settings, owner="alice", spec=spec)[0].id
 
 
 def _claim(db: Database, worker: str = "w1") -> queue.Lease | None:
@@ -33,7 +26,7 @@ def _bind(db: Database, lease: queue.Lease, number: int) -> queue.Lease:
 
 
 def test_claims_respect_max_parallel_and_n_trials(db: Database, settings: Settings) -> None:
-    sid = _study(db, settings, budget={"n_trials": 3, "max_parallel": 2})
+    sid = create_study_via_service(db, settings, budget={"n_trials": 3, "max_parallel": 2})
     first, second = _claim(db), _claim(db, "w2")
     assert first and second and first.trial_id != second.trial_id
     assert _claim(db) is None  # max_parallel reached
@@ -48,7 +41,7 @@ def test_claims_respect_max_parallel_and_n_trials(db: Database, settings: Settin
 
 
 def test_a_lost_lease_cannot_finish(db: Database, settings: Settings) -> None:
-    _study(db, settings)
+    create_study_via_service(db, settings)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     with db.session() as session:  # another worker's reaper took it back
         session.execute(update(Trial).where(Trial.id == lease.trial_id).values(state="waiting", attempt=2))
@@ -59,7 +52,7 @@ def test_a_lost_lease_cannot_finish(db: Database, settings: Settings) -> None:
 
 def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: Database,
                                                                              settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 3, "max_attempts": 2})
+    create_study_via_service(db, settings, budget={"n_trials": 3, "max_attempts": 2})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     stale = utcnow() - timedelta(seconds=60)
     with db.session() as session:
@@ -80,7 +73,7 @@ def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: 
 
 
 def test_why_a_trial_failed_is_recorded_as_its_kind(db: Database, settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 3, "max_parallel": 3})
+    create_study_via_service(db, settings, budget={"n_trials": 3, "max_parallel": 3})
     first, late = _bind(db, _claim(db), 0), _bind(db, _claim(db), 1)  # type: ignore[arg-type]
     assert queue.finish_trial(db, first, state=TrialState.FAIL, error="non_finite_loss",
                               failure=FailureKind.NON_FINITE)
@@ -94,7 +87,7 @@ def test_why_a_trial_failed_is_recorded_as_its_kind(db: Database, settings: Sett
 
 
 def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Settings) -> None:
-    _study(db, settings)
+    create_study_via_service(db, settings)
     lease = _claim(db)
     assert lease is not None and lease.number is None
     with db.session() as session:
@@ -106,7 +99,7 @@ def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Set
 
 
 def test_release_hands_back_without_counting_an_attempt(db: Database, settings: Settings) -> None:
-    _study(db, settings)
+    create_study_via_service(db, settings)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     assert queue.release_trial(db, lease)
     again = _claim(db, "w2")
@@ -114,7 +107,7 @@ def test_release_hands_back_without_counting_an_attempt(db: Database, settings: 
 
 
 def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 1})
+    create_study_via_service(db, settings, budget={"n_trials": 1})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     assert queue.claim_finalization(db, worker_id="w1") is None  # budget spent only when it finishes
     queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
@@ -128,7 +121,7 @@ def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, s
 
 
 def test_a_worker_side_error_counts_an_attempt_then_fails_the_trial(db: Database, settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 1, "max_attempts": 2})
+    create_study_via_service(db, settings, budget={"n_trials": 1, "max_attempts": 2})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     first = queue.fail_attempt(db, lease, reason="worker error: OSError: fork failed")
     assert first is not None and first.requeued and first.number == 0
@@ -146,7 +139,7 @@ def test_a_worker_side_error_counts_an_attempt_then_fails_the_trial(db: Database
 
 def test_a_beat_renews_the_finalization_lease_and_revives_a_reaped_worker(db: Database,
                                                                           settings: Settings) -> None:
-    sid = _study(db, settings, budget={"n_trials": 1})
+    sid = create_study_via_service(db, settings, budget={"n_trials": 1})
     queue.register_worker(db, worker_id="w1", hostname="h", pid=1, devices=["cpu"], slots=1)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
@@ -193,7 +186,7 @@ def _behind_a_held_lock(db: Database, study_id: str, call: Callable[[], object])
 
 def test_claim_and_finish_stamp_their_time_after_the_lock(db: Database, settings: Settings) -> None:
     """A stamp taken before a lock wait is older than its commit: a stream that passed it would lose it."""
-    sid = _study(db, settings)
+    sid = create_study_via_service(db, settings)
     if db.is_sqlite:  # PostgreSQL's claim skips a locked study instead of waiting for it
         lease, released = _behind_a_held_lock(db, sid, lambda: _claim(db))
         assert isinstance(lease, queue.Lease)

@@ -14,10 +14,9 @@ from app.core.optuna_store import optuna_storage
 from app.ml.space import Context, resolve_space
 from app.models import Study
 from app.schemas.study import PrunerSpec, SamplerSpec, StudySpec
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 from workers.search import make_pruner, make_sampler
 
-API = "/api/v1"
 IRIS = Context("mlp", feature_groups=True)
 MULTI = [{"metric": "val_accuracy", "direction": "maximize"},
          {"metric": "param_count", "direction": "minimize"}]
@@ -200,7 +199,7 @@ def test_a_pruner_stops_hopeless_trials_early(settings: Settings, db: Database) 
             "objective": {"metric": "val_loss", "direction": "minimize"},
             "sampler": {"name": "grid", "seed": 4}, "search_space": PRUNING_SPACE,
             "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}}
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db, slots=1):
         assert wait_for_status(client, sid, {"completed", "failed"})["status"] == "completed"
     trials = client.get(f"{API}/studies/{sid}/trials").json()["data"]

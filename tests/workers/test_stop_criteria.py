@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import optuna
 import pytest
@@ -17,15 +16,10 @@ from app.models import Study, TrialState
 from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import studies
-from tests.factories import study_spec
+from tests.factories import create_study_via_service, study_spec
 from workers import queue
 from workers.asking import ask_trial
 from workers.search import make_sampler
-
-
-def _study(db: Database, settings: Settings, **overrides: Any) -> str:
-    spec = StudySpec.model_validate(study_spec(**overrides))
-    return studies.create_study(db, settings, owner="alice", spec=spec)[0].id
 
 
 def _finish(db: Database, number: int, state: TrialState, value: float | None) -> str | None:
@@ -39,14 +33,15 @@ def _finish(db: Database, number: int, state: TrialState, value: float | None) -
 
 
 def test_target_value_ignores_pruned_trials(db: Database, settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 10, "max_parallel": 1}, stop={"target_value": 0.8})
+    create_study_via_service(db, settings, budget={"n_trials": 10, "max_parallel": 1}, stop={"target_value": 0.8})
     assert _finish(db, 0, TrialState.PRUNED, 0.95) is None  # a pruned trial's last epoch is not a result
     assert _finish(db, 1, TrialState.COMPLETE, 0.7) is None
     assert _finish(db, 2, TrialState.COMPLETE, 0.85) == "target_value"
 
 
 def test_no_improvement_counts_pruned_trials_as_not_improving(db: Database, settings: Settings) -> None:
-    _study(db, settings, budget={"n_trials": 10, "max_parallel": 1}, stop={"no_improvement_trials": 2})
+    create_study_via_service(db, settings, budget={"n_trials": 10, "max_parallel": 1},
+                             stop={"no_improvement_trials": 2})
     # Had the pruned 0.99 been the best, neither complete trial after it would improve on it.
     outcomes = [(TrialState.COMPLETE, 0.5), (TrialState.PRUNED, 0.99), (TrialState.COMPLETE, 0.6),
                 (TrialState.COMPLETE, 0.7)]
@@ -58,7 +53,7 @@ def test_no_improvement_counts_pruned_trials_as_not_improving(db: Database, sett
 @pytest.mark.parametrize("running,verdict", [("cancel", "stop"), ("finish", "ok")])
 def test_the_timeout_stops_running_trials_only_when_asked(db: Database, settings: Settings, running: str,
                                                           verdict: str) -> None:
-    sid = _study(db, settings, budget={"n_trials": 5, "timeout_s": 3600}, stop={"running": running})
+    sid = create_study_via_service(db, settings, budget={"n_trials": 5, "timeout_s": 3600}, stop={"running": running})
     lease = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
     assert lease is not None
     lease = queue.bind_trial(db, lease, number=0, optuna_trial_id=1, params={})

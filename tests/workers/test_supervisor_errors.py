@@ -11,10 +11,8 @@ import pytest
 from app.core.config import Settings
 from app.core.db import Database
 from tests.app.test_uploads import npz_bytes, upload
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 from workers import attempt
-
-API = "/api/v1"
 
 
 def test_a_runner_that_cannot_be_forked_fails_its_trials_after_max_attempts(
@@ -25,7 +23,7 @@ def test_a_runner_that_cannot_be_forked_fails_its_trials_after_max_attempts(
     monkeypatch.setattr(attempt, "_spawn", no_memory)
     client = client_for(settings, db)
     spec = study_spec(budget={"n_trials": 1, "epochs": 1, "max_parallel": 1, "max_attempts": 2})
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     with running_supervisor(settings, db, slots=1):
         study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=60)
     trials = client.get(f"{API}/studies/{sid}/trials").json()["data"]
@@ -40,7 +38,7 @@ def test_a_study_whose_data_this_worker_cannot_load_says_so(settings: Settings, 
     x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
     uploaded = upload(client, "npz", {"file": ("d.npz", npz_bytes(X=x, y=np.arange(40) % 2))}).json()
     spec = {**study_spec(budget={"n_trials": 2, "epochs": 1}), "dataset": uploaded["id"]}
-    sid = client.post(f"{API}/studies", json=spec).json()["id"]
+    sid = create_study_via_api(client, spec)
     for stored in (settings.data_dir / "datasets").glob("*.npz"):  # type: ignore[operator]
         stored.unlink()  # as on a worker whose shared folder is not mounted
     with running_supervisor(settings, db, slots=1):

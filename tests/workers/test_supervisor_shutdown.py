@@ -10,11 +10,10 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import Study
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, wait_for_status
 from workers import final_evaluation
 from workers.supervisor import Supervisor
 
-API = "/api/v1"
 GRACE_S = 1.0
 
 
@@ -26,7 +25,7 @@ def _finalizer(db: Database, study_id: str) -> str | None:
 def test_a_final_evaluation_past_the_shutdown_grace_is_handed_back_and_done_by_the_next_worker(
         settings: Settings, db: Database) -> None:
     client = client_for(settings, db)
-    sid = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 1, "epochs": 1})).json()["id"]
+    sid = create_study_via_api(client, budget={"n_trials": 1, "epochs": 1})
 
     def slow(_name: str, _scores: dict[str, float]) -> None:  # runs in the forked evaluation child
         time.sleep(120)
