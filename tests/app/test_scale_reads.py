@@ -18,10 +18,8 @@ from app.services import importance
 from app.services.errors import InvalidInput
 from app.services.paging import encode_cursor
 from app.services.trials import list_trials
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.study_rows import Outcome, write_trials
-
-API = "/api/v1"
 
 STATES = ["complete", "pruned", "fail", "running"]
 

@@ -8,10 +8,9 @@ from typing import Any
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import TrialState
-from tests.factories import client_for, study_spec
+from tests.factories import API, client_for, study_spec
 from tests.study_rows import Outcome, write_trials
 
-API = "/api/v1"
 OUTCOMES = {0: Outcome(TrialState.PRUNED, [0.99]), 1: Outcome(TrialState.COMPLETE, [0.5]),
             2: Outcome(TrialState.COMPLETE, [0.8]), 3: Outcome(TrialState.COMPLETE, [0.8]),
             4: Outcome(TrialState.FAIL, [], error="boom")}

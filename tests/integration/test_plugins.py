@@ -8,6 +8,7 @@ import os
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +18,9 @@ from pytest import MonkeyPatch
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml.artifacts import load_model_dir
-from tests.factories import client_for, study_spec, wait_for_status, worker_process
+from tests.factories import API, client_for, start_worker, study_spec, wait_for_status
 from tests.integration.processes import processes
 
-API = "/api/v1"
 SITE = Path(__file__).resolve().parents[1] / "plugin_site"  # test plugins, registered by their .dist-info
 EXAMPLE = "seqconv,waveforms"
 
@@ -33,6 +33,12 @@ def _client(settings: Settings, db: Database, enabled: str, monkeypatch: MonkeyP
 def _worker_env(enabled: str) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH", "")) if p)
     return {"HPSEARCH_PLUGINS": enabled, "PYTHONPATH": path}
+
+
+def _worker(settings: Settings, enabled: str, log_path: Path) -> Any:
+    """A worker with these plugins enabled, on the settings' lease grace (these tests kill no worker)."""
+    leases = {"HPSEARCH_HEARTBEAT_INTERVAL_S": "0.5", "HPSEARCH_LEASE_GRACE_S": str(settings.lease_grace_s)}
+    return start_worker(settings, log_path, extra_env={**leases, **_worker_env(enabled)})
 
 
 def _spec(**overrides: object) -> dict[str, object]:
@@ -63,7 +69,7 @@ def test_example_plugin_trains_prunes_finalizes_downloads_and_predicts(
                    {"channels": 8, "kernel": 3, "learning_rate": 1e-7}):
         assert client.post(f"{API}/studies/{sid}/trials", json={"params": params}).status_code == 201
     with processes() as procs:
-        procs.append(worker_process(settings, extra_env=_worker_env(EXAMPLE), log_path=tmp_path / "w.log"))
+        procs.append(_worker(settings, EXAMPLE, tmp_path / "w.log"))
         study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=240)
         workers = client.get(f"{API}/workers").json()["data"]
     assert study["status"] == "completed", (study, (tmp_path / "w.log").read_text()[-3000:])
@@ -111,8 +117,7 @@ def test_a_plugin_whose_build_fails_fails_its_trials_and_the_study(
                  budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "max_attempts": 1})
     sid = client.post(f"{API}/studies", json=spec).json()["id"]
     with processes() as procs:
-        procs.append(worker_process(settings, extra_env=_worker_env("brokenbuild,waveforms"),
-                                    log_path=tmp_path / "w.log"))
+        procs.append(_worker(settings, "brokenbuild,waveforms", tmp_path / "w.log"))
         study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=120)
         assert procs[0].poll() is None  # the worker keeps serving
     assert study["status"] == "failed" and study["progress"]["fail"] == 2
@@ -127,8 +132,7 @@ def test_an_own_training_loop_runs_in_the_runner(
                  pruner={"name": "none"}, budget={"n_trials": 2, "epochs": 3, "max_parallel": 1})
     sid = client.post(f"{API}/studies", json=spec).json()["id"]
     with processes() as procs:
-        procs.append(worker_process(settings, extra_env=_worker_env("ownloop,waveforms"),
-                                    log_path=tmp_path / "w.log"))
+        procs.append(_worker(settings, "ownloop,waveforms", tmp_path / "w.log"))
         study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=120)
     assert study["status"] == "completed", (study, (tmp_path / "w.log").read_text()[-3000:])
     detail = client.get(f"{API}/studies/{sid}/trials/0").json()
@@ -141,7 +145,7 @@ def test_a_worker_without_the_plugin_does_not_claim_its_study(
     client = _client(settings, db, EXAMPLE, monkeypatch)
     sid = client.post(f"{API}/studies", json=_spec()).json()["id"]
     with processes() as procs:
-        procs.append(worker_process(settings, extra_env={"HPSEARCH_PLUGINS": ""}, log_path=tmp_path / "w.log"))
+        procs.append(_worker(settings, "", tmp_path / "w.log"))
         deadline = time.monotonic() + 60
         while not client.get(f"{API}/workers").json()["data"] and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -7,9 +7,7 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import Trial, TrialEpoch, TrialState
-from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
-
-API = "/api/v1"
+from tests.factories import API, client_for, running_supervisor, study_spec, wait_for_status
 
 
 def test_a_batch_size_one_trial_with_batch_norm_completes(settings: Settings, db: Database) -> None:
