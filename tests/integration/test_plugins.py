@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pytest import MonkeyPatch
 
+from app.client import Client
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml.artifacts import load_model_dir
@@ -94,6 +95,11 @@ def test_example_plugin_trains_prunes_finalizes_downloads_and_predicts(
     assert np.allclose(local, predicted["probabilities"], atol=1e-5)
     ensemble = client.post(f"{API}/studies/{sid}/predict", params={"use": "ensemble"}, json={"inputs": x})
     assert ensemble.status_code == 200, ensemble.text
+    # The Python client reads the plugin's study exactly as a built-in one.
+    api = Client("http://testserver", client.headers["Authorization"].removeprefix("Bearer "), http=client)
+    assert api.studies.get(sid).best_trial.number == best  # type: ignore[union-attr]
+    assert api.trials.get(sid, 1).state == "pruned"
+    assert np.allclose(api.predict(sid, x).probabilities, predicted["probabilities"])  # type: ignore[arg-type]
 
 
 def test_a_plugin_installed_but_not_enabled_is_a_422_naming_the_enabled(
