@@ -40,15 +40,15 @@ def plan_claim(slot: Slot, first: queue.Lease, device: str, fuse: int | str,
     """Bind `first`, claim and bind up to K-1 more leases of its study, and split them into runs: a list of
     one lease runs solo (`attempt.run_attempt`), a longer one as a fused group (`run_group`).
 
-    A retried attempt runs solo: if its last runner was a group that crashed, no member can crash the others
-    twice. A lease lost before it got its trial is left out (its Optuna trial is failed by `bind`).
+    A retried attempt runs solo, beside the others: if its last runner was a group that crashed, no member can
+    crash the others twice. A lease lost before it got its trial is left out (its Optuna trial is failed by `bind`).
     """
     p = slot.studies.get(first.study_id)
     lead = _bound(slot, first, p)
     if lead is None:
         return []
     spec = p.model_spec(lead.params or {})
-    if lead.attempt > 1 or not can_fuse([spec])[0]:
+    if not can_fuse([spec])[0]:
         return [[lead]]
     k = fuse_size(fuse, device, spec, int(member_params(spec).get("batch_size", DEFAULT_BATCH_SIZE)))
     leases = [lead]
@@ -160,7 +160,7 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Any, members: dict[int
             continue
         try:
             msg: Message = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # killed with bytes unread, the pipe reads as reset rather than closed
             proc.join(1)
             _runner_died(slot, proc, members)
             return
@@ -178,7 +178,13 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Any, members: dict[int
                 stop(msg.trial)
                 continue
             m.stopping = m.stopping or verdict
-            conn.send(Decision(msg.trial, Verdict.GO if verdict is None else Verdict.STOP))
+            if verdict is None:
+                try:
+                    conn.send(Decision(msg.trial, Verdict.GO))
+                except OSError:  # the runner is gone: its death is noticed above
+                    pass
+            else:
+                stop(msg.trial)
         elif m.ended:
             continue
         elif isinstance(msg, Stopped):
