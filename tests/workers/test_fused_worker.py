@@ -4,9 +4,9 @@ still an ordinary trial: its own Optuna trial, curve, pruning decision, outcome,
 from __future__ import annotations
 
 import io
-import re
 import logging
 import os
+import re
 import signal
 import threading
 import zipfile
