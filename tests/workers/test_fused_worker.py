@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.models import TrialEpoch, TrialState
+from app.models import FailureKind, TrialEpoch, TrialState
 from tests.conftest import ROOT, make_settings
 from tests.factories import client_for, study_spec, wait_for_status
 from tests.integration.processes import assert_study_settled, optuna_trials, trials_of, wait_until
@@ -176,3 +176,61 @@ def test_a_killed_fused_runner_fails_each_members_attempt_and_each_is_retried_to
         assert curves[2] == list(range(1, 9))  # the retry trained its whole budget again
         assert 1 <= len(curves[1]) < 8  # the killed attempt's epochs stay on record
     db.dispose()
+
+
+def test_claim_trials_takes_waiting_first_within_max_parallel_and_n_trials(settings: Settings,
+                                                                            db: Database) -> None:
+    from app.schemas.study import StudySpec
+    from app.services import studies
+    from workers import queue
+
+    spec = StudySpec.model_validate(study_spec(budget={"n_trials": 5, "max_parallel": 3, "max_attempts": 2}))
+    sid = studies.create_study(db, settings, owner="alice", spec=spec)[0].id
+    first = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    assert first is not None
+    more = queue.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid, limit=8)
+    assert len(more) == 2  # max_parallel 3 in all
+    assert queue.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid, limit=1) == []
+    bound = queue.bind_trial(db, more[0], number=0, optuna_trial_id=1000, params={"units": 40})
+    assert bound is not None
+    reaped = queue.retry_attempt(db, bound, reason="runner died", failure=FailureKind.PROCESS_DIED)
+    assert reaped is not None and reaped.requeued
+    again = queue.claim_trials(db, worker_id="w2", device="cpu", trial_deadline_s=600, study_id=sid, limit=3)
+    assert [(x.trial_id, x.attempt, x.params) for x in again] == [(bound.trial_id, 2, {"units": 40})]
+    for lease in [first, more[1], again[0]]:
+        assert queue.finish_trial(db, lease, state=TrialState.FAIL, error="x")
+    # Five reserved in all (three finished, two to go): a claim of eight gets two.
+    assert len(queue.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid,
+                                  limit=8)) == 2
+
+
+def test_fuse_settings_and_the_auto_size() -> None:
+    from app.ml.artifacts import ModelSpec
+    from workers.fusing import CPU_AUTO_K, fuse_size, member_bytes, parse_fuse
+
+    assert parse_fuse("auto") == "auto" and parse_fuse("4") == 4 and parse_fuse("1") == 1
+    for bad in ("0", "-2", "many"):
+        try:
+            parse_fuse(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"--fuse {bad} was accepted")
+    small = ModelSpec(model="mlp", params={"n_layers": 1, "units": 32}, task="classification",
+                      input_shape=(64,), n_outputs=10, feature_groups=None, classes=None)
+    big = ModelSpec(model="mlp", params={"n_layers": 4, "units": 1024}, task="classification",
+                    input_shape=(784,), n_outputs=10, feature_groups=None, classes=None)
+    assert member_bytes(big, 128) > 100 * member_bytes(small, 128)
+    assert fuse_size(3, "cpu", small, 64) == 3 and fuse_size("auto", "cpu", small, 64) == CPU_AUTO_K
+
+
+def test_worker_refuses_a_bad_fuse_value(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HPSEARCH_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--devices", "cpu", "--fuse", "0"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--fuse takes auto or an integer" in done.stderr
+    shown = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--help"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert "--fuse" in shown.stdout
