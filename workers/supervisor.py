@@ -2,7 +2,8 @@
 
 The supervisor owns all database I/O of its trials. It imports torch once, before any slot starts,
 so each forked runner begins with torch loaded; CUDA is touched only inside runners. Each slot loops:
-claim a trial (workers.attempt runs it) or, when none is free, a study to close (workers.finalization).
+claim a trial (workers.attempt runs it; with `fuse` above 1, up to K trials of its study, trained in fused
+groups by workers.group) or, when none is free, a study to close (workers.finalization).
 A heartbeat thread renews this worker's leases; a reaper thread judges everyone's (workers.reaper).
 """
 
