@@ -55,13 +55,13 @@ class _Runners(logging.Handler):
 
 
 @contextmanager
-def fused_supervisor(settings: Settings, db: Database, *, fuse: int) -> Iterator[_Runners]:
+def fused_supervisor(settings: Settings, db: Database, *, fuse: int, grace_s: float = 5.0) -> Iterator[_Runners]:
     """A real supervisor with one CPU slot that fuses up to `fuse` trials per runner."""
     runners = _Runners()
     logger = logging.getLogger("hpsearch.worker")
     logger.addHandler(runners)
     logger.setLevel(logging.INFO)
-    supervisor = Supervisor(db, settings, devices=["cpu"], per_device=1, shutdown_grace_s=5.0, fuse=fuse)
+    supervisor = Supervisor(db, settings, devices=["cpu"], per_device=1, shutdown_grace_s=grace_s, fuse=fuse)
     thread = threading.Thread(target=supervisor.run, daemon=True)
     thread.start()
     try:
@@ -234,3 +234,18 @@ def test_worker_refuses_a_bad_fuse_value(tmp_path: Path) -> None:
     shown = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--help"], env=env, capture_output=True,
                            text=True, timeout=120)
     assert "--fuse" in shown.stdout
+
+
+def test_shutdown_past_its_grace_hands_every_member_of_a_group_back(sqlite_url: str, tmp_path: Path) -> None:
+    settings = make_settings(sqlite_url, tmp_path / "home")
+    db = Database(sqlite_url)
+    client = client_for(settings, db)
+    sid = client.post(f"{API}/studies", json=_spec(4, 50)).json()["id"]
+    with fused_supervisor(settings, db, fuse=4, grace_s=0.0) as runners:
+        wait_until(lambda: len(trials_of(db, sid)) == 4 and all(_curves(db, r.id) for r in trials_of(db, sid)),
+                   120, "four fused members with an epoch each")
+    assert len(set(runners.by_trial.values())) == 1
+    rows = trials_of(db, sid)
+    assert [(r.state, r.attempt) for r in rows] == [(TrialState.WAITING.value, 1)] * 4  # no attempt spent
+    assert all(_curves(db, r.id) == {} for r in rows)
+    db.dispose()
