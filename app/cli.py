@@ -91,6 +91,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from workers.fusing import parse_fuse
+
+    try:
+        fuse = parse_fuse(args.fuse)
+    except ValueError:
+        print(f"error: --fuse takes auto or an integer of at least 1; got {args.fuse!r}", file=sys.stderr)
+        return 2
     from app.core.db import Database
     from workers.supervisor import Supervisor
 
@@ -98,7 +105,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.slots:
         devices, per_device = _spread(devices, args.slots)
     supervisor = Supervisor(Database(settings.database_url, pool_size=2), settings, devices=devices,
-                            per_device=per_device, shutdown_grace_s=args.shutdown_grace)
+                            per_device=per_device, shutdown_grace_s=args.shutdown_grace, fuse=fuse)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
     if args.parent_pid:
@@ -149,6 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "app.cli", "worker", "--devices", "auto", "--parent-pid", str(os.getpid())]
         if args.workers is not None:
             cmd += ["--slots", str(args.workers)]
+        if args.fuse != "1":
+            cmd += ["--fuse", args.fuse]
         # The URL travels in the environment: on the command line its password would show in `ps`.
         worker = subprocess.Popen(cmd, env={**os.environ, "HPSEARCH_DATABASE_URL": settings.database_url})
     else:
@@ -407,6 +416,10 @@ def _client_command(sub: Any, name: str, help_text: str, func: Any, description:
     return p
 
 
+_FUSE_HELP = ("trials of one study trained together as one fused model per runner (MLPs of one batch size): "
+              "K, or auto (from the model size, the device and its free memory); 1: off")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpsearch", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -423,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative, default=None,
                    help="trial slots in total, spread over the GPUs or the CPU (default: 2 on a CPU, one per GPU; "
                         "0: API only)")
+    p.add_argument("--fuse", default="1", help=_FUSE_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = server_command("worker", "a worker supervisor on this machine: claims trials and trains them")
@@ -430,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="auto", help="auto, cpu, or GPU indices such as 0,1")
     p.add_argument("--per-device", type=int, default=None,
                    help="concurrent trials per device (default: 2 on a CPU, 1 per GPU)")
+    p.add_argument("--fuse", default="1", help=_FUSE_HELP)
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running trials get at SIGTERM")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--slots", type=int, default=None, help=argparse.SUPPRESS)  # serve --workers N: N in total

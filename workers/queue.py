@@ -122,6 +122,52 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
 
 
 @retrying
+def claim_trials(db: Database, *, worker_id: str, device: str, trial_deadline_s: float, study_id: str,
+                 limit: int) -> list[Lease]:
+    """Lease up to `limit` more trials of one study, within its max_parallel and n_trials (a fused group).
+
+    Waiting trials first (in id order), then new slots; none when the study no longer accepts trials.
+    """
+    now = utcnow()
+    out: list[Lease] = []
+    with db.session() as session:
+        study = _lock_study_in_tx(session, db, study_id)
+        if study is None or not StudyStatus(study.status).accepts_trials():
+            return out
+        deadline_s = study.config.trial_timeout_s(trial_deadline_s)
+        while len(out) < limit:
+            counts = Counts.of_study_in_tx(session, study.id)
+            if counts.running >= study.max_parallel or budget_spent(study, counts, now):
+                break
+            trial = session.scalars(select(Trial).where(Trial.study_id == study.id,
+                                                        Trial.state == TrialState.WAITING.value)
+                                    .order_by(Trial.id).limit(1)).first()
+            if trial is None:
+                if counts.running + counts.finished + counts.waiting >= study.n_trials:
+                    break
+                trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
+                session.add(trial)
+            trial.state = TrialState.RUNNING.value
+            trial.worker_id, trial.device = worker_id, device
+            trial.started_at = trial.heartbeat_at = now
+            trial.deadline_at = now + timedelta(seconds=deadline_s)
+            trial.error = trial.failure = None
+            session.flush()
+            out.append(Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id,
+                             trial.params, trial.source))
+    return out
+
+
+@retrying
+def retry_attempt(db: Database, lease: Lease, *, reason: str, failure: FailureKind) -> Reaped | None:
+    """End this attempt as failed with `failure`, back in line while attempts remain (a fused runner's crash:
+    no one member is to blame, so each gets its next attempt). None when the lease was lost meanwhile."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        return None if trial is None else _retry_or_fail_in_tx(session, trial, utcnow(), reason, failure)
+
+
+@retrying
 def bind_trial(db: Database, lease: Lease, *, number: int, optuna_trial_id: int,
                params: dict[str, Any]) -> Lease | None:
     """Record the Optuna trial a new lease got its parameters from; None when the lease was lost meanwhile."""

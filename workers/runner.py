@@ -246,3 +246,142 @@ def _inference_ms(module: Any, x: Any, batch: int = 256) -> float:
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
     return best * 1000.0
+
+
+# ---- a fused group: several trials of one study trained as one stacked model ------------------------------
+
+
+@dataclass
+class GroupMemberJob:
+    trial: int  # the trial's row id: every message about it names it
+    spec: ModelSpec
+    seed: int
+    artifact_path: str
+
+
+@dataclass
+class GroupJob:
+    """What a fused runner trains: its members and what they share (data, budget, device)."""
+
+    members: list[GroupMemberJob]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    epochs: int
+    patience: int | None
+    objective: str
+    direction: str
+    device: str
+    threads: int
+    amp: bool = False
+    memory_limit_mb: int = 0
+    image: bool = False
+
+    @property
+    def spec(self) -> ModelSpec:  # task and input shape, shared by every member (`can_fuse`)
+        return self.members[0].spec
+
+
+class GroupReporter:
+    """GroupCallback over the pipe: PipeReporter's protocol per member, then each member's outcome.
+
+    Each member has at most one verdict outstanding; verdicts of all members arrive on the one pipe in any
+    order and are taken whenever the runner looks (between batches and at each epoch's end).
+    """
+
+    def __init__(self, conn: Connection, job: GroupJob) -> None:
+        self.conn, self.job = conn, job
+        self.by_trial = {m.trial: m for m in job.members}
+        self.last: dict[int, dict[str, Any]] = {}
+        self.pending: dict[int, int] = {m.trial: 0 for m in job.members}
+        self.stop: set[int] = set()
+        self.ended: set[int] = set()
+
+    def _take(self) -> None:
+        decision: Decision = self.conn.recv()
+        self.pending[decision.trial] = max(0, self.pending[decision.trial] - 1)
+        if decision.verdict is Verdict.STOP:
+            self.stop.add(decision.trial)
+
+    def _drain(self) -> None:
+        while self.conn.poll():
+            self._take()
+
+    def settle(self, trial: int) -> bool:
+        """Wait for the member's outstanding verdict, if any; True once the supervisor said stop."""
+        while self.pending[trial] > 0:
+            self._take()
+        return trial in self.stop
+
+    def stop_signal(self) -> set[int]:
+        self._drain()
+        return self.stop - self.ended
+
+    def on_epoch_end(self, key: Any, report: Any) -> bool:
+        self._drain()
+        if self.settle(key):
+            return True
+        self.last[key] = asdict(report)
+        self.conn.send(Epoch(key, self.last[key]))
+        self.pending[key] += 1
+        return False
+
+    def on_member_end(self, key: Any, result: Any) -> None:
+        self.ended.add(key)
+        if self.settle(key) or result.stop_reason == "stopped":
+            self.conn.send(Stopped(key, self.last.get(key)))
+        elif result.stop_reason == NON_FINITE:
+            self.conn.send(Failed(key, FailureKind.NON_FINITE, NON_FINITE,
+                                  f"non-finite training loss after epoch {result.epochs_run}"))
+        else:
+            self.conn.send(Done(key, _save_member(self.by_trial[key], result, self.job)))
+
+
+def _save_member(member: GroupMemberJob, result: Any, job: GroupJob) -> dict[str, Any]:
+    """Save a member's best weights as its solo network's (the ordinary trial files); Done's result."""
+    import torch
+
+    from app.ml.networks import parameter_count
+    from workers import plugin_runner
+
+    module = build_module(member.spec).to(job.device)
+    module.load_state_dict(result.best_state)
+    metrics = dict(result.best_metrics)
+    metrics["param_count"] = float(parameter_count(module))
+    sample = torch.as_tensor(job.x_val[:256], dtype=torch.float32).to(job.device)
+    metrics["inference_ms"] = _inference_ms(module, sample)
+    save_trial(Path(member.artifact_path), result.best_state, plugin_runner.stamped(member.spec), metrics=metrics,
+               layers=plugin_runner.layers(member.spec, module))
+    return {"metrics": metrics, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "stop_reason": result.stop_reason}
+
+
+def group_main(conn: Connection, job: GroupJob) -> None:
+    """Entry of a fused runner; never returns into the parent's code. An error fails every member not ended."""
+    code = 0
+    reporter = GroupReporter(conn, job)
+    try:
+        _die_with_parent()
+        _limit_memory(job.memory_limit_mb * len(job.members), job.device)
+        _train_group(job, reporter)
+    except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
+        for m in job.members:
+            if m.trial not in reporter.ended:
+                code = max(code, _report_failure(conn, m.trial, exc))
+    finally:
+        conn.close()
+        os._exit(code)
+
+
+def _train_group(job: GroupJob, reporter: GroupReporter) -> None:
+    import torch
+
+    from workers.fused import Member, train_group
+
+    torch.set_num_threads(job.threads)
+    data = _tensors(job)  # type: ignore[arg-type] - a GroupJob has what _tensors reads
+    amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
+    train_group([Member(m.trial, m.spec, m.seed) for m in job.members], data, epochs=job.epochs,
+                objective=job.objective, direction=job.direction, patience=job.patience, callbacks=[reporter],
+                amp_dtype=amp, stop_signal=reporter.stop_signal)

@@ -2,7 +2,8 @@
 
 The supervisor owns all database I/O of its trials. It imports torch once, before any slot starts,
 so each forked runner begins with torch loaded; CUDA is touched only inside runners. Each slot loops:
-claim a trial (workers.attempt runs it) or, when none is free, a study to close (workers.finalization).
+claim a trial (workers.attempt runs it; with `fuse` above 1, up to K trials of its study, trained in fused
+groups by workers.group) or, when none is free, a study to close (workers.finalization).
 A heartbeat thread renews this worker's leases; a reaper thread judges everyone's (workers.reaper).
 """
 
@@ -19,7 +20,7 @@ import uuid
 from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
-from workers import optuna_sync, queue
+from workers import group, optuna_sync, queue
 from workers.attempt import Slot, run_attempt
 from workers.devices import threads_per_slot
 from workers.finalization import finalize
@@ -35,7 +36,8 @@ SHUTDOWN_GRACE_S = 30.0
 
 class Supervisor:
     def __init__(self, db: Database, settings: Settings, *, devices: list[str], per_device: int = 1,
-                 worker_id: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+                 worker_id: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+                 fuse: int | str = 1) -> None:
         warm_imports()  # once here, so every forked runner starts with torch and the training code loaded
 
         self.db, self.settings = db, settings
@@ -46,6 +48,7 @@ class Supervisor:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stop_event = threading.Event()
         self.shutdown_grace_s = shutdown_grace_s
+        self.fuse = fuse  # trials per fused runner: 1 (off), K, or "auto" (workers.fusing)
         self._drain_deadline: float | None = None
         # Keyed by attempt too: a slot whose lease was reaped must not drop the lease another slot took since.
         self._active: dict[tuple[int, int], queue.Lease] = {}
@@ -123,6 +126,9 @@ class Supervisor:
             if self.stop_event.is_set():  # stop() came while claiming: hand it straight back
                 queue.release_trial(self.db, lease)
                 return True
+            if self.fuse != 1:
+                self._run_fused(lease, device)
+                return True
             with self._active_lock:
                 self._active[(lease.trial_id, lease.attempt)] = lease
             try:
@@ -148,6 +154,56 @@ class Supervisor:
                     self._finalizing.discard(job.study_id)
             return True
         return False
+
+    def _run_fused(self, first: queue.Lease, device: str) -> None:
+        """Claim up to K leases of first's study, then run each planned group (one runner each) and each solo
+        lease at once, one thread apiece; every lease is heartbeaten until its run ends."""
+        held = [first]
+
+        def track(leases: list[queue.Lease]) -> None:
+            with self._active_lock:
+                for lease in leases:
+                    self._active[(lease.trial_id, lease.attempt)] = lease
+
+        def claim_more(n: int) -> list[queue.Lease]:
+            more = queue.claim_trials(self.db, worker_id=self.worker_id, device=device, study_id=first.study_id,
+                                      trial_deadline_s=self.settings.trial_deadline_s, limit=n)
+            track(more)
+            held.extend(more)
+            return more
+
+        track(held)
+        try:
+            runs = group.plan_claim(self.slot, first, device, self.fuse, claim_more)
+            errors: list[Exception] = []
+
+            def run(leases: list[queue.Lease]) -> None:
+                try:
+                    if len(leases) == 1:
+                        run_attempt(self.slot, leases[0], device)
+                    else:
+                        group.run_group(self.slot, leases, device)
+                except Exception as exc:  # noqa: BLE001 - raised again below, once every run has ended
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(r,), name="fused-run", daemon=True) for r in runs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+        except Exception as exc:
+            for lease in held:  # those already recorded are no longer held: both calls pass them by
+                if is_transient(exc):
+                    queue.release_trial(self.db, lease)
+                else:
+                    self._fail_attempt(lease, exc)
+            raise
+        finally:
+            with self._active_lock:
+                for lease in held:
+                    self._active.pop((lease.trial_id, lease.attempt), None)
 
     def _fail_attempt(self, lease: queue.Lease, exc: Exception) -> None:
         reason = f"worker error: {type(exc).__name__}: {exc}"[:500]

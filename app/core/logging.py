@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
-CONTEXT_FIELDS = ("study_id", "trial", "worker_id", "device", "attempt")
+CONTEXT_FIELDS = ("study_id", "trial", "worker_id", "device", "attempt", "runner")
 
 
 class JsonFormatter(logging.Formatter):
