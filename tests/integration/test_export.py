@@ -27,7 +27,11 @@ PLAIN_IMPORTS = {"json", "torch", "safetensors.torch"}
 
 
 def _doc_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+    """The python blocks of the README's "Models you take home" section: the loader first, then its uses."""
+    text = DOC.read_text()
+    start = text.index("## Models you take home")
+    section = text[start:text.index("\n## ", start + 1)]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
 
 def _plain_loader() -> dict[str, Any]:
