@@ -7,11 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from app.core.optuna_store import optuna_storage
 from app.ml.artifacts import ModelSpec, has_model, prune_study_dir, read_config, trial_files, trial_stem
-from app.models import Study, Trial, TrialState
 from workers import final_evaluation, optuna_sync, queue
 from workers.attempt import Slot
 from workers.prepared import PreparedStudy
@@ -29,18 +26,11 @@ def finalize(slot: Slot, job: queue.FinalizeJob, device: str) -> None:
     # No trial runs any more: clear what crashed attempts left behind, here and in Optuna.
     clear_staging(slot.settings.artifact_dir, job.study_id)
     optuna_sync.repair(slot.db, job.study_id, p.optuna_study)
-    with slot.db.read_session() as session:
-        study = session.get(Study, job.study_id)
-        assert study is not None
-        top = list(session.scalars(select(Trial).where(
-            Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None),
-            Trial.artifact.is_not(None)).order_by(*study.best_first()).limit(p.spec.ensemble_top_k)))
-        complete = {n for n in session.scalars(select(Trial.number).where(
-            Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value)) if n is not None}
+    top, complete = queue.closing_candidates(slot.db, job.study_id, p.spec.ensemble_top_k)
     study_dir = slot.settings.artifact_dir / job.study_id
     for path in prune_study_dir(study_dir, keep=complete):  # pruned, failed or half-written trials
         flog.info("removed artifact %s of a trial that did not complete", path.name)
-    top = [t for t in top if t.number is not None and has_model(trial_stem(study_dir, t.number))]
+    top = [n for n in top if has_model(trial_stem(study_dir, n))]
     if not top:
         begun = queue.complete_study(slot.db, job, worker_id=slot.worker_id, test_metrics=None,
                                      error="no trial completed")
@@ -66,15 +56,14 @@ def finalize(slot: Slot, job: queue.FinalizeJob, device: str) -> None:
     flog.info("study finalized (%s)", job.reason)
 
 
-def _evaluate_on_test(slot: Slot, p: PreparedStudy, top: list[Trial], study_dir: Path,
+def _evaluate_on_test(slot: Slot, p: PreparedStudy, top: list[int], study_dir: Path,
                       device: str) -> dict[str, Any]:
     """The ensemble job in a forked child: {"test_metrics": of the best trial, "ensemble": the record}."""
     members = []
-    for t in top:
-        assert t.number is not None
-        stem = trial_stem(study_dir, t.number)
+    for number in top:
+        stem = trial_stem(study_dir, number)
         spec = ModelSpec.from_config(read_config(trial_files(stem)[1]))
-        members.append(final_evaluation.Member(number=t.number, spec=spec, artifact=str(stem)))
+        members.append(final_evaluation.Member(number=number, spec=spec, artifact=str(stem)))
     s = p.splits
     job = final_evaluation.EnsembleJob(
         members=members, x_train=s.x_train, y_train=s.y_train, x_val=s.x_val, y_val=s.y_val,

@@ -11,12 +11,11 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import select
 
 from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
-from app.models import Trial, TrialState
-from workers import asking
+from app.models import TrialState
+from workers import asking, queue
 
 log = logging.getLogger("hpsearch.worker")
 
@@ -57,15 +56,12 @@ def repair(db: Database, study_id: str, study: optuna.Study) -> None:
     stuck = retry_on_disconnect(storage.get_all_trials, oid, deepcopy=False, states=(OptunaState.RUNNING,))
     if not stuck:
         return
-    with db.read_session() as session:
-        rows = {t.optuna_trial_id: t for t in session.scalars(select(Trial).where(
-            Trial.study_id == study_id, Trial.optuna_trial_id.in_([t._trial_id for t in stuck])))}
+    rows = queue.recorded_by_optuna_id(db, study_id, [t._trial_id for t in stuck])
     for frozen in stuck:
         row = rows.get(frozen._trial_id)
-        if row is not None and row.state in (TrialState.WAITING.value, TrialState.RUNNING.value):
+        if row is not None and not row.state.is_finished():
             continue
-        state = TrialState(row.state) if row is not None else TrialState.FAIL
-        values = (row.values or [row.value]) if row is not None and state is TrialState.COMPLETE else None
-        tell(study, frozen.number, state, values)
+        state = row.state if row is not None else TrialState.FAIL
+        tell(study, frozen.number, state, row.values if row is not None and state is TrialState.COMPLETE else None)
         log.warning("Optuna trial %d was left RUNNING by a crash; now %s", frozen.number,
-                    row.state if row is not None else "fail (never ran)")
+                    state.value if row is not None else "fail (never ran)")

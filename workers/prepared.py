@@ -8,16 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from sqlalchemy import select
 
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.ml import data as datasets_lib
 from app.ml.artifacts import ModelSpec
-from app.models import Study
 from app.schemas.study import StudySpec
 from app.services.datasets import load_dataset
+from workers import queue
 from workers.runner import standardization
 from workers.search import make_pruner, make_sampler
 
@@ -43,9 +42,7 @@ class PreparedStudy:
 
 
 def prepare(db: Database, settings: Settings, study_id: str) -> PreparedStudy:
-    with db.read_session() as session:
-        row = session.scalars(select(Study).where(Study.id == study_id)).one()
-        spec, optuna_name = row.config, row.optuna_name
+    spec, optuna_name = queue.study_config(db, study_id)
     ds = load_dataset(db, settings, spec.dataset)
     splits = datasets_lib.split_dataset(ds, validation_split=spec.validation_split, seed=spec.seed)
     resolved = spec.resolved_space(datasets_lib.describe(ds))

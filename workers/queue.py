@@ -524,3 +524,46 @@ def register_worker(db: Database, *, worker_id: str, hostname: str, pid: int, de
 def unregister_worker(db: Database, *, worker_id: str) -> None:
     with db.session() as session:
         session.execute(update(Worker).where(Worker.id == worker_id).values(stopped_at=utcnow()))
+
+
+# ---- reads a worker needs besides its leases ---------------------------------------------------------------
+
+
+@retrying
+def study_config(db: Database, study_id: str) -> tuple[StudySpec, str]:
+    """A study's typed spec and its Optuna study's name."""
+    with db.read_session() as session:
+        study = session.scalars(select(Study).where(Study.id == study_id)).one()
+        return study.config, study.optuna_name
+
+
+@retrying
+def closing_candidates(db: Database, study_id: str, k: int) -> tuple[list[int], set[int]]:
+    """For finalization: the numbers of the k best complete trials with weights (best first, as the study's
+    best trial is chosen), and the numbers of every complete trial."""
+    with db.read_session() as session:
+        study = session.get(Study, study_id)
+        assert study is not None
+        top = list(session.scalars(select(Trial.number).where(
+            Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value, Trial.value.is_not(None),
+            Trial.artifact.is_not(None), Trial.number.is_not(None)).order_by(*study.best_first()).limit(k)))
+        complete = {n for n in session.scalars(select(Trial.number).where(
+            Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value)) if n is not None}
+    return top, complete
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """How the service recorded a trial, for repairing Optuna's copy."""
+
+    state: TrialState
+    values: list[float] | None
+
+
+@retrying
+def recorded_by_optuna_id(db: Database, study_id: str, optuna_trial_ids: list[int]) -> dict[int, Recorded]:
+    with db.read_session() as session:
+        rows = session.execute(select(Trial.optuna_trial_id, Trial.state, Trial.value, Trial.values).where(
+            Trial.study_id == study_id, Trial.optuna_trial_id.in_(optuna_trial_ids))).all()
+    return {r.optuna_trial_id: Recorded(TrialState(r.state), r.values or ([r.value] if r.value is not None else None))
+            for r in rows}
