@@ -73,9 +73,41 @@ def _lock_study_in_tx(session: Session, db: Database, study_id: str) -> Study | 
     return session.scalars(stmt).first()
 
 
-def _candidate_study_ids(session: Session, statuses: tuple[str, ...]) -> list[str]:
-    return list(session.scalars(select(Study.id).where(Study.status.in_(statuses))
-                                .order_by(Study.created_at).limit(200)))
+CANDIDATES = 200  # studies a claim looks at, oldest first, among those that can take what it claims
+
+
+def _trials_in(state: TrialState | None = None) -> Any:
+    """A correlated count of the candidate study's trials (in one state, or all)."""
+    stmt = select(func.count()).select_from(Trial).where(Trial.study_id == Study.id)
+    if state is not None:
+        stmt = stmt.where(Trial.state == state.value)
+    return stmt.scalar_subquery()
+
+
+def _finished_trials() -> Any:
+    return select(func.count()).select_from(Trial).where(
+        Trial.study_id == Study.id, Trial.state.in_(FINISHED_TRIAL_STATES)).scalar_subquery()
+
+
+def _candidate_study_ids(session: Session, statuses: tuple[str, ...], now: datetime) -> list[str]:
+    """Studies that can start a trial now, oldest first: full ones are filtered out in SQL, so a page of
+    busy old studies never hides a newer one with room (the lock and the checks that follow decide)."""
+    running, waiting = _trials_in(TrialState.RUNNING), _trials_in(TrialState.WAITING)
+    return list(session.scalars(select(Study.id).where(
+        Study.status.in_(statuses), Study.stop_requested_at.is_(None),
+        Study.deadline_at.is_(None) | (Study.deadline_at > now),
+        running < Study.max_parallel, _finished_trials() < Study.n_trials,
+        (waiting > 0) | (_trials_in() < Study.n_trials))
+        .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
+
+
+def _finalizable_study_ids(session: Session, now: datetime) -> list[str]:
+    """Running studies whose budget is spent, nothing runs and no live finalization holds them."""
+    spent = Study.stop_requested_at.is_not(None) | (Study.deadline_at <= now) | (_finished_trials() >= Study.n_trials)
+    return list(session.scalars(select(Study.id).where(
+        Study.status == StudyStatus.RUNNING.value, spent, _trials_in(TrialState.RUNNING) == 0,
+        Study.finalize_until.is_(None) | (Study.finalize_until <= now))
+        .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
 
 
 @retrying
@@ -87,7 +119,7 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
     """
     now = utcnow()
     with db.session() as session:
-        for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)):
+        for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value), now):
             study = _lock_study_in_tx(session, db, study_id)
             if study is None or not StudyStatus(study.status).accepts_trials():
                 continue
@@ -402,7 +434,7 @@ def claim_finalization(db: Database, *, worker_id: str,
     """Take the evaluation of a study whose budget is spent and whose last trial has ended."""
     now = utcnow()
     with db.session() as session:
-        for study_id in _candidate_study_ids(session, (StudyStatus.RUNNING.value,)):
+        for study_id in _finalizable_study_ids(session, now):
             study = _lock_study_in_tx(session, db, study_id)
             if study is None or study.status != StudyStatus.RUNNING.value:
                 continue

@@ -158,3 +158,33 @@ def test_a_beat_renews_the_finalization_lease_and_revives_a_reaped_worker(db: Da
         assert study is not None and worker is not None and worker.stopped_at is None
         assert study.finalize_until > soon + timedelta(seconds=queue.FINALIZE_LEASE_S / 2)
     assert queue.claim_finalization(db, worker_id="w2") is None
+
+
+def _full_old_studies(db: Database, n: int) -> None:
+    """n studies older than any other, each at its max_parallel with one running trial: written as rows."""
+    spec = StudySpec.model_validate(study_spec()).model_dump(mode="json")
+    long_ago = utcnow() - timedelta(days=1)
+    with db.session() as session:
+        for i in range(n):
+            sid = f"full{i:05d}"
+            session.add(Study(id=sid, owner="bob", name="full", spec=spec, status="running", optuna_name=sid,
+                              n_trials=10, max_parallel=1, created_at=long_ago + timedelta(seconds=i)))
+        session.flush()
+        session.add_all(Trial(study_id=f"full{i:05d}", state="running", attempt=1, worker_id="elsewhere",
+                              heartbeat_at=utcnow()) for i in range(n))
+
+
+def test_a_new_study_is_claimed_behind_more_than_a_page_of_full_old_ones(db: Database, settings: Settings) -> None:
+    _full_old_studies(db, queue.CANDIDATES + 1)
+    sid = _study(db, settings)
+    lease = _claim(db)
+    assert lease is not None and lease.study_id == sid
+
+
+def test_a_spent_study_is_finalized_behind_more_than_a_page_of_busy_old_ones(db: Database,
+                                                                             settings: Settings) -> None:
+    _full_old_studies(db, queue.CANDIDATES + 1)
+    sid = _study(db, settings, budget={"n_trials": 1})
+    queue.finish_trial(db, _bind(db, _claim(db), 0), state=TrialState.COMPLETE, value=0.9)  # type: ignore[arg-type]
+    job = queue.claim_finalization(db, worker_id="w1")
+    assert job is not None and job.study_id == sid
