@@ -47,6 +47,22 @@ def ask_trial(study: optuna.Study, storage: BaseStorage, resolved: dict[str, Any
     return mirror.ask(storage, resolved, fixed)
 
 
+def retry_trial(study: optuna.Study, storage: BaseStorage, failed_trial_id: int) -> int:
+    """A fresh RUNNING Optuna trial with the parameters of `failed_trial_id`, for another attempt.
+
+    As Optuna's RetryFailedTrialCallback does: the new trial carries the old one's parameters, user and system
+    attributes (a grid point stays the same point) plus `failed_trial` and `retry_history`, and none of its
+    intermediate values, so the pruner judges the new attempt on its own curve. One write.
+    """
+    old = storage.get_trial(failed_trial_id)
+    attrs: dict[str, Any] = {"failed_trial": old.number, "retry_history": [], **old.system_attrs}
+    attrs["retry_history"] = [*attrs["retry_history"], old.number]
+    template = optuna.trial.create_trial(state=OptunaState.RUNNING, params=old.params,
+                                         distributions=old.distributions, user_attrs=old.user_attrs,
+                                         system_attrs=attrs)
+    return storage.create_new_trial(storage.get_study_id_from_name(study.study_name), template_trial=template)
+
+
 def finishes_directly(study: optuna.Study) -> bool:
     """Whether `finish_trial` may stand in for `study.tell`: TPE and random search without constraints do
     nothing in `after_trial`, so one state write is all a tell does for them."""

@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
 from workers import optuna_sync, queue
-from workers.attempt import Slot, run_attempt
+from workers.attempt import Slot, release, run_attempt
 from workers.devices import threads_per_slot
 from workers.finalization import finalize
 from workers.plugin_runner import worker_plugins
@@ -121,7 +121,7 @@ class Supervisor:
                                   trial_deadline_s=self.settings.trial_deadline_s, can_run=self.plugins.can_run)
         if lease is not None:
             if self.stop_event.is_set():  # stop() came while claiming: hand it straight back
-                queue.release_trial(self.db, lease)
+                release(self.slot, lease)
                 return True
             with self._active_lock:
                 self._active[(lease.trial_id, lease.attempt)] = lease
@@ -129,7 +129,7 @@ class Supervisor:
                 run_attempt(self.slot, lease, device)
             except Exception as exc:
                 if is_transient(exc):  # the database's fault, not the trial's: hand it back as it was
-                    queue.release_trial(self.db, lease)
+                    release(self.slot, lease)
                 else:
                     self._fail_attempt(lease, exc)
                 raise
@@ -156,7 +156,7 @@ class Supervisor:
             # Failed before it had a trial (the study's data could not be loaded here, say): no attempt to
             # count, so say it on the study, where its owner looks, instead of only in this worker's log.
             queue.note_study_error(self.db, lease.study_id, f"{self.worker_id} could not start a trial: {reason}")
-        elif reaped is not None and not reaped.requeued and reaped.optuna_trial_id is not None:
+        elif reaped is not None and reaped.optuna_trial_id is not None:  # a retry gets a fresh one
             optuna_sync.fail_trial(optuna_storage(self.db.url), reaped.optuna_trial_id)
 
     def _drain_over(self) -> bool:

@@ -11,7 +11,7 @@ from app.core.db import Database
 from app.models import FailureKind, Study, Trial, TrialState, Worker
 from app.models.base import utcnow
 from app.schemas.study import StudySpec
-from app.services import studies
+from app.services import enqueue, studies
 from tests.factories import study_spec
 from workers import queue
 
@@ -188,3 +188,22 @@ def test_a_spent_study_is_finalized_behind_more_than_a_page_of_busy_old_ones(db:
     queue.finish_trial(db, _bind(db, _claim(db), 0), state=TrialState.COMPLETE, value=0.9)  # type: ignore[arg-type]
     job = queue.claim_finalization(db, worker_id="w1")
     assert job is not None and job.study_id == sid
+
+
+def test_a_reaped_enqueued_configuration_comes_back_under_a_new_attempt(db: Database, settings: Settings) -> None:
+    """Its first slot may still be alive (frozen, not dead): it must no longer hold the lease."""
+    sid = _study(db, settings)
+    enqueue.enqueue_trial(db, settings, owner="alice", study_id=sid, params={"units": 40})
+    first = _claim(db)
+    assert first is not None and first.params is not None and first.number is None
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == first.trial_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    assert [r.requeued for r in queue.reap(db, grace_s=5)] == [True]
+    second = _claim(db)  # another slot of the same worker
+    assert second is not None and second.trial_id == first.trial_id and second.attempt == first.attempt + 1
+    assert queue.bind_trial(db, first, number=0, optuna_trial_id=1000, params={"units": 40}) is None
+    assert queue.bind_trial(db, second, number=0, optuna_trial_id=1000, params={"units": 40}) is not None
+    with db.read_session() as session:
+        trial = session.get(Trial, first.trial_id)
+        assert trial is not None and (trial.attempt, trial.worker_id, trial.state) == (2, "w1", "running")
