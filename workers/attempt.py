@@ -94,7 +94,7 @@ def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None
     storage = optuna_storage(slot.db.url)
     with p.lock:
         number, trial_id, params = retry_on_disconnect(asking.ask_trial, p.optuna_study, storage, p.resolved,
-                                                       lease.params)
+                                                       lease.params, p.spec.sampler.seed)
         bound = None
         try:
             bound = queue.bind_trial(slot.db, lease, number=number, optuna_trial_id=trial_id, params=params)
