@@ -19,7 +19,7 @@ from app.core.optuna_store import optuna_storage
 from app.models import FailureKind, Study, StudyStatus, Trial, TrialState
 from app.models.base import utcnow
 from app.schemas.study import BestTrial, Progress, StudiesPublic, StudyPublic, StudySpec
-from app.services.enqueue import plan_warm_start
+from app.services.enqueue import add_history, add_warm_configurations_in_tx, plan_warm_start
 from app.services.errors import Conflict
 from app.services.ownership import best_trial_in_tx, own_study
 from app.services.paging import decode_cursor, encode_cursor
@@ -52,8 +52,13 @@ def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpe
                 status=StudyStatus.QUEUED.value, optuna_name=optuna_name, idempotency_key=idempotency_key,
                 n_trials=spec.budget.n_trials, max_parallel=spec.budget.max_parallel)
     try:
-        with db.session() as session:
+        if warm_start is not None:
+            add_history(db, warm_start, optuna_name=optuna_name)  # before any worker can see the study
+        with db.session() as session:  # the row and its warm configurations become claimable together
             session.add(row)
+            if warm_start is not None:
+                session.flush()
+                add_warm_configurations_in_tx(session, warm_start, study=row)
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key won the race.
         optuna.delete_study(study_name=optuna_name, storage=storage)
@@ -61,10 +66,6 @@ def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpe
         if existing is None:
             raise
         return existing, False
-    if warm_start is not None:
-        from app.services.enqueue import apply_warm_start
-
-        apply_warm_start(db, warm_start, study=row)
     return get_study(db, owner=owner, study_id=study_id), True
 
 
