@@ -42,13 +42,23 @@ class PreparedStudy:
                          std=self.std)
 
 
+class StudyUnrunnable(Exception):
+    """The study can never run, on any worker: its dataset cannot be split as the spec asks, say. Retrying
+    would fail the same way forever, so the study ends `failed` with this message."""
+
+
 def prepare(db: Database, settings: Settings, study_id: str) -> PreparedStudy:
+    """Load a study; StudyUnrunnable when what fails follows from the dataset and the spec alone (a missing
+    file, which another worker may have, raises as it is)."""
     with db.read_session() as session:
         row = session.scalars(select(Study).where(Study.id == study_id)).one()
         spec, optuna_name = row.config, row.optuna_name
     ds = load_dataset(db, settings, spec.dataset)
-    splits = datasets_lib.split_dataset(ds, validation_split=spec.validation_split, seed=spec.seed)
-    resolved = spec.resolved_space(datasets_lib.describe(ds))
+    try:
+        splits = datasets_lib.split_dataset(ds, validation_split=spec.validation_split, seed=spec.seed)
+        resolved = spec.resolved_space(datasets_lib.describe(ds))
+    except ValueError as exc:  # DatasetError, SpaceError: the same on every worker
+        raise StudyUnrunnable(f"the study cannot run on its dataset: {exc}") from exc
     ostudy = optuna.load_study(study_name=optuna_name, storage=optuna_storage(db.url),
                                sampler=make_sampler(spec, resolved), pruner=make_pruner(spec))
     mean, std = standardization(splits.x_train, ds.image_shape is not None)

@@ -487,6 +487,25 @@ def note_study_error(db: Database, study_id: str, error: str) -> None:
 
 
 @retrying
+def fail_study(db: Database, study_id: str, error: str) -> list[int]:
+    """End a study that can never run `failed` with the reason: waiting trials are dropped, running ones
+    fail (their workers find the study ended at their next epoch). Returns Optuna trial ids to fail."""
+    now = utcnow()
+    with db.session() as session:
+        study = session.get(Study, study_id, with_for_update=True)
+        if study is None or StudyStatus(study.status).is_finished():
+            return []
+        begun = drop_unstarted_in_tx(session, study.id)
+        for trial in session.scalars(select(Trial).where(Trial.study_id == study.id,
+                                                         Trial.state == TrialState.RUNNING.value)).all():
+            if trial.optuna_trial_id is not None:
+                begun.append(trial.optuna_trial_id)
+            _end_in_tx(session, trial, now, error, FailureKind.WORKER_ERROR)
+        study.status, study.error, study.finished_at = StudyStatus.FAILED.value, error[:1000], now
+        return begun
+
+
+@retrying
 def release_finalization(db: Database, job: FinalizeJob, *, worker_id: str) -> None:
     """Hand an unfinished final evaluation back (shutdown): the next worker that looks takes it at once."""
     with db.session() as session:

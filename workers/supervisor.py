@@ -24,7 +24,7 @@ from workers.attempt import Slot, release, run_attempt
 from workers.devices import threads_per_slot
 from workers.finalization import finalize
 from workers.plugin_runner import worker_plugins
-from workers.prepared import PreparedStudies
+from workers.prepared import PreparedStudies, StudyUnrunnable
 from workers.reaper import Reaper
 from workers.runner import warm_imports
 
@@ -127,6 +127,8 @@ class Supervisor:
                 self._active[(lease.trial_id, lease.attempt)] = lease
             try:
                 run_attempt(self.slot, lease, device)
+            except StudyUnrunnable as exc:
+                self._fail_study(lease.study_id, str(exc))
             except Exception as exc:
                 if is_transient(exc):  # the database's fault, not the trial's: hand it back as it was
                     release(self.slot, lease)
@@ -158,6 +160,14 @@ class Supervisor:
             queue.note_study_error(self.db, lease.study_id, f"{self.worker_id} could not start a trial: {reason}")
         elif reaped is not None and reaped.optuna_trial_id is not None:  # a retry gets a fresh one
             optuna_sync.fail_trial(optuna_storage(self.db.url), reaped.optuna_trial_id)
+
+    def _fail_study(self, study_id: str, reason: str) -> None:
+        """No retry can mend it: end the study failed at once instead of claiming and failing forever."""
+        self._log.error("study %s cannot run: %s", study_id, reason)
+        storage = optuna_storage(self.db.url)
+        for trial_id in queue.fail_study(self.db, study_id, reason):
+            optuna_sync.fail_trial(storage, trial_id)
+        self.slot.studies.forget(study_id)
 
     def _drain_over(self) -> bool:
         """Shutting down and past the grace period: what still runs goes back to the queue."""
