@@ -67,7 +67,11 @@ class Slot:
 
 def run_attempt(slot: Slot, lease: queue.Lease, device: str) -> None:
     """Run one leased attempt to its end and record it."""
-    p = slot.studies.get(lease.study_id)
+    with slot.studies.using(lease.study_id) as p:
+        _run(slot, lease, p, device)
+
+
+def _run(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> None:
     bound = bind(slot, lease, p) if lease.number is None else rebind(slot, lease, p)
     if bound is None:
         log.warning("lease of study %s lost before its trial started", lease.study_id)

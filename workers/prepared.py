@@ -4,6 +4,9 @@ Optuna study with its sampler and pruner. Runners get it through fork, without c
 from __future__ import annotations
 
 import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +18,7 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.ml import data as datasets_lib
 from app.ml.artifacts import ModelSpec
-from app.models import Study
+from app.models import Study, StudyStatus
 from app.schemas.study import StudySpec
 from app.services.datasets import load_dataset
 from workers.runner import standardization
@@ -66,19 +69,59 @@ def prepare(db: Database, settings: Settings, study_id: str) -> PreparedStudy:
 
 
 class PreparedStudies:
-    """Prepared studies of one supervisor, loaded on first use and dropped when the study is done here."""
+    """Prepared studies of one supervisor: held while a slot uses them, and after that only while the study
+    may still give this worker work (queued or running), at most `idle_limit` of those, least recently used
+    dropped first. A worker's memory is bounded by the studies it runs, not by every study it has seen."""
 
-    def __init__(self, db: Database, settings: Settings) -> None:
-        self.db, self.settings = db, settings
-        self._studies: dict[str, PreparedStudy] = {}
+    def __init__(self, db: Database, settings: Settings, *, idle_limit: int = 4) -> None:
+        self.db, self.settings, self.idle_limit = db, settings, idle_limit
+        self._studies: OrderedDict[str, PreparedStudy] = OrderedDict()
+        self._users: Counter[str] = Counter()
         self._lock = threading.Lock()
+
+    @contextmanager
+    def using(self, study_id: str) -> Iterator[PreparedStudy]:
+        """The prepared study, held for the duration of one attempt or finalization."""
+        with self._lock:
+            self._users[study_id] += 1
+        try:
+            yield self.get(study_id)
+        finally:
+            with self._lock:
+                self._users[study_id] -= 1
+                if self._users[study_id] <= 0:
+                    del self._users[study_id]
+            self._trim()
 
     def get(self, study_id: str) -> PreparedStudy:
         with self._lock:
             if study_id not in self._studies:
                 self._studies[study_id] = prepare(self.db, self.settings, study_id)
+            self._studies.move_to_end(study_id)
             return self._studies[study_id]
 
     def forget(self, study_id: str) -> None:
         with self._lock:
             self._studies.pop(study_id, None)
+
+    def held(self) -> list[str]:
+        """Ids of the studies held now, least recently used first."""
+        with self._lock:
+            return list(self._studies)
+
+    def _trim(self) -> None:
+        """Drop idle studies that can give no more work, then the least recently used idle ones over the limit."""
+        with self._lock:
+            idle = [sid for sid in self._studies if sid not in self._users]
+        if not idle:
+            return
+        with self.db.read_session() as session:
+            live = set(session.scalars(select(Study.id).where(Study.id.in_(idle), Study.status.in_(
+                (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)))))
+        with self._lock:
+            idle = [sid for sid in self._studies if sid not in self._users]
+            for sid in [s for s in idle if s not in live]:
+                del self._studies[sid]
+            kept = [s for s in idle if s in live]
+            for sid in kept[: max(0, len(kept) - self.idle_limit)]:
+                del self._studies[sid]

@@ -52,8 +52,9 @@ class Supervisor:
         self._finalizing: set[str] = set()  # studies whose final evaluation runs here
         self._active_lock = threading.Lock()
         self._log = logging.LoggerAdapter(log, {"worker_id": self.worker_id})
-        self.slot = Slot(db, settings, self.worker_id, PreparedStudies(db, settings), mp.get_context("fork"),
-                         self.cpu_threads, self._drain_over)
+        prepared = PreparedStudies(db, settings, idle_limit=len(self.slots))
+        self.slot = Slot(db, settings, self.worker_id, prepared, mp.get_context("fork"), self.cpu_threads,
+                         self._drain_over)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
