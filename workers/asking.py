@@ -22,9 +22,11 @@ import weakref
 from collections.abc import Container
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.storages._rdb import models as om
 from optuna.study import StudyDirection
@@ -34,6 +36,7 @@ from sqlalchemy import func, select
 
 from app.ml.space import sample_params, sampled_distributions
 
+RACES_BEFORE_GIVING_UP = 3  # asks that lost their number to another worker before one is kept as it is
 MIRRORED_SAMPLERS = (optuna.samplers.TPESampler, optuna.samplers.RandomSampler)
 # The window a proposal sees in a large study: the best finished trials by each objective, the latest ones,
 # and every running trial. Below BEST_TRIALS + RECENT_TRIALS trials it is the whole history.
@@ -45,19 +48,57 @@ _mirrors_lock = threading.Lock()
 
 
 def ask_trial(study: optuna.Study, storage: BaseStorage, resolved: dict[str, Any],
-              fixed: dict[str, Any] | None = None) -> tuple[int, int, dict[str, Any]]:
+              fixed: dict[str, Any] | None = None, seed: int | None = None) -> tuple[int, int, dict[str, Any]]:
     """A new RUNNING trial of `study`: (number, Optuna trial id, every parameter of the configuration).
 
-    `fixed` holds an enqueued configuration's values; the sampler decides the rest. Callers serialize
-    calls per study (the mirror is not thread-safe); `storage` is the study's RDB storage.
+    `fixed` holds an enqueued configuration's values; the sampler decides the rest. With a study `seed`,
+    the sampler draws trial n from a seed derived from (seed, n): the same seed gives the same proposals by
+    number, and workers that share it never replay one sequence. Callers serialize calls per study (the
+    mirror is not thread-safe); `storage` is the study's RDB storage.
     """
+    if seed is None and isinstance(study.sampler, optuna.samplers.GridSampler):
+        seed = 0  # Optuna's grid seeds itself with 0 when given none: every worker would pick the same point
     if type(study.sampler) not in MIRRORED_SAMPLERS or not isinstance(storage, RDBStorage):
-        return _ask_directly(study, storage, resolved, fixed)
+        return _ask_directly(study, storage, resolved, fixed, seed)
     with _mirrors_lock:
         mirror = _mirrors.get(study)
         if mirror is None:
             mirror = _mirrors[study] = StudyMirror(study, storage)
-    return mirror.ask(storage, resolved, fixed)
+    return mirror.ask(storage, resolved, fixed, seed)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The seed a study's sampler draws trial `number` from."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+def reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Seed every random state of `sampler` and of the samplers it falls back on (TPE's start-up random
+    sampler, CMA-ES's independent one...), where its own `reseed_rng()` would seed them from the clock.
+
+    QMC's scramble seed is left alone: every worker must draw from one sequence.
+    """
+    for index, value in enumerate(vars(sampler).values()):
+        if isinstance(value, LazyRandomState):
+            value.rng.seed(trial_seed(seed, index))
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            reseed(value, trial_seed(seed, index))
+
+
+def retry_trial(study: optuna.Study, storage: BaseStorage, failed_trial_id: int) -> int:
+    """A fresh RUNNING Optuna trial with the parameters of `failed_trial_id`, for another attempt.
+
+    As Optuna's RetryFailedTrialCallback does: the new trial carries the old one's parameters, user and system
+    attributes (a grid point stays the same point) plus `failed_trial` and `retry_history`, and none of its
+    intermediate values, so the pruner judges the new attempt on its own curve. One write.
+    """
+    old = storage.get_trial(failed_trial_id)
+    attrs: dict[str, Any] = {"failed_trial": old.number, "retry_history": [], **old.system_attrs}
+    attrs["retry_history"] = [*attrs["retry_history"], old.number]
+    template = optuna.trial.create_trial(state=OptunaState.RUNNING, params=old.params,
+                                         distributions=old.distributions, user_attrs=old.user_attrs,
+                                         system_attrs=attrs)
+    return storage.create_new_trial(storage.get_study_id_from_name(study.study_name), template_trial=template)
 
 
 def finishes_directly(study: optuna.Study) -> bool:
@@ -80,29 +121,50 @@ def finish_trial(study: optuna.Study, trial_id: int, state: OptunaState, values:
 
 
 def _ask_directly(study: optuna.Study, storage: BaseStorage, resolved: dict[str, Any],
-                  fixed: dict[str, Any] | None) -> tuple[int, int, dict[str, Any]]:
-    study_id = storage.get_study_id_from_name(study.study_name)
+                  fixed: dict[str, Any] | None, seed: int | None = None) -> tuple[int, int, dict[str, Any]]:
+    """study.ask(), with the trial created first so that the sampler is seeded by its number.
+
+    Written through the study's own (cached) storage, which must know every trial a suggest writes to.
+    """
+    storage = study._storage
+    study_id = study._study_id
     if fixed is not None:
-        trial_id = _create_running(storage, study_id, resolved, fixed)
-        trial = optuna.Trial(study, trial_id)
+        trial_id = _create_running(storage, study_id, resolved, fixed, study.sampler)
     else:
-        trial = study.ask()
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        waiting = study._pop_waiting_trial_id()  # enqueued through Optuna itself
+        trial_id = waiting if waiting is not None else storage.create_new_trial(study_id)
     try:
-        return trial.number, trial_id, sample_params(trial, resolved)
+        number = storage.get_trial_number_from_id(trial_id)
+        if seed is not None:
+            reseed(study.sampler, trial_seed(seed, number))
+        study._thread_local.cached_all_trials = None  # as ask() does: the sampler reads the trials afresh
+        trial = optuna.Trial(study, trial_id)
+        return number, trial_id, sample_params(trial, resolved)
     except BaseException:
         storage.set_trial_state_values(trial_id, OptunaState.FAIL)
         raise
 
 
 def _create_running(storage: BaseStorage, study_id: int, resolved: dict[str, Any],
-                    params: dict[str, Any]) -> int:
+                    params: dict[str, Any], sampler: optuna.samplers.BaseSampler | None = None) -> int:
     """One write: a RUNNING trial holding every sampled parameter of `params`."""
     dists: dict[str, BaseDistribution] = sampled_distributions(resolved, params)
-    template = optuna.trial.create_trial(state=OptunaState.RUNNING,
-                                         params={k: v for k, v in params.items() if k in dists},
-                                         distributions=dists)
+    sampled = {k: v for k, v in params.items() if k in dists}
+    template = optuna.trial.create_trial(state=OptunaState.RUNNING, params=sampled, distributions=dists,
+                                         system_attrs=_grid_point(sampler, sampled))
     return storage.create_new_trial(study_id, template_trial=template)
+
+
+def _grid_point(sampler: optuna.samplers.BaseSampler | None, params: dict[str, Any]) -> dict[str, Any]:
+    """A grid trial's attributes for a configuration given in full: the grid point it is, so the grid counts
+    that point as taken (and no other), as Optuna's enqueue_trial arranges for its own grid."""
+    if not isinstance(sampler, optuna.samplers.GridSampler):
+        return {}
+    names = sampler._param_names
+    for grid_id, point in enumerate(sampler._all_grids):
+        if all(name in params and params[name] == value for name, value in zip(names, point, strict=True)):
+            return {"grid_id": grid_id, "search_space": sampler._search_space}
+    return {"fixed_params": params}  # off the grid: the grid neither assigns nor counts a point for it
 
 
 class StudyMirror:
@@ -116,22 +178,29 @@ class StudyMirror:
         best, recent = window_size(study)
         self.window = TrialWindow(storage, study_id, self.directions, best=best, recent=recent)
 
-    def ask(self, storage: BaseStorage, resolved: dict[str, Any],
-            fixed: dict[str, Any] | None) -> tuple[int, int, dict[str, Any]]:
-        self.window.sync()
-        trials = self.window.trials()
-        if any(t.state == OptunaState.WAITING for t in trials):
-            return _ask_directly(self.study, storage, resolved, fixed)  # enqueued through Optuna itself
-        number = self.window.next_number()
-        scratch = _WindowStudy(self.study.study_name, self.directions, self.sampler,
-                               _same_bracket(self.study, trials, number))
-        self.sampler.use(scratch, number)
-        if fixed is not None:
-            scratch.enqueue_trial(fixed, skip_if_exists=False)
-        params = sample_params(scratch.ask(), resolved)
-        trial_id = _create_running(storage, self.window.study_id, resolved, params)
-        # Usually the number the proposal was sampled as; another worker may have taken it meanwhile.
-        return storage.get_trial_number_from_id(trial_id), trial_id, params
+    def ask(self, storage: BaseStorage, resolved: dict[str, Any], fixed: dict[str, Any] | None,
+            seed: int | None = None) -> tuple[int, int, dict[str, Any]]:
+        for race in range(RACES_BEFORE_GIVING_UP):
+            self.window.sync()
+            trials = self.window.trials()
+            if any(t.state == OptunaState.WAITING for t in trials):
+                return _ask_directly(self.study, storage, resolved, fixed, seed)  # enqueued through Optuna itself
+            number = self.window.next_number()
+            if seed is not None:  # the proposal is drawn for the number it should get
+                reseed(self.study.sampler, trial_seed(seed, number))
+            scratch = _WindowStudy(self.study.study_name, self.directions, self.sampler,
+                                   _same_bracket(self.study, trials, number))
+            self.sampler.use(scratch, number)
+            if fixed is not None:
+                scratch.enqueue_trial(fixed, skip_if_exists=False)
+            params = sample_params(scratch.ask(), resolved)
+            trial_id = _create_running(storage, self.window.study_id, resolved, params)
+            got = storage.get_trial_number_from_id(trial_id)  # another worker may have taken `number` meanwhile
+            if got == number or seed is None or race == RACES_BEFORE_GIVING_UP - 1:
+                return got, trial_id, params
+            # Drawn from the seed of a number another worker took, and likely its very configuration: drop it.
+            storage.set_trial_state_values(trial_id, OptunaState.FAIL)
+        raise AssertionError("unreachable: the last race returns")
 
 
 def window_size(study: optuna.Study) -> tuple[int, int]:

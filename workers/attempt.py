@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 
 from app.core.config import Settings
 from app.core.db import Database, retry_on_disconnect
@@ -66,13 +67,16 @@ class Slot:
 
 def run_attempt(slot: Slot, lease: queue.Lease, device: str) -> None:
     """Run one leased attempt to its end and record it."""
-    p = slot.studies.get(lease.study_id)
-    if lease.number is None:
-        bound = bind(slot, lease, p)
-        if bound is None:
-            log.warning("lease of study %s lost before its trial started", lease.study_id)
-            return
-        lease = bound
+    with slot.studies.using(lease.study_id) as p:
+        _run(slot, lease, p, device)
+
+
+def _run(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> None:
+    bound = bind(slot, lease, p) if lease.number is None else rebind(slot, lease, p)
+    if bound is None:
+        log.warning("lease of study %s lost before its trial started", lease.study_id)
+        return
+    lease = bound
     assert lease.number is not None and lease.params is not None
     tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": lease.study_id,
                                        "trial": lease.number, "attempt": lease.attempt, "device": device})
@@ -94,7 +98,7 @@ def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None
     storage = optuna_storage(slot.db.url)
     with p.lock:
         number, trial_id, params = retry_on_disconnect(asking.ask_trial, p.optuna_study, storage, p.resolved,
-                                                       lease.params)
+                                                       lease.params, p.spec.sampler.seed)
         bound = None
         try:
             bound = queue.bind_trial(slot.db, lease, number=number, optuna_trial_id=trial_id, params=params)
@@ -102,6 +106,30 @@ def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None
         finally:
             if bound is None:
                 optuna_sync.fail_trial(storage, trial_id)  # never leave an orphan RUNNING in Optuna
+
+
+def rebind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None:
+    """Give a re-run (a retry, or a trial handed back at shutdown) a fresh Optuna trial with its parameters.
+
+    Optuna ignores a step already reported, so reusing the old trial would leave the pruner judging this
+    attempt on the last one's curve. The old Optuna trial ends FAIL (the reaper usually did that already).
+    """
+    assert lease.optuna_trial_id is not None
+    storage = optuna_storage(slot.db.url)
+    with p.lock:
+        trial_id = retry_on_disconnect(asking.retry_trial, p.optuna_study, storage, lease.optuna_trial_id)
+        bound = None
+        try:
+            bound = queue.rebind_trial(slot.db, lease, optuna_trial_id=trial_id)
+        finally:
+            optuna_sync.fail_trial(storage, lease.optuna_trial_id if bound is not None else trial_id)
+    return bound
+
+
+def release(slot: Slot, lease: queue.Lease) -> None:
+    """Hand a lease back unrun; its Optuna trial, if bound, ends (a re-run asks for a fresh one)."""
+    if queue.release_trial(slot.db, lease) and lease.optuna_trial_id is not None:
+        optuna_sync.fail_trial(optuna_storage(slot.db.url), lease.optuna_trial_id)
 
 
 def _job(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> TrialJob:
@@ -195,7 +223,10 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: queue.Lease, trial: opt
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
     if p.spec.is_multi_objective or metric is None:
         return None
-    retry_on_disconnect(trial.report, float(metric), step=report["epoch"])
+    try:
+        retry_on_disconnect(trial.report, float(metric), step=report["epoch"])
+    except UpdateFinishedTrialError:  # the reaper ended this attempt's Optuna trial meanwhile
+        return Ending(Outcome.LOST)
     return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
 
 
@@ -205,7 +236,7 @@ def record(slot: Slot, ending: Ending, lease: queue.Lease, p: PreparedStudy, tlo
         tlog.warning("lease lost (reaped or study deleted); result dropped")
         return
     if ending.outcome is Outcome.RELEASED:
-        queue.release_trial(slot.db, lease)
+        release(slot, lease)
         tlog.info("trial handed back at shutdown")
         return
     assert lease.number is not None and slot.settings.artifact_dir is not None
@@ -232,7 +263,8 @@ def record(slot: Slot, ending: Ending, lease: queue.Lease, p: PreparedStudy, tlo
     if finished is None:
         tlog.warning("lease lost (reaped or study deleted); late result refused")
         return
-    optuna_sync.tell(p.optuna_study, lease.number, state, values, trial_id=lease.optuna_trial_id)
+    assert lease.optuna_trial_id is not None
+    optuna_sync.tell(p.optuna_study, lease.optuna_trial_id, state, values)
     tlog.log(logging.WARNING if state is TrialState.FAIL else logging.INFO, "trial %s%s", state.value,
              f": {values[0] if values else ending.reason}" if values or ending.reason else "")
 

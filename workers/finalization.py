@@ -20,9 +20,14 @@ EVAL_TIMEOUT_S = 600.0
 
 def finalize(slot: Slot, job: queue.FinalizeJob, device: str) -> None:
     """Pick the top-k ensemble on validation, score it and the best trial ONCE on test; end the study."""
+    with slot.studies.using(job.study_id) as p:
+        _finalize(slot, job, p, device)
+    slot.studies.forget(job.study_id)
+
+
+def _finalize(slot: Slot, job: queue.FinalizeJob, p: PreparedStudy, device: str) -> None:
     flog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": job.study_id})
     assert slot.settings.artifact_dir is not None
-    p = slot.studies.get(job.study_id)
     # No trial runs any more: clear what crashed attempts left behind, here and in Optuna.
     clear_staging(slot.settings.artifact_dir, job.study_id)
     optuna_sync.repair(slot.db, job.study_id, p.optuna_study)
@@ -52,7 +57,6 @@ def finalize(slot: Slot, job: queue.FinalizeJob, device: str) -> None:
     storage = optuna_storage(slot.db.url)
     for trial_id in begun:
         optuna_sync.fail_trial(storage, trial_id)
-    slot.studies.forget(job.study_id)
     flog.info("study finalized (%s)", job.reason)
 
 

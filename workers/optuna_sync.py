@@ -23,17 +23,20 @@ OPTUNA_STATE = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: Op
                 TrialState.FAIL: OptunaState.FAIL}
 
 
-def tell(study: optuna.Study, number: int, state: TrialState, values: list[float] | None = None, *,
-         trial_id: int | None = None) -> None:
-    """Finish trial `number` in Optuna as our row finished it (one write where the sampler allows)."""
+def tell(study: optuna.Study, trial_id: int, state: TrialState, values: list[float] | None = None) -> None:
+    """Finish Optuna trial `trial_id` as our row finished (one write where the sampler allows).
+
+    By id: a retried row points at its latest Optuna trial, whose number is not the row's number.
+    """
     ostate = OPTUNA_STATE[state]
     try:
-        if trial_id is not None and ostate != OptunaState.PRUNED and asking.finishes_directly(study):
+        if ostate != OptunaState.PRUNED and asking.finishes_directly(study):
             retry_on_disconnect(asking.finish_trial, study, trial_id, ostate, values)
         else:
+            number = retry_on_disconnect(study._storage.get_trial_number_from_id, trial_id)
             retry_on_disconnect(study.tell, number, values, state=ostate, skip_if_finished=True)
     except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
-        log.exception("could not tell Optuna about trial %s", number)
+        log.exception("could not tell Optuna about trial id %s", trial_id)
 
 
 def fail_trial(storage: Any, trial_id: int) -> None:
@@ -62,6 +65,6 @@ def repair(db: Database, study_id: str, study: optuna.Study) -> None:
         if row is not None and not row.state.is_finished():
             continue
         state = row.state if row is not None else TrialState.FAIL
-        tell(study, frozen.number, state, row.values if row is not None and state is TrialState.COMPLETE else None)
+        tell(study, frozen._trial_id, state, row.values if row is not None and state is TrialState.COMPLETE else None)
         log.warning("Optuna trial %d was left RUNNING by a crash; now %s", frozen.number,
                     state.value if row is not None else "fail (never ran)")

@@ -73,9 +73,41 @@ def _lock_study_in_tx(session: Session, db: Database, study_id: str) -> Study | 
     return session.scalars(stmt).first()
 
 
-def _candidate_study_ids(session: Session, statuses: tuple[str, ...]) -> list[str]:
-    return list(session.scalars(select(Study.id).where(Study.status.in_(statuses))
-                                .order_by(Study.created_at).limit(200)))
+CANDIDATES = 200  # studies a claim looks at, oldest first, among those that can take what it claims
+
+
+def _trials_in(state: TrialState | None = None) -> Any:
+    """A correlated count of the candidate study's trials (in one state, or all)."""
+    stmt = select(func.count()).select_from(Trial).where(Trial.study_id == Study.id)
+    if state is not None:
+        stmt = stmt.where(Trial.state == state.value)
+    return stmt.scalar_subquery()
+
+
+def _finished_trials() -> Any:
+    return select(func.count()).select_from(Trial).where(
+        Trial.study_id == Study.id, Trial.state.in_(FINISHED_TRIAL_STATES)).scalar_subquery()
+
+
+def _candidate_study_ids(session: Session, statuses: tuple[str, ...], now: datetime) -> list[str]:
+    """Studies that can start a trial now, oldest first: full ones are filtered out in SQL, so a page of
+    busy old studies never hides a newer one with room (the lock and the checks that follow decide)."""
+    running, waiting = _trials_in(TrialState.RUNNING), _trials_in(TrialState.WAITING)
+    return list(session.scalars(select(Study.id).where(
+        Study.status.in_(statuses), Study.stop_requested_at.is_(None),
+        Study.deadline_at.is_(None) | (Study.deadline_at > now),
+        running < Study.max_parallel, _finished_trials() < Study.n_trials,
+        (waiting > 0) | (_trials_in() < Study.n_trials))
+        .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
+
+
+def _finalizable_study_ids(session: Session, now: datetime) -> list[str]:
+    """Running studies whose budget is spent, nothing runs and no live finalization holds them."""
+    spent = Study.stop_requested_at.is_not(None) | (Study.deadline_at <= now) | (_finished_trials() >= Study.n_trials)
+    return list(session.scalars(select(Study.id).where(
+        Study.status == StudyStatus.RUNNING.value, spent, _trials_in(TrialState.RUNNING) == 0,
+        Study.finalize_until.is_(None) | (Study.finalize_until <= now))
+        .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
 
 
 @retrying
@@ -86,7 +118,7 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
     can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins).
     """
     with db.session() as session:
-        for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)):
+        for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value), now):
             study = _lock_study_in_tx(session, db, study_id)
             now = utcnow()  # after the lock: a stamp older than its commit by a lock wait would hide the event
             if study is None or not StudyStatus(study.status).accepts_trials():
@@ -180,6 +212,19 @@ def bind_trial(db: Database, lease: Lease, *, number: int, optuna_trial_id: int,
                  lease.source)
 
 
+@retrying
+def rebind_trial(db: Database, lease: Lease, *, optuna_trial_id: int) -> Lease | None:
+    """Point a re-run's row at its fresh Optuna trial; the row keeps its number, parameters and attempts.
+    None when the lease was lost meanwhile."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        if trial is None:
+            return None
+        trial.optuna_trial_id = optuna_trial_id
+    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, lease.number, optuna_trial_id,
+                 lease.params, lease.source)
+
+
 def _held_in_tx(session: Session, lease: Lease) -> Trial | None:
     """The leased row if this lease still holds it (not reaped, re-queued, cancelled or deleted)."""
     trial = session.get(Trial, lease.trial_id, with_for_update=True)
@@ -211,7 +256,7 @@ def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | 
                                  learning_rate=learning_rate, seconds=seconds))
         study = session.get(Study, lease.study_id)
         assert study is not None  # the trial row cascades with it
-        if study.status == StudyStatus.CANCELLED.value:
+        if StudyStatus(study.status).is_finished():  # cancelled, or failed for a reason no retry mends
             return EpochStatus.STOP
         stopped = study.stop_requested_at is not None or (study.deadline_at is not None
                                                           and utcnow() >= study.deadline_at)
@@ -267,35 +312,42 @@ def _finished_by_in_tx(session: Session, lease: Lease, state: TrialState, error:
 
 @retrying
 def release_trial(db: Database, lease: Lease) -> bool:
-    """Hand a running trial back for another worker without counting an attempt (graceful shutdown)."""
+    """Hand a running trial back for another worker without counting an attempt (graceful shutdown).
+
+    A bound trial's Optuna trial is over either way (a re-run gets a fresh one): the caller fails it.
+    """
     with db.session() as session:
         trial = _held_in_tx(session, lease)
         if trial is None:
             return False
-        if _drop_unbound_in_tx(session, trial):
+        study = session.get(Study, trial.study_id)
+        if study is None or StudyStatus(study.status).is_finished():
+            _end_in_tx(session, trial, utcnow(), "stopped: the study ended", FailureKind.CANCELLED)
+            return True
+        if trial.number is None and trial.params is None:  # a sampler's slot: another claim re-creates it
+            session.delete(trial)
             return True
         _back_in_line_in_tx(trial)
-        # Same attempt number: a shutdown is not the trial's failure.
+        # Same attempt number: a shutdown is not the trial's failure, and this slot no longer holds it.
         session.execute(delete(TrialEpoch).where(TrialEpoch.trial_id == trial.id,
                                                  TrialEpoch.attempt == trial.attempt))
         return True
 
 
-def _drop_unbound_in_tx(session: Session, trial: Trial) -> bool:
-    """A lease that never got an Optuna trial: a sampler's slot is dropped (another claim re-creates it),
-    an enqueued configuration goes back in line. True when it was handled here."""
-    if trial.number is not None:
-        return False
-    if trial.params is None:
-        session.delete(trial)
-    else:
-        _back_in_line_in_tx(trial)
-    return True
-
-
 def _back_in_line_in_tx(trial: Trial) -> None:
     trial.state = TrialState.WAITING.value
     trial.worker_id = trial.device = trial.heartbeat_at = trial.deadline_at = None
+
+
+def _end_in_tx(session: Session, trial: Trial, now: datetime, error: str, failure: FailureKind) -> None:
+    """FAIL a trial for good, or drop it when it never had a configuration (a sampler's empty slot)."""
+    if trial.number is None and trial.params is None:
+        session.delete(trial)
+        return
+    trial.state = TrialState.FAIL.value
+    trial.error, trial.failure = error, failure.value
+    trial.finished_at = now
+    trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
 
 
 @retrying
@@ -334,8 +386,8 @@ def reap(db: Database, *, grace_s: float) -> list[Reaped]:
     """Fail or re-queue leases whose heartbeat is older than grace_s or whose deadline passed.
 
     Not retried here: a reap held back through a database outage would run the moment it ends, when
-    every lease looks stale (workers.supervisor.Reaper waits a grace period first). The caller tells
-    Optuna about the trials that failed for good (requeued=False, optuna_trial_id set).
+    every lease looks stale (workers.supervisor.Reaper waits a grace period first). The caller fails in
+    Optuna every reaped trial that had one (optuna_trial_id set): a retry runs as a fresh Optuna trial.
     """
     now = utcnow()
     stale_before = now - timedelta(seconds=grace_s)
@@ -371,22 +423,28 @@ def fail_attempt(db: Database, lease: Lease, *, reason: str) -> Reaped | None:
 
 def _retry_or_fail_in_tx(session: Session, trial: Trial, now: datetime, reason: str, failure: FailureKind, *,
                          retry: bool = True) -> Reaped:
-    """Back in line with the same parameters while attempts remain (and retry allows), else FAIL."""
-    if _drop_unbound_in_tx(session, trial):  # died before it trained: no attempt was used
+    """Back in line with the same parameters while attempts remain (and retry allows), else FAIL.
+
+    A sampler's slot that never got a configuration is dropped (another claim re-creates it). Anything else
+    comes back under a new attempt number, an enqueued configuration not yet bound included: the slot that
+    held it may still be alive, and its lease must no longer hold. A study that has ended retries nothing.
+    """
+    if trial.number is None and trial.params is None:  # died before it had a configuration
+        session.delete(trial)
         return Reaped(trial.study_id, None, None, True, reason)
     study = session.get(Study, trial.study_id)
-    max_attempts = study.config.budget.max_attempts if study is not None else 1
+    if study is None or StudyStatus(study.status).is_finished():
+        _end_in_tx(session, trial, now, f"stopped: the study ended ({reason})", FailureKind.CANCELLED)
+        return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, False, trial.error or reason)
+    max_attempts = study.config.budget.max_attempts
     trial.failure = failure.value
     if retry and trial.attempt < max_attempts:
         _back_in_line_in_tx(trial)
         trial.attempt += 1
         trial.error = f"attempt {trial.attempt - 1}: {reason}"
         return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, True, reason)
-    trial.state = TrialState.FAIL.value
-    trial.error = f"{reason}; {max_attempts} attempt(s) used" if retry else reason
-    trial.finished_at = now
-    trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
-    return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, False, trial.error)
+    _end_in_tx(session, trial, now, f"{reason}; {max_attempts} attempt(s) used" if retry else reason, failure)
+    return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, False, trial.error or reason)
 
 
 def _apply_stop_criteria_in_tx(session: Session, study: Study) -> str | None:
@@ -448,7 +506,7 @@ def claim_finalization(db: Database, *, worker_id: str,
     """Take the evaluation of a study whose budget is spent and whose last trial has ended."""
     now = utcnow()
     with db.session() as session:
-        for study_id in _candidate_study_ids(session, (StudyStatus.RUNNING.value,)):
+        for study_id in _finalizable_study_ids(session, now):
             study = _lock_study_in_tx(session, db, study_id)
             if study is None or study.status != StudyStatus.RUNNING.value:
                 continue
@@ -472,6 +530,25 @@ def note_study_error(db: Database, study_id: str, error: str) -> None:
     with db.session() as session:
         session.execute(update(Study).where(Study.id == study_id, Study.status == StudyStatus.RUNNING.value)
                         .values(error=error[:1000]))
+
+
+@retrying
+def fail_study(db: Database, study_id: str, error: str) -> list[int]:
+    """End a study that can never run `failed` with the reason: waiting trials are dropped, running ones
+    fail (their workers find the study ended at their next epoch). Returns Optuna trial ids to fail."""
+    now = utcnow()
+    with db.session() as session:
+        study = session.get(Study, study_id, with_for_update=True)
+        if study is None or StudyStatus(study.status).is_finished():
+            return []
+        begun = drop_unstarted_in_tx(session, study.id)
+        for trial in session.scalars(select(Trial).where(Trial.study_id == study.id,
+                                                         Trial.state == TrialState.RUNNING.value)).all():
+            if trial.optuna_trial_id is not None:
+                begun.append(trial.optuna_trial_id)
+            _end_in_tx(session, trial, now, error, FailureKind.WORKER_ERROR)
+        study.status, study.error, study.finished_at = StudyStatus.FAILED.value, error[:1000], now
+        return begun
 
 
 @retrying
@@ -567,3 +644,11 @@ def recorded_by_optuna_id(db: Database, study_id: str, optuna_trial_ids: list[in
             Trial.study_id == study_id, Trial.optuna_trial_id.in_(optuna_trial_ids))).all()
     return {r.optuna_trial_id: Recorded(TrialState(r.state), r.values or ([r.value] if r.value is not None else None))
             for r in rows}
+
+
+@retrying
+def still_running(db: Database, study_ids: list[str]) -> set[str]:
+    """The studies among these that may still give a worker trials (queued or running)."""
+    with db.read_session() as session:
+        return set(session.scalars(select(Study.id).where(Study.id.in_(study_ids), Study.status.in_(
+            (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)))))

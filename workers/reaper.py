@@ -19,13 +19,13 @@ log = logging.getLogger("hpsearch.worker")
 
 
 def reap_and_tell(db: Database, grace_s: float) -> list[queue.Reaped]:
-    """Reap stale leases and fail in Optuna the trials that will not be retried."""
+    """Reap stale leases and fail their Optuna trials (a retry gets a fresh one with the same parameters)."""
     reaped = queue.reap(db, grace_s=grace_s)
     storage = optuna_storage(db.url) if reaped else None
     for r in reaped:
         log.warning("reaped trial %s of study %s: %s%s", r.number, r.study_id, r.reason,
                     " (re-queued)" if r.requeued else "")
-        if not r.requeued and r.optuna_trial_id is not None:
+        if r.optuna_trial_id is not None:  # over either way: a retry runs as a fresh Optuna trial
             optuna_sync.fail_trial(storage, r.optuna_trial_id)
     return reaped
 

@@ -43,7 +43,22 @@ def make_sampler(spec: StudySpec, resolved: dict[str, Any]) -> optuna.samplers.B
 
 class _GridSampler(optuna.samplers.GridSampler):
     """Optuna's grid without its study.stop() after the last point: outside optimize() that call raises, and
-    our own budget ends the study (n_trials never exceeds the grid, checked when the study is created)."""
+    our own budget ends the study (n_trials never exceeds the grid, checked when the study is created).
+
+    Trial n takes grid point n, as in Optuna, only while no other trial holds that point: an enqueued
+    configuration holds its own point (workers.asking), and Optuna would hand it out a second time.
+    """
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+            return
+        free = self._get_unvisited_grid_ids(study)
+        if trial.number in free:
+            grid_id = trial.number
+        else:  # as Optuna does once past the first n: a random free point, any point when none is free
+            grid_id = int(self._rng.rng.choice(free or list(range(len(self._all_grids)))))
+        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
                     state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:

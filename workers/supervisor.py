@@ -21,11 +21,11 @@ from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
 from workers import group, optuna_sync, queue
-from workers.attempt import Slot, run_attempt
+from workers.attempt import Slot, release, run_attempt
 from workers.devices import threads_per_slot
 from workers.finalization import finalize
 from workers.plugin_runner import worker_plugins
-from workers.prepared import PreparedStudies
+from workers.prepared import PreparedStudies, StudyUnrunnable
 from workers.reaper import Reaper
 from workers.runner import warm_imports
 
@@ -55,8 +55,9 @@ class Supervisor:
         self._finalizing: set[str] = set()  # studies whose final evaluation runs here
         self._active_lock = threading.Lock()
         self._log = logging.LoggerAdapter(log, {"worker_id": self.worker_id})
-        self.slot = Slot(db, settings, self.worker_id, PreparedStudies(db, settings), mp.get_context("fork"),
-                         self.cpu_threads, self._drain_over)
+        prepared = PreparedStudies(db, settings, idle_limit=len(self.slots))
+        self.slot = Slot(db, settings, self.worker_id, prepared, mp.get_context("fork"), self.cpu_threads,
+                         self._drain_over)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -124,7 +125,7 @@ class Supervisor:
                                   trial_deadline_s=self.settings.trial_deadline_s, can_run=self.plugins.can_run)
         if lease is not None:
             if self.stop_event.is_set():  # stop() came while claiming: hand it straight back
-                queue.release_trial(self.db, lease)
+                release(self.slot, lease)
                 return True
             if self.fuse != 1:
                 self._run_fused(lease, device)
@@ -133,9 +134,11 @@ class Supervisor:
                 self._active[(lease.trial_id, lease.attempt)] = lease
             try:
                 run_attempt(self.slot, lease, device)
+            except StudyUnrunnable as exc:
+                self._fail_study(lease.study_id, str(exc))
             except Exception as exc:
                 if is_transient(exc):  # the database's fault, not the trial's: hand it back as it was
-                    queue.release_trial(self.db, lease)
+                    release(self.slot, lease)
                 else:
                     self._fail_attempt(lease, exc)
                 raise
@@ -212,8 +215,16 @@ class Supervisor:
             # Failed before it had a trial (the study's data could not be loaded here, say): no attempt to
             # count, so say it on the study, where its owner looks, instead of only in this worker's log.
             queue.note_study_error(self.db, lease.study_id, f"{self.worker_id} could not start a trial: {reason}")
-        elif reaped is not None and not reaped.requeued and reaped.optuna_trial_id is not None:
+        elif reaped is not None and reaped.optuna_trial_id is not None:  # a retry gets a fresh one
             optuna_sync.fail_trial(optuna_storage(self.db.url), reaped.optuna_trial_id)
+
+    def _fail_study(self, study_id: str, reason: str) -> None:
+        """No retry can mend it: end the study failed at once instead of claiming and failing forever."""
+        self._log.error("study %s cannot run: %s", study_id, reason)
+        storage = optuna_storage(self.db.url)
+        for trial_id in queue.fail_study(self.db, study_id, reason):
+            optuna_sync.fail_trial(storage, trial_id)
+        self.slot.studies.forget(study_id)
 
     def _drain_over(self) -> bool:
         """Shutting down and past the grace period: what still runs goes back to the queue."""

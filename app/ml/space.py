@@ -55,6 +55,13 @@ class Hyperparameter:
             return ctx.feature_groups
         return True
 
+    @property
+    def integer(self) -> bool:
+        """Takes whole numbers only: an int range, or numeric choices that are all ints (batch_size)."""
+        choices = self.default.get("choices", ())
+        return self.kind == "int" or (self.kind == "categorical" and self.domain is not None and bool(choices)
+                                      and all(isinstance(c, int) and not isinstance(c, bool) for c in choices))
+
     def default_for(self, model: str) -> dict[str, Any]:
         return self.model_defaults.get(model, self.default)
 
@@ -204,7 +211,7 @@ def _resolve_range(hp: Hyperparameter, entry: dict[str, Any]) -> od.BaseDistribu
         raise SpaceError((hp.name,), f"low ({low}) is greater than high ({high})")
     if log and low <= 0:
         raise SpaceError((hp.name, "low"), "a log range must stay above 0")
-    if hp.kind == "int" or (hp.kind == "categorical" and isinstance(low, int) and isinstance(high, int)):
+    if hp.integer:  # 16.0 is 16: a float range of an integer hyperparameter must not sample 37.4
         return od.IntDistribution(int(low), int(high), log=log)
     return od.FloatDistribution(float(low), float(high), log=log)
 
@@ -218,7 +225,7 @@ def _check_value(hp: Hyperparameter, value: Any, loc: tuple[str | int, ...], num
         raise SpaceError(loc, f"must be a number, got {value!r}")
     if not math.isfinite(value):
         raise SpaceError(loc, "must be finite")
-    if hp.kind == "int" or hp.name == "batch_size":
+    if hp.integer:
         if float(value) != int(value):
             raise SpaceError(loc, f"must be an integer, got {value!r}")
     assert hp.domain is not None

@@ -172,11 +172,16 @@ def _history_trial(session: Session, source: Study, trial: Trial, fitted: dict[s
                                      value=last, intermediate_values=curve, user_attrs=attrs)
 
 
-def apply_warm_start(db: Database, plan: WarmStartPlan, *, study: Study) -> None:
-    """Enqueue the planned configurations first, or add the earlier trials to the Optuna study's history."""
+def add_history(db: Database, plan: WarmStartPlan, *, optuna_name: str) -> None:
+    """Add the earlier trials a history warm start learns from to the new Optuna study, before its row
+    exists: a worker's first proposal already sees them."""
     if plan.history:
-        ostudy = optuna.load_study(study_name=study.optuna_name, storage=optuna_storage(db.url))
+        ostudy = optuna.load_study(study_name=optuna_name, storage=optuna_storage(db.url))
         ostudy.add_trials(plan.history)
-    with db.session() as session:
-        for config in plan.configs[: study.n_trials]:
-            session.add(Trial(study_id=study.id, state=TrialState.WAITING.value, source="warm_start", params=config))
+
+
+def add_warm_configurations_in_tx(session: Session, plan: WarmStartPlan, *, study: Study) -> None:
+    """Queue the planned configurations in the transaction that creates the study, so no worker can claim
+    a trial of it before they are there (n_trials would be exceeded, or a configuration dropped)."""
+    for config in plan.configs[: study.n_trials]:
+        session.add(Trial(study_id=study.id, state=TrialState.WAITING.value, source="warm_start", params=config))

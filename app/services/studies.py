@@ -7,6 +7,8 @@ import uuid
 from datetime import datetime
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState as OptunaState
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -14,10 +16,10 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
-from app.models import Study, StudyStatus, Trial, TrialState
+from app.models import FailureKind, Study, StudyStatus, Trial, TrialState
 from app.models.base import utcnow
 from app.schemas.study import BestTrial, Progress, StudiesPublic, StudyPublic, StudySpec
-from app.services.enqueue import plan_warm_start
+from app.services.enqueue import add_history, add_warm_configurations_in_tx, plan_warm_start
 from app.services.errors import Conflict
 from app.services.ownership import best_trial_in_tx, own_study
 from app.services.paging import decode_cursor, encode_cursor
@@ -50,8 +52,13 @@ def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpe
                 status=StudyStatus.QUEUED.value, optuna_name=optuna_name, idempotency_key=idempotency_key,
                 n_trials=spec.budget.n_trials, max_parallel=spec.budget.max_parallel)
     try:
-        with db.session() as session:
+        if warm_start is not None:
+            add_history(db, warm_start, optuna_name=optuna_name)  # before any worker can see the study
+        with db.session() as session:  # the row and its warm configurations become claimable together
             session.add(row)
+            if warm_start is not None:
+                session.flush()
+                add_warm_configurations_in_tx(session, warm_start, study=row)
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key won the race.
         optuna.delete_study(study_name=optuna_name, storage=storage)
@@ -59,10 +66,6 @@ def create_study(db: Database, settings: Settings, *, owner: str, spec: StudySpe
         if existing is None:
             raise
         return existing, False
-    if warm_start is not None:
-        from app.services.enqueue import apply_warm_start
-
-        apply_warm_start(db, warm_start, study=row)
     return get_study(db, owner=owner, study_id=study_id), True
 
 
@@ -151,6 +154,7 @@ _TRANSITIONS = {
 def change_state(db: Database, *, owner: str, study_id: str, action: str) -> StudyPublic:
     """pause, resume or cancel; Conflict when the study's status does not allow it."""
     allowed, target = _TRANSITIONS[action]
+    ended: list[int] = []
     with db.session() as session:
         study = own_study(session, owner=owner, study_id=study_id, for_update=True)
         if StudyStatus(study.status) not in allowed:
@@ -164,8 +168,34 @@ def change_state(db: Database, *, owner: str, study_id: str, action: str) -> Stu
             # Trials never started are dropped; running ones are stopped by their workers.
             session.execute(delete(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.WAITING.value,
                                                 Trial.optuna_trial_id.is_(None)))
+            ended = _end_waiting_in_tx(session, study.id)
         session.flush()
-        return _public(session, study)
+        public = _public(session, study)
+    fail_optuna_trials(db.url, ended)
+    return public
+
+
+def _end_waiting_in_tx(session: Session, study_id: str) -> list[int]:
+    """Trials waiting for another attempt of a cancelled study end FAIL (cancelled), their curves kept;
+    returns their Optuna trial ids, which must end too."""
+    now = utcnow()
+    waiting = session.scalars(select(Trial).where(Trial.study_id == study_id,
+                                                  Trial.state == TrialState.WAITING.value)).all()
+    for trial in waiting:
+        trial.state, trial.failure = TrialState.FAIL.value, FailureKind.CANCELLED.value
+        trial.error = "cancelled before its next attempt" + (f" ({trial.error})" if trial.error else "")
+        trial.finished_at = now
+    return [t.optuna_trial_id for t in waiting if t.optuna_trial_id is not None]
+
+
+def fail_optuna_trials(url: str, trial_ids: list[int]) -> None:
+    """End Optuna trials that will never report again; those already finished are left as they are."""
+    storage = optuna_storage(url) if trial_ids else None
+    for trial_id in trial_ids:
+        try:
+            storage.set_trial_state_values(trial_id, OptunaState.FAIL)  # type: ignore[union-attr]
+        except UpdateFinishedTrialError:
+            pass
 
 
 def delete_study(db: Database, settings: Settings, *, owner: str, study_id: str) -> None:

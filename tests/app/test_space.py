@@ -80,6 +80,14 @@ def test_entries_narrow_restrict_or_fix() -> None:
     assert (resolved["dropout"], resolved["separable"], resolved["kernel_size"]) == (0.25, True, 5)
 
 
+def test_a_float_range_of_batch_size_samples_whole_numbers_only() -> None:
+    """Recorded == trained: a range written with floats still samples ints, and a fractional bound is refused."""
+    resolved = resolve_space({"batch_size": {"low": 16.0, "high": 64.0}}, MLP)
+    assert resolved["batch_size"] == od.IntDistribution(16, 64)
+    assert all(isinstance(c["batch_size"], int) for c in sampled(resolved, 20))
+    assert space_error({"batch_size": {"low": 16.5, "high": 64}}).loc == ("batch_size", "low")
+
+
 @pytest.mark.parametrize("entries,ctx,loc", [
     ({"wings": 2}, MLP, ("wings",)),
     ({"filters": 32}, MLP, ("filters",)),  # cnn only

@@ -8,14 +8,17 @@ from typing import Any
 import optuna
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
-from app.models import Study, TrialState
+from app.models import Study, Trial, TrialState
 from app.services import enqueue
 from tests.factories import API, client_for, create_study_via_api, study_spec
 from tests.study_rows import Outcome, write_trials
+from workers import queue
 
 FIXED = {"optimizer": "adam", "units": 32, "n_layers": 1, "dropout": 0.0, "weight_decay": 0.0, "batch_size": 64,
          "activation": "relu", "batch_norm": "none", "weight_init": "he_normal", "lr_schedule": "constant",
@@ -183,3 +186,35 @@ def test_the_study_says_when_its_stop_criterion_fired(settings: Settings, db: Da
     study = client.get(f"{API}/studies/{sid}").json()
     assert study["stop_reason"] == "target_value" and fired is not None
     assert datetime.fromisoformat(study["stopped_at"]) == fired
+
+
+def test_a_warm_started_study_is_claimable_only_when_whole(settings: Settings, db: Database) -> None:
+    """A worker that claims the moment any commit lands never sees the study without its warm configurations."""
+    client = client_for(settings, db)
+    source = create_study_via_api(client, budget={"n_trials": 2})
+    write_trials(db, settings, study_id=source, n=2, outcome=_complete)  # spent: nothing left to claim there
+    leases: list[queue.Lease] = []
+    polling = False
+
+    def worker_polls(_session: Session) -> None:
+        nonlocal polling
+        if polling:
+            return
+        polling = True
+        try:
+            while (lease := queue.claim_trial(db, worker_id="poller", device="cpu", trial_deadline_s=600)):
+                leases.append(lease)
+        finally:
+            polling = False
+
+    event.listen(Session, "after_commit", worker_polls)
+    try:
+        sid = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 4}, warm_start={"studies": [source], "top_k": 2})
+    finally:
+        event.remove(Session, "after_commit", worker_polls)
+    with db.read_session() as session:
+        warm = [t.params for t in session.scalars(select(Trial).where(Trial.study_id == source))]
+        rows = session.scalars(select(Trial).where(Trial.study_id == sid)).all()
+    assert len(rows) <= 2 and [lease.study_id for lease in leases] == [sid, sid]
+    assert sorted(str(lease.params) for lease in leases) == sorted(str(p) for p in warm)
+    assert all(lease.source == "warm_start" for lease in leases)

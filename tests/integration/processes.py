@@ -140,10 +140,11 @@ def assert_study_settled(db: Database, study_id: str, n_trials: int) -> list[Tri
     assert [r.state for r in rows if not TrialState(r.state).is_finished()] == [], rows
     assert len(rows) == n_trials, [(r.number, r.state) for r in rows]
     assert len({r.number for r in rows}) == n_trials
-    by_number = {t.number: t for t in optuna_trials(db, study_id)}
-    assert [n for n, t in by_number.items() if t.state == optuna.trial.TrialState.RUNNING] == []
-    for r in rows:  # our record and Optuna's agree
-        theirs = by_number[r.number].state
+    by_id = {t._trial_id: t for t in optuna_trials(db, study_id)}
+    assert [t.number for t in by_id.values() if t.state == optuna.trial.TrialState.RUNNING] == []
+    for r in rows:  # our record and Optuna's agree (a retried row points at its latest Optuna trial)
+        assert r.optuna_trial_id is not None
+        theirs = by_id[r.optuna_trial_id].state
         assert theirs.name.lower() == r.state, (r.number, r.state, theirs)
     return rows
 

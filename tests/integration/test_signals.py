@@ -89,8 +89,8 @@ def test_a_worker_frozen_past_the_grace_has_its_late_result_refused_and_survives
     assert [(e["trial"], e["attempt"]) for e in lost] == [(stolen.number, 1)]
     completions = sorted(e["trial"] for e in events if e["msg"].startswith("trial complete"))
     assert completions == sorted(r.number for r in rows)  # each trial counted once
-    told = next(t for t in optuna_trials(db, sid) if t.number == stolen.number)
-    assert told.value == again.value
+    told = next(t for t in optuna_trials(db, sid) if t._trial_id == again.optuna_trial_id)  # attempt 2's own
+    assert told.value == again.value and told.system_attrs["failed_trial"] == stolen.number
     db.dispose()
 
 

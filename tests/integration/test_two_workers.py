@@ -33,12 +33,15 @@ def test_two_workers_share_a_study_without_running_a_trial_twice(postgres_url: s
     assert peak_running(db, sid) <= 3  # from the recorded claim and finish times
     with db.read_session() as session:
         rows = session.execute(select(Trial.number, Trial.worker_id, Trial.attempt).where(Trial.study_id == sid)).all()
-    assert sorted(r.number for r in rows) == list(range(8))  # no number twice, none missing
+    numbers = sorted(r.number for r in rows)
+    # No number twice. Optuna may skip a number: a proposal drawn for a number the other worker took is
+    # dropped (it came from that number's seed), so the two never train one configuration.
+    assert len(set(numbers)) == len(numbers) == 8
     assert all(r.attempt == 1 for r in rows)
     with db.read_session() as session:
         registered = set(session.scalars(select(Worker.id)))
     assert len(registered) == 2 and {r.worker_id for r in rows} <= registered  # which one won is not the point
     started = [json.loads(line) for p in logs for line in p.read_text().splitlines()
                if line.startswith("{") and "trial started" in line]
-    assert sorted(e["trial"] for e in started) == list(range(8))  # each trial started exactly once
+    assert sorted(e["trial"] for e in started) == numbers  # each trial started exactly once
     db.dispose()

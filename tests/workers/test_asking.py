@@ -5,15 +5,24 @@ It must propose what Optuna's own ask would, keep Optuna's numbering, and see ot
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState as OptunaState
 
+from app.core.config import Settings
+from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.ml.space import Context, resolve_space
+from app.schemas.study import StudySpec
+from app.services import enqueue, studies
+from tests.factories import study_spec
+from workers import queue
 from workers.asking import _ask_directly, ask_trial, finish_trial, finishes_directly
+from workers.attempt import Slot, bind
+from workers.prepared import PreparedStudies
 
 SPACE = resolve_space({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
                        "units": {"type": "int", "low": 8, "high": 256},
@@ -39,17 +48,19 @@ def _run(study: optuna.Study, url: str, n: int, ask: Any) -> list[tuple[int, dic
     return proposals
 
 
+@pytest.mark.parametrize("seed", [None, 11])
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
-def test_the_mirror_proposes_what_optunas_own_ask_would(db_url: str, sampler: str) -> None:
+def test_the_mirror_proposes_what_optunas_own_ask_would(db_url: str, sampler: str, seed: int | None) -> None:
     def make() -> optuna.samplers.BaseSampler:
         if sampler == "tpe":
             return optuna.samplers.TPESampler(seed=3, n_startup_trials=4, multivariate=True, group=True,
                                               constant_liar=True)
         return optuna.samplers.RandomSampler(seed=3)
 
-    direct = _run(_optuna_study(db_url, f"direct-{sampler}", make()), db_url, 12, _ask_directly)
+    direct = _run(_optuna_study(db_url, f"direct-{sampler}", make()), db_url, 12,
+                  lambda *args: _ask_directly(*args, seed=seed))
     mirrored_study = _optuna_study(db_url, f"mirrored-{sampler}", make())
-    mirrored = _run(mirrored_study, db_url, 12, ask_trial)
+    mirrored = _run(mirrored_study, db_url, 12, lambda *args: ask_trial(*args, seed=seed))
     assert mirrored == direct
     stored = mirrored_study.get_trials(deepcopy=False)
     assert [(t.number, t.params) for t in stored] == [(n, {k: p[k] for k in t.params}) for (n, p), t
@@ -101,3 +112,58 @@ def test_finishing_directly_stores_what_tell_would_and_leaves_finished_trials_al
     finish_trial(direct, trial_id, OptunaState.COMPLETE, [0.1])  # finished already: kept as it was
     assert direct.trials[-1].state == OptunaState.FAIL
     assert direct.best_value == 0.75
+
+
+def _bound_configurations(db: Database, settings: Settings, study_id: str, workers: int, n: int) -> dict[int, Any]:
+    """n trials bound in turn by `workers` supervisors, each with its own prepared study: {number: params}."""
+    slots = [Slot(db, settings, f"w{i}", PreparedStudies(db, settings), None, 1, lambda: False)
+             for i in range(workers)]
+    out = {}
+    for i in range(n):
+        slot = slots[i % workers]
+        lease = queue.claim_trial(db, worker_id=slot.worker_id, device="cpu", trial_deadline_s=600)
+        assert lease is not None
+        bound = bind(slot, lease, slot.studies.get(study_id))
+        assert bound is not None and bound.number is not None
+        out[bound.number] = bound.params
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "grid"])
+def test_workers_sharing_a_seed_never_replay_it_and_the_seed_reproduces_the_study(
+        settings: Settings, db: Database, sampler: str) -> None:
+    def create() -> str:
+        grid = {"optimizer": "adam", "dropout": 0.0, "weight_decay": 0.0, "batch_size": 64, "activation": "relu",
+                "batch_norm": "none", "weight_init": "he_normal", "lr_schedule": "constant", "layer_shape": "constant",
+                "learning_rate": 0.01, "units": {"type": "int", "low": 32, "high": 40}}  # 18 points with n_layers
+        spec = StudySpec.model_validate(study_spec(sampler={"name": sampler, "seed": 5},
+                                                   search_space=grid if sampler == "grid" else {},
+                                                   budget={"n_trials": 8, "max_parallel": 8}))
+        return studies.create_study(db, settings, owner="alice", spec=spec)[0].id
+
+    two_workers = _bound_configurations(db, settings, create(), workers=2, n=8)
+    configs = [json.dumps(p, sort_keys=True) for p in two_workers.values()]
+    assert len(set(configs)) == len(configs) == 8
+    assert _bound_configurations(db, settings, create(), workers=1, n=8) == two_workers
+
+
+GRID_FIXED = {"optimizer": "adam", "units": 32, "n_layers": 1, "dropout": 0.0, "weight_decay": 0.0, "batch_size": 64,
+              "activation": "relu", "batch_norm": "none", "weight_init": "he_normal", "lr_schedule": "constant",
+              "augmentation": "none"}
+
+
+@pytest.mark.parametrize("enqueued_point", [0, 1, 2, 3])
+def test_an_enqueued_grid_configuration_takes_its_own_grid_point(settings: Settings, db: Database,
+                                                                 enqueued_point: int) -> None:
+    """Every point of a 4-point grid runs once when one of them was enqueued: none is marked taken unrun."""
+    space = {**GRID_FIXED, "layer_shape": {"type": "categorical", "choices": ["constant", "funnel"]},
+             "learning_rate": {"type": "categorical", "choices": [1e-3, 1e-2]}}
+    spec = StudySpec.model_validate(study_spec(sampler={"name": "grid", "seed": 0}, search_space=space,
+                                               budget={"n_trials": 4, "max_parallel": 4}))
+    sid = studies.create_study(db, settings, owner="alice", spec=spec)[0].id
+    shape, rate = divmod(enqueued_point, 2)
+    enqueue.enqueue_trial(db, settings, owner="alice", study_id=sid,
+                          params={"layer_shape": ["constant", "funnel"][shape], "learning_rate": [1e-3, 1e-2][rate]})
+    ran = _bound_configurations(db, settings, sid, workers=1, n=4).values()
+    assert sorted((p["layer_shape"], p["learning_rate"]) for p in ran) == [
+        ("constant", 1e-3), ("constant", 1e-2), ("funnel", 1e-3), ("funnel", 1e-2)]

@@ -13,7 +13,9 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import FailureKind, Study, Trial, TrialState, Worker
 from app.models.base import utcnow
-from tests.factories import create_study_via_service
+from app.schemas.study import StudySpec
+from app.services import enqueue
+from tests.factories import create_study_via_service, study_spec
 from workers import queue
 
 
@@ -203,3 +205,52 @@ def test_claim_and_finish_stamp_their_time_after_the_lock(db: Database, settings
     with db.read_session() as session:
         trial = session.get(Trial, lease.trial_id)
         assert trial is not None and trial.finished_at is not None and trial.finished_at >= released
+
+
+def _full_old_studies(db: Database, n: int) -> None:
+    """n studies older than any other, each at its max_parallel with one running trial: written as rows."""
+    spec = StudySpec.model_validate(study_spec()).model_dump(mode="json")
+    long_ago = utcnow() - timedelta(days=1)
+    with db.session() as session:
+        for i in range(n):
+            sid = f"full{i:05d}"
+            session.add(Study(id=sid, owner="bob", name="full", spec=spec, status="running", optuna_name=sid,
+                              n_trials=10, max_parallel=1, created_at=long_ago + timedelta(seconds=i)))
+        session.flush()
+        session.add_all(Trial(study_id=f"full{i:05d}", state="running", attempt=1, worker_id="elsewhere",
+                              heartbeat_at=utcnow()) for i in range(n))
+
+
+def test_a_new_study_is_claimed_behind_more_than_a_page_of_full_old_ones(db: Database, settings: Settings) -> None:
+    _full_old_studies(db, queue.CANDIDATES + 1)
+    sid = create_study_via_service(db, settings)
+    lease = _claim(db)
+    assert lease is not None and lease.study_id == sid
+
+
+def test_a_spent_study_is_finalized_behind_more_than_a_page_of_busy_old_ones(db: Database,
+                                                                             settings: Settings) -> None:
+    _full_old_studies(db, queue.CANDIDATES + 1)
+    sid = create_study_via_service(db, settings, budget={"n_trials": 1})
+    queue.finish_trial(db, _bind(db, _claim(db), 0), state=TrialState.COMPLETE, value=0.9)  # type: ignore[arg-type]
+    job = queue.claim_finalization(db, worker_id="w1")
+    assert job is not None and job.study_id == sid
+
+
+def test_a_reaped_enqueued_configuration_comes_back_under_a_new_attempt(db: Database, settings: Settings) -> None:
+    """Its first slot may still be alive (frozen, not dead): it must no longer hold the lease."""
+    sid = create_study_via_service(db, settings)
+    enqueue.enqueue_trial(db, settings, owner="alice", study_id=sid, params={"units": 40})
+    first = _claim(db)
+    assert first is not None and first.params is not None and first.number is None
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == first.trial_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    assert [r.requeued for r in queue.reap(db, grace_s=5)] == [True]
+    second = _claim(db)  # another slot of the same worker
+    assert second is not None and second.trial_id == first.trial_id and second.attempt == first.attempt + 1
+    assert queue.bind_trial(db, first, number=0, optuna_trial_id=1000, params={"units": 40}) is None
+    assert queue.bind_trial(db, second, number=0, optuna_trial_id=1000, params={"units": 40}) is not None
+    with db.read_session() as session:
+        trial = session.get(Trial, first.trial_id)
+        assert trial is not None and (trial.attempt, trial.worker_id, trial.state) == (2, "w1", "running")

@@ -49,3 +49,24 @@ def test_a_study_whose_data_this_worker_cannot_load_says_so(settings: Settings, 
     assert study["status"] == "running" and "could not start a trial" in study["error"]
     assert "FileNotFoundError" in study["error"] or "No such file" in study["error"]
     assert client.get(f"{API}/studies/{sid}/trials").json()["count"] == 0
+
+
+def lone_class_csv() -> bytes:
+    """40 rows of classes a and b, and one row of class lone that the fixed test split takes from training."""
+    rows = ["f1,f2,label"] + [f"{i},{i % 3},{'lone' if i == 2 else 'ab'[i % 2]}" for i in range(40)]
+    return "\n".join(rows).encode()
+
+
+def test_a_study_whose_dataset_cannot_be_split_fails_with_the_reason(settings: Settings, db: Database) -> None:
+    """The split fails the same way on every worker and every retry: the study ends instead of looping."""
+    client = client_for(settings, db)
+    uploaded = upload(client, "csv", {"file": ("lone.csv", lone_class_csv(), "text/csv")}, label_column="label")
+    assert uploaded.status_code == 201, uploaded.text
+    spec = {**study_spec(budget={"n_trials": 3, "epochs": 1}), "dataset": uploaded.json()["id"]}
+    created = client.post(f"{API}/studies", json=spec)
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    with running_supervisor(settings, db, slots=2):
+        study = wait_for_status(client, sid, {"completed", "failed", "cancelled"}, timeout_s=60)
+    assert study["status"] == "failed" and "lone" in study["error"] and study["finished_at"] is not None
+    assert client.get(f"{API}/studies/{sid}/trials").json()["count"] == 0  # no trial was ever bound
