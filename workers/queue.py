@@ -118,38 +118,16 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
     can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins).
     """
     with db.session() as session:
-        for study_id in _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value), now):
+        candidates = _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value), utcnow())
+        for study_id in candidates:
             study = _lock_study_in_tx(session, db, study_id)
-            now = utcnow()  # after the lock: a stamp older than its commit by a lock wait would hide the event
             if study is None or not StudyStatus(study.status).accepts_trials():
                 continue
             if can_run is not None and not can_run(study.config):
                 continue
-            counts = Counts.of_study_in_tx(session, study.id)
-            if counts.running >= study.max_parallel or budget_spent(study, counts, now):
-                continue
-            trial = session.scalars(select(Trial).where(Trial.study_id == study.id,
-                                                        Trial.state == TrialState.WAITING.value)
-                                    .order_by(Trial.id).limit(1)).first()
-            if trial is None:
-                if counts.running + counts.finished + counts.waiting >= study.n_trials:
-                    continue
-                trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
-                session.add(trial)
-            deadline_s = study.config.trial_timeout_s(trial_deadline_s)
-            trial.state = TrialState.RUNNING.value
-            trial.worker_id, trial.device = worker_id, device
-            trial.started_at = trial.heartbeat_at = now
-            trial.deadline_at = now + timedelta(seconds=deadline_s)
-            trial.error = trial.failure = None
-            if study.status == StudyStatus.QUEUED.value:
-                study.status = StudyStatus.RUNNING.value
-                study.started_at = study.started_at or now
-                timeout_s = study.config.budget.timeout_s
-                study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
-            session.flush()
-            return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id,
-                         trial.params, trial.source)
+            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s)
+            if lease is not None:
+                return lease
     return None
 
 
@@ -160,34 +138,47 @@ def claim_trials(db: Database, *, worker_id: str, device: str, trial_deadline_s:
 
     Waiting trials first (in id order), then new slots; none when the study no longer accepts trials.
     """
-    now = utcnow()
     out: list[Lease] = []
     with db.session() as session:
         study = _lock_study_in_tx(session, db, study_id)
         if study is None or not StudyStatus(study.status).accepts_trials():
             return out
-        deadline_s = study.config.trial_timeout_s(trial_deadline_s)
         while len(out) < limit:
-            counts = Counts.of_study_in_tx(session, study.id)
-            if counts.running >= study.max_parallel or budget_spent(study, counts, now):
+            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s)
+            if lease is None:
                 break
-            trial = session.scalars(select(Trial).where(Trial.study_id == study.id,
-                                                        Trial.state == TrialState.WAITING.value)
-                                    .order_by(Trial.id).limit(1)).first()
-            if trial is None:
-                if counts.running + counts.finished + counts.waiting >= study.n_trials:
-                    break
-                trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
-                session.add(trial)
-            trial.state = TrialState.RUNNING.value
-            trial.worker_id, trial.device = worker_id, device
-            trial.started_at = trial.heartbeat_at = now
-            trial.deadline_at = now + timedelta(seconds=deadline_s)
-            trial.error = trial.failure = None
-            session.flush()
-            out.append(Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id,
-                             trial.params, trial.source))
+            out.append(lease)
     return out
+
+
+def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: str,
+                      trial_deadline_s: float) -> Lease | None:
+    """Lease the study's next trial (a waiting one first, else a new slot) if its limits allow; the caller
+    holds the study's lock."""
+    now = utcnow()  # after the lock: a stamp older than its commit by a lock wait would hide the event
+    counts = Counts.of_study_in_tx(session, study.id)
+    if counts.running >= study.max_parallel or budget_spent(study, counts, now):
+        return None
+    trial = session.scalars(select(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.WAITING.value)
+                            .order_by(Trial.id).limit(1)).first()
+    if trial is None:
+        if counts.running + counts.finished + counts.waiting >= study.n_trials:
+            return None
+        trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
+        session.add(trial)
+    trial.state = TrialState.RUNNING.value
+    trial.worker_id, trial.device = worker_id, device
+    trial.started_at = trial.heartbeat_at = now
+    trial.deadline_at = now + timedelta(seconds=study.config.trial_timeout_s(trial_deadline_s))
+    trial.error = trial.failure = None
+    if study.status == StudyStatus.QUEUED.value:
+        study.status = StudyStatus.RUNNING.value
+        study.started_at = study.started_at or now
+        timeout_s = study.config.budget.timeout_s
+        study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
+    session.flush()
+    return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id, trial.params,
+                 trial.source)
 
 
 @retrying

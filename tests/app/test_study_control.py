@@ -209,7 +209,8 @@ def test_a_warm_started_study_is_claimable_only_when_whole(settings: Settings, d
 
     event.listen(Session, "after_commit", worker_polls)
     try:
-        sid = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 4}, warm_start={"studies": [source], "top_k": 2})
+        sid = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 4},
+                                   warm_start={"studies": [source], "top_k": 2})
     finally:
         event.remove(Session, "after_commit", worker_polls)
     with db.read_session() as session:
