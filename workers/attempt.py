@@ -176,7 +176,7 @@ def _supervise(slot: Slot, job: TrialJob, lease: queue.Lease, p: PreparedStudy) 
                 continue
             try:
                 msg: Message = conn.recv()
-            except EOFError:
+            except (EOFError, ConnectionResetError):  # killed with bytes unread: a reset, not an EOF
                 proc.join(1)
                 return _died(proc)
             assert msg.trial == job.trial, f"runner of trial {job.trial} spoke of trial {msg.trial}"
