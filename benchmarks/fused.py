@@ -92,6 +92,7 @@ class _Search:
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=SEED, constant_liar=True),
             pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=arm.epochs, reduction_factor=3))
         self.records: list[dict[str, Any]] = []
+        _warm_up()
         self.start = time.perf_counter()
         self.deadline = self.start + arm.budget_s
         self.pruned: set[int] = set()
@@ -149,6 +150,18 @@ class _Search:
                 "epochs_trained": sum(r["epochs"] for r in done), "device": self.arm.device,
                 "threads": self.arm.threads,
                 "mean_group_size": round(float(np.mean(self.group_sizes)), 2) if self.group_sizes else None}
+
+
+def _warm_up() -> None:
+    """Import what either arm trains with before the clock starts: torch's first optimizer imports
+    torch._dynamo (seconds on this CPU), which would otherwise be charged to whichever arm builds one first."""
+    import torch
+
+    import workers.fused  # noqa: F401
+    from workers.trainer import make_optimizer, make_scheduler
+
+    module = torch.nn.Linear(2, 2)
+    make_scheduler({"lr_schedule": "plateau"}, make_optimizer({"optimizer": "adam"}, module), epochs=1)
 
 
 def run_solo(search: _Search) -> None:

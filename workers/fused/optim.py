@@ -11,6 +11,7 @@ Learning-rate schedules are per member too: `MemberSchedules` drives torch's own
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,6 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from workers.trainer import DEFAULT_LEARNING_RATE, DEFAULT_MOMENTUM, make_scheduler, step_scheduler
+
+# The gradients are views of one flat buffer, strided unlike a fresh gradient: autograd says so once, harmlessly.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam / AdamW defaults
