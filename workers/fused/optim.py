@@ -132,6 +132,13 @@ def _sgd(p: Tensor, g: Tensor, state: dict[str, Tensor], count: Tensor, lr: floa
 
 def _adagrad(p: Tensor, g: Tensor, state: dict[str, Tensor], count: Tensor, lr: float, wd: float,
              momentum: float, step: int) -> None:
+    if p.device.type != "cpu":  # torch fuses Adagrad on the CPU only; elsewhere its foreach arithmetic
+        if wd != 0:
+            g = g.add(p, alpha=wd)
+        total = state["sum"]
+        total.addcmul_(g, g, value=1)
+        p.addcdiv_(g, total.sqrt().add_(ADAGRAD_EPS), value=-lr)
+        return
     torch._fused_adagrad_([p], [g], [state["sum"]], [count], lr=lr, lr_decay=0.0, weight_decay=wd,
                           eps=ADAGRAD_EPS, maximize=False)
 
