@@ -334,7 +334,18 @@ def test_can_fuse_says_why_not() -> None:
 def test_plan_groups_splits_by_batch_size_and_padding_waste() -> None:
     specs = [spec({"units": 32}), spec({"units": 34}), spec({"units": 512, "n_layers": 4}), spec({"units": 33}),
              spec({"units": 32, "batch_size": 64}), spec({"units": 500, "n_layers": 4})]
-    groups = plan_groups(specs, max_members=8)
+    groups = plan_groups(specs, max_members=8, step_overhead=0)  # arithmetic alone
     assert sorted(i for g in groups for i in g) == list(range(len(specs)))
     assert sorted(map(sorted, groups)) == [[0, 1, 3], [2, 5], [4]]
     assert all(len(g) <= 2 for g in plan_groups(specs, max_members=2))
+
+
+def test_plan_groups_fuses_small_networks_whose_step_overhead_outweighs_padding() -> None:
+    # Padded 32 -> 96 units is 3x the arithmetic of the narrow members, but tiny networks cost mostly the
+    # fixed cost of a step, which a group pays once: they fuse; counting arithmetic alone splits them.
+    specs = [spec({"units": 32, "n_layers": 1}), spec({"units": 96, "n_layers": 1}), spec({"units": 40})]
+    assert sorted(map(sorted, plan_groups(specs, max_members=8))) == [[0, 1, 2]]
+    assert len(plan_groups(specs, max_members=8, step_overhead=0)) > 1
+    huge = [spec({"units": 32, "n_layers": 1, "batch_size": 128}),
+            spec({"units": 512, "n_layers": 4, "batch_size": 128})]
+    assert len(plan_groups(huge, max_members=8)) == 2  # 512-wide padding outweighs any overhead

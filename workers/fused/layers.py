@@ -3,7 +3,7 @@
 Weights are shaped `[K, in, out]` and run by `torch.baddbmm` (HFTA's fused linear). Widths are padded to
 the group's widest with zeros and the padded units' outputs are masked to zero, so padding never changes an
 output and never receives a gradient. A member with fewer layers passes its activations through the layers
-it lacks (`torch.where`, which also blocks any gradient into them). Batch norm (per placement, with per-member
+it lacks (no gradient reaches the weights it does not use). Batch norm (per placement, with per-member
 statistics), activation and dropout rate are per member.
 """
 
@@ -66,8 +66,13 @@ def _batch_size(spec: ModelSpec) -> int:
 
 
 def fusion_order(specs: Sequence[ModelSpec]) -> list[int]:
-    """Member indices sorted so that members of one optimizer family sit together (one update run each)."""
-    return sorted(range(len(specs)), key=lambda i: str(specs[i].params.get("optimizer", "adam")))
+    """Member indices sorted so that members alike sit together: each layer then runs one slice per depth,
+    batch-norm placement and activation (`FusedMLP._block`), and the optimizer one update per family run."""
+    def key(i: int) -> tuple[int, str, str, str]:
+        p = member_params(specs[i])
+        return (len(_widths(p)), str(p["batch_norm"]), str(p["activation"]), str(p.get("optimizer", "adam")))
+
+    return sorted(range(len(specs)), key=key)
 
 
 def runs(values: Sequence[Any]) -> list[Run]:
@@ -163,21 +168,20 @@ class FusedMLP(nn.Module):
         def members_with(attr: str, value: str) -> Tensor:
             return torch.tensor([getattr(m, attr) == value for m in self.members], device=dev).view(k, 1, 1)
 
-        acts = sorted({m.activation for m in self.members})
-        self.activations = [(a, members_with("activation", a)) for a in acts]
-        self.placements = {p: members_with("batch_norm", p) for p in self.norms
-                           if any(m.batch_norm == p for m in self.members)}
         self.any_dropout = any(m.keep < 1.0 for m in self.members)
-        self.keep = torch.tensor([m.keep for m in self.members], device=dev).view(k, 1, 1)
         self.masks: list[Tensor | None] = []
-        self.active: list[Tensor | None] = []
+        self.segments: list[list[Run]] = []  # per layer: runs of members alike there, (live, placement, act)
+        self.keeps: list[Tensor] = []  # per layer: each member's keep probability, 1 where it passes through
         for i, w in enumerate(self.widths):
             live = [len(m.widths) > i for m in self.members]
             mask = torch.zeros(k, 1, w, device=dev)
             for slot, m in enumerate(self.members):
                 mask[slot, :, :m.widths[i] if live[slot] else w] = 1.0
             self.masks.append(None if bool(mask.all()) else mask)
-            self.active.append(None if all(live) else torch.tensor(live, device=dev).view(k, 1, 1))
+            alike = [(lv, m.batch_norm, m.activation) for lv, m in zip(live, self.members, strict=True)]
+            self.segments.append(runs(alike))
+            self.keeps.append(torch.tensor([m.keep if lv else 1.0 for lv, m in zip(live, self.members, strict=True)],
+                                           device=dev).view(k, 1, 1))
 
     def _apply(self, fn: Any, recurse: bool = True) -> FusedMLP:
         out = super()._apply(fn, recurse)
@@ -194,37 +198,39 @@ class FusedMLP(nn.Module):
         if self.training:
             self.batches_tracked += 1
         for i in range(len(self.widths)):
-            z = torch.baddbmm(self.bias[i], h, self.weight[i])
-            out = self._block(i, z)
+            out = self._block(i, torch.baddbmm(self.bias[i], h, self.weight[i]), h)
             if self.masks[i] is not None:
                 out = out * self.masks[i]
-            gate = self.active[i]
-            h = out if gate is None else torch.where(gate, out, _fit(h, self.widths[i]))
+            h = out
         return torch.baddbmm(self.head_bias, h, self.head_weight)
 
-    def _block(self, i: int, z: Tensor) -> Tensor:
+    def _block(self, i: int, z: Tensor, h: Tensor | None = None) -> Tensor:
         """Batch norm before or after the activation, the activation, dropout: per member, as the solo layers.
 
-        Each choice runs over the whole stack and `torch.where` keeps it for the members that made it: no
-        slicing of the member axis, whose backward would cost a full-size copy per slice.
+        Members alike at layer i (same placement and activation, or passing their input `h` through a layer
+        they lack) sit in contiguous slices of the member axis (`fusion_order`); each slice runs only its own
+        choice and the slices are concatenated. Computing every choice over the whole stack and selecting with
+        `torch.where` cost several full-stack operations per choice, forward and backward.
         """
-        s = self._norm(i, z, "before_activation")
-        first, *others = self.activations
-        out = ACTIVATION_FNS[first[0]](s)
-        for name, chosen in others:
-            out = torch.where(chosen, ACTIVATION_FNS[name](s), out)
-        out = self._norm(i, out, "after_activation")
+        pieces = []
+        for a, b, (live, placement, act) in self.segments[i]:
+            if not live:  # a layer this member lacks: its activations pass through (no gradient reaches z)
+                if h is None:
+                    raise ValueError(f"layer {i} passes members {a}..{b - 1} through: give its input h")
+                pieces.append(_fit(h[a:b], self.widths[i]))
+                continue
+            s = z if b - a == z.shape[0] else z[a:b]
+            if placement == "before_activation":
+                s = self.norms[placement][i](s, a, b)
+            s = ACTIVATION_FNS[act](s)
+            if placement == "after_activation":
+                s = self.norms[placement][i](s, a, b)
+            pieces.append(s)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if self.training and self.any_dropout:
-            keep = self.keep
+            keep = self.keeps[i]
             out = out * (torch.rand(out.shape, device=out.device, dtype=out.dtype) < keep).to(out.dtype).div_(keep)
         return out
-
-    def _norm(self, i: int, s: Tensor, placement: str) -> Tensor:
-        chosen = self.placements.get(placement)
-        if chosen is None:
-            return s
-        normed = self.norms[placement][i](s)
-        return normed if bool(chosen.all()) else torch.where(chosen, normed, s)
 
     # ---- member <-> solo network -------------------------------------------------------------------
 
@@ -293,12 +299,14 @@ class StackedNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(k, width))
         self.register_buffer("running_var", torch.ones(k, width))
 
-    def forward(self, s: Tensor) -> Tensor:
+    def forward(self, s: Tensor, start: int = 0, end: int | None = None) -> Tensor:
+        """Normalize members [start, end) of the stack; `s` holds just those members."""
         k, rows, w = s.shape
+        sl = slice(start, start + k if end is None else end)
         # The solo BatchNorm1d's own kernel over (rows, k*w) channels: each one sees only its member's batch.
         flat = s.transpose(0, 1).reshape(rows, k * w)
-        y = F.batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
-                         self.bias.view(-1), self.training, BN_MOMENTUM, BN_EPS)
+        y = F.batch_norm(flat, self.running_mean[sl].view(-1), self.running_var[sl].view(-1),
+                         self.weight[sl].reshape(-1), self.bias[sl].reshape(-1), self.training, BN_MOMENTUM, BN_EPS)
         return y.view(rows, k, w).transpose(0, 1)
 
 

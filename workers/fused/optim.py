@@ -1,23 +1,27 @@
 """One optimizer for a fused group: each member's own torch.optim update rule with its own coefficients.
 
 A member's rule and arguments are the ones `workers.trainer.make_optimizer` gives its solo trial (SGD with or
-without momentum or Nesterov, Adagrad, RMSprop, Adam, AdamW; torch's defaults for the rest). Coefficients
-are `[K, 1, ...]` tensors that broadcast over the stacked weights (HFTA's optimizers); members of one family
-sit in contiguous runs of the member axis, and each run is updated by its family's rule on its slice.
+without momentum or Nesterov, Adagrad, RMSprop, Adam, AdamW; torch's defaults for the rest). Every
+parameter, gradient and state tensor of the group lives in one flat `[K, P]` buffer, and each member's row is
+updated by torch's own single-pass (fused) kernel for its rule, with its own coefficients: per step, one
+kernel call per member over all of its parameters. (Per-parameter `[K, 1, ...]` coefficient tensors, HFTA's
+form, cost several full passes per rule on a CPU, where memory traffic, not launches, bounds the update.)
 Learning-rate schedules are per member too: `MemberSchedules` drives torch's own schedulers, one per member.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from workers.fused.layers import runs
 from workers.trainer import DEFAULT_LEARNING_RATE, DEFAULT_MOMENTUM, make_scheduler, step_scheduler
+
+# The gradients are views of one flat buffer, strided unlike a fresh gradient: autograd says so once, harmlessly.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam / AdamW defaults
@@ -28,14 +32,20 @@ _STATE = {"momentum": ("momentum_buffer",), "nesterov": ("momentum_buffer",), "a
 
 
 class FusedOptimizer:
-    """Per-member update rules over parameters whose first axis is the member axis."""
+    """Per-member update rules over parameters whose first axis is the member axis.
+
+    The parameters, their gradients and every state tensor live in flat `[K, P]` buffers (P: one member's
+    share of all parameters), and each parameter's `.data` and `.grad` are views into them: a step is one
+    call of each member's rule on its row of each buffer, not one per parameter and member, so a group of
+    K members takes K kernel calls per step, each one pass over a member's parameters.
+    """
 
     def __init__(self, params: Iterable[nn.Parameter], member_params: Sequence[dict[str, Any]]) -> None:
-        self.params = list(params)
         self.names = [str(p.get("optimizer", "adam")) for p in member_params]
         unknown = sorted(set(self.names) - set(OPTIMIZERS))
         if unknown:
             raise ValueError(f"unknown optimizer {unknown[0]!r}")
+        self.params = list(params)
         device = self.params[0].device
         self.lr = torch.tensor([float(p.get("learning_rate", DEFAULT_LEARNING_RATE)) for p in member_params],
                                device=device)
@@ -44,22 +54,37 @@ class FusedOptimizer:
         self.momentum = torch.tensor([float(p.get("momentum", DEFAULT_MOMENTUM)) if n in ("momentum", "nesterov")
                                       else 0.0 for p, n in zip(member_params, self.names, strict=True)],
                                      device=device)
-        kinds = {s for n in self.names for s in _STATE.get(n, ())}
-        self.state: list[dict[str, Tensor]] = [{s: torch.zeros_like(p) for s in sorted(kinds)} for p in self.params]
-        self.steps = 0  # every member steps together, so one count serves the bias corrections
-        self._runs = runs(self.names)
+        kinds = sorted({s for n in self.names for s in _STATE.get(n, ())})
+        self.data, self.grad = self._flatten(self.params)
+        self.state: dict[str, Tensor] = {s: torch.zeros_like(self.data) for s in kinds}
+        self.steps = 0  # every member steps together
+        self.counts = torch.zeros(len(self.names), device=device)  # the fused kernels' own step counts
         self._plan: list[Any] | None = None
-        self._grads: list[tuple[nn.Parameter, Tensor | None]] = []
+
+    @staticmethod
+    def _flatten(params: list[nn.Parameter]) -> tuple[Tensor, Tensor]:
+        """Move the parameters into one [K, P] buffer and give them gradients that are views of another."""
+        k = params[0].shape[0]
+        sizes = [p[0].numel() for p in params]
+        data = torch.empty(k, sum(sizes), dtype=params[0].dtype, device=params[0].device)
+        grad = torch.zeros_like(data)
+        offset = 0
+        for p, n in zip(params, sizes, strict=True):
+            view = data[:, offset:offset + n].view(p.shape)
+            view.copy_(p.detach())
+            p.data = view
+            # Autograd adds into an existing .grad in place, so the flat buffer collects every gradient.
+            p.grad = grad[:, offset:offset + n].view(p.shape)
+            offset += n
+        return data, grad
 
     def set_lr(self, lrs: Sequence[float]) -> None:
         self.lr = torch.tensor(list(lrs), dtype=self.lr.dtype, device=self.lr.device)
         self._plan = None
 
     def zero_grad(self) -> None:
-        """Zero the gradients in place: the update plan keeps views of them."""
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+        """Zero every gradient at once, in place: the parameters' .grad are views of the flat buffer."""
+        self.grad.zero_()
 
     def keep_members(self, slots: Sequence[int], params: Iterable[nn.Parameter]) -> None:
         """Drop the state and coefficients of members not in `slots`; `params` are the module's compacted ones."""
@@ -67,80 +92,76 @@ class FusedOptimizer:
         index = torch.as_tensor(list(slots), dtype=torch.long, device=self.lr.device)
         self.lr, self.weight_decay, self.momentum = (t.index_select(0, index) for t in
                                                      (self.lr, self.weight_decay, self.momentum))
-        self.state = [{k: v.index_select(0, index) for k, v in st.items()} for st in self.state]
+        self.data, self.grad = self._flatten(self.params)
+        self.state = {k: v.index_select(0, index) for k, v in self.state.items()}
+        self.counts = self.counts.index_select(0, index)
         self.names = [self.names[s] for s in slots]
-        self._runs = runs(self.names)
         self._plan = None
 
-    def _make_plan(self) -> list[tuple[Any, Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]]:
-        """Views of each run's slice of every parameter, gradient, state and coefficient, made once."""
+    def _make_plan(self) -> list[tuple[Any, ...]]:
+        """Each member's rule, its rows of the flat buffers and its coefficients as plain numbers."""
         plan = []
-        for p, state in zip(self.params, self.state, strict=True):
-            if p.grad is None:  # not used by any member's forward (a placement no member has any more)
-                continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            for a, b, name in self._runs:
-                coef = {"lr": self.lr[a:b].view(shape), "wd": self.weight_decay[a:b].view(shape),
-                        "momentum": self.momentum[a:b].view(shape)}
-                plan.append((_RULES[name], p.data[a:b], p.grad[a:b], {k: v[a:b] for k, v in state.items()}, coef))
+        lrs, wds, moms = self.lr.tolist(), self.weight_decay.tolist(), self.momentum.tolist()
+        for k, name in enumerate(self.names):
+            state = {s: v[k] for s, v in self.state.items() if s in _STATE.get(name, ())}
+            plan.append((_RULES[name], self.data[k], self.grad[k], state, self.counts[k],
+                         (lrs[k], wds[k], moms[k])))
         return plan
 
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
-        if self._plan is None or any(p.grad is not None and not _same(p, g) for p, g in self._grads):
+        self.counts += 1  # torch's optimizers count the step before the fused kernels read it
+        if self._plan is None:
             self._plan = self._make_plan()
-            self._grads = [(p, p.grad) for p in self.params]
-        for rule, p, g, state, coef in self._plan:
-            rule(p, g, state, coef, self.steps)
+        for rule, p, g, state, count, (lr, wd, momentum) in self._plan:
+            rule(p, g, state, count, lr, wd, momentum, self.steps)
 
 
-def _same(p: nn.Parameter, grad: Tensor | None) -> bool:
-    return p.grad is grad
+# Each rule is torch.optim's own kernel for the solo trial's optimizer (`make_optimizer` asks for the fused
+# kernels on the CPU, foreach for RMSprop), run on one member's row of the flat buffers: the same arithmetic
+# in one pass over the member's parameters.
 
 
-def _sgd(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Tensor], step: int, *,
-         momentum: bool = False, nesterov: bool = False) -> None:
-    g = g + c["wd"] * p
-    if momentum or nesterov:
-        buf = state["momentum_buffer"]
-        buf.mul_(c["momentum"]).add_(g)  # from zeros: the first step's buffer is the gradient, as torch's
-        g = g + c["momentum"] * buf if nesterov else buf
-    p.sub_(c["lr"] * g)
+def _sgd(p: Tensor, g: Tensor, state: dict[str, Tensor], count: Tensor, lr: float, wd: float, momentum: float,
+         step: int, *, nesterov: bool = False) -> None:
+    buffers = [state["momentum_buffer"]] if momentum != 0 and "momentum_buffer" in state else []
+    torch._fused_sgd_([p], [g], buffers, weight_decay=wd, momentum=momentum if buffers else 0.0, lr=lr,
+                      dampening=0.0, nesterov=nesterov and bool(buffers), maximize=False, is_first_step=step == 1)
 
 
-def _adagrad(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Tensor], step: int) -> None:
-    g = g + c["wd"] * p
-    total = state["sum"]
-    total.addcmul_(g, g)
-    p.sub_(c["lr"] * (g / total.sqrt().add_(ADAGRAD_EPS)))
+def _adagrad(p: Tensor, g: Tensor, state: dict[str, Tensor], count: Tensor, lr: float, wd: float,
+             momentum: float, step: int) -> None:
+    if p.device.type != "cpu":  # torch fuses Adagrad on the CPU only; elsewhere its foreach arithmetic
+        if wd != 0:
+            g = g.add(p, alpha=wd)
+        total = state["sum"]
+        total.addcmul_(g, g, value=1)
+        p.addcdiv_(g, total.sqrt().add_(ADAGRAD_EPS), value=-lr)
+        return
+    torch._fused_adagrad_([p], [g], [state["sum"]], [count], lr=lr, lr_decay=0.0, weight_decay=wd,
+                          eps=ADAGRAD_EPS, maximize=False)
 
 
-def _rmsprop(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Tensor], step: int) -> None:
-    g = g + c["wd"] * p
+def _rmsprop(p: Tensor, g: Tensor, state: dict[str, Tensor], count: Tensor, lr: float, wd: float,
+             momentum: float, step: int) -> None:
+    if wd != 0:
+        g = g.add(p, alpha=wd)
     avg = state["square_avg"]
     avg.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
-    p.sub_(c["lr"] * (g / avg.sqrt().add_(RMSPROP_EPS)))
+    p.addcdiv_(g, avg.sqrt().add_(RMSPROP_EPS), value=-lr)
 
 
-def _adam(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Tensor], step: int, *,
-          decoupled: bool = False) -> None:
-    if decoupled:
-        p.mul_(1 - c["lr"] * c["wd"])
-    else:
-        g = g + c["wd"] * p
-    beta1, beta2 = ADAM_BETAS
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step_size = c["lr"] / (1 - beta1**step)
-    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(ADAM_EPS)
-    p.sub_(step_size * (m / denom))
+def _adam(p: Tensor, g: Tensor, state: dict[str, Tensor], count: Tensor, lr: float, wd: float, momentum: float,
+          step: int, *, decoupled: bool = False) -> None:
+    fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    fused([p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [], [count], amsgrad=False, lr=lr,
+          beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], weight_decay=wd, eps=ADAM_EPS, maximize=False)
 
 
 _RULES: dict[str, Any] = {
     "sgd": _sgd,
-    "momentum": lambda *a: _sgd(*a, momentum=True),
+    "momentum": _sgd,
     "nesterov": lambda *a: _sgd(*a, nesterov=True),
     "adagrad": _adagrad,
     "rmsprop": _rmsprop,

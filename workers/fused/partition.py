@@ -2,8 +2,10 @@
 
 A fused group pads every member to the widest and deepest member, so a 32-unit member grouped with a
 512-unit one computes 512-wide layers. Groups are formed per batch size (`can_fuse`), over members sorted by
-size, and a member joins the current group only while the group's padded cost stays within `max_waste` of
-what its members would compute alone.
+size, and a member joins the current group only while the group's cost stays within `max_waste` of what its
+members would cost alone. Costs count each training step's fixed cost too (`STEP_OVERHEAD`: Python,
+operator launches, the optimizer call), which a solo trial pays once per member and a group once: small
+networks are dominated by it, so fusing them pays even with much padding.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from app.ml.networks import _widths
 from workers.fused.layers import can_fuse, member_params
 from workers.trainer import DEFAULT_BATCH_SIZE
 
-MAX_WASTE = 0.5  # padded cost at most 1.5x the members' own cost
+MAX_WASTE = 0.5  # a group's cost at most 1.5x its members' own cost
+# A training step's fixed cost in multiply-adds: on one CPU thread a solo step of a tiny MLP takes about
+# 0.5 ms beyond its arithmetic, the time of some 15 million multiply-adds of a batched matmul.
+STEP_OVERHEAD = 15_000_000
 
 
 def layer_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -42,13 +47,19 @@ def padded_cost(specs: Sequence[ModelSpec]) -> int:
     return len(specs) * sum(i * o for i, o in zip(fan_in, outs, strict=True))
 
 
-def plan_groups(specs: Sequence[ModelSpec], *, max_members: int, max_waste: float = MAX_WASTE) -> list[list[int]]:
-    """Indices of `specs` in fusable groups of at most `max_members`; a member that fits nowhere runs alone."""
+def plan_groups(specs: Sequence[ModelSpec], *, max_members: int, max_waste: float = MAX_WASTE,
+                step_overhead: int = STEP_OVERHEAD) -> list[list[int]]:
+    """Indices of `specs` in fusable groups of at most `max_members`; a member that fits nowhere runs alone.
+
+    A group fits while its padded cost plus one step overhead (per sample) stays within `1 + max_waste`
+    times the sum of its members' own costs plus one step overhead each.
+    """
     groups: list[list[int]] = []
     by_batch: dict[int, list[int]] = {}
     for i, spec in enumerate(specs):
         by_batch.setdefault(int(member_params(spec).get("batch_size", DEFAULT_BATCH_SIZE)), []).append(i)
-    for members in by_batch.values():
+    for batch_size, members in by_batch.items():
+        overhead = step_overhead / batch_size
         current: list[int] = []
         for i in sorted(members, key=lambda j: own_cost(specs[j])):
             if not can_fuse([specs[i]])[0]:
@@ -56,7 +67,8 @@ def plan_groups(specs: Sequence[ModelSpec], *, max_members: int, max_waste: floa
                 continue
             trial = current + [i]
             chosen = [specs[j] for j in trial]
-            fits = len(trial) <= max_members and padded_cost(chosen) <= (1 + max_waste) * sum(map(own_cost, chosen))
+            alone = sum(own_cost(s) + overhead for s in chosen)
+            fits = len(trial) <= max_members and padded_cost(chosen) + overhead <= (1 + max_waste) * alone
             if current and not fits:
                 groups.append(current)
                 trial = [i]
