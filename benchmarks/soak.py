@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("HPSEARCH_TEST_POSTGRES_URL",
@@ -91,6 +92,17 @@ class Report:
                  "checked: " + _counts(self.checks),
                  f"violations: {len(self.violations)}"]
         return "\n".join(lines + [f"  {v}" for v in self.violations])
+
+
+def read(engine: Engine, statement: Any, params: dict[str, Any] | None = None) -> list[Any]:
+    """The rows of one query, retried while the injector holds the database down (the driver is a client)."""
+    for _ in range(120):
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(statement, params or {}))
+        except DBAPIError:
+            time.sleep(0.5)
+    raise RuntimeError("the database stayed away for a minute")
 
 
 def _counts(c: Counter[str]) -> str:
@@ -292,6 +304,32 @@ def one_sample_class_csv(rng: random.Random) -> bytes:
     return out.getvalue().encode()
 
 
+def split_fails(engine: Engine, home: Path, ref: str, seed: int) -> bool:
+    """Whether the service's own split of this dataset fails with this study seed (as every worker's will)."""
+    from app.core.config import Settings
+    from app.core.db import Database
+    from app.ml import data
+    from app.services.datasets import load_dataset
+
+    db = Database(str(engine.url.render_as_string(hide_password=False)))
+    try:
+        for _ in range(120):  # the injector may hold the database down
+            try:
+                ds = load_dataset(db, Settings(home=home, database_url=db.url), ref)
+                break
+            except DBAPIError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("the database stayed away for a minute")
+    finally:
+        db.dispose()
+    try:
+        data.split_dataset(ds, validation_split=0.2, seed=seed)
+    except data.DatasetError:
+        return True
+    return False
+
+
 def canonical(params: dict[str, Any] | None) -> str:
     """A configuration as a comparable text (numbers as floats, keys sorted)."""
     def norm(v: Any) -> Any:
@@ -318,6 +356,7 @@ class Driver:
     def __init__(self, cluster: Cluster, key: str, rng: random.Random, report: Report, ledger: Ledger,
                  engine: Engine) -> None:
         self.cluster, self.rng, self.report, self.ledger, self.engine = cluster, rng, report, ledger, engine
+        self.home = cluster.home
         self.headers = {"Authorization": f"Bearer {key}"}
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response | None:
@@ -346,9 +385,8 @@ class Driver:
         sid = str(r.json()["id"])
         self.ledger.created[sid] = kind
         self.ledger.specs[sid] = spec
-        with self.engine.connect() as conn:
-            self.ledger.optuna_names[sid] = str(conn.execute(
-                text("SELECT optuna_name FROM hp_studies WHERE id = :i"), {"i": sid}).scalar())
+        self.ledger.optuna_names[sid] = str(read(self.engine, text("SELECT optuna_name FROM hp_studies "
+                                                                   "WHERE id = :i"), {"i": sid})[0][0])
         self.report.actions[f"create_{kind}"] += 1
         return sid
 
@@ -356,17 +394,24 @@ class Driver:
         self.create(study_spec(self.rng, sampler := self.rng.choice(SAMPLERS)), sampler)
 
     def create_bad_dataset_study(self) -> None:
+        """A study on an uploaded CSV with a one-sample class. Its split is decided by the data and the
+        study's seed, so the driver works out (with the service's own split) whether any worker can ever split
+        it; a seed that cannot is chosen when one exists, and such a study must end `failed`, with its reason."""
         files = {"file": ("one-sample-class.csv", one_sample_class_csv(self.rng), "text/csv")}
         r = self.call("POST", "/datasets", data={"kind": "csv", "label_column": "label",
                                                  "task": "classification", "name": "one sample class"},
                       files=files)
         if r is None or r.status_code not in (200, 201):
-            self.report.actions["bad_upload_refused"] += 1
+            self.report.actions[f"bad_upload_refused_{r.status_code if r is not None else 'no_answer'}"] += 1
             return
-        spec = study_spec(self.rng, "random", dataset=str(r.json()["id"]))
+        ref = str(r.json()["id"])
+        spec = study_spec(self.rng, "random", dataset=ref)
         spec["search_space"].pop("batch_size", None)
-        sid = self.create(spec, "bad_dataset")
-        if sid is not None:
+        seed = next((k for k in range(50) if split_fails(self.engine, self.home, ref, k)), None)
+        if seed is not None:
+            spec["sampler"]["seed"] = seed
+        sid = self.create(spec, "bad_dataset" if seed is not None else "one_sample_class")
+        if sid is not None and seed is not None:
             self.ledger.bad_dataset.add(sid)
 
     def create_warm_start(self) -> None:
@@ -381,8 +426,7 @@ class Driver:
         self.create(spec, "warm_history" if history else "warm_start")
 
     def _studies(self, *statuses: str) -> list[str]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(text("SELECT id, status FROM hp_studies")).all()
+        rows = read(self.engine, text("SELECT id, status FROM hp_studies"))
         return sorted(i for i, s in rows if s in statuses and i not in self.ledger.deleted)
 
     def enqueue(self) -> None:
@@ -799,15 +843,13 @@ def _check_weights(trials: list[Any], studies: dict[str, Any], artifact_dir: Pat
 
 def _witness_studies(engine: Engine, pid: int) -> int:
     """How many studies the witness supervisor has finished trials of."""
-    with engine.connect() as conn:
-        return int(conn.execute(text(
-            "SELECT count(DISTINCT t.study_id) FROM hp_trials t JOIN hp_workers w ON t.worker_id = w.id "
-            "WHERE w.pid = :p AND t.state IN ('complete', 'pruned', 'fail')"), {"p": pid}).scalar() or 0)
+    return int(read(engine, text(
+        "SELECT count(DISTINCT t.study_id) FROM hp_trials t JOIN hp_workers w ON t.worker_id = w.id "
+        "WHERE w.pid = :p AND t.state IN ('complete', 'pruned', 'fail')"), {"p": pid})[0][0] or 0)
 
 
 def _all_ended(engine: Engine, ledger: Ledger) -> bool:
-    with engine.connect() as conn:
-        statuses = dict(conn.execute(text("SELECT id, status FROM hp_studies")).all())
+    statuses = {i: st for i, st in read(engine, text("SELECT id, status FROM hp_studies"))}
     return all(statuses.get(sid) in ENDED for sid in ledger.created if sid not in ledger.deleted)
 
 
