@@ -73,6 +73,7 @@ class Report:
     trials: Counter[str] = field(default_factory=Counter)
     checks: Counter[str] = field(default_factory=Counter)  # how many things each check looked at
     retried_trials: int = 0
+    failures: Counter[str] = field(default_factory=Counter)  # the last failure kind of each trial that had one
     studies: Counter[str] = field(default_factory=Counter)
     memory: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
@@ -87,7 +88,8 @@ class Report:
                  "faults injected: " + _counts(self.faults),
                  "actions: " + _counts(self.actions),
                  "studies: " + _counts(self.studies),
-                 "trials: " + _counts(self.trials) + f"; retried (attempt > 1): {self.retried_trials}",
+                 "trials: " + _counts(self.trials) + f"; retried (attempt > 1): {self.retried_trials}; "
+                 "failures: " + _counts(self.failures),
                  "memory: " + json.dumps(self.memory),
                  "checked: " + _counts(self.checks),
                  f"violations: {len(self.violations)}"]
@@ -547,19 +549,22 @@ class Injector(threading.Thread):
             sup.proc.send_signal(signal.SIGCONT)
         sup.frozen = False
 
-    def _busy_pids(self) -> set[int]:
-        """Supervisors holding a running trial: a fault there costs an attempt, one elsewhere may cost nothing."""
+    def _pids(self, running_only: bool) -> set[int]:
+        """Supervisors that registered (running_only: that hold a running trial, where a fault costs an
+        attempt rather than nothing)."""
+        sql = ("SELECT DISTINCT w.pid FROM hp_trials t JOIN hp_workers w ON t.worker_id = w.id "
+               "WHERE t.state = 'running'") if running_only else "SELECT pid FROM hp_workers"
         try:
             with self.engine.connect() as conn:
-                return {int(p) for p in conn.execute(text(
-                    "SELECT DISTINCT w.pid FROM hp_trials t JOIN hp_workers w ON t.worker_id = w.id "
-                    "WHERE t.state = 'running'")).scalars()}
+                return {int(p) for p in conn.execute(text(sql)).scalars()}
         except Exception:  # noqa: BLE001 - the database may be the thing that is down
             return set()
 
     def inject(self, kind: str) -> None:
-        victims = self.cluster.victims()
-        busy = [v for v in victims if v.proc.pid in self._busy_pids()]
+        # Workers still importing torch are left alone: killing them costs startup time and tests nothing.
+        registered = self._pids(running_only=False)
+        victims = [v for v in self.cluster.victims() if v.proc.pid in registered]
+        busy = [v for v in victims if v.proc.pid in self._pids(running_only=True)]
         if busy and self.rng.random() < 0.75:
             victims = busy
         if kind in ("sigkill", "freeze", "sigterm") and not victims:
@@ -640,7 +645,7 @@ def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report) ->
             Study.optuna_name, Study.spec))}
         trials = list(conn.execute(select(
             Trial.id, Trial.study_id, Trial.number, Trial.optuna_trial_id, Trial.state, Trial.params, Trial.value,
-            Trial.values, Trial.attempt, Trial.artifact, Trial.finished_at, Trial.source)
+            Trial.values, Trial.attempt, Trial.artifact, Trial.finished_at, Trial.source, Trial.failure)
             .order_by(Trial.study_id, Trial.id)))
         epochs: dict[tuple[int, int], dict[int, tuple[float | None, Any]]] = defaultdict(dict)
         for e in conn.execute(select(TrialEpoch.trial_id, TrialEpoch.attempt, TrialEpoch.epoch,
@@ -663,6 +668,8 @@ def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report) ->
         by_study[t.study_id].append(t)
         report.trials[t.state] += 1
         report.retried_trials += t.attempt > 1
+        if t.failure:
+            report.failures[t.failure] += 1
 
     # 1. every study ended with its reason; deleted ones are gone, here and in Optuna
     for sid in ledger.created:

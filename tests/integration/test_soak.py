@@ -15,10 +15,11 @@ SEED = 20240
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # real processes on shared cores; the soak bounds its own phases
 @pytest.mark.postgres
 def test_short_soak_on_postgresql_finds_no_violation(tmp_path: Path) -> None:
     _postgres_template()  # skips (outside CI) when the server is not there
-    config = SoakConfig(database="postgresql", minutes=1.5, workers=3, studies=8, seed=SEED, home=tmp_path)
+    config = SoakConfig(database="postgresql", minutes=1.0, workers=3, studies=8, seed=SEED, home=tmp_path)
     report = run(config, log=lambda _: None)
     print(report.render(config))
     assert sum(report.faults.values()) >= 5, report.faults  # the chaos really happened
@@ -28,6 +29,7 @@ def test_short_soak_on_postgresql_finds_no_violation(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # real processes on shared cores; the soak bounds its own phases
 def test_short_soak_on_sqlite_finds_no_violation(tmp_path: Path) -> None:
     config = SoakConfig(database="sqlite", minutes=1.0, workers=2, studies=5, seed=SEED, home=tmp_path)
     report = run(config, log=lambda _: None)
