@@ -361,6 +361,7 @@ class Driver:
                  engine: Engine) -> None:
         self.cluster, self.rng, self.report, self.ledger, self.engine = cluster, rng, report, ledger, engine
         self.home = cluster.home
+        self.cap = 1  # cancels and deletes each end at most this many studies (set by run: a share of them)
         self.headers = {"Authorization": f"Bearer {key}"}
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response | None:
@@ -488,24 +489,26 @@ class Driver:
                 self.report.actions["resume_at_end"] += 1
 
     def step(self, creating: bool) -> None:
-        """One client action, chosen by the RNG."""
-        roll = self.rng.random()
-        if creating and roll < 0.35:
+        """One client action, chosen by the RNG: a new study when one is due, else steering."""
+        if creating:
             if self.rng.random() < 0.12:
                 self.create_bad_dataset_study()
             elif self.rng.random() < 0.2:
                 self.create_warm_start()
             else:
                 self.create_study()
-        elif roll < 0.6:
+            return
+        roll = self.rng.random()
+        if roll < 0.45:
             self.enqueue()
-        elif roll < 0.72:
+        elif roll < 0.65:
             self.steer("pause")
-        elif roll < 0.86:
+        elif roll < 0.85:
             self.steer("resume")
         elif roll < 0.93:
-            self.steer("cancel")
-        else:
+            if self.report.actions["cancel"] < self.cap:
+                self.steer("cancel")
+        elif self.report.actions["delete"] < self.cap:
             self.steer("delete")
 
 
@@ -853,6 +856,15 @@ def _witness_studies(engine: Engine, pid: int) -> int:
         "WHERE w.pid = :p AND t.state IN ('complete', 'pruned', 'fail')"), {"p": pid})[0][0] or 0)
 
 
+def _wait_registered(engine: Engine, workers: int, timeout_s: float = 600.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if int(read(engine, text("SELECT count(*) FROM hp_workers WHERE stopped_at IS NULL"))[0][0]) >= workers:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{workers} workers never registered")
+
+
 def _all_ended(engine: Engine, ledger: Ledger) -> bool:
     statuses = {i: st for i, st in read(engine, text("SELECT id, status FROM hp_studies"))}
     return all(statuses.get(sid) in ENDED for sid in ledger.created if sid not in ledger.deleted)
@@ -881,18 +893,22 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
             witness = cluster.start_worker(witness=True)
             cluster.top_up()
             driver = Driver(cluster, key, random.Random(config.seed + 2), report, ledger, engine)
+            driver.cap = max(1, round(0.15 * config.studies))
             log(f"soak home {home}; API on {cluster.base}")
+            _wait_registered(engine, config.workers)  # the chaos starts once the pool is up
             injector.start()
             warm_up = min(WARM_UP_STUDIES, max(1, config.studies // 3))
-            active_end = time.monotonic() + 60.0 * config.minutes
-            create_until = time.monotonic() + 60.0 * config.minutes * 0.7
-            while time.monotonic() < active_end:
-                creating = len(ledger.created) < config.studies and time.monotonic() < create_until
-                driver.step(creating)
-                if not creating and len(ledger.created) < config.studies and time.monotonic() >= create_until:
-                    driver.create_study()  # the late ones, so every run creates what it was asked to
+            begin = time.monotonic()
+            active_s, create_s = 60.0 * config.minutes, 60.0 * config.minutes * 0.7
+            while time.monotonic() - begin < active_s:
+                # Studies are created on a schedule over the first 70% of the run, the rest of the time
+                # is steering: each tick is one action.
+                due = config.studies * min(1.0, (time.monotonic() - begin) / create_s)
+                driver.step(creating=len(ledger.created) < due)
                 _sample_warm(engine, witness, report, warm_up)
-                time.sleep(rng.uniform(0.5, 2.0))
+                time.sleep(rng.uniform(0.3, 1.2))
+            while len(ledger.created) < config.studies:  # a slow machine still creates every study asked for
+                driver.create_study()
             injector.halt.set()
             injector.join(60)
             if injector.errors:
