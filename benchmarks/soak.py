@@ -58,12 +58,13 @@ class SoakConfig:
     workers: int = 3  # supervisors kept alive (one slot each)
     studies: int = 10
     seed: int = 0
-    settle_s: float | None = None  # how long studies may take to end once the chaos stops (the bound)
+    settle_s: float | None = None  # at most this long for studies to end once the chaos stops (the bound)
+    quiet_s: float = 120.0  # ...and the settling ends sooner when the database shows no progress this long
     home: Path | None = None  # keep processes' logs, database and artifacts here (default: a temporary folder)
 
     @property
     def settle_bound_s(self) -> float:
-        return self.settle_s if self.settle_s is not None else max(120.0, 20.0 * self.studies)
+        return self.settle_s if self.settle_s is not None else max(600.0, 30.0 * self.studies)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Report:
     memory: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    settled: str = ""  # how the settling ended: all ended, stuck (no progress), or the bound
 
     def violate(self, check: str, evidence: str) -> None:
         self.violations.append(f"{check}: {evidence}")
@@ -89,7 +91,7 @@ class Report:
                  "faults injected: " + _counts(self.faults) + "; drawn but skipped (no registered victim or "
                  "pool full): " + _counts(self.faults_skipped),
                  "actions: " + _counts(self.actions),
-                 "studies: " + _counts(self.studies),
+                 "studies: " + _counts(self.studies) + f" (settling: {self.settled})",
                  "trials: " + _counts(self.trials) + f"; retried (attempt > 1): {self.retried_trials}; "
                  "failures: " + _counts(self.failures),
                  "memory: " + json.dumps(self.memory),
@@ -691,7 +693,7 @@ def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report) ->
             continue
         report.studies[s.status] += 1
         if s.status not in ENDED:
-            report.violate("ended", f"study {sid} ({ledger.created[sid]}) still {s.status} after the settle bound "
+            report.violate("ended", f"study {sid} ({ledger.created[sid]}) still {s.status} when settling ended "
                                     f"(finished {sum(1 for t in by_study[sid] if t.state in FINISHED)}"
                                     f"/{s.n_trials}, states {dict(Counter(t.state for t in by_study[sid]))}, "
                                     f"error {str(s.error)[:200]!r})")
@@ -856,6 +858,17 @@ def _witness_studies(engine: Engine, pid: int) -> int:
         "WHERE w.pid = :p AND t.state IN ('complete', 'pruned', 'fail')"), {"p": pid})[0][0] or 0)
 
 
+def _progress(engine: Engine) -> tuple[Any, ...]:
+    """What moves while studies make progress: epochs, bound and finished trials, attempts, ended studies.
+    (Claims of trials that never bind, as a study whose data cannot load makes over and over, do not count.)"""
+    return tuple(read(engine, text(
+        "SELECT (SELECT count(*) FROM hp_trial_epochs), "
+        "(SELECT count(*) FROM hp_trials WHERE number IS NOT NULL), "
+        "(SELECT count(*) FROM hp_trials WHERE state IN ('complete', 'pruned', 'fail')), "
+        "(SELECT coalesce(sum(attempt), 0) FROM hp_trials), "
+        "(SELECT count(*) FROM hp_studies WHERE status IN ('completed', 'failed', 'cancelled'))"))[0])
+
+
 def _wait_registered(engine: Engine, workers: int, timeout_s: float = 600.0) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -917,10 +930,20 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
             driver.resume_all()
             log(f"chaos over after {time.monotonic() - started:.0f}s; settling (bound {config.settle_bound_s:.0f}s)")
             settle_end = time.monotonic() + config.settle_bound_s
+            last, quiet_since = _progress(engine), time.monotonic()
             while time.monotonic() < settle_end and not _all_ended(engine, ledger):
                 _sample_warm(engine, witness, report, warm_up)
                 driver.resume_all()  # a pause that raced the end of the chaos
                 time.sleep(1.0)
+                now = _progress(engine)
+                if now != last:
+                    last, quiet_since = now, time.monotonic()
+                elif time.monotonic() - quiet_since > config.quiet_s:
+                    report.settled = f"stuck: no progress in the database for {config.quiet_s:.0f}s"
+                    break
+            else:
+                report.settled = "all ended" if _all_ended(engine, ledger) else \
+                    f"bound of {config.settle_bound_s:.0f}s reached"
             _sample_end(witness, report)
         finally:
             injector.halt.set()
@@ -967,10 +990,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settle-s", type=float, default=None, help="bound on ending once the chaos stops")
+    parser.add_argument("--quiet-s", type=float, default=120.0, help="settling gives up after this long without "
+                        "progress in the database")
     parser.add_argument("--home", type=Path, default=None, help="keep logs, database and artifacts here")
     args = parser.parse_args(argv)
     config = SoakConfig(database=args.database, minutes=args.minutes, workers=args.workers, studies=args.studies,
-                        seed=args.seed, settle_s=args.settle_s, home=args.home)
+                        seed=args.seed, settle_s=args.settle_s, quiet_s=args.quiet_s, home=args.home)
     report = run(config)
     print(report.render(config), flush=True)
     return 1 if report.violations else 0

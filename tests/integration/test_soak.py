@@ -15,7 +15,7 @@ SEED = 20240
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # real processes on shared cores; the soak bounds its own phases
+@pytest.mark.timeout(2400)  # real processes on shared cores; the soak bounds its own phases
 @pytest.mark.postgres
 def test_short_soak_on_postgresql_finds_no_violation(tmp_path: Path) -> None:
     _postgres_template()  # skips (outside CI) when the server is not there
@@ -29,7 +29,7 @@ def test_short_soak_on_postgresql_finds_no_violation(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # real processes on shared cores; the soak bounds its own phases
+@pytest.mark.timeout(2400)  # real processes on shared cores; the soak bounds its own phases
 def test_short_soak_on_sqlite_finds_no_violation(tmp_path: Path) -> None:
     config = SoakConfig(database="sqlite", minutes=1.0, workers=2, studies=5, seed=SEED, home=tmp_path)
     report = run(config, log=lambda _: None)
