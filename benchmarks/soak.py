@@ -427,7 +427,8 @@ class Driver:
         if not done:
             return
         source = self.rng.choice(done)
-        spec = study_spec(self.rng, self.rng.choice(["tpe", "random"]))
+        # The source's dataset: what a configuration fixes (batch size, the dataset's own entries) must fit.
+        spec = study_spec(self.rng, self.rng.choice(["tpe", "random"]), dataset=self.ledger.specs[source]["dataset"])
         history = self.rng.random() < 0.5
         spec["warm_start"] = {"studies": [source], "top_k": 2, "history": history}
         self.create(spec, "warm_history" if history else "warm_start")
