@@ -219,14 +219,15 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: queue.Lease, trial: opt
                                 learning_rate=report["learning_rate"], seconds=report["seconds"])
     if status is queue.EpochStatus.LOST:
         return Ending(Outcome.LOST)
-    if status is queue.EpochStatus.STOP:
-        return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
+    stop = status is queue.EpochStatus.STOP
     if p.spec.is_multi_objective or metric is None:
-        return None
-    try:
+        return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE) if stop else None
+    try:  # an epoch the service recorded reaches Optuna too, also the last one before a cancel
         retry_on_disconnect(trial.report, float(metric), step=report["epoch"])
     except UpdateFinishedTrialError:  # the reaper ended this attempt's Optuna trial meanwhile
         return Ending(Outcome.LOST)
+    if stop:
+        return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
     return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import Database
+from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.models import FailureKind, Study, StudyStatus, Trial, TrialState
 from app.models.base import utcnow
@@ -204,8 +204,9 @@ def delete_study(db: Database, settings: Settings, *, owner: str, study_id: str)
         study = own_study(session, owner=owner, study_id=study_id, for_update=True)
         optuna_name = study.optuna_name
         session.delete(study)
-    try:
-        optuna.delete_study(study_name=optuna_name, storage=optuna_storage(db.url))
+    try:  # through a database blip too: the row is gone, so nothing else would ever delete it
+        retry_on_disconnect(optuna.delete_study, study_name=optuna_name, storage=optuna_storage(db.url),
+                            patience_s=10.0)
     except KeyError:
         pass  # already gone
     assert settings.artifact_dir is not None
