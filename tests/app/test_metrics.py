@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,7 +14,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import Trial
 from app.models.base import utcnow
-from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
+from tests.factories import API, client_for, create_study_via_api, running_supervisor, wait_for_status
 from workers import queue
 
 
@@ -39,12 +38,6 @@ class Scrape:
 def _fresh_client(settings: Settings, db: Database) -> TestClient:
     """Every scrape reads the database: these tests change rows between scrapes."""
     return client_for(settings.model_copy(update={"metrics_cache_s": 0.0}), db)
-
-
-def _create(client: TestClient, **overrides: Any) -> str:
-    response = client.post(f"{API}/studies", json=study_spec(**overrides))
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
 
 
 def test_counters_move_after_a_small_study(settings: Settings, db: Database) -> None:
@@ -109,8 +102,6 @@ def _assert_gpu_metrics_follow_nvml(scrape: Scrape) -> None:
 def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Database) -> None:
     """Leases taken back by the reaper, through the real queue functions the supervisors use."""
     client = _fresh_client(settings, db)
-    _create(client, budget={"n_trials": 3, "max_attempts": 2})
-    client = client_for(settings, db)
     create_study_via_api(client, budget={"n_trials": 3, "max_attempts": 2})
 
     def lease(deadline_s: float = 3600.0) -> queue.Lease:
@@ -144,9 +135,6 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
 
 def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: Database) -> None:
     client = _fresh_client(settings, db)
-    _create(client, budget={"n_trials": 4})
-    paused = _create(client, budget={"n_trials": 5})
-    client = client_for(settings, db)
     create_study_via_api(client, budget={"n_trials": 4})
     paused = create_study_via_api(client, budget={"n_trials": 5})
     assert Scrape(client).value("hpsearch_queue_depth") == 9
@@ -170,7 +158,7 @@ def _count_statements(db: Database) -> list[str]:
 
 def test_scrapes_within_the_cache_interval_read_the_database_once(settings: Settings, db: Database) -> None:
     client = client_for(settings.model_copy(update={"metrics_cache_s": 3600.0}), db)
-    _create(client)
+    create_study_via_api(client)
     statements = _count_statements(db)
     first = Scrape(client)
     read_once = len(statements)

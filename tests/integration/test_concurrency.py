@@ -48,11 +48,12 @@ def _run_many_workers(url: str, tmp_path: Path, n_workers: int, n_trials: int, m
     assert study_status(db, sid) == "completed"
     assert 1 <= peak_running(db, sid) <= max_parallel  # from the recorded claim and finish times
     rows = assert_study_settled(db, sid, n_trials)
-    assert sorted(r.number for r in rows) == list(range(n_trials))
+    numbers = sorted(r.number for r in rows)
+    assert len(set(numbers)) == n_trials  # no number twice (a proposal dropped in a race leaves a gap)
     assert all(r.state == TrialState.COMPLETE.value and r.attempt == 1 for r in rows)
     events = [e for log in logs for e in log_lines(log)]
     started = sorted(e["trial"] for e in events if e["msg"] == "trial started")
-    assert started == list(range(n_trials))  # each trial ran exactly once
+    assert started == numbers  # each trial ran exactly once
     assert [e["msg"] for e in events if e["msg"] == "study finalized (n_trials)"] == ["study finalized (n_trials)"]
     for log in logs:
         text = log.read_text(errors="replace")
