@@ -168,20 +168,31 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
 def evaluate(module: nn.Module, x: Tensor, y: Tensor, task: str, *, batch_size: int = EVAL_BATCH_SIZE,
              amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """accuracy/loss (classification) or mse/mae/loss (regression) over x, batched, in eval mode."""
-    n = x.shape[0]
-    if n == 0:
+    sums = split_sums(module, x, y, _batch_sums, batch_size=batch_size, amp_dtype=amp_dtype, task=task)
+    return metrics_of(sums.tolist(), x.shape[0], y, task)
+
+
+def split_sums(model: nn.Module, x: Tensor, y: Tensor, batch_sums: Callable[[Tensor, Tensor, str], Tensor], *,
+               batch_size: int, amp_dtype: torch.dtype | None, task: str) -> Tensor:
+    """The batch sums of a whole split added up in eval mode (the model's training mode is restored)."""
+    if x.shape[0] == 0:
         raise ValueError("cannot evaluate on an empty split")
-    was_training = module.training
-    module.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
+    was_training = model.training
+    model.eval()
+    sums: Tensor | None = None
     with torch.no_grad():
-        for start in range(0, n, batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        for start in range(0, x.shape[0], batch_size):
             with _autocast(x.device, amp_dtype):
-                out = module(xb)
-            sums += _batch_sums(out, yb, task)
-    module.train(was_training)
-    total = sums.tolist()
+                out = model(x[start:start + batch_size])
+            part = batch_sums(out, y[start:start + batch_size], task)
+            sums = part if sums is None else sums + part
+    model.train(was_training)
+    assert sums is not None
+    return sums
+
+
+def metrics_of(total: list[float], n: int, y: Tensor, task: str) -> dict[str, float]:
+    """Metrics from a split's (loss sum, correct count or abs-error sum) over its n rows."""
     if task == "classification":
         return {"accuracy": total[1] / n, "loss": total[0] / n}
     k = y[0].numel()

@@ -32,6 +32,8 @@ from workers.trainer import (
     _check_args,
     _noise_std,
     augment,
+    metrics_of,
+    split_sums,
 )
 
 
@@ -247,25 +249,8 @@ def member_losses(out: Tensor, y: Tensor, task: str) -> Tensor:
 def evaluate_group(model: FusedMLP, x: Tensor, y: Tensor, task: str, *, batch_size: int = EVAL_BATCH_SIZE,
                    amp_dtype: torch.dtype | None = None) -> list[dict[str, float]]:
     """`workers.trainer.evaluate` for every member at once, over the shared split x, in eval mode."""
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("cannot evaluate on an empty split")
-    was_training = model.training
-    model.eval()
-    k = len(model.members)
-    sums = torch.zeros(k, 2, dtype=torch.float64, device=x.device)
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            with _autocast(x.device, amp_dtype):
-                out = model(xb)
-            sums += _batch_sums(out, yb, task)
-    model.train(was_training)
-    totals = sums.tolist()
-    if task == "classification":
-        return [{"accuracy": t[1] / n, "loss": t[0] / n} for t in totals]
-    per = y[0].numel()
-    return [{"mse": t[0] / (n * per), "mae": t[1] / (n * per), "loss": t[0] / (n * per)} for t in totals]
+    sums = split_sums(model, x, y, _batch_sums, batch_size=batch_size, amp_dtype=amp_dtype, task=task)
+    return [metrics_of(total, x.shape[0], y, task) for total in sums.tolist()]
 
 
 def _batch_sums(out: Tensor, y: Tensor, task: str) -> Tensor:
