@@ -58,13 +58,19 @@ def ask_trial(study: optuna.Study, storage: BaseStorage, resolved: dict[str, Any
     """
     if seed is None and isinstance(study.sampler, optuna.samplers.GridSampler):
         seed = 0  # Optuna's grid seeds itself with 0 when given none: every worker would pick the same point
-    if type(study.sampler) not in MIRRORED_SAMPLERS or not isinstance(storage, RDBStorage):
+    if not asks_from_memory(study, storage):
         return _ask_directly(study, storage, resolved, fixed, seed)
     with _mirrors_lock:
         mirror = _mirrors.get(study)
         if mirror is None:
             mirror = _mirrors[study] = StudyMirror(study, storage)
     return mirror.ask(storage, resolved, fixed, seed)
+
+
+def asks_from_memory(study: optuna.Study, storage: BaseStorage) -> bool:
+    """Whether ask_trial proposes from the windowed mirror (TPE, random), which keeps workers apart by itself;
+    other samplers coordinate through the storage and need the study's ask lock across workers."""
+    return type(study.sampler) in MIRRORED_SAMPLERS and isinstance(storage, RDBStorage)
 
 
 def trial_seed(seed: int, number: int) -> int:

@@ -11,6 +11,7 @@ import enum
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -96,7 +97,9 @@ def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None
     None when the lease was reaped meanwhile (this worker looked dead): that Optuna trial is failed.
     """
     storage = optuna_storage(slot.db.url)
-    with p.lock:
+    across_workers = nullcontext() if asking.asks_from_memory(p.optuna_study, storage) else \
+        queue.asking_alone(slot.db, lease.study_id)
+    with p.lock, across_workers:
         number, trial_id, params = retry_on_disconnect(asking.ask_trial, p.optuna_study, storage, p.resolved,
                                                        lease.params, p.spec.sampler.seed)
         bound = None

@@ -11,12 +11,16 @@ when the connection drops (`@retrying`): a killed connection or a busy database 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection
+import fcntl
+import hashlib
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from app.core.db import Database, retrying
@@ -643,3 +647,30 @@ def still_running(db: Database, study_ids: list[str]) -> set[str]:
     with db.read_session() as session:
         return set(session.scalars(select(Study.id).where(Study.id.in_(study_ids), Study.status.in_(
             (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)))))
+
+
+@contextmanager
+def asking_alone(db: Database, study_id: str) -> Iterator[None]:
+    """Hold the study's ask lock across every worker while a sampler that coordinates through the storage
+    (QMC counts its draws in a study attribute, the grid reads which points are taken) proposes a trial:
+    two workers asking at once would be handed the same draw.
+
+    PostgreSQL: a transaction-scoped advisory lock keyed by the study (released at commit, or when the holder
+    dies); SQLite: a lock on a file beside the database (its workers share one machine).
+    """
+    if db.is_sqlite:
+        path = make_url(db.url).database
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.ask-lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    key = int.from_bytes(hashlib.sha256(study_id.encode()).digest()[:8], "big", signed=True)
+    with db.session() as session:
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield
