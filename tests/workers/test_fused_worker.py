@@ -153,7 +153,9 @@ def test_a_fused_group_runs_its_trials_as_ordinary_trials_and_pruning_one_leaves
 
 def test_a_killed_fused_runner_fails_each_members_attempt_and_each_is_retried_to_completion(
         sqlite_url: str, tmp_path: Path) -> None:
-    settings = make_settings(sqlite_url, tmp_path / "home")
+    # Only the runner is killed, never the worker: a long grace keeps a loaded machine's late beats from
+    # costing attempts, so every attempt the test counts is the crash's.
+    settings = make_settings(sqlite_url, tmp_path / "home").model_copy(update={"lease_grace_s": 60.0})
     db = Database(sqlite_url)
     client = client_for(settings, db)
     spec = _spec(4, 8, max_attempts=2)
