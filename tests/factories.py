@@ -110,11 +110,13 @@ SHARED_CORES = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @contextmanager
-def running_supervisor(settings: Settings, db: Database, *, slots: int = 2) -> Iterator[Any]:
+def running_supervisor(settings: Settings, db: Database, *, slots: int = 2, shutdown_grace_s: float = 5.0,
+                       fuse: int = 1) -> Iterator[Any]:
     """A real supervisor (forked trial runners) serving in a background thread."""
     from workers.supervisor import Supervisor
 
-    supervisor = Supervisor(db, settings, devices=["cpu"], per_device=slots, shutdown_grace_s=5.0)
+    supervisor = Supervisor(db, settings, devices=["cpu"], per_device=slots, shutdown_grace_s=shutdown_grace_s,
+                            fuse=fuse)
     thread = threading.Thread(target=supervisor.run, daemon=True)
     thread.start()
     try:

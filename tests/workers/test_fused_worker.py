@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +23,8 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.models import FailureKind, TrialEpoch, TrialState
 from tests.conftest import ROOT, make_settings
-from tests.factories import client_for, study_spec, wait_for_status
+from tests.factories import client_for, running_supervisor, study_spec, wait_for_status
 from tests.integration.processes import assert_study_settled, optuna_trials, trials_of, wait_until
-from workers.supervisor import Supervisor
 
 API = "/api/v1"
 GOOD_LR, MEDIOCRE_LR, BAD_LR = 0.02, 5e-4, 1e-5
@@ -61,14 +59,10 @@ def fused_supervisor(settings: Settings, db: Database, *, fuse: int, grace_s: fl
     logger = logging.getLogger("hpsearch.worker")
     logger.addHandler(runners)
     logger.setLevel(logging.INFO)
-    supervisor = Supervisor(db, settings, devices=["cpu"], per_device=1, shutdown_grace_s=grace_s, fuse=fuse)
-    thread = threading.Thread(target=supervisor.run, daemon=True)
-    thread.start()
     try:
-        yield runners
+        with running_supervisor(settings, db, slots=1, shutdown_grace_s=grace_s, fuse=fuse):
+            yield runners
     finally:
-        supervisor.stop()
-        thread.join(60)
         logger.removeHandler(runners)
 
 
