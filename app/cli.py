@@ -98,9 +98,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: --fuse takes auto or an integer of at least 1; got {args.fuse!r}", file=sys.stderr)
         return 2
-    from app.core.db import Database
+    from app.core.db import Database, end_frozen_transactions
     from workers.supervisor import Supervisor
 
+    end_frozen_transactions(settings.lease_grace_s)
     per_device = args.per_device or (2 if devices == ["cpu"] else 1)
     if args.slots:
         devices, per_device = _spread(devices, args.slots)

@@ -672,5 +672,8 @@ def asking_alone(db: Database, study_id: str) -> Iterator[None]:
         return
     key = int.from_bytes(hashlib.sha256(study_id.encode()).digest()[:8], "big", signed=True)
     with db.session() as session:
+        # The sampler computes while this transaction sits idle: longer than any ask takes, and a frozen
+        # asker still frees the study's other workers in the end.
+        session.execute(text("SET LOCAL idle_in_transaction_session_timeout = '5min'"))
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,18 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
+
+
+def end_frozen_transactions(after_s: float) -> None:
+    """Have PostgreSQL end any transaction of this process that sits idle for after_s (libpq reads PGOPTIONS
+    at every connect, Optuna's engine included).
+
+    A worker frozen inside a transaction (SIGSTOP, a paused VM) would hold its row locks for as long as it is
+    frozen: the reaper skips locked rows, so its lease would never be reaped. Workers pass the lease grace:
+    a worker silent that long is lost either way.
+    """
+    limit = f"-c idle_in_transaction_session_timeout={max(1, int(after_s * 1000))}"
+    os.environ["PGOPTIONS"] = f"{os.environ.get('PGOPTIONS', '')} {limit}".strip()
 
 
 class Database:

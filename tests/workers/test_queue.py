@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import Database
+from app.core.db import Database, end_frozen_transactions, is_transient
 from app.models import FailureKind, Study, Trial, TrialState, Worker
 from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import enqueue
+from tests.conftest import make_settings
 from tests.factories import create_study_via_service, study_spec
+from tests.integration.processes import wait_until
 from workers import queue
 
 
@@ -72,6 +79,29 @@ def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: 
         trial = session.get(Trial, lease.trial_id)
         assert trial is not None and trial.state == "fail" and "2 attempt(s)" in (trial.error or "")
         assert trial.failure == FailureKind.LOST  # what metrics count, without reading the message
+
+
+def test_a_worker_frozen_inside_a_transaction_has_its_lease_reaped(postgres_url: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGSTOP can catch a worker between two statements of a transaction that locks its trial's row; the
+    reaper skips locked rows, so PostgreSQL must end that transaction for the lease to be reaped."""
+    monkeypatch.setenv("PGOPTIONS", os.environ.get("PGOPTIONS", ""))  # restored after the test
+    end_frozen_transactions(1.0)  # what `hpsearch worker` does with its lease grace
+    db, frozen_db = Database(postgres_url), Database(postgres_url)
+    create_study_via_service(db, make_settings(postgres_url, tmp_path))
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == lease.trial_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    with Session(frozen_db.engine) as frozen:
+        frozen.get(Trial, lease.trial_id, with_for_update=True)  # ... and the worker stops here
+        reaped = wait_until(lambda: queue.reap(db, grace_s=5), 30, "the frozen worker's lease to be reaped")
+        assert [(r.number, r.requeued) for r in reaped] == [(0, True)]
+        with pytest.raises(DBAPIError) as woke:  # on waking, its transaction is gone: nothing it wrote lands
+            frozen.get(Trial, lease.trial_id, populate_existing=True)
+        assert is_transient(woke.value)  # it retries on a fresh connection, and finds its lease lost
+    db.dispose()
+    frozen_db.dispose()
 
 
 def test_why_a_trial_failed_is_recorded_as_its_kind(db: Database, settings: Settings) -> None:
