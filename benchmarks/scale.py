@@ -217,11 +217,12 @@ def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, pa
     import optuna
 
     from app.core.optuna_store import optuna_storage
+    from app.schemas.study import StudySpec
     from workers import asking
     from workers.search import make_sampler
 
     storage = optuna_storage(url)
-    spec = {"sampler": {"name": "tpe", "seed": SEED}, "objective": {"metric": "val_accuracy"}}
+    spec = StudySpec(name="asks", dataset="builtin:digits", sampler={"name": "tpe", "seed": SEED})
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, resolved),
                               pruner=optuna.pruners.NopPruner())
     sizes = (asking.BEST_TRIALS, asking.RECENT_TRIALS)

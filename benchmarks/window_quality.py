@@ -72,6 +72,7 @@ def train(params: dict[str, Any], splits: Any, seed: int) -> float:
 
 def search(window: bool, seed: int, n_trials: int, splits: Any, resolved: dict[str, Any]) -> dict[str, Any]:
     from app.core.optuna_store import optuna_storage
+    from app.schemas.study import StudySpec
     from workers import asking
     from workers.search import make_sampler
 
@@ -80,7 +81,7 @@ def search(window: bool, seed: int, n_trials: int, splits: Any, resolved: dict[s
     tmp = Path(tempfile.mkdtemp(prefix="hpsearch-window-"))
     storage = optuna_storage(f"sqlite:///{tmp / 'optuna.db'}")
     try:
-        spec = {"sampler": {"name": "tpe", "seed": seed}, "objective": {"metric": "val_accuracy"}}
+        spec = StudySpec(name="quality", dataset="builtin:digits", sampler={"name": "tpe", "seed": seed})
         study = optuna.create_study(study_name=f"q-{window}-{seed}", storage=storage, direction="maximize",
                                     sampler=make_sampler(spec, resolved))
         values, held = [], 0
