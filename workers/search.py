@@ -9,6 +9,7 @@ import optuna
 
 from app.ml.space import grid_space
 from app.schemas.study import StudySpec
+from workers import truncnorm
 
 
 def make_sampler(spec: StudySpec, resolved: dict[str, Any]) -> optuna.samplers.BaseSampler:
@@ -21,6 +22,7 @@ def make_sampler(spec: StudySpec, resolved: dict[str, Any]) -> optuna.samplers.B
     if name == "grid":
         return _GridSampler(grid_space(resolved), seed=seed)
     if name == "tpe":
+        truncnorm.install()
         multivariate = opts.multivariate
         if multivariate is None:  # Optuna's default: joint for one objective, independent for several
             multivariate = not spec.is_multi_objective
