@@ -23,7 +23,7 @@ from app.core.config import Settings
 from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.models import FailureKind, TrialState
-from workers import asking, optuna_sync, queue
+from workers import asking, optuna_sync, pruning, queue
 from workers.prepared import PreparedStudies, PreparedStudy
 from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
 from workers.publishing import discard, final_stem, publish, staged_stem
@@ -231,7 +231,8 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: queue.Lease, trial: opt
         return Ending(Outcome.LOST)
     if stop:
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
-    return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
+    storage = optuna_storage(slot.db.url)
+    return Ending(Outcome.PRUNED) if retry_on_disconnect(pruning.should_prune, p.optuna_study, storage, trial) else None
 
 
 def record(slot: Slot, ending: Ending, lease: queue.Lease, p: PreparedStudy, tlog: Any) -> None:

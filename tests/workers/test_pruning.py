@@ -1,0 +1,79 @@
+"""The pruner reads a bounded window of the study: Optuna's own decisions below it, recent trials beyond."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from app.core.optuna_store import optuna_storage
+from workers import pruning
+
+PRUNERS = {
+    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2),
+    "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=9, reduction_factor=3),
+}
+
+
+def _study(tmp_path: Path, pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, RDBStorage]:
+    storage = optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    return optuna.load_study(study_name="s", storage=storage, pruner=pruner), storage
+
+
+def _finished(study: optuna.Study, level: float, n: int) -> None:
+    """n trials, run through Optuna's own pruning, whose curves climb towards `level` (spread out)."""
+    for i in range(n):
+        top = level * (0.7 + 0.3 * ((7 * i) % 11) / 10)
+        trial = study.ask()
+        for step in range(1, 10):
+            trial.report(top * step / 9, step)
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, top)
+
+
+def _decisions(path: Path, pruner: optuna.pruners.BasePruner, ours: bool) -> list[tuple[float, int, bool]]:
+    """(level, step, pruned) of four new curves after 30 trials; judged by the window or by Optuna."""
+    path.mkdir()
+    study, storage = _study(path, pruner)
+    _finished(study, 0.6, 30)
+    decisions = []
+    for level in (0.2, 0.45, 0.55, 0.9):
+        trial = study.ask()
+        for step in range(1, 10):
+            trial.report(level * step / 9, step)
+            pruned = pruning.should_prune(study, storage, trial) if ours else trial.should_prune()
+            decisions.append((level, step, pruned))
+            if pruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, level)
+    return decisions
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_below_the_window_it_decides_as_optuna_does(tmp_path: Path, name: str) -> None:
+    ours = _decisions(tmp_path / "window", PRUNERS[name](), ours=True)
+    assert ours == _decisions(tmp_path / "optuna", PRUNERS[name](), ours=False)
+    assert {pruned for *_, pruned in ours} == {True, False}  # the comparison saw both answers
+
+
+def test_beyond_the_window_it_judges_against_the_recent_trials_only(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pruning, "PRUNING_TRIALS", 10)
+    study, storage = _study(tmp_path, PRUNERS["median"]())
+    _finished(study, 0.9, 30)  # the old trials did well...
+    _finished(study, 0.1, 10)  # ...the search has since moved to a region where all do badly
+    trial = study.ask()
+    trial.report(0.5 * 3 / 9, 3)
+    assert trial.should_prune()  # against every curve: below the old trials' median
+    assert not pruning.should_prune(study, storage, trial)  # against the 10 recent ones: above theirs
+    held = pruning._windows[study].window.trials()
+    assert {t.number for t in held} == set(range(31, 41))  # the latest ten, itself among them
