@@ -251,6 +251,38 @@ def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, pa
             "max_ms": round(1000 * max(warm), 1), "asks": len(warm), "trials_held": held}
 
 
+def time_prunes(url: str, study_name: str, reports: int, path: str) -> dict[str, Any]:
+    """Seconds per pruning decision on a running trial's epoch report; the first (a joining worker's) apart.
+
+    Paths: `window` the pruner reading `workers.pruning`'s window (the service now), `full` Optuna's
+    `trial.should_prune()`, which reads every trial of the study through the worker's cached storage (the
+    service before). The median pruner; the bulk-written trials have no curves, so this times the reads.
+    """
+    import optuna
+
+    from app.core.optuna_store import optuna_storage
+    from workers import pruning
+
+    storage = optuna_storage(url)
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=optuna.pruners.MedianPruner())
+    # Created as the service creates it, past the study's cached storage: study.ask() would read every trial.
+    trial = optuna.Trial(study, storage.create_new_trial(study._study_id))
+    seconds: list[float] = []
+    for step in range(reports + 1):
+        trial.report(0.5, step)
+        start = time.perf_counter()
+        if path == "window":
+            pruning.should_prune(study, storage, trial)
+        else:
+            trial.should_prune()
+        seconds.append(time.perf_counter() - start)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    held = len(pruning._windows[study].window.trials()) if path == "window" else len(study.get_trials())
+    warm = seconds[1:]
+    return {"cold_ms": round(1000 * seconds[0], 1), "median_ms": round(1000 * statistics.median(warm), 1),
+            "reports": len(warm), "trials_held": held}
+
+
 def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sqlite",
              admin_url: str = POSTGRES_ADMIN_URL) -> list[dict[str, Any]]:
     import optuna
@@ -269,6 +301,9 @@ def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sql
                 row["fill_s"] = round(time.perf_counter() - started, 1)
                 row[path] = time_asks(url, f"asks-{n}", resolved, asks, path)
                 print(f"asks at {n} trials ({database}), {path}: {row[path]}", flush=True)
+                if path != "direct":
+                    row[f"prune_{path}"] = time_prunes(url, f"asks-{n}", asks, path)
+                    print(f"pruning at {n} trials ({database}), {path}: {row[f'prune_{path}']}", flush=True)
         out.append(row)
     return out
 
@@ -504,6 +539,9 @@ def print_table(result: dict[str, Any]) -> None:
         rows.append((f"TPE ask at {a['trials_in_study']} trials ({a['database']})",
                      ", ".join(f"{p} {a[p]['median_ms']} ms (cold {a[p]['cold_ms']}, {a[p]['trials_held']} held)"
                                for p in ("window", "full", "direct") if p in a)))
+        rows.append((f"pruning decision at {a['trials_in_study']} trials ({a['database']})",
+                     ", ".join(f"{p} {a[k]['median_ms']} ms (cold {a[k]['cold_ms']}, {a[k]['trials_held']} held)"
+                               for p in ("window", "full") if (k := f"prune_{p}") in a)))
     for r in result.get("reads", []):
         for label in ("now", "before"):
             x = r[label]
