@@ -1,12 +1,14 @@
 """Does a bounded sampler window find configurations as good as TPE over the whole history?
 
-The same digits search (the documented MLP space, the service's TPE settings, asked through
+The same digits (or MNIST-10k) search (the documented MLP space, the service's TPE settings, asked through
 `workers.asking.ask_trial`) runs with the sampler window and with the full history, for several seeds; each
 trial trains an MLP for a few epochs and reports its best validation accuracy. The window is scaled down
-with the study (BEST x 25 best, RECENT latest, of N trials) so that it leaves most of the history out, as the
-service's 100 + 900 trial window does at 100,000 trials; TPE's good group (at most 25 trials) is inside it.
+with the study (the 25 best, the 10 latest and a systematic sample of at most 15, of N trials) so that it
+leaves most of the history out, as the service's 100 + 100 + 800 trial window does at 100,000 trials; TPE's
+good group (at most 25 trials) is inside it.
 
-    python -m benchmarks.window_quality --trials 150 --seeds 0,1,2 --out /tmp/window_quality.json
+    python -m benchmarks.window_quality --trials 150 --seeds 0,1,2,3,4 --out /tmp/window_quality.json
+    python -m benchmarks.window_quality --dataset mnist --trials 100 --seeds 0,1 --out /tmp/window_quality_mnist.json
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from benchmarks.common import write_json
 
 EPOCHS = 6
-SMALL_BEST, SMALL_RECENT = 25, 25
+SMALL_BEST, SMALL_RECENT, SMALL_SAMPLE = 25, 10, 15
 # Entries the search leaves fixed: it compares samplers, not image augmentation or schedules.
 FIXED = {"lr_schedule": "constant", "augmentation": "none", "layer_shape": "constant"}
 
@@ -76,8 +78,9 @@ def search(window: bool, seed: int, n_trials: int, splits: Any, resolved: dict[s
     from workers import asking
     from workers.search import make_sampler
 
-    sizes = (asking.BEST_TRIALS, asking.RECENT_TRIALS)
-    asking.BEST_TRIALS, asking.RECENT_TRIALS = (SMALL_BEST, SMALL_RECENT) if window else (10**9, 10**9)
+    sizes = (asking.BEST_TRIALS, asking.RECENT_TRIALS, asking.SAMPLED_TRIALS)
+    asking.BEST_TRIALS, asking.RECENT_TRIALS, asking.SAMPLED_TRIALS = (
+        (SMALL_BEST, SMALL_RECENT, SMALL_SAMPLE) if window else (10**9, 10**9, 0))
     tmp = Path(tempfile.mkdtemp(prefix="hpsearch-window-"))
     storage = optuna_storage(f"sqlite:///{tmp / 'optuna.db'}")
     try:
@@ -92,7 +95,7 @@ def search(window: bool, seed: int, n_trials: int, splits: Any, resolved: dict[s
             values.append(value)
             held = max(held, len(asking._mirrors[study].window.trials()))
     finally:
-        asking.BEST_TRIALS, asking.RECENT_TRIALS = sizes
+        asking.BEST_TRIALS, asking.RECENT_TRIALS, asking.SAMPLED_TRIALS = sizes
         storage.engine.dispose()
     return {"window": window, "seed": seed, "best": max(values), "best_of_first_half": max(values[:n_trials // 2]),
             "top10_mean": float(np.mean(sorted(values)[-10:])), "max_trials_held": held}
@@ -105,12 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=150)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits",
+                        help="digits (built in) or MNIST-10k (the official test set, split as the benchmarks do)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(1)
-    splits = data.split_dataset(data.load_builtin("builtin:digits"), validation_split=0.2, seed=0)
+    if args.dataset == "mnist":
+        from benchmarks.common import mnist_rows
+
+        splits: Any = mnist_rows(0)
+    else:
+        splits = data.split_dataset(data.load_builtin("builtin:digits"), validation_split=0.2, seed=0)
     resolved = resolve_space(FIXED, Context("mlp", image=True))
     runs = []
     started = time.perf_counter()
@@ -128,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             "best_mean": round(statistics.mean(best), 4), "best_stdev": round(statistics.pstdev(best), 4),
             "top10_mean": round(statistics.mean(top), 4)}
     print(summary)
-    write_json(args.out, {"trials": args.trials, "epochs": EPOCHS, "window": [SMALL_BEST, SMALL_RECENT],
-                          "runs": runs, "summary": summary, "seconds": round(time.perf_counter() - started)})
+    write_json(args.out, {"dataset": args.dataset, "trials": args.trials, "epochs": EPOCHS,
+                          "window": [SMALL_BEST, SMALL_RECENT, SMALL_SAMPLE], "runs": runs, "summary": summary,
+                          "seconds": round(time.perf_counter() - started)})
     return 0
 
 

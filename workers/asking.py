@@ -7,7 +7,8 @@ here from memory, and the new trial is written once, with all its parameters. Ot
 its state in trial attributes, grid and QMC coordinate through the storage) take Optuna's own path.
 
 What the sampler sees is a bounded window of the study (`TrialWindow`): every running trial, the best
-finished ones and the latest ones, read incrementally by SQL, never the whole study. Its cost and memory
+finished ones, the latest ones and a systematic sample of the rest, read incrementally by SQL, never the
+whole study. Its cost and memory
 stay flat at 100,000 trials, while TPE's good group (its 25 best trials) is exactly the full history's.
 Trials keep their real numbers, so Hyperband's brackets, which hash the number, group them as a direct
 ask would.
@@ -39,9 +40,12 @@ from app.ml.space import sample_params, sampled_distributions
 RACES_BEFORE_GIVING_UP = 3  # asks that lost their number to another worker before one is kept as it is
 MIRRORED_SAMPLERS = (optuna.samplers.TPESampler, optuna.samplers.RandomSampler)
 # The window a proposal sees in a large study: the best finished trials by each objective, the latest ones,
-# and every running trial. Below BEST_TRIALS + RECENT_TRIALS trials it is the whole history.
+# a systematic sample of the whole history (every k-th trial by number, so TPE's "bad" density is still
+# estimated over every region the search visited), and every running trial. Below SAMPLED_TRIALS trials it
+# is the whole history.
 BEST_TRIALS = 100
-RECENT_TRIALS = 900
+RECENT_TRIALS = 100
+SAMPLED_TRIALS = 800
 HYPERBAND_BRACKETS = 4  # the best trials are kept per bracket, about: Hyperband's brackets split the history
 _mirrors: weakref.WeakKeyDictionary[optuna.Study, StudyMirror] = weakref.WeakKeyDictionary()
 _mirrors_lock = threading.Lock()
@@ -181,8 +185,8 @@ class StudyMirror:
         self.sampler = WindowedSampler(study.sampler)
         self.directions = list(study.directions)
         study_id = storage.get_study_id_from_name(study.study_name)
-        best, recent = window_size(study)
-        self.window = TrialWindow(storage, study_id, self.directions, best=best, recent=recent)
+        best, recent, sample = window_size(study)
+        self.window = TrialWindow(storage, study_id, self.directions, best=best, recent=recent, sample=sample)
 
     def ask(self, storage: BaseStorage, resolved: dict[str, Any], fixed: dict[str, Any] | None,
             seed: int | None = None) -> tuple[int, int, dict[str, Any]]:
@@ -209,14 +213,14 @@ class StudyMirror:
         raise AssertionError("unreachable: the last race returns")
 
 
-def window_size(study: optuna.Study) -> tuple[int, int]:
-    """(best, recent) finished trials a proposal sees. TPE's good group is at most its 25 best trials
-    (Optuna's default gamma), so the window's best trials hold it whole, per Hyperband bracket; random
+def window_size(study: optuna.Study) -> tuple[int, int, int]:
+    """(best, recent, sampled) finished trials a proposal sees. TPE's good group is at most its 25 best
+    trials (Optuna's default gamma), so the window's best trials hold it whole, per Hyperband bracket; random
     search reads no history (one recent trial keeps the numbering)."""
     if isinstance(study.sampler, optuna.samplers.RandomSampler):
-        return 0, 1
+        return 0, 1, 0
     brackets = HYPERBAND_BRACKETS if isinstance(study.pruner, optuna.pruners.HyperbandPruner) else 1
-    return BEST_TRIALS * brackets, RECENT_TRIALS
+    return BEST_TRIALS * brackets, RECENT_TRIALS, SAMPLED_TRIALS
 
 
 def _same_bracket(study: optuna.Study, trials: list[FrozenTrial], number: int) -> list[FrozenTrial]:
@@ -302,17 +306,19 @@ class TrialWindow:
     """The trials of one Optuna study a windowed sampler sees, kept up to date from SQL in small reads.
 
     It holds every trial not finished (RUNNING for constant liar, WAITING), the `best` finished trials by
-    each objective, and the `recent` latest trials. A finished trial that leaves the window can never
-    belong to it again (a better one outranks it, newer ones follow it), so the window updated
-    incrementally equals the window computed from the whole history. Below `best + recent` trials it is
-    the whole history. Reads: once at the start, three queries by index; then each sync reads only trials
-    created since and the open ones, by primary key.
+    each objective, the `recent` latest trials, and a systematic sample of at most `sample` trials: every
+    trial whose number is a multiple of the stride, the smallest power of two that keeps the sample within
+    bounds. A finished trial that leaves the window can never belong to it again (a better one outranks it,
+    newer ones follow it, the stride only doubles), so the window updated incrementally equals the window
+    computed from the whole history. Below `recent` trials, or `sample` with a sample, it is the whole
+    history. Reads: once at the start, a few queries by index; then each sync reads only trials created
+    since and the open ones, by primary key.
     """
 
     def __init__(self, storage: RDBStorage, study_id: int, directions: list[StudyDirection], *, best: int,
-                 recent: int) -> None:
+                 recent: int, sample: int = 0) -> None:
         self.storage, self.study_id, self.directions = storage, study_id, directions
-        self.best, self.recent = best, recent
+        self.best, self.recent, self.sample = best, recent, sample
         self._trials: dict[int, FrozenTrial] = {}  # by Optuna trial id
         self._last_id = -1
         self._loaded = False
@@ -338,12 +344,15 @@ class TrialWindow:
         """Ids of the window's trials as of the newest trial id, read by SQL without loading any trial."""
         t, v = om.TrialModel, om.TrialValueModel
         with self.storage.engine.connect() as conn:
-            last, total = conn.execute(select(func.max(t.trial_id), func.count())
-                                       .where(t.study_id == self.study_id)).one()
-            if last is None or total <= self.recent:
+            last, total, top = conn.execute(select(func.max(t.trial_id), func.count(), func.max(t.number))
+                                            .where(t.study_id == self.study_id)).one()
+            if last is None or total <= self.recent or self._stride(top + 1) == 1:
                 return set(), -1  # the window is the whole study: read every trial
             ids = set(conn.scalars(select(t.trial_id).where(t.study_id == self.study_id)
                                    .order_by(t.trial_id.desc()).limit(self.recent)))
+            if stride := self._stride(top + 1):
+                ids.update(conn.scalars(select(t.trial_id).where(t.study_id == self.study_id,
+                                                                 t.number % stride == 0)))
             ids.update(conn.scalars(select(t.trial_id).where(
                 t.study_id == self.study_id, t.state.in_([OptunaState.RUNNING, OptunaState.WAITING]))))
             for objective, direction in enumerate(self.directions):
@@ -355,10 +364,21 @@ class TrialWindow:
                     .order_by(order, t.trial_id).limit(self.best)))
         return ids, int(last)
 
+    def _stride(self, trials: int) -> int:
+        """Every stride-th trial by number is in the sample of a study of `trials` trials (0: no sample)."""
+        if self.sample <= 0:
+            return 0
+        stride = 1
+        while -(-trials // stride) > self.sample:
+            stride *= 2
+        return stride
+
     def _trim(self) -> None:
-        """Drop finished trials that are neither among the best nor among the recent ones."""
+        """Drop finished trials that are neither among the best, the recent nor the sampled ones."""
         keep = {i for i, t in self._trials.items() if not t.state.is_finished()}
         keep.update(sorted(self._trials, reverse=True)[:self.recent])
+        if stride := self._stride(self.next_number()):
+            keep.update(i for i, t in self._trials.items() if t.number % stride == 0)
         complete = [t for t in self._trials.values() if t.state == OptunaState.COMPLETE and t.values]
         for objective, direction in enumerate(self.directions):
             sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0

@@ -1,11 +1,13 @@
 """The bounded window a large study's sampler sees: every running trial, the best and the latest finished
-ones, nothing outside the space, the same proposals for the same seed and history.
+ones, a systematic sample of the rest, nothing outside the space, the same proposals for the same seed and
+history.
 
 Small windows (a few trials) stand in for the sizes of a 100,000-trial study.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import optuna
@@ -27,6 +29,7 @@ SAMPLED = {k: d for k, d in SPACE.items() if isinstance(d, optuna.distributions.
 def small_window(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(asking, "BEST_TRIALS", 3)
     monkeypatch.setattr(asking, "RECENT_TRIALS", 4)
+    monkeypatch.setattr(asking, "SAMPLED_TRIALS", 0)
 
 
 def _value(params: dict[str, Any]) -> float:
@@ -126,3 +129,28 @@ def test_the_sampler_sees_the_window_not_the_whole_study(db_url: str) -> None:
     number, _, _ = ask_trial(study, storage, SPACE)
     assert seen and seen[0][-1] == number == 15
     assert len(seen[0]) - 1 <= 3 + 4 and max(seen[0][:-1]) == 14
+
+
+def test_the_sample_keeps_every_kth_trial_and_never_takes_one_back(db_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asking, "BEST_TRIALS", 2)
+    monkeypatch.setattr(asking, "RECENT_TRIALS", 3)
+    monkeypatch.setattr(asking, "SAMPLED_TRIALS", 5)
+    study, storage = _study(db_url, "sampled"), optuna_storage(db_url)
+    values: dict[int, float] = {}
+    held_over_time: list[set[int]] = []
+    for _ in range(40):
+        number, _, params = ask_trial(study, storage, SPACE)
+        values[number] = _value(params)
+        study.tell(number, values[number])
+        held_over_time.append({t.number for t in asking._mirrors[study].window.trials()})
+    window = asking._mirrors[study].window
+    window.sync()
+    held = {t.number for t in window.trials()}
+    best = set(sorted(values, key=lambda n: -values[n])[:2])
+    assert held == {0, 8, 16, 24, 32} | {37, 38, 39} | best  # stride 8 keeps 40 trials' sample within 5
+    for before, after in itertools.pairwise(held_over_time):  # a trial that left never came back
+        assert not (after - {max(after)}) - before
+    fresh = TrialWindow(storage, window.study_id, window.directions, best=2, recent=3, sample=5)
+    fresh.sync()  # a joining worker reads the same window in one go
+    assert [t.number for t in fresh.trials()] == [t.number for t in window.trials()]
