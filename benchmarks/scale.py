@@ -170,7 +170,7 @@ def fill_study(url: str, study_name: str, configs: list[dict[str, Any]], resolve
     from optuna.storages._rdb import models
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
-    from sqlalchemy import insert
+    from sqlalchemy import insert, text
 
     from app.ml.space import sampled_distributions
 
@@ -194,6 +194,9 @@ def fill_study(url: str, study_name: str, configs: list[dict[str, Any]], resolve
             conn.execute(insert(models.TrialModel.__table__), trials)
             conn.execute(insert(models.TrialParamModel.__table__), params)
             conn.execute(insert(models.TrialValueModel.__table__), values)
+            if conn.dialect.name == "postgresql":  # ids were given: move the sequence past them
+                conn.execute(text("SELECT setval(pg_get_serial_sequence('trials', 'trial_id'), "
+                                  "(SELECT max(trial_id) FROM trials))"))
         check_filled(optuna.load_study(study_name=study_name, storage=storage), configs)
     finally:
         storage.engine.dispose()
@@ -325,22 +328,6 @@ def _ask_database(database: str, admin_url: str) -> Iterator[str]:
 
 READ_STATES = (None, "complete", "pruned", "fail", "running")
 READ_REPEATS = 7
-BEFORE_REVISION = "0003"  # the schema before the sort indexes
-BEFORE_COMMIT = "c37796a"  # the services before this work, for the side-by-side figures
-
-
-def _module_at(commit: str, path: str) -> Any:
-    """A module as it was at `commit`, imported under a private name (the previous behaviour)."""
-    import subprocess
-    import types
-
-    source = subprocess.run(["git", "show", f"{commit}:{path}"], check=True, capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    module = types.ModuleType(f"_before_{path.replace('/', '_').removesuffix('.py')}")
-    exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102 - our own file from our own history
-    return module
-
-
 def _median_ms(fn: Any, repeats: int = READ_REPEATS) -> float:
     fn()  # warm the connection pool and the page cache
     times = []
@@ -386,7 +373,7 @@ def _plans(engine: Any, statements: list[tuple[str, Any]]) -> list[str]:
     return out
 
 
-def time_reads(url: str, built: Any, services: dict[str, Any], *, newest: bool) -> dict[str, Any]:
+def time_reads(url: str, built: Any, services: dict[str, Any]) -> dict[str, Any]:
     """Median milliseconds of each read through the given service modules."""
     from app.core.config import Settings
     from app.core.db import Database
@@ -396,7 +383,7 @@ def time_reads(url: str, built: Any, services: dict[str, Any], *, newest: bool) 
     trials, studies, exports, importance = (services[k] for k in ("trials", "studies", "exports", "importance"))
     out: dict[str, Any] = {"summary_ms": _median_ms(lambda: studies.get_study(db, owner=owner, study_id=sid))}
     pages: dict[str, float] = {}
-    for sort in ("number", "value", "duration", *(("newest",) if newest else ())):
+    for sort in ("number", "value", "duration", "newest"):
         for state in READ_STATES:
             def page(sort: str = sort, state: str | None = state) -> Any:
                 first = trials.list_trials(db, owner=owner, study_id=sid, limit=100, sort=sort, state=state)
@@ -430,7 +417,7 @@ def time_reads(url: str, built: Any, services: dict[str, Any], *, newest: bool) 
                          "sampled_from": getattr(result, "sampled_from", None),
                          "top": [i.name for i in result.importances[:3]]}
     with _captured(db.engine) as statements:
-        for sort in ("number", "value", "duration", *(("newest",) if newest else ())):
+        for sort in ("number", "value", "duration", "newest"):
             for state in READ_STATES:
                 trials.list_trials(db, owner=owner, study_id=sid, limit=100, sort=sort, state=state)
         studies.get_study(db, owner=owner, study_id=sid)
@@ -440,14 +427,15 @@ def time_reads(url: str, built: Any, services: dict[str, Any], *, newest: bool) 
 
 
 def run_reads(sizes: list[int], database: str, admin_url: str = POSTGRES_ADMIN_URL) -> list[dict[str, Any]]:
-    """Each size on a fresh database: the reads now, then downgraded to the schema and code before."""
+    """Each size on a fresh database, every read through the services as they are.
+
+    (The "before" column of docs/benchmarks/scale.md was measured by this function at the time, on the
+    services and schema of commit c37796a; those modules no longer import against today's code.)
+    """
     from app.core import migrate
     from app.services import exports, importance, studies, trials
     from benchmarks.dashboard_data import build_study
 
-    before = {name: _module_at(BEFORE_COMMIT, f"app/services/{name}.py")
-              for name in ("trials", "exports", "importance")}
-    before["studies"] = studies
     out = []
     for n in sizes:
         with _ask_database(database, admin_url) as url:
@@ -459,9 +447,7 @@ def run_reads(sizes: list[int], database: str, admin_url: str = POSTGRES_ADMIN_U
             row: dict[str, Any] = {"trials_in_study": n, "database": database,
                                    "fill_s": round(time.perf_counter() - started, 1)}
             row["now"] = time_reads(url, built, {"trials": trials, "studies": studies, "exports": exports,
-                                                 "importance": importance}, newest=True)
-            migrate.downgrade(url, BEFORE_REVISION)
-            row["before"] = time_reads(url, built, before, newest=False)
+                                                 "importance": importance})
         out.append(row)
     return out
 
@@ -543,13 +529,12 @@ def print_table(result: dict[str, Any]) -> None:
                      ", ".join(f"{p} {a[k]['median_ms']} ms (cold {a[k]['cold_ms']}, {a[k]['trials_held']} held)"
                                for p in ("window", "full") if (k := f"prune_{p}") in a)))
     for r in result.get("reads", []):
-        for label in ("now", "before"):
-            x = r[label]
-            rows.append((f"reads at {r['trials_in_study']} trials ({r['database']}), {label}",
-                         f"summary {x['summary_ms']} ms, page max {x['page_max_ms']} ms, poll {x['poll_ms']} ms, "
-                         f"csv first chunk {x['csv_first_chunk_ms']} ms (all {x['csv_total_s']} s, "
-                         f"peak {x['csv_peak_mib']} MiB), importance cold {x['importance_cold_ms']} ms "
-                         f"warm {x['importance_warm_ms']} ms"))
+        x = r["now"]
+        rows.append((f"reads at {r['trials_in_study']} trials ({r['database']})",
+                     f"summary {x['summary_ms']} ms, page max {x['page_max_ms']} ms, poll {x['poll_ms']} ms, "
+                     f"csv first chunk {x['csv_first_chunk_ms']} ms (all {x['csv_total_s']} s, "
+                     f"peak {x['csv_peak_mib']} MiB), importance cold {x['importance_cold_ms']} ms "
+                     f"warm {x['importance_warm_ms']} ms"))
     if m := result.get("memory"):
         rows.append((f"worker RSS over {m['n_trials']} trials",
                      f"{m['first']['rss_mib']} MiB after {m['first']['after_trials']}, "

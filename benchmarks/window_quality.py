@@ -4,7 +4,7 @@ The same digits (or MNIST-10k) search (the documented MLP space, the service's T
 `workers.asking.ask_trial`) runs with the sampler window and with the full history, for several seeds; each
 trial trains an MLP for a few epochs and reports its best validation accuracy. The window is scaled down
 with the study (the 25 best, the 10 latest and a systematic sample of at most 15, of N trials) so that it
-leaves most of the history out, as the service's 100 + 100 + 800 trial window does at 100,000 trials; TPE's
+leaves most of the history out, as the service's 100 + 100 + 600 trial window does at 100,000 trials; TPE's
 good group (at most 25 trials) is inside it.
 
     python -m benchmarks.window_quality --trials 150 --seeds 0,1,2,3,4 --out /tmp/window_quality.json

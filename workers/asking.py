@@ -45,7 +45,7 @@ MIRRORED_SAMPLERS = (optuna.samplers.TPESampler, optuna.samplers.RandomSampler)
 # is the whole history.
 BEST_TRIALS = 100
 RECENT_TRIALS = 100
-SAMPLED_TRIALS = 800
+SAMPLED_TRIALS = 600
 HYPERBAND_BRACKETS = 4  # the best trials are kept per bracket, about: Hyperband's brackets split the history
 _mirrors: weakref.WeakKeyDictionary[optuna.Study, StudyMirror] = weakref.WeakKeyDictionary()
 _mirrors_lock = threading.Lock()
