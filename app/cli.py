@@ -418,7 +418,8 @@ def _client_command(sub: Any, name: str, help_text: str, func: Any, description:
 
 
 _FUSE_HELP = ("trials of one study trained together as one fused model per runner (MLPs of one batch size): "
-              "K, or auto (from the model size, the device and its free memory); 1: off")
+              "K, or auto (on a GPU from the model size and its free memory; 1 on a CPU, where fusing is "
+              "slower); 1: off")
 
 
 def build_parser() -> argparse.ArgumentParser:
