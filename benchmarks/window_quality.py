@@ -8,7 +8,7 @@ leaves most of the history out, as the service's 100 + 100 + 600 trial window do
 good group (at most 25 trials) is inside it.
 
     python -m benchmarks.window_quality --trials 150 --seeds 0,1,2,3,4 --out /tmp/window_quality.json
-    python -m benchmarks.window_quality --dataset mnist --trials 100 --seeds 0,1 --out /tmp/window_quality_mnist.json
+    python -m benchmarks.window_quality --dataset mnist --trials 100 --seeds 0,1,2,3 --out /tmp/wq_mnist.json
 """
 
 from __future__ import annotations
