@@ -8,10 +8,9 @@ its state in trial attributes, grid and QMC coordinate through the storage) take
 
 What the sampler sees is a bounded window of the study (`TrialWindow`): every running trial, the best
 finished ones, the latest ones and a systematic sample of the rest, read incrementally by SQL, never the
-whole study. Its cost and memory
-stay flat at 100,000 trials, while TPE's good group (its 25 best trials) is exactly the full history's.
-Trials keep their real numbers, so Hyperband's brackets, which hash the number, group them as a direct
-ask would.
+whole study. Its cost and memory stay flat at 100,000 trials, while TPE's good group (its 25 best trials)
+is exactly the full history's. Trials keep their real numbers, so Hyperband's brackets, which hash the
+number, group them as a direct ask would.
 """
 
 from __future__ import annotations
@@ -355,7 +354,7 @@ class TrialWindow:
                                                                  t.number % stride == 0)))
             ids.update(conn.scalars(select(t.trial_id).where(
                 t.study_id == self.study_id, t.state.in_([OptunaState.RUNNING, OptunaState.WAITING]))))
-            for objective, direction in enumerate(self.directions):
+            for objective, direction in enumerate(self._ranked):
                 order = v.value.desc() if direction == StudyDirection.MAXIMIZE else v.value.asc()
                 ids.update(conn.scalars(
                     select(t.trial_id).join(v, v.trial_id == t.trial_id)
@@ -363,6 +362,12 @@ class TrialWindow:
                            v.objective == objective, v.value_type == om.TrialValueModel.TrialValueType.FINITE)
                     .order_by(order, t.trial_id).limit(self.best)))
         return ids, int(last)
+
+    @property
+    def _ranked(self) -> list[StudyDirection]:
+        """The objectives whose best trials the window holds: none in a window of the latest trials only
+        (the pruner's), which then neither queries nor sorts for them."""
+        return self.directions if self.best > 0 else []
 
     def _stride(self, trials: int) -> int:
         """Every stride-th trial by number is in the sample of a study of `trials` trials (0: no sample)."""
@@ -380,7 +385,7 @@ class TrialWindow:
         if stride := self._stride(self.next_number()):
             keep.update(i for i, t in self._trials.items() if t.number % stride == 0)
         complete = [t for t in self._trials.values() if t.state == OptunaState.COMPLETE and t.values]
-        for objective, direction in enumerate(self.directions):
+        for objective, direction in enumerate(self._ranked):
             sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
             ranked = sorted((t for t in complete if math.isfinite(t.values[objective])),
                             key=lambda t: (sign * t.values[objective], t._trial_id))

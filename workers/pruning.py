@@ -1,11 +1,12 @@
 """Pruning decisions from a bounded window of the study, as the sampler's proposals are (workers.asking).
 
 `trial.should_prune()` hands the pruner the whole study: through the worker's cached Optuna storage that is
-one read of every finished trial (47 s at 100,000 trials on SQLite), all of them then held in memory for
-good, and a pass over all of them at every epoch report. Here the pruner reads the latest PRUNING_TRIALS
-trials and every running one, kept up to date incrementally (`TrialWindow`): median and percentile pruning
-judge a curve against the recent trials' curves, successive halving and Hyperband against a rung's recent
-competitors. Below PRUNING_TRIALS trials that is the whole study, and the decisions are Optuna's own.
+one read of every finished trial (55 s at 100,000 trials on SQLite, `benchmarks.scale`), all of them then
+held in memory for good, and a pass over all of them at every epoch report. Here the pruner reads the latest
+PRUNING_TRIALS trials and every running one, kept up to date incrementally (`TrialWindow`): median and
+percentile pruning judge a curve against the recent trials' curves, successive halving and Hyperband
+against a rung's recent competitors. Below PRUNING_TRIALS trials that is the whole study, and the decisions
+are Optuna's own.
 """
 
 from __future__ import annotations
