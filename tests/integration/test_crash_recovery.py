@@ -128,7 +128,10 @@ def test_leases_left_by_a_worker_that_died_before_its_first_heartbeat_are_recove
 def test_a_hung_trial_is_killed_at_its_deadline_although_its_heartbeat_goes_on(sqlite_url: str,
                                                                                  tmp_path: Path) -> None:
     db, client, settings = _setup(sqlite_url, tmp_path)
-    spec = study_spec(budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "trial_timeout_s": 6})
+    # Epochs enough that the trial seen mid-training is still training when its runner is stopped (an epoch
+    # takes ~20 ms; with two, it could finish in between and the stopped runner be the next trial's), few
+    # enough that the other trial completes well within the deadline.
+    spec = study_spec(budget={"n_trials": 2, "epochs": 50, "max_parallel": 1, "trial_timeout_s": 6})
     sid = create_study_via_api(client, spec)
     with processes() as procs:
         worker = start_worker(settings, tmp_path / "w.log")
