@@ -301,6 +301,8 @@ def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sql
             with _ask_database(database, admin_url) as url:
                 started = time.perf_counter()
                 fill_study(url, f"asks-{n}", configs, resolved)
+                if database == "postgresql":
+                    _analyze(url)
                 row["fill_s"] = round(time.perf_counter() - started, 1)
                 row[path] = time_asks(url, f"asks-{n}", resolved, asks, path)
                 print(f"asks at {n} trials ({database}), {path}: {row[path]}", flush=True)

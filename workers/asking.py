@@ -3,7 +3,8 @@
 A plain `study.ask()` plus one `suggest_*` per hyperparameter on RDB storage costs a write per parameter and,
 with TPE's constant_liar, a read of the study's trials per parameter: ~30 round trips per trial for the
 documented space. Samplers that keep no state in the storage (TPE, random) propose the same configuration
-here from memory, and the new trial is written once, with all its parameters. Other samplers (CMA-ES keeps
+here from memory, and the new trial is written once, with all its parameters (`optuna_rows`: four
+statements where Optuna's own write takes three per parameter). Other samplers (CMA-ES keeps
 its state in trial attributes, grid and QMC coordinate through the storage) take Optuna's own path.
 
 What the sampler sees is a bounded window of the study (`TrialWindow`): every running trial, the best
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, check_distribution_compatibility
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
@@ -35,6 +36,7 @@ from optuna.trial import TrialState as OptunaState
 from sqlalchemy import func, select
 
 from app.ml.space import sample_params, sampled_distributions
+from workers import optuna_rows
 
 RACES_BEFORE_GIVING_UP = 3  # asks that lost their number to another worker before one is kept as it is
 MIRRORED_SAMPLERS = (optuna.samplers.TPESampler, optuna.samplers.RandomSampler)
@@ -203,8 +205,10 @@ class StudyMirror:
             if fixed is not None:
                 scratch.enqueue_trial(fixed, skip_if_exists=False)
             params = sample_params(scratch.ask(), resolved)
-            trial_id = _create_running(storage, self.window.study_id, resolved, params)
-            got = storage.get_trial_number_from_id(trial_id)  # another worker may have taken `number` meanwhile
+            dists = sampled_distributions(resolved, params)
+            self.window.check_distributions(dists)
+            # Another worker may have taken `number` meanwhile: the database numbers the trial.
+            trial_id, got = optuna_rows.create_running(storage, self.window.study_id, params, dists)
             if got == number or seed is None or race == RACES_BEFORE_GIVING_UP - 1:
                 return got, trial_id, params
             # Drawn from the seed of a number another worker took, and likely its very configuration: drop it.
@@ -319,6 +323,7 @@ class TrialWindow:
         self.storage, self.study_id, self.directions = storage, study_id, directions
         self.best, self.recent, self.sample = best, recent, sample
         self._trials: dict[int, FrozenTrial] = {}  # by Optuna trial id
+        self._distributions: dict[str, BaseDistribution] = {}  # of each parameter, as first read
         self._last_id = -1
         self._loaded = False
 
@@ -337,7 +342,16 @@ class TrialWindow:
         for trial in self.storage._get_trials(self.study_id, None, ids, self._last_id):
             self._trials[trial._trial_id] = trial
             self._last_id = max(self._last_id, trial._trial_id)
+            for name, dist in trial.distributions.items():
+                self._distributions.setdefault(name, dist)
         self._trim()
+
+    def check_distributions(self, distributions: dict[str, BaseDistribution]) -> None:
+        """Raise ValueError where a parameter's distribution is incompatible with the one it had in a trial
+        this window has read, as Optuna checks a new parameter against an earlier record of it."""
+        for name, dist in distributions.items():
+            if name in self._distributions:
+                check_distribution_compatibility(self._distributions[name], dist)
 
     def _initial_ids(self) -> tuple[set[int], int]:
         """Ids of the window's trials as of the newest trial id, read by SQL without loading any trial."""

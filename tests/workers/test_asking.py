@@ -24,10 +24,10 @@ from workers.asking import _ask_directly, ask_trial, finish_trial, finishes_dire
 from workers.attempt import Slot, bind
 from workers.prepared import PreparedStudies
 
-SPACE = resolve_space({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-                       "units": {"type": "int", "low": 8, "high": 256},
-                       "optimizer": {"type": "categorical", "choices": ["adam", "momentum", "sgd"]}},
-                      Context("mlp"))
+SPACE_SPEC = {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+              "units": {"type": "int", "low": 8, "high": 256},
+              "optimizer": {"type": "categorical", "choices": ["adam", "momentum", "sgd"]}}
+SPACE = resolve_space(SPACE_SPEC, Context("mlp"))
 
 
 def _objective(params: dict[str, Any]) -> float:
@@ -112,6 +112,16 @@ def test_finishing_directly_stores_what_tell_would_and_leaves_finished_trials_al
     finish_trial(direct, trial_id, OptunaState.COMPLETE, [0.1])  # finished already: kept as it was
     assert direct.trials[-1].state == OptunaState.FAIL
     assert direct.best_value == 0.75
+
+
+def test_a_parameter_whose_distribution_changed_is_refused_before_any_trial_is_written(db_url: str) -> None:
+    """As Optuna refuses a suggest whose distribution is incompatible with an earlier record of the name."""
+    study = _optuna_study(db_url, "changed", optuna.samplers.RandomSampler(seed=0))  # reads no history itself
+    _run(study, db_url, 3, ask_trial)
+    changed = resolve_space({**SPACE_SPEC, "units": {"type": "categorical", "choices": [8, 16, 32]}}, Context("mlp"))
+    with pytest.raises(ValueError, match="incompatible|Cannot set different distribution"):
+        ask_trial(study, optuna_storage(db_url), changed)
+    assert len(study.get_trials(deepcopy=False)) == 3
 
 
 def _bound_configurations(db: Database, settings: Settings, study_id: str, workers: int, n: int) -> dict[int, Any]:
