@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -22,6 +23,9 @@ MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 POSTGRES_ADMIN_URL = os.environ.get("HPSEARCH_TEST_POSTGRES_URL",
                                     "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 _pg_state: dict[str, str | None] = {}
+# Tests train in this process and fork runners from it, as a supervisor does: one torch thread here, or a
+# multi-threaded op would leave an OpenMP team that hangs the next forked runner (see runner.warm_imports).
+torch.set_num_threads(1)
 
 
 def _postgres_template() -> str:

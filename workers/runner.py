@@ -65,13 +65,21 @@ def _address_space_bytes() -> int:
 
 
 def warm_imports() -> None:
-    """Import what every trial uses, in the supervisor before any fork: no runner pays these imports again."""
+    """Import what every trial uses, in the supervisor before any fork: no runner pays these imports again.
+
+    And keep the supervisor's own torch on one thread. A torch op run here on several threads (a plugin's
+    import, say) would start an OpenMP team, which GNU libgomp does not rebuild in a forked child: the
+    runner's first multi-threaded op would then wait forever for the parent's threads. Runners set their
+    own thread count.
+    """
     import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import torch._dynamo  # noqa: F401 - a runner's first optimizer would import it (~1.5 s per trial)
 
     import app.ml.networks  # noqa: F401
     import workers.trainer  # noqa: F401
+
+    torch.set_num_threads(1)
 
 
 def _limit_memory(megabytes: int, device: str) -> None:
