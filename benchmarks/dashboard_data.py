@@ -24,7 +24,7 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.ml import data
 from app.ml.space import Context, resolve_space
-from app.models import Study, Trial, TrialEpoch
+from app.models import Study, StudyStatus, Trial, TrialEpoch
 from app.services import keys
 
 OWNER = "bench"
@@ -68,8 +68,13 @@ def _score(params: dict[str, Any], rng: np.random.Generator) -> float:
     return float(min(0.995, max(0.05, acc + rng.normal(0, 0.01))))
 
 
-def build_study(url: str, *, n_trials: int = 10_000, epochs: int = 8, seed: int = 0) -> BuiltStudy:
-    """Write a finished study of n_trials (70% complete, 25% pruned early, 5% failed) into url."""
+def build_study(url: str, *, n_trials: int = 10_000, epochs: int = 8, seed: int = 0,
+                open_trials: int = 0) -> BuiltStudy:
+    """Write a finished study of n_trials (70% complete, 25% pruned early, 5% failed) into url.
+
+    With `open_trials`, the study is queued instead, its budget that many trials more, for workers to go on
+    with; it is opened only once every row is in, so that no worker numbers a trial before then.
+    """
     rng = np.random.default_rng(seed)
     db = Database(url)
     storage = optuna_storage(url)
@@ -92,6 +97,14 @@ def build_study(url: str, *, n_trials: int = 10_000, epochs: int = 8, seed: int 
     trials = [_trial(rng, number, dists, epochs, start) for number in range(n_trials)]
     _write_optuna(storage.engine, optuna_study_id, trials, dists)
     _write_ours(db, study_id, trials)
+    if open_trials:
+        total = n_trials + open_trials
+        with db.session() as session:
+            study = session.get(Study, study_id)
+            assert study is not None
+            study.spec = {**spec, "budget": {**spec["budget"], "n_trials": total}}
+            study.n_trials, study.status = total, StudyStatus.QUEUED.value
+            study.finished_at = study.stop_reason = study.test_metrics = None
     db.dispose()
     return BuiltStudy(study_id, optuna_name, optuna_study_id, key, n_trials)
 

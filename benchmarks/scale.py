@@ -28,7 +28,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -211,7 +211,8 @@ def check_filled(study: Any, configs: list[dict[str, Any]]) -> None:
             raise RuntimeError(f"trial {t.number} reads back {t.params}, inserted {configs[t.number]}")
 
 
-def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, path: str) -> dict[str, Any]:
+def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, path: str,
+              sampler: str = "tpe") -> dict[str, Any]:
     """Seconds per ask of the next trial's configuration; the first (cold) ask, a joining worker's, apart.
 
     Paths: `window` the mirror over a bounded window (the service now), `full` the same mirror holding the
@@ -225,7 +226,7 @@ def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, pa
     from workers.search import make_sampler
 
     storage = optuna_storage(url)
-    spec = StudySpec(name="asks", dataset="builtin:digits", sampler={"name": "tpe", "seed": SEED})
+    spec = StudySpec(name="asks", dataset="builtin:digits", sampler={"name": sampler, "seed": SEED})
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, resolved),
                               pruner=optuna.pruners.NopPruner())
     sizes = (asking.BEST_TRIALS, asking.RECENT_TRIALS)
@@ -287,7 +288,7 @@ def time_prunes(url: str, study_name: str, reports: int, path: str) -> dict[str,
 
 
 def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sqlite",
-             admin_url: str = POSTGRES_ADMIN_URL) -> list[dict[str, Any]]:
+             admin_url: str = POSTGRES_ADMIN_URL, sampler: str = "tpe") -> list[dict[str, Any]]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -296,7 +297,7 @@ def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sql
     out = []
     for n in sizes:
         configs = random_configs(n, resolved)
-        row: dict[str, Any] = {"trials_in_study": n, "database": database}
+        row: dict[str, Any] = {"trials_in_study": n, "database": database, "sampler": sampler}
         for path in paths:
             with _ask_database(database, admin_url) as url:
                 started = time.perf_counter()
@@ -304,9 +305,9 @@ def run_asks(sizes: list[int], asks: int, paths: list[str], database: str = "sql
                 if database == "postgresql":
                     _analyze(url)
                 row["fill_s"] = round(time.perf_counter() - started, 1)
-                row[path] = time_asks(url, f"asks-{n}", resolved, asks, path)
-                print(f"asks at {n} trials ({database}), {path}: {row[path]}", flush=True)
-                if path != "direct":
+                row[path] = time_asks(url, f"asks-{n}", resolved, asks, path, sampler)
+                print(f"{sampler} asks at {n} trials ({database}), {path}: {row[path]}", flush=True)
+                if path != "direct" and sampler == "tpe":  # the pruner's reads do not depend on the sampler
                     row[f"prune_{path}"] = time_prunes(url, f"asks-{n}", asks, path)
                     print(f"pruning at {n} trials ({database}), {path}: {row[f'prune_{path}']}", flush=True)
         out.append(row)
@@ -475,24 +476,39 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def run_memory(n_trials: int, timeout_s: float = 1800.0) -> dict[str, Any]:
+def run_memory(n_trials: int, timeout_s: float = 1800.0, prefill: int = 0) -> dict[str, Any]:
     """Sample the worker's VmRSS after every MEMORY_EVERY finished trials up to n_trials.
 
     The study holds a few more trials than that, so the last sample is taken while trials still run,
-    before the study's finalization (test evaluation, ensemble) could start in the same worker.
+    before the study's finalization (test evaluation, ensemble) could start in the same worker. With
+    `prefill`, the worker goes on with a study that already holds that many finished trials, written in
+    bulk (builtin digits, TPE, median pruning, 1 epoch a trial), on SQLite.
     """
-    x, y = tiny_dataset()
     marks = sorted({min(MEMORY_EVERY, n_trials), *range(MEMORY_EVERY, n_trials + 1, MEMORY_EVERY), n_trials})
     samples: list[dict[str, Any]] = []
-    with running_service(slots=1, separate_workers=1) as svc:
+    with ExitStack() as stack:
+        url = None
+        if prefill:
+            from app.core import migrate
+            from benchmarks.dashboard_data import build_study
+
+            home = Path(tempfile.mkdtemp(prefix="hpsearch-memory-"))
+            stack.callback(shutil.rmtree, home, ignore_errors=True)
+            url = f"sqlite:///{home / 'hpsearch.db'}"
+            migrate.upgrade(url)
+            built = build_study(url, n_trials=prefill, epochs=1, open_trials=n_trials + 5)
+        svc = stack.enter_context(running_service(slots=1, separate_workers=1, database_url=url))
         worker_pid = svc.procs[1].pid
-        ref = svc.upload_npz("digits-781", x, y)
-        spec = {**tiny_spec(ref, n_trials + 5, 1), "name": "bench-scale-memory"}
-        study_id, _ = svc.submit(spec)
+        if prefill:
+            study_id = built.study_id
+        else:
+            x, y = tiny_dataset()
+            ref = svc.upload_npz("digits-781", x, y)
+            study_id, _ = svc.submit({**tiny_spec(ref, n_trials + 5, 1), "name": "bench-scale-memory"})
         deadline = time.monotonic() + timeout_s
         while marks and time.monotonic() < deadline:
             study = svc.study(study_id)
-            finished = study["progress"]["finished"]
+            finished = study["progress"]["finished"] - prefill
             if finished >= marks[0]:
                 samples.append({"after_trials": finished, "rss_mib": round(rss_mib(worker_pid), 1)})
                 marks = [m for m in marks if m > finished]
@@ -504,7 +520,7 @@ def run_memory(n_trials: int, timeout_s: float = 1800.0) -> dict[str, Any]:
         raise RuntimeError("the worker finished no trial in time")
     first, last = samples[0], samples[-1]
     growth = last["rss_mib"] - first["rss_mib"]
-    return {"n_trials": n_trials, "samples": samples, "first": first, "last": last,
+    return {"n_trials": n_trials, "prefill": prefill, "samples": samples, "first": first, "last": last,
             "growth_mib": round(growth, 1), "growth_fraction": round(growth / first["rss_mib"], 4),
             "complete_run": last["after_trials"] >= n_trials}
 
@@ -524,12 +540,13 @@ def print_table(result: dict[str, Any]) -> None:
                      f"{c['distinct_numbers']} distinct numbers, {c['started_twice']} started twice, "
                      f"{c['postgres_deadlocks']} deadlocks"))
     for a in result.get("asks", []):
-        rows.append((f"TPE ask at {a['trials_in_study']} trials ({a['database']})",
+        rows.append((f"{a['sampler']} ask at {a['trials_in_study']} trials ({a['database']})",
                      ", ".join(f"{p} {a[p]['median_ms']} ms (cold {a[p]['cold_ms']}, {a[p]['trials_held']} held)"
                                for p in ("window", "full", "direct") if p in a)))
-        rows.append((f"pruning decision at {a['trials_in_study']} trials ({a['database']})",
-                     ", ".join(f"{p} {a[k]['median_ms']} ms (cold {a[k]['cold_ms']}, {a[k]['trials_held']} held)"
-                               for p in ("window", "full") if (k := f"prune_{p}") in a)))
+        if any(f"prune_{p}" in a for p in ("window", "full")):
+            rows.append((f"pruning decision at {a['trials_in_study']} trials ({a['database']})",
+                         ", ".join(f"{p} {a[k]['median_ms']} ms (cold {a[k]['cold_ms']}, {a[k]['trials_held']} held)"
+                                   for p in ("window", "full") if (k := f"prune_{p}") in a)))
     for r in result.get("reads", []):
         x = r["now"]
         rows.append((f"reads at {r['trials_in_study']} trials ({r['database']})",
@@ -538,7 +555,7 @@ def print_table(result: dict[str, Any]) -> None:
                      f"peak {x['csv_peak_mib']} MiB), importance cold {x['importance_cold_ms']} ms "
                      f"warm {x['importance_warm_ms']} ms"))
     if m := result.get("memory"):
-        rows.append((f"worker RSS over {m['n_trials']} trials",
+        rows.append((f"worker RSS over {m['n_trials']} trials after {m['prefill']}",
                      f"{m['first']['rss_mib']} MiB after {m['first']['after_trials']}, "
                      f"{m['last']['rss_mib']} MiB after {m['last']['after_trials']}: "
                      f"{m['growth_mib']:+} MiB ({100 * m['growth_fraction']:+.1f}%)"))
@@ -558,8 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ask-sizes", default="1000,10000", help="finished trials in the study, comma list")
     parser.add_argument("--asks", type=int, default=10, help="timed asks per size and path (after a cold one)")
     parser.add_argument("--ask-paths", default="window,full", help="comma list of window, full, direct")
+    parser.add_argument("--ask-sampler", default="tpe", choices=["tpe", "random"])
     parser.add_argument("--ask-database", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--memory-trials", type=int, default=200, help="trials of the memory run")
+    parser.add_argument("--memory-prefill", type=int, default=0,
+                        help="finished trials the memory run's study holds before the worker goes on with it")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
@@ -572,12 +592,13 @@ def main(argv: list[str] | None = None) -> int:
         result["claims"]["ok"] = claims_ok(result["claims"])
     if "asks" in parts:
         result["asks"] = run_asks([int(s) for s in args.ask_sizes.split(",") if s.strip()], args.asks,
-                                  [p for p in args.ask_paths.split(",") if p], args.ask_database, args.postgres_url)
+                                  [p for p in args.ask_paths.split(",") if p], args.ask_database, args.postgres_url,
+                                  args.ask_sampler)
     if "reads" in parts:
         result["reads"] = run_reads([int(s) for s in args.read_sizes.split(",") if s.strip()], args.ask_database,
                                     args.postgres_url)
     if "memory" in parts:
-        result["memory"] = run_memory(args.memory_trials)
+        result["memory"] = run_memory(args.memory_trials, prefill=args.memory_prefill)
         result["memory"]["ok"] = memory_ok(result["memory"])
     print_table(result)
     write_json(args.out, result)
