@@ -98,6 +98,7 @@ class _Search:
         self.deadline = self.start + arm.budget_s
         self.pruned: set[int] = set()
         self.group_sizes: list[int] = []
+        self.occupancy: list[float] = []  # per group: member-epochs / (members x the group's epochs)
 
     def spec(self, params: dict[str, Any]) -> Any:
         from app.ml.artifacts import ModelSpec
@@ -150,7 +151,8 @@ class _Search:
                 "trials_per_min": round(len(done) / minutes, 2), "best_val_accuracy": max(values) if values else None,
                 "epochs_trained": sum(r["epochs"] for r in done), "device": self.arm.device,
                 "threads": self.arm.threads,
-                "mean_group_size": round(float(np.mean(self.group_sizes)), 2) if self.group_sizes else None}
+                "mean_group_size": round(float(np.mean(self.group_sizes)), 2) if self.group_sizes else None,
+                "mean_occupancy": round(float(np.mean(self.occupancy)), 2) if self.occupancy else None}
 
 
 def _warm_up() -> None:
@@ -207,6 +209,9 @@ def run_fused(search: _Search) -> None:
                         direction="maximize", patience=PATIENCE, callbacks=[_GroupReporter(search, trials)],
                         stop_signal=lambda keys=keys: keys if search.over() else ())
             search.group_sizes.append(len(group))
+            epochs = [r["epochs"] for r in search.records if r["number"] in keys]
+            if len(epochs) == len(keys) and max(epochs) > 0:  # a group that ended within the budget
+                search.occupancy.append(sum(epochs) / (len(keys) * max(epochs)))
 
 
 class _GroupReporter:
