@@ -13,6 +13,7 @@ other.
 
     python -m benchmarks.fused --dataset digits --budget 90 --k 8
     python -m benchmarks.fused --dataset mnist --budget 90 --k 8 --device cuda
+    python -m benchmarks.fused --dataset digits --budget 90 --sampler random   # the same trials in both arms
     python -m benchmarks.fused --step    # CPU time of one fused step of 8 members against 8 solo steps
 """
 
@@ -49,6 +50,7 @@ class Arm:
     threads: int
     batch_size: int | None  # None: sampled from the documented choices
     max_waste: float = 0.5
+    sampler: str = "tpe"  # "random": both arms train the same configurations, trial by trial
 
 
 def load_rows(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -90,7 +92,8 @@ class _Search:
         entries = {} if arm.batch_size is None else {"batch_size": arm.batch_size}
         self.space = resolve_space(entries, Context("mlp", image=True))
         self.study = optuna.create_study(
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=SEED, constant_liar=True),
+            direction="maximize", sampler=optuna.samplers.RandomSampler(seed=SEED) if arm.sampler == "random"
+            else optuna.samplers.TPESampler(seed=SEED, constant_liar=True),
             pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=arm.epochs, reduction_factor=3))
         self.records: list[dict[str, Any]] = []
         _warm_up()
@@ -239,7 +242,7 @@ def _child(arm: Arm, queue: Any) -> None:
 
 def compare(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     arms = [Arm(mode, dataset, args.budget, args.k, args.epochs, args.device, args.threads,
-                None if args.batch_size == "any" else int(args.batch_size), args.max_waste)
+                None if args.batch_size == "any" else int(args.batch_size), args.max_waste, args.sampler)
             for mode in ("solo", "fused")]
     if args.device == "cpu":  # side by side: both arms see the same machine load
         ctx = mp.get_context("spawn")
@@ -318,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--max-waste", type=float, default=0.5,
                         help="padding a group may add, as a fraction of its members' own compute")
+    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
+                        help="random: the arms train the same configurations in the same order, so the "
+                             "trial rates compare the engines, not what each arm's TPE settled on")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--step", action="store_true",
                         help="only time one fused step of K members against K solo steps (CPU time)")
