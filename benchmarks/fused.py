@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     parser.add_argument("--batch-size", default=str(BATCH_SIZE), help="a fixed batch size, or 'any'")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--max-waste", type=float, default=0.5,
-                        help="padding a group may add, as a fraction of its members' own compute")
+    parser.add_argument("--max-waste", type=float, default=None,
+                        help="padding a group may add, as a fraction of its members' own compute "
+                             "(default: the worker's for the device)")
     parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
                         help="random: the arms train the same configurations in the same order, so the "
                              "trial rates compare the engines, not what each arm's TPE settled on")
@@ -328,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", action="store_true",
                         help="only time one fused step of K members against K solo steps (CPU time)")
     args = parser.parse_args(argv)
+    if args.max_waste is None:
+        from workers.fused import max_waste
+
+        args.max_waste = max_waste(args.device)
     if args.step:
         print(json.dumps(step_times(args.k)))
         return 0

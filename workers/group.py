@@ -22,7 +22,7 @@ from app.core.optuna_store import optuna_storage
 from app.models import FailureKind
 from workers import optuna_sync, queue
 from workers.attempt import PIPE_POLL_S, STOPPED_MESSAGE, Ending, Outcome, Slot, _on_epoch, bind, record
-from workers.fused import can_fuse, plan_groups
+from workers.fused import can_fuse, max_waste, plan_groups
 from workers.fused.layers import member_params
 from workers.fusing import fuse_size
 from workers.prepared import PreparedStudy
@@ -57,7 +57,7 @@ def plan_claim(slot: Slot, first: queue.Lease, device: str, fuse: int | str,
     runs: list[list[queue.Lease]] = [[lease] for lease in leases if lease.attempt > 1]
     fresh = [lease for lease in leases if lease.attempt == 1]
     specs = [p.model_spec(lease.params or {}) for lease in fresh]
-    runs += [[fresh[i] for i in g] for g in plan_groups(specs, max_members=max(1, k))]
+    runs += [[fresh[i] for i in g] for g in plan_groups(specs, max_members=max(1, k), max_waste=max_waste(device))]
     return runs
 
 

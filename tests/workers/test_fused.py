@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from app.ml.artifacts import ModelSpec, NetPredictor, build_module, describe_layers, save_trial
-from workers.fused import FusedMLP, Member, MemberSchedules, can_fuse, plan_groups, train_group
+from workers.fused import FusedMLP, Member, MemberSchedules, can_fuse, max_waste, plan_groups, train_group
 from workers.runner import standardization
 from workers.trainer import (
     EpochReport,
@@ -338,6 +338,24 @@ def test_plan_groups_splits_by_batch_size_and_padding_waste() -> None:
     assert sorted(i for g in groups for i in g) == list(range(len(specs)))
     assert sorted(map(sorted, groups)) == [[0, 1, 3], [2, 5], [4]]
     assert all(len(g) <= 2 for g in plan_groups(specs, max_members=2))
+
+
+def test_a_cpu_group_pads_no_more_than_the_step_overheads_it_saves() -> None:
+    """On a CPU padding costs its full arithmetic (measured slower fused): a group there may cost at most what
+    its members would alone, step overheads counted; elsewhere it may pad up to MAX_WASTE more."""
+    from workers.fused.partition import STEP_OVERHEAD, own_cost, padded_cost
+
+    rng = np.random.default_rng(0)
+    specs = [spec({"units": int(np.exp(rng.uniform(np.log(32), np.log(512)))), "n_layers": int(rng.integers(1, 5)),
+                   "batch_size": 128}) for _ in range(24)]  # the documented space's sizes
+    overhead = STEP_OVERHEAD / 128
+    cpu = plan_groups(specs, max_members=8, max_waste=max_waste("cpu"))
+    for group in cpu:
+        members = [specs[i] for i in group]
+        assert padded_cost(members) + overhead <= sum(own_cost(m) + overhead for m in members)
+    gpu = plan_groups(specs, max_members=8, max_waste=max_waste("cuda:0"))
+    assert len(gpu) < len(cpu)  # the same trials in fewer, more padded groups
+    assert sorted(i for g in cpu for i in g) == sorted(i for g in gpu for i in g) == list(range(24))
 
 
 def test_plan_groups_fuses_small_networks_whose_step_overhead_outweighs_padding() -> None:

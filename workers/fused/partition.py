@@ -20,6 +20,10 @@ from workers.fused.layers import can_fuse, member_params
 from workers.trainer import DEFAULT_BATCH_SIZE
 
 MAX_WASTE = 0.5  # a group's cost at most 1.5x its members' own cost
+# On a CPU padding costs its full arithmetic: with the same trials (benchmarks/fused.py --sampler random,
+# digits) groups allowed no padding beyond the step overheads they save trained 0.84x as many trials per
+# minute as one at a time, against 0.75x at 0.25 and 0.61x at 0.5.
+CPU_MAX_WASTE = 0.0
 # A training step's fixed cost in multiply-adds: on one CPU thread a solo step of a tiny MLP takes about
 # 0.5 ms beyond its arithmetic, the time of some 15 million multiply-adds of a batched matmul.
 STEP_OVERHEAD = 15_000_000
@@ -45,6 +49,11 @@ def padded_cost(specs: Sequence[ModelSpec]) -> int:
     fan_in = [int(np.prod(specs[0].input_shape))] + widths
     outs = widths + [int(specs[0].n_outputs)]
     return len(specs) * sum(i * o for i, o in zip(fan_in, outs, strict=True))
+
+
+def max_waste(device: str) -> float:
+    """The padding a group on `device` may add, as a fraction of its members' own cost."""
+    return CPU_MAX_WASTE if device == "cpu" else MAX_WASTE
 
 
 def plan_groups(specs: Sequence[ModelSpec], *, max_members: int, max_waste: float = MAX_WASTE,
