@@ -27,7 +27,8 @@ _studies = om.StudyModel.__table__
 
 def create_running(storage: RDBStorage, study_id: int, params: dict[str, Any],
                    distributions: dict[str, BaseDistribution]) -> tuple[int, int]:
-    """(Optuna trial id, number) of a new RUNNING trial of study `study_id` holding `params`.
+    """(Optuna trial id, number) of a new RUNNING trial of study `study_id` holding each parameter of
+    `distributions`, its value from `params` (which may hold fixed values too: those are not Optuna's).
 
     Raises KeyError for a study that does not exist, as Optuna does.
     """
@@ -46,7 +47,7 @@ def create_running(storage: RDBStorage, study_id: int, params: dict[str, Any],
             .returning(_trials.c.trial_id, _trials.c.number)).first()
         if row is None:
             raise KeyError(f"No study with study_id {study_id} exists.")
-        if params:
+        if distributions:
             conn.execute(insert(_params), [
                 {"trial_id": row.trial_id, "param_name": name, "param_value": dist.to_internal_repr(params[name]),
                  "distribution_json": distribution_to_json(dist)} for name, dist in distributions.items()])

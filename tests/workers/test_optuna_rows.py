@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages._rdb import models as om
 from optuna.trial import TrialState
+from sqlalchemy import func, select
 
 from app.core.optuna_store import optuna_storage
 from workers.optuna_rows import create_running
@@ -38,6 +40,17 @@ def test_a_trial_written_in_one_go_reads_back_as_optunas_own(db_url: str) -> Non
         assert getattr(got, field) == getattr(expected, field), field
     assert before - timedelta(seconds=1) <= got.datetime_start <= datetime.now()  # local time, as Optuna's
     assert [t.number for t in ours.get_trials(states=(TrialState.RUNNING,))] == [1]
+
+
+def test_only_the_sampled_parameters_are_optunas(db_url: str) -> None:
+    storage = optuna_storage(db_url)
+    study = optuna.create_study(study_name="fixed", storage=storage)
+    trial_id, _ = create_running(storage, study._study_id, {**PARAMS, "epochs_fixed": 3}, DISTRIBUTIONS)
+    assert storage.get_trial(trial_id).params == PARAMS
+    trial_id, _ = create_running(storage, study._study_id, {"epochs_fixed": 3}, {})  # nothing sampled
+    assert storage.get_trial(trial_id).params == {}
+    with storage.engine.connect() as conn:  # and no row without a trial
+        assert conn.execute(select(func.count()).select_from(om.TrialParamModel.__table__)).scalar() == len(PARAMS)
 
 
 def test_a_trial_of_a_study_that_does_not_exist_is_refused(db_url: str) -> None:
