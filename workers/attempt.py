@@ -1,5 +1,6 @@
 """One attempt of a trial, seen from its supervisor: bind it to an Optuna trial, fork its runner, relay the
-runner's messages (record each epoch, ask the pruner, answer go or stop), then record how it ended.
+runner's messages (record each epoch, ask the pruner, answer go or stop), then record how it ended. The
+same loop (`supervise`) follows a fused runner, trial by trial (`workers.group`).
 
 Every outcome is recorded on one path: the service's row and the study's stop criteria in one transaction,
 then one write to Optuna.
@@ -77,18 +78,7 @@ def _run(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> None:
     if bound is None:
         log.warning("lease of study %s lost before its trial started", lease.study_id)
         return
-    lease = bound
-    assert lease.number is not None and lease.params is not None
-    tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": lease.study_id,
-                                       "trial": lease.number, "attempt": lease.attempt, "device": device})
-    tlog.info("trial started")
-    assert slot.settings.artifact_dir is not None
-    staged = staged_stem(slot.settings.artifact_dir, lease)
-    try:
-        ending = _supervise(slot, _job(slot, lease, p, device), lease, p)
-        record(slot, ending, lease, p, tlog)
-    finally:
-        discard(staged)  # published, refused or never finished: nothing to keep
+    supervise(slot, p, [bound], device, child_main, _job(slot, bound, p, device), on_death=_fail_died)
 
 
 def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None:
@@ -148,69 +138,142 @@ def _job(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> Trial
                     image=p.dataset.image_shape is not None)
 
 
-def _spawn(slot: Slot, job: TrialJob) -> tuple[Any, Connection]:
-    parent, child = slot.mp_context.Pipe()
-    proc = slot.mp_context.Process(target=child_main, args=(child, job), daemon=True)
-    proc.start()
-    child.close()
-    return proc, parent
+@dataclass
+class Member:
+    """A trial its runner holds, as the supervisor follows it (a solo runner holds one, a fused one several)."""
 
-
-def _supervise(slot: Slot, job: TrialJob, lease: queue.Lease, p: PreparedStudy) -> Ending:
-    """Relay epochs until the runner ends; stop it when pruned, lost, cancelled, late or shutting down."""
-    # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
-    trial = retry_on_disconnect(optuna.Trial, p.optuna_study, lease.optuna_trial_id)
-    proc, conn = _spawn(slot, job)
-    deadline = time.monotonic() + p.spec.trial_timeout_s(slot.settings.trial_deadline_s)
+    lease: queue.Lease
+    trial: optuna.Trial
+    deadline: float
+    tlog: Any = None
+    board: TrialBoard | None = None
     stopping: Ending | None = None  # why the supervisor said stop, once it has
-    board = None
-    if p.spec.tensorboard:
-        assert slot.settings.artifact_dir is not None and lease.number is not None
-        board = TrialBoard(board_dir(slot.settings.artifact_dir, lease.study_id, lease.number, lease.attempt))
+    ended: bool = False
+
+
+def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: str, target: Any, job: Any,
+              on_death: Any) -> None:
+    """Fork `target(conn, job)` as the runner of `leases`, relay its messages trial by trial and record each
+    trial as it ends; `on_death(slot, p, proc, members)` ends those still open when the runner dies."""
+    assert slot.settings.artifact_dir is not None
+    timeout = p.spec.trial_timeout_s(slot.settings.trial_deadline_s)
+    members: dict[int, Member] = {}
+    for lease in leases:
+        assert lease.number is not None and lease.params is not None
+        # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
+        trial = retry_on_disconnect(optuna.Trial, p.optuna_study, lease.optuna_trial_id)
+        members[lease.trial_id] = Member(lease, trial, time.monotonic() + timeout)
+    proc, conn = _spawn(slot, target, job)
+    for m in members.values():
+        lease = m.lease
+        m.tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": lease.study_id,
+                                             "trial": lease.number, "attempt": lease.attempt, "device": device,
+                                             "runner": proc.pid})
+        if len(members) == 1:
+            m.tlog.info("trial started")
+        else:
+            m.tlog.info("trial started in a fused group of %d", len(members))
+        if p.spec.tensorboard:
+            m.board = TrialBoard(board_dir(slot.settings.artifact_dir, lease.study_id, lease.number, lease.attempt))
     try:
-        while True:
-            if slot.drain_over():
-                return Ending(Outcome.RELEASED)
-            if time.monotonic() > deadline:
-                return Ending(Outcome.FAILED, failure=FailureKind.DEADLINE, reason="deadline exceeded")
-            if not conn.poll(PIPE_POLL_S):
-                if not proc.is_alive() and not conn.poll(0):
-                    return _died(proc)
-                continue
-            try:
-                msg: Message = conn.recv()
-            except (EOFError, ConnectionResetError):  # killed with bytes unread: a reset, not an EOF
-                proc.join(1)
-                return _died(proc)
-            assert msg.trial == job.trial, f"runner of trial {job.trial} spoke of trial {msg.trial}"
-            if isinstance(msg, Epoch):
-                if board is not None:
-                    board.epoch(msg.report)
-                verdict = _on_epoch(slot, msg.report, lease, trial, p)
-                if verdict is not None and verdict.outcome is Outcome.LOST:
-                    return verdict
-                stopping = stopping or verdict
-                conn.send(Decision(job.trial, Verdict.GO if verdict is None else Verdict.STOP))
-            elif isinstance(msg, Stopped):
-                ending = stopping or Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
-                ending.result = msg.last or {}
-                return ending
-            elif isinstance(msg, Done):
-                return Ending(Outcome.COMPLETE, msg.result)
-            elif isinstance(msg, Failed):
-                return Ending(Outcome.FAILED, failure=msg.failure, reason=msg.reason)
+        _relay(slot, p, proc, conn, members, on_death)
     finally:
         conn.close()
         if proc.is_alive():
             proc.kill()
         proc.join(5)
-        if board is not None:
-            board.close()
+        for m in members.values():
+            if m.board is not None:
+                m.board.close()
+            discard(staged_stem(slot.settings.artifact_dir, m.lease))  # published or refused: nothing to keep
 
 
-def _died(proc: Any) -> Ending:
-    return Ending(Outcome.FAILED, failure=FailureKind.PROCESS_DIED,
-                  reason=f"trial process died (exit code {proc.exitcode})")
+def _spawn(slot: Slot, target: Any, job: Any) -> tuple[Any, Connection]:
+    parent, child = slot.mp_context.Pipe()
+    proc = slot.mp_context.Process(target=target, args=(child, job), daemon=True)
+    proc.start()
+    child.close()
+    return proc, parent
+
+
+def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: dict[int, Member],
+           on_death: Any) -> None:
+    """Relay every member's messages until each has ended: stop one when pruned, lost, cancelled or late,
+    all when shutting down; the runner's death ends those still open."""
+
+    def end(m: Member, ending: Ending) -> None:
+        m.ended = True
+        record(slot, ending, m.lease, p, m.tlog)
+
+    def stop(trial_id: int) -> None:
+        try:
+            conn.send(Decision(trial_id, Verdict.STOP))
+        except OSError:  # the runner is gone: its death is noticed below
+            pass
+
+    while True:
+        open_members = [m for m in members.values() if not m.ended]
+        if not open_members:
+            return
+        if slot.drain_over():
+            for m in open_members:
+                end(m, Ending(Outcome.RELEASED))
+            return
+        now = time.monotonic()
+        for m in open_members:
+            if now > m.deadline:
+                end(m, Ending(Outcome.FAILED, failure=FailureKind.DEADLINE, reason="deadline exceeded"))
+                stop(m.lease.trial_id)
+        if not conn.poll(PIPE_POLL_S):
+            if not proc.is_alive() and not conn.poll(0):
+                on_death(slot, p, proc, [m for m in members.values() if not m.ended])
+                return
+            continue
+        try:
+            msg: Message = conn.recv()
+        except (EOFError, OSError):  # killed with bytes unread, the pipe reads as reset rather than closed
+            proc.join(1)
+            on_death(slot, p, proc, [m for m in members.values() if not m.ended])
+            return
+        m = members.get(msg.trial)
+        assert m is not None, f"a runner spoke of trial {msg.trial}, which it does not hold"
+        if isinstance(msg, Epoch):
+            if m.ended:  # ended here already (late, lost): let the runner drop it
+                stop(msg.trial)
+                continue
+            if m.board is not None:
+                m.board.epoch(msg.report)
+            verdict = _on_epoch(slot, msg.report, m.lease, m.trial, p)
+            if verdict is not None and verdict.outcome is Outcome.LOST:
+                end(m, verdict)
+                stop(msg.trial)
+                continue
+            m.stopping = m.stopping or verdict
+            if verdict is None:
+                try:
+                    conn.send(Decision(msg.trial, Verdict.GO))
+                except OSError:  # the runner is gone: its death is noticed above
+                    pass
+            else:
+                stop(msg.trial)
+        elif m.ended:
+            continue
+        elif isinstance(msg, Stopped):
+            ending = m.stopping or Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
+            ending.result = msg.last or {}
+            end(m, ending)
+        elif isinstance(msg, Done):
+            end(m, Ending(Outcome.COMPLETE, msg.result))
+        elif isinstance(msg, Failed):
+            end(m, Ending(Outcome.FAILED, failure=msg.failure, reason=msg.reason))
+
+
+def _fail_died(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -> None:
+    """A solo runner that died took its one trial with it: that attempt fails, blamed on the trial."""
+    for m in members:
+        m.ended = True
+        record(slot, Ending(Outcome.FAILED, failure=FailureKind.PROCESS_DIED,
+                            reason=f"trial process died (exit code {proc.exitcode})"), m.lease, p, m.tlog)
 
 
 def _on_epoch(slot: Slot, report: dict[str, Any], lease: queue.Lease, trial: optuna.Trial,

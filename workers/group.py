@@ -1,5 +1,5 @@
 """A fused group of trials, seen from its supervisor: claim and bind the members, plan the groups, fork one
-runner per group, and supervise every member as `workers.attempt` supervises a solo trial.
+runner per group, and supervise its members through `attempt.supervise`, as a solo trial is supervised.
 
 Each member keeps its own lease, Optuna trial, curve, pruning decision, deadline, cancellation and outcome,
 recorded on the same path as a solo trial's (`attempt.record`). Stopping one member (pruned, cancelled,
@@ -9,30 +9,20 @@ attempt of each member it still held; each goes back in line while attempts rema
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import optuna
-
-from app.core.db import retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.models import FailureKind
 from workers import optuna_sync, queue
-from workers.attempt import PIPE_POLL_S, STOPPED_MESSAGE, Ending, Outcome, Slot, _on_epoch, bind, record
+from workers.attempt import Member, Slot, bind, supervise
 from workers.fused import can_fuse, max_waste, plan_groups
 from workers.fused.layers import member_params
 from workers.fusing import fuse_size
 from workers.prepared import PreparedStudy
-from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
-from workers.publishing import discard, staged_stem
+from workers.publishing import staged_stem
 from workers.runner import GroupJob, GroupMemberJob, group_main
-from workers.tensorboard import TrialBoard, board_dir
 from workers.trainer import DEFAULT_BATCH_SIZE
-
-log = logging.getLogger("hpsearch.worker")
 
 
 def plan_claim(slot: Slot, first: queue.Lease, device: str, fuse: int | str,
@@ -65,52 +55,10 @@ def _bound(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | No
     return lease if lease.number is not None else bind(slot, lease, p)
 
 
-@dataclass
-class _Member:
-    lease: queue.Lease
-    trial: optuna.Trial
-    deadline: float
-    tlog: Any
-    board: TrialBoard | None = None
-    stopping: Ending | None = None  # why the supervisor said stop, once it has
-    ended: bool = False
-
-
 def run_group(slot: Slot, leases: list[queue.Lease], device: str) -> None:
     """Train bound leases of one study as one fused runner; record each member's outcome as it ends."""
     p = slot.studies.get(leases[0].study_id)
-    assert slot.settings.artifact_dir is not None
-    timeout = p.spec.trial_timeout_s(slot.settings.trial_deadline_s)
-    members: dict[int, _Member] = {}
-    for lease in leases:
-        # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
-        trial = retry_on_disconnect(optuna.Trial, p.optuna_study, lease.optuna_trial_id)
-        members[lease.trial_id] = _Member(lease, trial, time.monotonic() + timeout, None)
-    parent, child = slot.mp_context.Pipe()
-    proc = slot.mp_context.Process(target=group_main, args=(child, _group_job(slot, leases, p, device)),
-                                   daemon=True)
-    proc.start()
-    child.close()
-    for m in members.values():
-        m.tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": m.lease.study_id,
-                                             "trial": m.lease.number, "attempt": m.lease.attempt,
-                                             "device": device, "runner": proc.pid})
-        m.tlog.info("trial started in a fused group of %d", len(members))
-        if p.spec.tensorboard:
-            assert m.lease.number is not None
-            m.board = TrialBoard(board_dir(slot.settings.artifact_dir, m.lease.study_id, m.lease.number,
-                                           m.lease.attempt))
-    try:
-        _relay(slot, p, proc, parent, members)
-    finally:
-        parent.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
-        for m in members.values():
-            if m.board is not None:
-                m.board.close()
-            discard(staged_stem(slot.settings.artifact_dir, m.lease))  # published or refused: nothing to keep
+    supervise(slot, p, leases, device, group_main, _group_job(slot, leases, p, device), on_death=_retry_members)
 
 
 def _group_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: str) -> GroupJob:
@@ -127,82 +75,11 @@ def _group_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: 
                     memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None)
 
 
-def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Any, members: dict[int, _Member]) -> None:
-    """Relay every member's messages until each has ended; the runner's death ends those still open."""
-
-    def end(m: _Member, ending: Ending) -> None:
-        m.ended = True
-        record(slot, ending, m.lease, p, m.tlog)
-
-    def stop(trial_id: int) -> None:
-        try:
-            conn.send(Decision(trial_id, Verdict.STOP))
-        except OSError:  # the runner is gone: its death is noticed below
-            pass
-
-    while True:
-        open_members = [m for m in members.values() if not m.ended]
-        if not open_members:
-            return
-        if slot.drain_over():
-            for m in open_members:
-                end(m, Ending(Outcome.RELEASED))
-            return
-        now = time.monotonic()
-        for m in open_members:
-            if now > m.deadline:
-                end(m, Ending(Outcome.FAILED, failure=FailureKind.DEADLINE, reason="deadline exceeded"))
-                stop(m.lease.trial_id)
-        if not conn.poll(PIPE_POLL_S):
-            if not proc.is_alive() and not conn.poll(0):
-                _runner_died(slot, proc, members)
-                return
-            continue
-        try:
-            msg: Message = conn.recv()
-        except (EOFError, OSError):  # killed with bytes unread, the pipe reads as reset rather than closed
-            proc.join(1)
-            _runner_died(slot, proc, members)
-            return
-        m = members.get(msg.trial)
-        assert m is not None, f"a fused runner spoke of trial {msg.trial}, not its member"
-        if isinstance(msg, Epoch):
-            if m.ended:  # ended here already (late, lost): let the runner drop it
-                stop(msg.trial)
-                continue
-            if m.board is not None:
-                m.board.epoch(msg.report)
-            verdict = _on_epoch(slot, msg.report, m.lease, m.trial, p)
-            if verdict is not None and verdict.outcome is Outcome.LOST:
-                end(m, verdict)
-                stop(msg.trial)
-                continue
-            m.stopping = m.stopping or verdict
-            if verdict is None:
-                try:
-                    conn.send(Decision(msg.trial, Verdict.GO))
-                except OSError:  # the runner is gone: its death is noticed above
-                    pass
-            else:
-                stop(msg.trial)
-        elif m.ended:
-            continue
-        elif isinstance(msg, Stopped):
-            ending = m.stopping or Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
-            ending.result = msg.last or {}
-            end(m, ending)
-        elif isinstance(msg, Done):
-            end(m, Ending(Outcome.COMPLETE, msg.result))
-        elif isinstance(msg, Failed):
-            end(m, Ending(Outcome.FAILED, failure=msg.failure, reason=msg.reason))
-
-
-def _runner_died(slot: Slot, proc: Any, members: dict[int, _Member]) -> None:
-    """Fail the current attempt of each member still open; each is retried while attempts remain."""
+def _retry_members(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -> None:
+    """A fused runner that died fails the current attempt of each member still open, none of them to blame:
+    each is retried (solo) while attempts remain."""
     reason = f"fused trial process died (exit code {proc.exitcode})"
-    for m in members.values():
-        if m.ended:
-            continue
+    for m in members:
         m.ended = True
         reaped = queue.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED)
         if reaped is None:
