@@ -12,6 +12,7 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -151,8 +152,11 @@ class Member:
     ended: bool = False
 
 
-def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: str, target: Any, job: Any,
-              on_death: Any) -> None:
+OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
+
+
+def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: str,
+              target: Callable[[Connection, Any], None], job: Any, on_death: OnDeath) -> None:
     """Fork `target(conn, job)` as the runner of `leases`, relay its messages trial by trial and record each
     trial as it ends; `on_death(slot, p, proc, members)` ends those still open when the runner dies."""
     assert slot.settings.artifact_dir is not None
@@ -188,7 +192,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: s
             discard(staged_stem(slot.settings.artifact_dir, m.lease))  # published or refused: nothing to keep
 
 
-def _spawn(slot: Slot, target: Any, job: Any) -> tuple[Any, Connection]:
+def _spawn(slot: Slot, target: Callable[[Connection, Any], None], job: Any) -> tuple[Any, Connection]:
     parent, child = slot.mp_context.Pipe()
     proc = slot.mp_context.Process(target=target, args=(child, job), daemon=True)
     proc.start()
@@ -197,7 +201,7 @@ def _spawn(slot: Slot, target: Any, job: Any) -> tuple[Any, Connection]:
 
 
 def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: dict[int, Member],
-           on_death: Any) -> None:
+           on_death: OnDeath) -> None:
     """Relay every member's messages until each has ended: stop one when pruned, lost, cancelled or late,
     all when shutting down; the runner's death ends those still open."""
 
@@ -210,6 +214,9 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
             conn.send(Decision(trial_id, Verdict.STOP))
         except OSError:  # the runner is gone: its death is noticed below
             pass
+
+    def died() -> None:
+        on_death(slot, p, proc, [m for m in members.values() if not m.ended])
 
     while True:
         open_members = [m for m in members.values() if not m.ended]
@@ -226,14 +233,14 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
                 stop(m.lease.trial_id)
         if not conn.poll(PIPE_POLL_S):
             if not proc.is_alive() and not conn.poll(0):
-                on_death(slot, p, proc, [m for m in members.values() if not m.ended])
+                died()
                 return
             continue
         try:
             msg: Message = conn.recv()
         except (EOFError, OSError):  # killed with bytes unread, the pipe reads as reset rather than closed
             proc.join(1)
-            on_death(slot, p, proc, [m for m in members.values() if not m.ended])
+            died()
             return
         m = members.get(msg.trial)
         assert m is not None, f"a runner spoke of trial {msg.trial}, which it does not hold"
@@ -271,7 +278,6 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
 def _fail_died(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -> None:
     """A solo runner that died took its one trial with it: that attempt fails, blamed on the trial."""
     for m in members:
-        m.ended = True
         record(slot, Ending(Outcome.FAILED, failure=FailureKind.PROCESS_DIED,
                             reason=f"trial process died (exit code {proc.exitcode})"), m.lease, p, m.tlog)
 

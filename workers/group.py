@@ -80,7 +80,6 @@ def _retry_members(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member
     each is retried (solo) while attempts remain."""
     reason = f"fused trial process died (exit code {proc.exitcode})"
     for m in members:
-        m.ended = True
         reaped = queue.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED)
         if reaped is None:
             m.tlog.warning("lease lost (reaped or study deleted); result dropped")
