@@ -1,20 +1,26 @@
 """Fused trials against one trial at a time: trials finished per minute and best validation accuracy.
 
-Both arms search the same space (the documented MLP space for image data, batch size fixed unless
-`--batch-size any`) with the same seed, for the same wall-clock budget, on the same device. This benchmark
-drives the training engines directly, not the service: a real Optuna study (TPE with constant liar, Hyperband
-pruning fed by every epoch's report) through ask/tell; one arm trains each trial alone with
-`workers.trainer.train`, the other asks K trials at once and trains them as fused groups with
-`workers.fused.train_group`, split by `workers.fused.plan_groups` (per batch size, bounded padding). A
-trial is finished when it completed, was pruned or diverged before the budget ran out; a trial still
-running then is stopped and not counted. On the CPU the two arms run side by side in two processes of
-`--threads` threads each, so they share whatever load the machine carries; on CUDA they run one after the
-other.
+On the CPU both arms search the same space (the documented MLP space for image data, batch size fixed unless
+`--batch-size any`) with the same seed, for the same wall-clock budget, side by side in two processes of
+`--threads` threads each, so they share whatever load the machine carries. This drives the training engines
+directly, not the service: a real Optuna study (TPE with constant liar, Hyperband pruning fed by every
+epoch's report) through ask/tell; one arm trains each trial alone with `workers.trainer.train`, the other asks
+K trials at once and trains them as fused groups with `workers.fused.train_group`, split by
+`workers.fused.plan_groups` (per batch size, bounded padding). A trial is finished when it completed, was
+pruned or diverged before the budget ran out; a trial still running then is stopped and not counted.
+
+On a CUDA device (`--device cuda`) it runs the MNIST MLP search (batch size 128, random search, seed 0, a
+fixed number of trials) through the service three times: `hpsearch serve --workers 1` (one trial at a time),
+`--workers N` (N runner processes sharing the GPU, `--per-device N`'s way) and `--workers 1 --fuse auto`,
+with trials per hour, best validation accuracy, trials per runner and GPU utilization for each
+(`benchmarks.gpu`). Without a device it says so and exits 0; `--service` runs the same three on the CPU
+with `--fuse K` (auto picks 1 there), which checks the benchmark itself.
 
     python -m benchmarks.fused --dataset digits --budget 90 --k 8
-    python -m benchmarks.fused --dataset mnist --budget 90 --k 8 --device cuda
     python -m benchmarks.fused --dataset digits --budget 90 --sampler random   # the same trials in both arms
     python -m benchmarks.fused --step    # CPU time of one fused step of 8 members against 8 solo steps
+    python -m benchmarks.fused --ceiling --dataset digits   # the most fusion can gain over this space
+    python -m benchmarks.fused --device cuda --per-device 8 --trials 96
 """
 
 from __future__ import annotations
@@ -244,17 +250,14 @@ def compare(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     arms = [Arm(mode, dataset, args.budget, args.k, args.epochs, args.device, args.threads,
                 None if args.batch_size == "any" else int(args.batch_size), args.max_waste, args.sampler)
             for mode in ("solo", "fused")]
-    if args.device == "cpu":  # side by side: both arms see the same machine load
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_child, args=(arm, queue)) for arm in arms]
-        for p in procs:
-            p.start()
-        results = [queue.get() for _ in procs]
-        for p in procs:
-            p.join()
-    else:
-        results = [run_arm(arm) for arm in arms]
+    ctx = mp.get_context("spawn")  # side by side: both arms see the same machine load
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(arm, queue)) for arm in arms]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
     by_mode = {r["mode"]: r for r in results}
     solo, fused = by_mode["solo"], by_mode["fused"]
     speedup = fused["trials_per_min"] / solo["trials_per_min"] if solo["trials_per_min"] else math.inf
@@ -310,6 +313,71 @@ def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
     return out
 
 
+def ceiling(dataset: str, k: int, configs: int, epochs: int = 1) -> dict[str, Any]:
+    """The most fusion can gain over this search space on this device: sampled configurations, each trained
+    solo and as a group of k copies of itself (distinct seeds: no padding, every member to the end), process
+    time per member-epoch. The mix's ratio (solo time over fused time, summed over the configurations) bounds
+    the trial-rate gain of any grouping of these trials; padding and members ending early only lower it."""
+    import optuna
+    import torch
+
+    from app.ml.artifacts import build_module
+    from app.ml.space import sample_params
+    from workers.fused import Member, train_group
+    from workers.trainer import train
+
+    search = _Search(Arm("ceiling", dataset, 0.0, k, epochs, "cpu", 1, BATCH_SIZE, sampler="random"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=SEED))
+    rows = []
+    for number in range(configs):
+        params = sample_params(study.ask(), search.space)
+        spec = search.spec(params)
+        started = time.process_time()
+        torch.manual_seed(number)
+        train(build_module(spec), search.data, params, epochs=epochs, objective="val_accuracy",
+              direction="maximize", patience=None, seed=number)
+        solo = (time.process_time() - started) / epochs
+        started = time.process_time()
+        train_group([Member(i, spec, number * k + i) for i in range(k)], search.data, epochs=epochs,
+                    objective="val_accuracy", direction="maximize", patience=None)
+        fused = (time.process_time() - started) / epochs / k
+        rows.append({"units": params["units"], "n_layers": params["n_layers"], "solo_ms": round(solo * 1e3, 1),
+                     "fused_ms_per_member": round(fused * 1e3, 1), "ratio": round(solo / fused, 2)})
+    total = sum(r["solo_ms"] for r in rows) / sum(r["fused_ms_per_member"] for r in rows)
+    return {"dataset": dataset, "k": k, "configurations": rows, "ceiling": round(total, 2),
+            "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+FUSED_VS_SEQUENTIAL = 15.0  # targets of the CUDA comparison
+FUSED_VS_SHARED = 3.0
+
+
+def service_comparison(device: str, per_device: int, n_trials: int, epochs: int, k: int) -> dict[str, Any]:
+    """The MNIST MLP search through the service: one trial at a time, `per_device` runners sharing the device,
+    one fusing runner (`--fuse auto` on CUDA, `--fuse k` on the CPU, where auto picks 1)."""
+    from benchmarks.gpu import run_one
+
+    cpu = not device.startswith("cuda")
+    gpu = int(device.split(":")[1]) if ":" in device else 0
+    fuse = str(k) if cpu else "auto"
+    arms = {"one at a time": run_one(1, n_trials, epochs, gpu, cpu, batch_size=BATCH_SIZE),
+            f"{per_device} per device": run_one(per_device, n_trials, epochs, gpu, cpu, batch_size=BATCH_SIZE),
+            f"fused ({fuse})": run_one(1, n_trials, epochs, gpu, cpu, fuse=fuse, batch_size=BATCH_SIZE)}
+    rates = [a["trials_per_hour"] for a in arms.values()]
+    return {"device": device, "arms": arms,
+            "fused_vs_one_at_a_time": round(rates[2] / rates[0], 2) if rates[0] else None,
+            "fused_vs_per_device": round(rates[2] / rates[1], 2) if rates[1] else None,
+            "targets": {"fused_vs_one_at_a_time": FUSED_VS_SEQUENTIAL, "fused_vs_per_device": FUSED_VS_SHARED}}
+
+
+def print_service_table(result: dict[str, Any]) -> None:
+    from benchmarks.gpu import print_runs
+
+    print_runs(result["arms"])
+    print(f"fused: {result['fused_vs_one_at_a_time']}x one at a time (target {FUSED_VS_SEQUENTIAL}), "
+          f"{result['fused_vs_per_device']}x per device (target {FUSED_VS_SHARED}) on {result['device']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("digits", "mnist", "both"), default="both")
@@ -325,9 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
                         help="random: the arms train the same configurations in the same order, so the "
                              "trial rates compare the engines, not what each arm's TPE settled on")
+    parser.add_argument("--per-device", type=int, default=8,
+                        help="runners sharing the device in the through-the-service comparison")
+    parser.add_argument("--trials", type=int, default=96, help="trials of each through-the-service run")
+    parser.add_argument("--service", action="store_true",
+                        help="run the CUDA comparison (three runs through the service) on the CPU, with --fuse K")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--step", action="store_true",
                         help="only time one fused step of K members against K solo steps (CPU time)")
+    parser.add_argument("--ceiling", type=int, nargs="?", const=24, default=None, metavar="CONFIGS",
+                        help="only measure the most fusion can gain: CONFIGS sampled configurations (24), "
+                             "each solo and as K copies of itself, one thread")
     args = parser.parse_args(argv)
     if args.max_waste is None:
         from workers.fused import max_waste
@@ -336,12 +412,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:
         print(json.dumps(step_times(args.k)))
         return 0
-    if args.device.startswith("cuda"):
-        import torch
+    if args.ceiling:
+        for d in ["digits", "mnist"] if args.dataset == "both" else [args.dataset]:
+            print(json.dumps(ceiling(d, args.k, args.ceiling), indent=1))
+        return 0
+    if args.device.startswith("cuda") or args.service:
+        from benchmarks.common import write_json
+        from benchmarks.gpu import cuda_skip_reason
 
-        if not torch.cuda.is_available():
-            print("no CUDA device: the fused benchmark on CUDA is skipped")
+        if args.device.startswith("cuda") and (reason := cuda_skip_reason()):
+            print(f"skipped: {reason}; the fused benchmark on CUDA needs a GPU")
+            write_json(args.out, {"skipped": reason})
             return 0
+        result = service_comparison(args.device, args.per_device, args.trials, args.epochs, args.k)
+        print_service_table(result)
+        write_json(args.out, result)
+        return 0
     datasets = ["digits", "mnist"] if args.dataset == "both" else [args.dataset]
     out = [compare(d, args) for d in datasets]
     text = json.dumps(out, indent=1)

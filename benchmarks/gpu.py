@@ -17,11 +17,14 @@ which checks the benchmark itself (no utilization is sampled).
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import threading
 import time
+from collections import Counter
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import EPOCHS, SEED, write_json
@@ -31,12 +34,15 @@ TARGET_RATIO = 8.0
 SAMPLE_EVERY_S = 0.5
 
 
-def gpu_spec(n_trials: int, slots: int, epochs: int) -> dict[str, Any]:
-    return {"name": f"bench-gpu-{slots}", "dataset": "builtin:mnist", "model": "mlp",
+def gpu_spec(n_trials: int, max_parallel: int, epochs: int, batch_size: int | None = None) -> dict[str, Any]:
+    spec = {"name": f"bench-gpu-{max_parallel}", "dataset": "builtin:mnist", "model": "mlp",
             "objective": {"metric": "val_accuracy", "direction": "maximize"},
             "sampler": {"name": "random", "seed": SEED}, "pruner": {"name": "none"},
-            "budget": {"n_trials": n_trials, "max_parallel": slots, "epochs": epochs, "patience": None,
+            "budget": {"n_trials": n_trials, "max_parallel": max_parallel, "epochs": epochs, "patience": None,
                        "max_attempts": 1}}
+    if batch_size is not None:
+        spec["search_space"] = {"batch_size": batch_size}
+    return spec
 
 
 def cuda_skip_reason() -> str | None:
@@ -115,15 +121,25 @@ class UtilizationSampler:
                 "memory_max_mib": round(max(self.memory_mib))}
 
 
-def run_one(slots: int, n_trials: int, epochs: int, gpu: int, cpu: bool,
-            timeout_s: float = 3600.0) -> dict[str, Any]:
-    """One study with `slots` trials at a time on one device; trials per hour until its last trial ended."""
+def trials_per_runner(log: Path, study_id: str) -> float | None:
+    """Mean trials a runner process trained in this study, from the service's log (the harness logs text:
+    each 'trial started' line names its runner): 1 without fusion, the mean group size with it."""
+    started = re.compile(rf"trial started.*study_id={study_id} .*runner=(\d+)")
+    runners = Counter(m.group(1) for line in log.read_text().splitlines() if (m := started.search(line)))
+    return round(sum(runners.values()) / len(runners), 2) if runners else None
+
+
+def run_one(slots: int, n_trials: int, epochs: int, gpu: int, cpu: bool, timeout_s: float = 3600.0,
+            fuse: str = "1", batch_size: int | None = None) -> dict[str, Any]:
+    """One study with `slots` runners on one device (each fusing up to `fuse` trials: `hpsearch serve --fuse`);
+    trials per hour until its last trial ended."""
     # One GPU only; on the CPU sleeping OpenMP threads, or a one-slot trial's two threads spin against
     # whatever else runs and the sequential run looks many times slower than it is.
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": "PASSIVE"} if cpu else {"CUDA_VISIBLE_DEVICES": str(gpu)}
-    with running_service(slots=slots, **env) as svc:
+    with running_service(slots=slots, fuse=fuse, **env) as svc:
         sampler = UtilizationSampler(gpu) if not cpu else None
-        study_id, submitted = svc.submit(gpu_spec(n_trials, slots, epochs))
+        # A fusing slot claims as many trials at once as max_parallel allows.
+        study_id, submitted = svc.submit(gpu_spec(n_trials, slots if fuse == "1" else n_trials, epochs, batch_size))
         deadline = time.monotonic() + timeout_s
         with sampler or nullcontext():
             while svc.study(study_id)["progress"]["finished"] < n_trials and time.monotonic() < deadline:
@@ -131,13 +147,15 @@ def run_one(slots: int, n_trials: int, epochs: int, gpu: int, cpu: bool,
         study = svc.wait(study_id, timeout_s=max(60.0, deadline - time.monotonic()))
         result = svc.result(f"{slots} per device", study_id, submitted, float("inf"), 0.0)
         devices = sorted({str(t["device"]) for t in svc.trials(study_id)})
+        per_runner = trials_per_runner(svc.log, study_id)
     finished = [t for t in result.trials if t.state in ("complete", "pruned", "fail")]
     values = [t.value for t in finished if t.state == "complete" and t.value is not None]
     last = max((t.finished_s for t in finished), default=float("nan"))
-    out = {"slots": slots, "n_trials": n_trials, "finished": len(finished),
+    out = {"slots": slots, "fuse": fuse, "n_trials": n_trials, "finished": len(finished),
            "failed": sum(t.state == "fail" for t in finished), "devices": devices, "seconds": round(last, 1),
            "trials_per_hour": round(3600 * len(finished) / last, 1) if finished else 0.0,
-           "best_val_accuracy": max(values) if values else None, "status": study["status"]}
+           "best_val_accuracy": max(values) if values else None, "status": study["status"],
+           "trials_per_runner": per_runner}
     if sampler is not None:
         out["gpu"] = sampler.summary()
     return out
@@ -151,16 +169,21 @@ def run(per_device: int, n_trials: int, epochs: int, gpu: int, cpu: bool) -> dic
             "ratio": round(ratio, 2) if ratio is not None else None, "target_ratio": TARGET_RATIO}
 
 
-def print_table(result: dict[str, Any]) -> None:
-    print(f"{'run':<16} {'trials':>7} {'seconds':>8} {'trials/h':>9} {'best acc':>9}  gpu util (mean/max), memory")
-    for key in ("sequential", "shared"):
-        r = result[key]
+def print_runs(runs: dict[str, dict[str, Any]]) -> None:
+    """One line per run of `run_one`: trials, trials per hour, best accuracy, trials per runner, the GPU's use."""
+    print(f"{'run':<16} {'trials':>7} {'seconds':>8} {'trials/h':>9} {'best acc':>9} {'per runner':>10}  "
+          "gpu util (mean/max), memory")
+    for name, r in runs.items():
         g = r.get("gpu") or {}
         util = f"{g['util_mean_pct']}% / {g['util_max_pct']}%, {g['memory_max_mib']} MiB" if g.get("samples") \
             else "not sampled"
         best = f"{r['best_val_accuracy']:.4f}" if r["best_val_accuracy"] is not None else "-"
-        print(f"{str(r['slots']) + ' per device':<16} {r['finished']:>7} {r['seconds']:>8} "
-              f"{r['trials_per_hour']:>9} {best:>9}  {util}")
+        print(f"{name:<16} {r['finished']:>7} {r['seconds']:>8} {r['trials_per_hour']:>9} {best:>9} "
+              f"{r['trials_per_runner'] or '-':>10}  {util}")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print_runs({f"{result[key]['slots']} per device": result[key] for key in ("sequential", "shared")})
     print(f"ratio {result['ratio']} (target {TARGET_RATIO}) on {result['device']}")
 
 

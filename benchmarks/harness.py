@@ -133,8 +133,8 @@ def _wait_healthy(port: int, procs: list[subprocess.Popen[str]], log: Path, time
 
 @contextmanager
 def running_service(*, slots: int = 2, separate_workers: int = 0, database_url: str | None = None,
-                    keep: bool = False, **env_extra: str) -> Iterator[Service]:
-    """`hpsearch serve --workers slots` (or API only plus `separate_workers` worker processes)."""
+                    keep: bool = False, fuse: str = "1", **env_extra: str) -> Iterator[Service]:
+    """`hpsearch serve --workers slots --fuse fuse` (or API only plus `separate_workers` worker processes)."""
     home = Path(tempfile.mkdtemp(prefix="hpsearch-bench-"))
     env = service_env(home, database_url, **env_extra)
     hpsearch("db", "upgrade", env=env)
@@ -143,7 +143,7 @@ def running_service(*, slots: int = 2, separate_workers: int = 0, database_url: 
     log = home / "service.log"
     out = log.open("w")
     workers = 0 if separate_workers else slots
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers), "--fuse", fuse]
     procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)]
     for _ in range(separate_workers):
         procs.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--devices", "cpu",
