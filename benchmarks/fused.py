@@ -267,35 +267,71 @@ def compare(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
             "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
-def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
-    """CPU milliseconds of one fused training step of k sampled members (all `units` wide, 2 layers) on
-    digits-sized input at batch 128, against k solo steps of the same networks; process time, one thread."""
+def _sampled_specs(k: int, units: int, shape: tuple[int, ...], seed: int = 1) -> list[Any]:
+    """k configurations of the documented MLP space, all `units` wide and 2 layers, in fusion order."""
     import optuna
-    import torch
 
-    from app.ml.artifacts import ModelSpec, build_module
+    from app.ml.artifacts import ModelSpec
     from app.ml.space import Context, resolve_space, sample_params
-    from workers.fused import FusedMLP, FusedOptimizer, fusion_order
-    from workers.fused.train import member_losses
-    from workers.trainer import make_optimizer
+    from workers.fused import fusion_order
 
-    torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = resolve_space({"batch_size": BATCH_SIZE}, Context("mlp", image=True))
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     specs = [ModelSpec("mlp", {**sample_params(study.ask(), space), "units": units, "n_layers": 2},
-                       "classification", (1, 8, 8), 10, None, None, [0.0], [1.0]) for _ in range(k)]
-    specs = [specs[i] for i in fusion_order(specs)]
-    x, y = torch.randn(k, BATCH_SIZE, 1, 8, 8), torch.randint(0, 10, (k, BATCH_SIZE))
-    model = FusedMLP(specs, list(range(k)))
-    opt = FusedOptimizer(model.parameters(), [s.params for s in specs])
-    solos = [(m, make_optimizer(s.params, m)) for s in specs for m in [build_module(s)]]
+                       "classification", shape, 10, None, None, [0.0], [1.0]) for _ in range(k)]
+    return [specs[i] for i in fusion_order(specs)]
 
-    def fused_step() -> None:
+
+def _fused_step(specs: list[Any], rows: int, device: str = "cpu") -> Any:
+    """One training step of the fused group of `specs` over `rows` rows each, as a callable."""
+    import torch
+
+    from workers.fused import FusedMLP, FusedOptimizer
+    from workers.fused.train import member_losses
+
+    k = len(specs)
+    x = torch.randn(k, rows, *specs[0].input_shape, device=device)
+    y = torch.randint(0, 10, (k, rows), device=device)
+    model = FusedMLP(specs, list(range(k))).to(device)
+    opt = FusedOptimizer(model.parameters(), [s.params for s in specs])
+
+    def step() -> None:
         loss = member_losses(model(x), y, "classification").sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+    return step
+
+
+def _milliseconds(fn: Any, repeats: int, device: str = "cpu") -> float:
+    """Mean time of fn(): process time on the CPU (the machine's other load matters less), wall time on CUDA."""
+    import torch
+
+    fn()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    sync()
+    started = clock()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return round((clock() - started) / repeats * 1e3, 3)
+
+
+def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
+    """CPU milliseconds of one fused training step of k sampled members (all `units` wide, 2 layers) on
+    digits-sized input at batch 128, against k solo steps of the same networks; process time, one thread."""
+    import torch
+
+    from app.ml.artifacts import build_module
+    from workers.trainer import make_optimizer
+
+    torch.set_num_threads(1)
+    specs = _sampled_specs(k, units, (1, 8, 8))
+    x, y = torch.randn(k, BATCH_SIZE, 1, 8, 8), torch.randint(0, 10, (k, BATCH_SIZE))
+    solos = [(m, make_optimizer(s.params, m)) for s in specs for m in [build_module(s)]]
 
     def solo_steps() -> None:
         for i, (m, o) in enumerate(solos):
@@ -303,14 +339,32 @@ def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
             torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
             o.step()
 
-    out = {}
-    for name, fn in (("fused_step_ms", fused_step), ("solo_steps_ms", solo_steps)):
-        fn()
-        started = time.process_time()
-        for _ in range(repeats):
-            fn()
-        out[name] = round((time.process_time() - started) / repeats * 1e3, 2)
-    return out
+    return {"fused_step_ms": _milliseconds(_fused_step(specs, BATCH_SIZE), repeats),
+            "solo_steps_ms": _milliseconds(solo_steps, repeats)}
+
+
+def batch_mix(k: int, device: str, units: int = 128, small: int = 64, large: int = BATCH_SIZE,
+              rows: int = 8000, repeats: int = 30) -> dict[str, Any]:
+    """Two ways to fuse k members, half of them at batch `small` and half at `large`, over `rows` training rows
+    of MNIST-sized input: one group in which every member computes `large` rows a step (a smaller batch's
+    extra rows masked out of its loss) for the smaller batch's rows/small steps an epoch, against one group
+    per batch size. Milliseconds of one epoch of each."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(1)
+    specs = _sampled_specs(k, units, (1, 28, 28))
+    half = k // 2
+    shared = _milliseconds(_fused_step(specs, large, device), repeats, device)
+    by_small = _milliseconds(_fused_step(specs[:half], small, device), repeats, device)
+    by_large = _milliseconds(_fused_step(specs[half:], large, device), repeats, device)
+    steps_small, steps_large = math.ceil(rows / small), math.ceil(rows / large)
+    one_group = steps_small * shared
+    two_groups = steps_small * by_small + steps_large * by_large
+    return {"device": device, "k": k, "units": units, "batch_sizes": [small, large],
+            "step_ms": {"one_group_padded": shared, f"group_of_{small}": by_small, f"group_of_{large}": by_large},
+            "epoch_ms": {"one_group_padded": round(one_group, 1), "group_per_batch_size": round(two_groups, 1)},
+            "faster": "group per batch size" if two_groups <= one_group else "one padded group"}
 
 
 def ceiling(dataset: str, k: int, configs: int, epochs: int = 1) -> dict[str, Any]:
@@ -378,6 +432,12 @@ def print_service_table(result: dict[str, Any]) -> None:
           f"{result['fused_vs_per_device']}x per device (target {FUSED_VS_SHARED}) on {result['device']}")
 
 
+def _cuda_missing() -> str | None:
+    from benchmarks.gpu import cuda_skip_reason
+
+    return cuda_skip_reason()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("digits", "mnist", "both"), default="both")
@@ -398,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=96, help="trials of each through-the-service run")
     parser.add_argument("--service", action="store_true",
                         help="run the CUDA comparison (three runs through the service) on the CPU, with --fuse K")
+    parser.add_argument("--batch-mix", action="store_true",
+                        help="only compare, for K members of two batch sizes, one padded group against one "
+                             "group per batch size (time of an epoch, on --device)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--step", action="store_true",
                         help="only time one fused step of K members against K solo steps (CPU time)")
@@ -412,15 +475,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:
         print(json.dumps(step_times(args.k)))
         return 0
+    if args.batch_mix:
+        if args.device.startswith("cuda") and (reason := _cuda_missing()):
+            print(f"skipped: {reason}")
+            return 0
+        print(json.dumps(batch_mix(args.k, args.device), indent=1))
+        return 0
     if args.ceiling:
         for d in ["digits", "mnist"] if args.dataset == "both" else [args.dataset]:
             print(json.dumps(ceiling(d, args.k, args.ceiling), indent=1))
         return 0
     if args.device.startswith("cuda") or args.service:
         from benchmarks.common import write_json
-        from benchmarks.gpu import cuda_skip_reason
 
-        if args.device.startswith("cuda") and (reason := cuda_skip_reason()):
+        if args.device.startswith("cuda") and (reason := _cuda_missing()):
             print(f"skipped: {reason}; the fused benchmark on CUDA needs a GPU")
             write_json(args.out, {"skipped": reason})
             return 0
