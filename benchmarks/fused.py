@@ -20,6 +20,7 @@ with `--fuse K` (auto picks 1 there), which checks the benchmark itself.
     python -m benchmarks.fused --dataset digits --budget 90 --sampler random   # the same trials in both arms
     python -m benchmarks.fused --step    # CPU time of one fused step of 8 members against 8 solo steps
     python -m benchmarks.fused --ceiling --dataset digits   # the most fusion can gain over this space
+    python -m benchmarks.fused --ops --k 64   # operators (GPU kernel launches) of a fused step against solo steps
     python -m benchmarks.fused --device cuda --per-device 8 --trials 96
 """
 
@@ -343,6 +344,47 @@ def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
             "solo_steps_ms": _milliseconds(solo_steps, repeats)}
 
 
+def op_counts(k: int, units: int = 48) -> dict[str, Any]:
+    """Operators dispatched (forward, backward, optimizer) by one fused step of k members against k solo steps,
+    for k sampled members (2 layers of `units`) and for k copies of one: on a GPU each is a kernel launch, what
+    a small network's step costs there, so the ratio predicts fusion's gain where launches, not arithmetic,
+    bound the step. A count, not a timing: the same on any machine."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from app.ml.artifacts import build_module
+    from workers.trainer import make_optimizer
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def counted(fn: Any) -> int:
+        fn()  # optimizer state is created on the first step
+        with Counter() as counter:
+            fn()
+        return counter.count
+
+    out: dict[str, Any] = {"k": k, "units": units}
+    sampled = _sampled_specs(k, units, (1, 8, 8))
+    for name, specs in (("sampled", sampled), ("alike", [sampled[0]] * k)):
+        x, y = torch.randn(k, BATCH_SIZE, 1, 8, 8), torch.randint(0, 10, (k, BATCH_SIZE))
+        solos = [(m, make_optimizer(s.params, m)) for s in specs for m in [build_module(s)]]
+
+        def solo_steps(solos: list[Any] = solos, x: Any = x, y: Any = y) -> None:
+            for i, (m, o) in enumerate(solos):
+                o.zero_grad()
+                torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
+                o.step()
+
+        fused, solo = counted(_fused_step(specs, BATCH_SIZE)), counted(solo_steps)
+        out[name] = {"fused_step_ops": fused, "solo_steps_ops": solo, "ratio": round(solo / fused, 1)}
+    return out
+
+
 def batch_mix(k: int, device: str, units: int = 128, small: int = 64, large: int = BATCH_SIZE,
               rows: int = 8000, repeats: int = 30) -> dict[str, Any]:
     """Two ways to fuse k members, half of them at batch `small` and half at `large`, over `rows` training rows
@@ -458,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=96, help="trials of each through-the-service run")
     parser.add_argument("--service", action="store_true",
                         help="run the CUDA comparison (three runs through the service) on the CPU, with --fuse K")
+    parser.add_argument("--ops", action="store_true",
+                        help="only count the operators (GPU kernel launches) of one fused step of K members "
+                             "against K solo steps")
     parser.add_argument("--batch-mix", action="store_true",
                         help="only compare, for K members of two batch sizes, one padded group against one "
                              "group per batch size (time of an epoch, on --device)")
@@ -474,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         args.max_waste = max_waste(args.device)
     if args.step:
         print(json.dumps(step_times(args.k)))
+        return 0
+    if args.ops:
+        print(json.dumps(op_counts(args.k)))
         return 0
     if args.batch_mix:
         if args.device.startswith("cuda") and (reason := _cuda_missing()):
