@@ -345,10 +345,10 @@ def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
 
 
 def op_counts(k: int, units: int = 48) -> dict[str, Any]:
-    """Operators dispatched (forward, backward, optimizer) by one fused step of k members against k solo steps,
-    for k sampled members (2 layers of `units`) and for k copies of one: on a GPU each is a kernel launch, what
-    a small network's step costs there, so the ratio predicts fusion's gain where launches, not arithmetic,
-    bound the step. A count, not a timing: the same on any machine."""
+    """Operators other than views dispatched (forward, backward, optimizer) by one fused step of k members
+    against k solo steps, for k sampled members (2 layers of `units`) and for k copies of one. On a GPU each is
+    about one kernel launch, what a small network's step costs there, so the ratio predicts fusion's gain where
+    launches, not arithmetic, bound the step. A count, not a timing: the same on any machine."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -359,7 +359,7 @@ def op_counts(k: int, units: int = 48) -> dict[str, Any]:
         count = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            self.count += 1
+            self.count += not func.is_view  # a view launches nothing
             return func(*args, **(kwargs or {}))
 
     def counted(fn: Any) -> int:
