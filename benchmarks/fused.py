@@ -306,6 +306,24 @@ def _fused_step(specs: list[Any], rows: int, device: str = "cpu") -> Any:
     return step
 
 
+def _solo_steps(specs: list[Any], x: Any, y: Any) -> Any:
+    """One training step of each member's own network and optimizer, one after the other, as a callable."""
+    import torch
+
+    from app.ml.artifacts import build_module
+    from workers.trainer import make_optimizer
+
+    solos = [(m, make_optimizer(s.params, m)) for s in specs for m in [build_module(s)]]
+
+    def steps() -> None:
+        for i, (m, o) in enumerate(solos):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+
+    return steps
+
+
 def _milliseconds(fn: Any, repeats: int, device: str = "cpu") -> float:
     """Mean time of fn(): process time on the CPU (the machine's other load matters less), wall time on CUDA."""
     import torch
@@ -326,22 +344,11 @@ def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
     digits-sized input at batch 128, against k solo steps of the same networks; process time, one thread."""
     import torch
 
-    from app.ml.artifacts import build_module
-    from workers.trainer import make_optimizer
-
     torch.set_num_threads(1)
     specs = _sampled_specs(k, units, (1, 8, 8))
     x, y = torch.randn(k, BATCH_SIZE, 1, 8, 8), torch.randint(0, 10, (k, BATCH_SIZE))
-    solos = [(m, make_optimizer(s.params, m)) for s in specs for m in [build_module(s)]]
-
-    def solo_steps() -> None:
-        for i, (m, o) in enumerate(solos):
-            o.zero_grad()
-            torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
-            o.step()
-
     return {"fused_step_ms": _milliseconds(_fused_step(specs, BATCH_SIZE), repeats),
-            "solo_steps_ms": _milliseconds(solo_steps, repeats)}
+            "solo_steps_ms": _milliseconds(_solo_steps(specs, x, y), repeats)}
 
 
 def op_counts(k: int, units: int = 48) -> dict[str, Any]:
@@ -351,9 +358,6 @@ def op_counts(k: int, units: int = 48) -> dict[str, Any]:
     launches, not arithmetic, bound the step. A count, not a timing: the same on any machine."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from app.ml.artifacts import build_module
-    from workers.trainer import make_optimizer
 
     class Counter(TorchDispatchMode):
         count = 0
@@ -372,15 +376,7 @@ def op_counts(k: int, units: int = 48) -> dict[str, Any]:
     sampled = _sampled_specs(k, units, (1, 8, 8))
     for name, specs in (("sampled", sampled), ("alike", [sampled[0]] * k)):
         x, y = torch.randn(k, BATCH_SIZE, 1, 8, 8), torch.randint(0, 10, (k, BATCH_SIZE))
-        solos = [(m, make_optimizer(s.params, m)) for s in specs for m in [build_module(s)]]
-
-        def solo_steps(solos: list[Any] = solos, x: Any = x, y: Any = y) -> None:
-            for i, (m, o) in enumerate(solos):
-                o.zero_grad()
-                torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
-                o.step()
-
-        fused, solo = counted(_fused_step(specs, BATCH_SIZE)), counted(solo_steps)
+        fused, solo = counted(_fused_step(specs, BATCH_SIZE)), counted(_solo_steps(specs, x, y))
         out[name] = {"fused_step_ops": fused, "solo_steps_ops": solo, "ratio": round(solo / fused, 1)}
     return out
 
