@@ -470,12 +470,6 @@ def print_service_table(result: dict[str, Any]) -> None:
           f"{result['fused_vs_per_device']}x per device (target {FUSED_VS_SHARED}) on {result['device']}")
 
 
-def _cuda_missing() -> str | None:
-    from benchmarks.gpu import cuda_skip_reason
-
-    return cuda_skip_reason()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("digits", "mnist", "both"), default="both")
@@ -513,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         from workers.fused import max_waste
 
         args.max_waste = max_waste(args.device)
+    from benchmarks.gpu import cuda_skip_reason
+
+    cuda_missing = cuda_skip_reason() if args.device.startswith("cuda") else None
     if args.step:
         print(json.dumps(step_times(args.k)))
         return 0
@@ -520,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(op_counts(args.k)))
         return 0
     if args.batch_mix:
-        if args.device.startswith("cuda") and (reason := _cuda_missing()):
-            print(f"skipped: {reason}")
+        if cuda_missing:
+            print(f"skipped: {cuda_missing}")
             return 0
         print(json.dumps(batch_mix(args.k, args.device), indent=1))
         return 0
@@ -532,9 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") or args.service:
         from benchmarks.common import write_json
 
-        if args.device.startswith("cuda") and (reason := _cuda_missing()):
-            print(f"skipped: {reason}; the fused benchmark on CUDA needs a GPU")
-            write_json(args.out, {"skipped": reason})
+        if cuda_missing:
+            print(f"skipped: {cuda_missing}; the fused benchmark on CUDA needs a GPU")
+            write_json(args.out, {"skipped": cuda_missing})
             return 0
         result = service_comparison(args.device, args.per_device, args.trials, args.epochs, args.k)
         print_service_table(result)
