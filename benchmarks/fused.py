@@ -268,8 +268,9 @@ def compare(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
             "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
-def _sampled_specs(k: int, units: int, shape: tuple[int, ...], seed: int = 1) -> list[Any]:
-    """k configurations of the documented MLP space, all `units` wide and 2 layers, in fusion order."""
+def _sampled_specs(k: int, units: int, shape: tuple[int, ...], seed: int = 1, n_layers: int | None = 2) -> list[Any]:
+    """k configurations of the documented MLP space, all `units` wide and `n_layers` deep (None: as sampled), in
+    fusion order."""
     import optuna
 
     from app.ml.artifacts import ModelSpec
@@ -279,7 +280,8 @@ def _sampled_specs(k: int, units: int, shape: tuple[int, ...], seed: int = 1) ->
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = resolve_space({"batch_size": BATCH_SIZE}, Context("mlp", image=True))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    specs = [ModelSpec("mlp", {**sample_params(study.ask(), space), "units": units, "n_layers": 2},
+    depth = {} if n_layers is None else {"n_layers": n_layers}
+    specs = [ModelSpec("mlp", {**sample_params(study.ask(), space), "units": units, **depth},
                        "classification", shape, 10, None, None, [0.0], [1.0]) for _ in range(k)]
     return [specs[i] for i in fusion_order(specs)]
 
@@ -353,9 +355,10 @@ def step_times(k: int, units: int = 48, repeats: int = 60) -> dict[str, float]:
 
 def op_counts(k: int, units: int = 48) -> dict[str, Any]:
     """Operators other than views dispatched (forward, backward, optimizer) by one fused step of k members
-    against k solo steps, for k sampled members (2 layers of `units`) and for k copies of one. On a GPU each is
-    about one kernel launch, what a small network's step costs there, so the ratio predicts fusion's gain where
-    launches, not arithmetic, bound the step. A count, not a timing: the same on any machine."""
+    against k solo steps, for k sampled members (2 layers of `units`; then as many layers as sampled) and for k
+    copies of one. On a GPU each is about one kernel launch, what a small network's step costs there, so the
+    ratio predicts fusion's gain where launches, not arithmetic, bound the step. A count, not a timing: the same
+    on any machine."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -374,7 +377,9 @@ def op_counts(k: int, units: int = 48) -> dict[str, Any]:
 
     out: dict[str, Any] = {"k": k, "units": units}
     sampled = _sampled_specs(k, units, (1, 8, 8))
-    for name, specs in (("sampled", sampled), ("alike", [sampled[0]] * k)):
+    groups = (("sampled", sampled), ("sampled_depths", _sampled_specs(k, units, (1, 8, 8), n_layers=None)),
+              ("alike", [sampled[0]] * k))
+    for name, specs in groups:
         x, y = torch.randn(k, BATCH_SIZE, 1, 8, 8), torch.randint(0, 10, (k, BATCH_SIZE))
         fused, solo = counted(_fused_step(specs, BATCH_SIZE)), counted(_solo_steps(specs, x, y))
         out[name] = {"fused_step_ops": fused, "solo_steps_ops": solo, "ratio": round(solo / fused, 1)}

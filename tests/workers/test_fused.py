@@ -13,7 +13,16 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from app.ml.artifacts import ModelSpec, NetPredictor, build_module, describe_layers, save_trial
-from workers.fused import FusedMLP, Member, MemberSchedules, can_fuse, max_waste, plan_groups, train_group
+from workers.fused import (
+    FusedMLP,
+    Member,
+    MemberSchedules,
+    can_fuse,
+    fusion_order,
+    max_waste,
+    plan_groups,
+    train_group,
+)
 from workers.runner import standardization
 from workers.trainer import (
     EpochReport,
@@ -257,6 +266,24 @@ def test_dropout_members_still_learn() -> None:
     for r in results.values():
         assert r.history[-1].train_loss < r.history[0].train_loss
         assert r.best_metrics["val_accuracy"] > 0.5
+
+
+def test_members_alike_at_a_layer_run_as_one_slice_there() -> None:
+    # Each slice costs its own batch norm, activation and dropout (a GPU launch each): members of one
+    # placement and activation that have a layer share one slice at it, whatever their depths.
+    kinds = [("none", "relu"), ("before_activation", "tanh"), ("after_activation", "relu")]
+    params = [{"units": 16, "n_layers": depth, "batch_norm": bn, "activation": act}
+              for depth in (1, 2, 3) for bn, act in kinds for _ in range(2)]
+    specs = [spec(p) for p in np.random.default_rng(0).permutation(params)]
+    model = FusedMLP([specs[i] for i in fusion_order(specs)], list(range(len(specs))))
+    for i, slices in enumerate(model.segments):
+        live = [(placement, act) for _, _, (lv, placement, act) in slices if lv]
+        assert sorted(live) == sorted(kinds), (i, slices)  # one slice per kind, not one per kind and depth
+        assert sum(not lv for _, _, (lv, _, _) in slices) == (0 if i == 0 else len(kinds)), (i, slices)
+    out = model(torch.stack([DATA.x_train[:16]] * len(specs)))
+    for slot in range(len(specs)):
+        torch.testing.assert_close(out[slot], model.member_module(slot).train()(DATA.x_train[:16]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 # ---- weights out -----------------------------------------------------------------------------------------
