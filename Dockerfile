@@ -30,18 +30,26 @@ RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
 # ---- builder: a virtual environment with torch, hpsearch and its dependencies ---------------------------
 FROM base AS builder
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# requirements.lock's torch version (tests/test_lock.py checks that they agree).
 ARG TORCH_VERSION=2.13.0
 RUN python3 -m venv /opt/hpsearch
 ENV PATH=/opt/hpsearch/bin:$PATH
-# torch first, from its own index, in a layer of its own: it is the big one and changes least.
+# torch first, from its own index, in a layer of its own: it is the big one and changes least. It is the one
+# package installed by version alone: the lock hashes the CPU wheel, and a CUDA image needs that version's
+# CUDA build (whose CUDA libraries torch itself pins exactly).
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
-# nvidia-ml-py feeds the GPU panels of /metrics; it is pure Python and stays idle where there is no driver.
-RUN pip install . "nvidia-ml-py>=12" \
+# Everything else at the lock's versions. The lock also holds the test tools, so it serves as constraints
+# (without its hashes, which pip only takes for a fully pinned install) on what the image needs: hpsearch,
+# its gpu extra (nvidia-ml-py feeds the GPU panels of /metrics; pure Python, idle where there is no driver),
+# and the torch already installed, whose own dependencies move to the locked versions.
+RUN sed -e '/--hash=/d' -e 's/ *\\$//' -e '/^torch==/d' requirements.lock > /tmp/pins.txt \
+    && pip install -c /tmp/pins.txt ".[gpu]" "torch==${TORCH_VERSION}" \
+    && pip check \
     && python -c "import torch, app.cli, workers.supervisor; print('torch', torch.__version__)"
 
 # ---- runtime: the venv on a clean base, an unprivileged user --------------------------------------------
