@@ -23,21 +23,25 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.ml import space
 
-if TYPE_CHECKING:  # annotations only: the schema resolves plugin tables through this module
-    from app.schemas.study import StudySpec
-
 PREFIX = "plugin:"  # a study's dataset names a dataset plugin as plugin:<name>
 NAME_PATTERN = r"[a-z][a-z0-9_\-]{0,63}"
 _NAME = re.compile(rf"^{NAME_PATTERN}$")
 # Hyperparameters of the service's own trainer, offered to every model plugin it trains.
 TRAINING_PARAMS = ("optimizer", "momentum", "learning_rate", "weight_decay", "lr_schedule", "batch_size")
+
+
+class StudyNames(Protocol):
+    """What can_run reads of a study's spec (app.schemas.study.StudySpec has both)."""
+
+    model: str
+    dataset: str
 
 
 class PluginKind(enum.StrEnum):
@@ -283,7 +287,7 @@ class Plugins:
                 out.append({"name": name, "kind": kind.value, "version": installed.version, "error": error})
         return out
 
-    def can_run(self, spec: StudySpec) -> bool:
+    def can_run(self, spec: StudyNames) -> bool:
         """Whether this process has the model and dataset plugins a study's spec names."""
         model, dataset = spec.model, spec.dataset
         if model not in space.MODELS and not self.has(PluginKind.MODEL, model):

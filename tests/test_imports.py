@@ -1,8 +1,12 @@
-"""The package boundaries hold: no import circle in app/ or workers/, and the API never imports workers/."""
+"""The package boundaries hold: no import circle in app/ or workers/, the API never imports workers/, the
+schemas never reach the plugin registry, and the Python client stays light."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +83,20 @@ def test_the_api_never_imports_workers() -> None:
     leaks = {m: sorted(t for t in targets if t.startswith("workers")) for m, targets in graph.items()
              if m.startswith("app") and m not in composing}
     assert {m: t for m, t in leaks.items() if t} == {}
+
+
+def test_the_schemas_never_reach_the_plugin_registry() -> None:
+    """A spec is resolved against the table its caller passes: validating one imports no plugin."""
+    graph = _imports()
+    assert {m: sorted(graph[m]) for m in graph if m.startswith("app.schemas") and "app.plugins" in graph[m]} == {}
+
+
+def test_the_client_imports_neither_optuna_nor_numpy() -> None:
+    """`from app.client import Client` in a fresh interpreter: a script that only talks to the API does not pay
+    for the search's libraries."""
+    heavy = ("optuna", "numpy", "torch", "sqlalchemy", "app.plugins", "app.ml")
+    code = ("import sys; from app.client import Client; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

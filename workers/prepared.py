@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from app import plugins
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
@@ -56,7 +57,7 @@ def prepare(db: Database, settings: Settings, study_id: str) -> PreparedStudy:
     ds = load_dataset(db, settings, spec.dataset)
     try:
         splits = datasets_lib.split_dataset(ds, validation_split=spec.validation_split, seed=spec.seed)
-        resolved = spec.resolved_space(datasets_lib.describe(ds))
+        resolved = spec.resolved_space(datasets_lib.describe(ds), plugins.table_for(spec.model))
     except ValueError as exc:  # DatasetError, SpaceError: the same on every worker
         raise StudyUnrunnable(f"the study cannot run on its dataset: {exc}") from exc
     ostudy = optuna.load_study(study_name=optuna_name, storage=optuna_storage(db.url),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     Discriminator,
@@ -19,9 +19,10 @@ from pydantic import (
     model_validator,
 )
 
-from app import plugins
-from app.ml.space import Context, resolve_space
 from app.schemas.common import Public, Strict
+
+if TYPE_CHECKING:
+    from app.ml.space import Hyperparameter
 
 CLASSIFICATION_METRICS = ("val_accuracy", "val_loss")
 REGRESSION_METRICS = ("val_mse", "val_mae", "val_loss")
@@ -254,12 +255,16 @@ class StudySpec(Strict):
     def ensemble_top_k(self) -> int:
         return self.ensemble.top_k if self.ensemble is not None else EnsembleSpec().top_k
 
-    def resolved_space(self, description: dict[str, Any]) -> dict[str, Any]:
+    def resolved_space(self, description: dict[str, Any],
+                       table: tuple[Hyperparameter, ...] | None) -> dict[str, Any]:
         """Distributions or fixed values of every hyperparameter that applies over the described dataset.
 
+        table is the model plugin's hyperparameter table (app.plugins.table_for), None for a built-in model.
         Raises app.ml.space.SpaceError for an entry that is unknown or does not apply.
         """
-        return resolve_space(self.space_entries(), Context.of(description, self.model, plugins.table_for(self.model)))
+        from app.ml.space import Context, resolve_space  # Optuna's distributions: not for the client's import
+
+        return resolve_space(self.space_entries(), Context.of(description, self.model, table))
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> StudySpec:

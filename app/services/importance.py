@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
 from sqlalchemy import Text, cast, func, select
 
+from app import plugins
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml.space import SpaceError
@@ -60,7 +61,7 @@ def study_space(db: Database, settings: Settings, *, owner: str,
     """The study's resolved space (distributions or fixed values); None when its dataset is gone."""
     try:
         info = datasets.describe_dataset(db, settings, owner=owner, ref=spec.dataset)
-        return spec.resolved_space(info)
+        return spec.resolved_space(info, plugins.table_for(spec.model))
     except (NotFound, SpaceError):
         return None
 

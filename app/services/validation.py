@@ -30,7 +30,7 @@ def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySp
     except SpecRuleError as exc:
         raise InvalidInput(("body", *exc.loc), exc.message) from exc
     try:
-        resolved = spec.resolved_space(info)
+        resolved = spec.resolved_space(info, plugins.table_for(spec.model))
         grid = grid_space(resolved) if spec.sampler.name == "grid" else None
     except SpaceError as exc:
         raise InvalidInput(("body", "search_space", *exc.loc), exc.message) from exc
