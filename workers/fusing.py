@@ -3,10 +3,9 @@
 `auto` picks K per claim from the first member's model, the device and its free memory: on a GPU as many
 members as fit in half its free memory, by an estimate of one member's parameter, optimizer-state and
 activation bytes; on a CPU 1, since fused groups measured slower there than one trial per runner (a CPU's
-arithmetic bounds it, and padding members to the widest adds arithmetic: `benchmarks/fused.py`, 0.84x the
-trials per minute on digits and 0.94x on MNIST-10k, against a ceiling of 1.39x and 1.22x for groups of
-identical members). `--fuse K` fuses on a CPU all the same. The study's max_parallel bounds K either way,
-through the claim.
+arithmetic bounds it, and padding members to the widest adds arithmetic; `benchmarks/fused.py`, figures in
+docs/benchmarks/performance.md). `--fuse K` fuses on a CPU all the same. The study's max_parallel bounds K
+either way, through the claim.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Optuna's `create_new_trial` with a template trial costs three round trips per parameter (the trial read
 back, a lookup of an earlier record of the parameter anywhere in the study, the insert) and a count of the
-study's trials: ~55 statements and ~25 ms a trial on PostgreSQL at 100,000 trials. Here the trial row takes
+study's trials, which grows with the study (docs/benchmarks/scale.md). Here the trial row takes
 its number in the insert itself (the count of the study's trials, under the study row's lock as Optuna
 takes it; SQLite's single writer serializes the statement), and every parameter goes in one multi-row
 insert, into Optuna's own tables through its own models, so Optuna reads the trial back as it would its own.

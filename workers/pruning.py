@@ -1,7 +1,7 @@
 """Pruning decisions from a bounded window of the study, as the sampler's proposals are (workers.asking).
 
 `trial.should_prune()` hands the pruner the whole study: through the worker's cached Optuna storage that is
-one read of every finished trial (55 s at 100,000 trials on SQLite, `benchmarks.scale`), all of them then
+one read of every finished trial (docs/benchmarks/scale.md has its cost at scale), all of them then
 held in memory for good, and a pass over all of them at every epoch report. Here the pruner reads the latest
 PRUNING_TRIALS trials and every running one, kept up to date incrementally (`TrialWindow`): median and
 percentile pruning judge a curve against the recent trials' curves, successive halving and Hyperband

@@ -2,9 +2,10 @@
 
 Optuna 5's TPE scores every candidate against every kernel of its Parzen estimators; for integer and
 discrete parameters that needs log Φ at each bin edge, which `optuna.samplers._tpe._truncnorm._log_ndtr`
-computes with `np.frompyfunc` over a Python function: ~20,000 Python calls per ask over a window of 1,000
-trials, a third of the ask. `scipy.special.log_ndtr` is the same function, vectorized (and exact where
-Optuna's switches formulas, near 6). The proposals do not change (`tests/workers/test_truncnorm.py`).
+computes with `np.frompyfunc` over a Python function: a Python call per kernel and bin edge, a large share
+of an ask over a full window (docs/benchmarks/scale.md). `scipy.special.log_ndtr` is the same function,
+vectorized (and exact where Optuna's switches formulas, near 6). The proposals do not change
+(`tests/workers/test_truncnorm.py`).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def fusion_order(specs: Sequence[ModelSpec]) -> list[int]:
     batch-norm placement and activation (`FusedMLP._block`): by placement, activation, then deepest first, so
     that at every layer the members of one placement and activation that have the layer stay contiguous and
     those passing through follow them (depth first would split each placement and activation into a slice per
-    depth: 45% more operators in a step of 64 sampled members, `benchmarks/fused.py --ops`)."""
+    depth, more operators per step: `benchmarks/fused.py --ops`, docs/benchmarks/performance.md)."""
     def key(i: int) -> tuple[str, str, int]:
         p = member_params(specs[i])
         return (str(p["batch_norm"]), str(p["activation"]), -len(_widths(p)))
