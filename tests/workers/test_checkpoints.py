@@ -4,7 +4,11 @@ are atomic; unusable files are refused with a typed reason."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from app.ml.networks import build_model
+from tests.conftest import ROOT
 from workers.checkpoints import (
     CheckpointUnusable,
     EpochCheckpointer,
@@ -364,3 +369,107 @@ def test_hook_keeps_the_old_checkpoint_when_recording_fails(tmp_path: Path) -> N
         train(model_for(data, params), data, params, epochs=3, objective="val_loss", direction="minimize",
               checkpoint=EpochCheckpointer(tmp_path, on_written=record))
     assert [c.epoch for c in list_checkpoints(tmp_path)] == [1, 2]
+
+
+# ---- across processes: SIGKILL mid-epoch and mid-write ------------------------------------------------
+
+PROCESS_PARAMS = {"n_layers": 2, "units": 16, "dropout": 0.2, "batch_size": 16, "optimizer": "adam",
+                  "lr_schedule": "cosine", "learning_rate": 0.01}
+PROCESS_RUN = {"epochs": 6, "objective": "val_accuracy", "direction": "maximize", "patience": None, "seed": 3}
+KILL_IN_EPOCH = 4
+
+KILLED_MID_EPOCH = """
+import os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from tests.workers.test_checkpoints import KILL_IN_EPOCH, PROCESS_PARAMS, PROCESS_RUN, blobs, model_for
+from workers.checkpoints import EpochCheckpointer
+from workers.trainer import train
+
+finished, polls = [], []
+
+class Count:
+    def on_epoch_end(self, report):
+        finished.append(report.epoch)
+        return False
+
+def stop_signal():  # polled between batches: the third batch of epoch KILL_IN_EPOCH never runs
+    if len(finished) == KILL_IN_EPOCH - 1:
+        polls.append(1)
+        if len(polls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return False
+
+data = blobs()
+train(model_for(data, PROCESS_PARAMS), data, PROCESS_PARAMS, **PROCESS_RUN, callbacks=[Count()],
+      stop_signal=stop_signal, checkpoint=EpochCheckpointer(Path(sys.argv[1])))
+"""
+
+
+def run_child(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_sigkilled_mid_epoch_then_resumed_in_another_process_equals_uninterrupted(tmp_path: Path) -> None:
+    done = run_child(KILLED_MID_EPOCH, str(tmp_path))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+    data = blobs()
+    fresh = model_for(data, PROCESS_PARAMS, seed=42)
+    state, skipped = latest_usable(tmp_path, module=fresh)
+    assert state is not None and state.epoch == KILL_IN_EPOCH - 1 and skipped == []
+    resumed = train(fresh, data, PROCESS_PARAMS, **PROCESS_RUN, resume_from=state)
+
+    whole_model = model_for(data, PROCESS_PARAMS)
+    whole = train(whole_model, data, PROCESS_PARAMS, **PROCESS_RUN)
+    assert_same_run(whole, resumed, whole_model, fresh)
+
+
+TORN_WRITE = """
+import dataclasses, os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import safetensors.torch
+import workers.checkpoints.files as files
+from tests.workers.test_checkpoints import blobs, model_for
+from workers.trainer import train
+
+directory, epoch_of_second = Path(sys.argv[1]), int(sys.argv[2])
+params, data, states = {"n_layers": 1, "units": 8}, blobs(), []
+
+class Keep:
+    def on_epoch_state(self, report, state):
+        states.append(state())
+
+train(model_for(data, params), data, params, epochs=2, objective="val_loss", direction="minimize",
+      checkpoint=Keep())
+files.write_checkpoint(directory, states[0])
+
+def torn_save(tensors, filename, metadata=None):  # the process dies with half the file written
+    whole = safetensors.torch.save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(whole[:len(whole) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+files.save_file = torn_save
+files.write_checkpoint(directory, dataclasses.replace(states[1], epoch=epoch_of_second))
+"""
+
+
+@pytest.mark.parametrize("epoch_of_second", [2, 1], ids=["next-epoch", "same-epoch-rewritten"])
+def test_sigkill_during_a_write_leaves_the_previous_checkpoint(tmp_path: Path, epoch_of_second: int) -> None:
+    done = run_child(TORN_WRITE, str(tmp_path), str(epoch_of_second))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+    assert [c.epoch for c in list_checkpoints(tmp_path)] == [1]
+    state, skipped = latest_usable(tmp_path)
+    assert state is not None and state.epoch == 1 and skipped == []
+    assert [r.epoch for r in state.history] == [1]  # the first epoch's state, not the second's
+    leftovers = remove_temporaries(tmp_path)
+    assert len(leftovers) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint_name(1)]
