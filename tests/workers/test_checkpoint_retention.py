@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from app.schemas.study import StudySpec
 from workers.checkpoints import (
     CheckpointFile,
     KeepCheckpoints,
@@ -14,6 +16,7 @@ from workers.checkpoints import (
     TrialPhase,
     bytes_by_trial,
     retained,
+    retention_of,
     study_bytes,
     to_delete,
 )
@@ -83,3 +86,27 @@ def test_bytes_per_trial_and_study() -> None:
               TrialCheckpoints(2, TrialPhase.PRUNED, [])]
     assert bytes_by_trial(trials) == {0: 600, 1: 1000, 2: 0}
     assert study_bytes(trials) == 1600
+
+
+def spec(**fields: object) -> StudySpec:
+    return StudySpec.model_validate({"name": "s", "dataset": "builtin:iris", **fields})
+
+
+def test_the_spec_names_the_retention() -> None:
+    assert (spec().checkpoint_every, retention_of(spec())) == (1, Retention(KeepCheckpoints.BEST_K, 3, True))
+    loss = spec(objective={"metric": "val_loss", "direction": "minimize"}, keep_best_k=5, checkpoint_every=2)
+    assert (loss.checkpoint_every, retention_of(loss)) == (2, Retention(KeepCheckpoints.BEST_K, 5, False))
+    assert retention_of(spec(keep_checkpoints="none")).policy is KeepCheckpoints.NONE
+    for stored in (spec(keep_checkpoints="all"), loss):  # what the database holds reads back the same
+        assert StudySpec.from_stored(stored.model_dump()) == stored
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"checkpoint_every": 0}, "greater than or equal to 1"),
+    ({"keep_checkpoints": "latest"}, "'best_k', 'all' or 'none'"),
+    ({"keep_best_k": 0}, "greater than or equal to 1"),
+    ({"keep_checkpoints": "all", "keep_best_k": 2}, "keep_best_k applies only to keep_checkpoints 'best_k'"),
+])
+def test_the_spec_refuses_bad_checkpoint_fields(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        spec(**fields)

@@ -26,6 +26,7 @@ from workers.checkpoints.retention import (
     TrialPhase,
     bytes_by_trial,
     retained,
+    retention_of,
     study_bytes,
     to_delete,
 )
@@ -33,6 +34,6 @@ from workers.checkpoints.retention import (
 __all__ = [
     "CheckpointFile", "CheckpointUnusable", "EpochCheckpointer", "KeepCheckpoints", "Retention",
     "TrialCheckpoints", "TrialPhase", "Unusable", "bytes_by_trial", "checkpoint_name", "directory_bytes",
-    "latest_usable", "list_checkpoints", "read_checkpoint", "remove_temporaries", "retained", "study_bytes",
-    "to_delete", "write_checkpoint",
+    "latest_usable", "list_checkpoints", "read_checkpoint", "remove_temporaries", "retained", "retention_of",
+    "study_bytes", "to_delete", "write_checkpoint",
 ]

@@ -14,9 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from app.schemas.study import KEEP_BEST_K, StudySpec
 from workers.checkpoints.files import CheckpointFile
-
-DEFAULT_BEST_K = 3
 
 
 class KeepCheckpoints(StrEnum):
@@ -51,7 +50,7 @@ class TrialCheckpoints:
 @dataclass(frozen=True)
 class Retention:
     policy: KeepCheckpoints = KeepCheckpoints.BEST_K
-    k: int = DEFAULT_BEST_K
+    k: int = KEEP_BEST_K
     maximize: bool = False
 
     def __post_init__(self) -> None:
@@ -102,3 +101,9 @@ def bytes_by_trial(trials: Iterable[TrialCheckpoints]) -> dict[int, int]:
 
 def study_bytes(trials: Iterable[TrialCheckpoints]) -> int:
     return sum(bytes_by_trial(trials).values())
+
+
+def retention_of(spec: StudySpec) -> Retention:
+    """The retention a study's spec asks for."""
+    return Retention(policy=KeepCheckpoints(spec.keep_checkpoints), k=spec.checkpoints_best_k,
+                     maximize=spec.maximize)
