@@ -68,12 +68,12 @@ def capture_rng(generator: torch.Generator) -> RngState:
     # Only generators already initialised: asking an unused CUDA for its state would initialise it.
     cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # the MT19937 tuple
     version, internal, gauss_next = random.getstate()
     return RngState(
         torch_cpu=torch.get_rng_state(),
         torch_cuda=cuda,
-        numpy={"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        numpy={"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         python=[version, list(internal), gauss_next],
         data_order=generator.get_state(),

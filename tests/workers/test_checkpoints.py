@@ -118,7 +118,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, data_fn: Callable[[], 
                                           params: dict[str, Any]) -> None:
     params = {"n_layers": 2, "units": 16, "dropout": 0.3, "batch_size": 16, **params}
     data = data_fn()
-    run = {"epochs": EPOCHS, "objective": "val_loss", "direction": "minimize", "patience": None, "seed": 7}
+    run: dict[str, Any] = {"epochs": EPOCHS, "objective": "val_loss", "direction": "minimize", "patience": None,
+                           "seed": 7}
 
     whole_model = model_for(data, params, model)
     whole = train(whole_model, data, params, **run)
@@ -143,7 +144,7 @@ def test_resume_keeps_best_so_far_and_early_stopping_counter(tmp_path: Path) -> 
     x, y = torch.randn(120, 10, generator=g), torch.randint(0, 2, (120,), generator=g)
     data = TrainData(x[:80], y[:80], x[80:], y[80:], task="classification")
     params = {"n_layers": 2, "units": 64, "optimizer": "adam", "learning_rate": 0.02, "dropout": 0.1}
-    run = {"epochs": 30, "objective": "val_loss", "direction": "minimize", "patience": 3, "seed": 0}
+    run: dict[str, Any] = {"epochs": 30, "objective": "val_loss", "direction": "minimize", "patience": 3, "seed": 0}
 
     whole_model = model_for(data, params)
     whole = train(whole_model, data, params, **run, checkpoint=WriteEveryEpoch(tmp_path))
@@ -375,7 +376,8 @@ def test_hook_keeps_the_old_checkpoint_when_recording_fails(tmp_path: Path) -> N
 
 PROCESS_PARAMS = {"n_layers": 2, "units": 16, "dropout": 0.2, "batch_size": 16, "optimizer": "adam",
                   "lr_schedule": "cosine", "learning_rate": 0.01}
-PROCESS_RUN = {"epochs": 6, "objective": "val_accuracy", "direction": "maximize", "patience": None, "seed": 3}
+PROCESS_RUN: dict[str, Any] = {"epochs": 6, "objective": "val_accuracy", "direction": "maximize", "patience": None,
+                               "seed": 3}
 KILL_IN_EPOCH = 4
 
 KILLED_MID_EPOCH = """
