@@ -3,6 +3,7 @@ are atomic; unusable files are refused with a typed reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -210,15 +211,15 @@ def test_checkpoint_is_safetensors_with_a_strict_json_header(tmp_path: Path) -> 
     with safe_open(str(written.path), framework="pt") as f:
         doc = json.loads(f.metadata()["hpsearch.checkpoint"], parse_constant=no_constants)
         n_tensors = len(list(f.keys()))
-    # ReduceLROnPlateau starts from best=inf: stored tagged, read back as a float.
-    assert doc["scheduler"]["best"] in ({"__float__": "inf"}, {"__float__": "-inf"}) or \
-        isinstance(doc["scheduler"]["best"], float)
+    # ReduceLROnPlateau keeps an infinite mode_worse: stored tagged, read back as a float.
+    assert doc["scheduler"]["mode_worse"] == {"__float__": "inf"}
     assert doc["identity"] == {"plugin": "acme", "plugin_version": "1.0"}
     assert n_tensors >= 2 * len(module.state_dict())
     back = read_checkpoint(written.path, module=module, identity={"plugin": "acme", "plugin_version": "1.0"})
     assert back.optimizer["param_groups"][0]["betas"] == state.optimizer["param_groups"][0]["betas"]
     assert isinstance(back.optimizer["param_groups"][0]["betas"], tuple)
-    assert back.scheduler == state.scheduler
+    assert back.scheduler == state.scheduler and back.scheduler is not None
+    assert back.scheduler["mode_worse"] == float("inf")
 
 
 def test_nested_structure_round_trips_exactly() -> None:
@@ -286,6 +287,15 @@ def test_garbage_is_corrupt(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / checkpoint_name(1)
     path.write_bytes(content)
     with pytest.raises(CheckpointUnusable) as caught:
+        read_checkpoint(path)
+    assert caught.value.reason is Unusable.CORRUPT
+
+
+def test_a_random_state_that_is_not_bytes_is_corrupt(tmp_path: Path) -> None:
+    state, _ = small_state(tmp_path)
+    path = write_checkpoint(tmp_path, dataclasses.replace(
+        state, rng=dataclasses.replace(state.rng, torch_cpu=torch.zeros(5)))).path
+    with pytest.raises(CheckpointUnusable, match="byte tensors") as caught:
         read_checkpoint(path)
     assert caught.value.reason is Unusable.CORRUPT
 

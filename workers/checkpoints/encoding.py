@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from workers.loop_state import LoopState, RngState
@@ -108,7 +109,10 @@ def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def decode_state(tensors: dict[str, Tensor], doc: dict[str, Any]) -> LoopState:
     """The LoopState of `encode_state`'s output; EncodingError when a part is missing or malformed."""
     try:
-        best, rng = doc["best"], unflatten(doc["rng"], tensors)
+        best, rng = doc["best"], RngState(**unflatten(doc["rng"], tensors))
+        if any(not isinstance(t, Tensor) or t.dtype != torch.uint8
+               for t in (rng.torch_cpu, rng.data_order, *rng.torch_cuda)):
+            raise ValueError("torch random states must be byte tensors")
         return LoopState(
             epoch=int(doc["epoch"]),
             params=unflatten(doc["params"], tensors),
@@ -119,7 +123,7 @@ def decode_state(tensors: dict[str, Tensor], doc: dict[str, Any]) -> LoopState:
             best_value=unflatten(best["value"], tensors),
             best_metrics=unflatten(best["metrics"], tensors),
             best_model=unflatten(best["model"], tensors),
-            rng=RngState(**rng),
+            rng=rng,
             history=[EpochReport(**r) for r in unflatten(doc["history"], tensors)],
         )
     except (KeyError, TypeError, ValueError) as e:
