@@ -222,6 +222,22 @@ def test_checkpoint_is_safetensors_with_a_strict_json_header(tmp_path: Path) -> 
     assert back.scheduler["mode_worse"] == float("inf")
 
 
+def test_best_weights_equal_to_the_current_ones_are_stored_once(tmp_path: Path) -> None:
+    state, module = small_state(tmp_path, epoch=1)  # the first epoch always improves
+    assert state.best_epoch == state.epoch
+    once = write_checkpoint(tmp_path / "same", state)
+    older_best = {k: v + 1 if v.is_floating_point() else v for k, v in state.best_model.items()}
+    twice = write_checkpoint(tmp_path / "apart", dataclasses.replace(state, best_model=older_best))
+    weight_bytes = sum(v.numel() * v.element_size() for v in state.model.values())
+    assert twice.bytes - once.bytes >= weight_bytes
+
+    back = read_checkpoint(once.path, module=module)
+    for k, v in state.model.items():
+        assert torch.equal(back.best_model[k], v) and torch.equal(back.model[k], v)
+    apart = read_checkpoint(twice.path, module=module)
+    assert all(torch.equal(apart.best_model[k], v) for k, v in older_best.items())
+
+
 def test_nested_structure_round_trips_exactly() -> None:
     value = {"state": {0: {"step": torch.tensor(3.0), "buf": torch.ones(2)}}, "t": (1, 2.5, None),
              "inf": float("-inf"), "nested": [{"__tensor__": "not a tag"}], "flag": True}

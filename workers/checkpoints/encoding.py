@@ -86,13 +86,20 @@ def encode_state(state: LoopState) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "scheduler": flatten(state.scheduler, "scheduler", tensors),
         "best": {"epoch": state.best_epoch, "value": flatten(state.best_value, "best/value", tensors),
                  "metrics": flatten(state.best_metrics, "best/metrics", tensors),
-                 "model": flatten(dict(state.best_model), "best_model", tensors)},
+                 # After an improving epoch the best weights are the current ones: stored once.
+                 "model": "model" if _same(state.best_model, state.model) else
+                 flatten(dict(state.best_model), "best_model", tensors)},
         "epochs_since_best": state.epochs_since_best,  # for readers; derived from epoch and best.epoch
         "rng": flatten({"torch_cpu": rng.torch_cpu, "torch_cuda": rng.torch_cuda, "numpy": rng.numpy,
                         "python": rng.python, "data_order": rng.data_order}, "rng", tensors),
         "history": flatten([asdict(r) for r in state.history], "history", tensors),
     }
     return _unshared(tensors), doc
+
+
+def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
 def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -110,19 +117,20 @@ def decode_state(tensors: dict[str, Tensor], doc: dict[str, Any]) -> LoopState:
     """The LoopState of `encode_state`'s output; EncodingError when a part is missing or malformed."""
     try:
         best, rng = doc["best"], RngState(**unflatten(doc["rng"], tensors))
+        model = unflatten(doc["model"], tensors)
         if any(not isinstance(t, Tensor) or t.dtype != torch.uint8
                for t in (rng.torch_cpu, rng.data_order, *rng.torch_cuda)):
             raise ValueError("torch random states must be byte tensors")
         return LoopState(
             epoch=int(doc["epoch"]),
             params=unflatten(doc["params"], tensors),
-            model=unflatten(doc["model"], tensors),
+            model=model,
             optimizer=unflatten(doc["optimizer"], tensors),
             scheduler=unflatten(doc["scheduler"], tensors),
             best_epoch=int(best["epoch"]),
             best_value=unflatten(best["value"], tensors),
             best_metrics=unflatten(best["metrics"], tensors),
-            best_model=unflatten(best["model"], tensors),
+            best_model=dict(model) if best["model"] == "model" else unflatten(best["model"], tensors),
             rng=rng,
             history=[EpochReport(**r) for r in unflatten(doc["history"], tensors)],
         )
