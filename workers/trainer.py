@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from workers.loop_state import LoopState, capture_loop, restore_loop
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LEARNING_RATE = 1e-3
@@ -56,6 +59,12 @@ class EpochReport:
 class Callback(Protocol):
     def on_epoch_end(self, report: EpochReport) -> bool:
         """Return True to stop training after this epoch."""
+        ...
+
+
+class CheckpointHook(Protocol):
+    def on_epoch_state(self, report: EpochReport, state: Callable[[], LoopState]) -> None:
+        """At each epoch boundary, before the callbacks: `state()` snapshots the loop to continue it."""
         ...
 
 
@@ -265,11 +274,13 @@ def cpu_state(module: nn.Module) -> dict[str, Tensor]:
 
 def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs: int, objective: str,
           direction: str, patience: int | None = 5, seed: int = 0, callbacks: Sequence[Callback] = (),
-          amp_dtype: torch.dtype | None = None, stop_signal: Callable[[], bool] | None = None) -> TrainResult:
+          amp_dtype: torch.dtype | None = None, stop_signal: Callable[[], bool] | None = None,
+          checkpoint: CheckpointHook | None = None, resume_from: LoopState | None = None) -> TrainResult:
     """Train for up to `epochs`, keep and restore the best epoch by `objective` on the validation split.
 
     `stop_signal` is polled between batches (it must not block): True ends training at once, mid-epoch,
-    with stop_reason "stopped"; the unfinished epoch is not reported.
+    with stop_reason "stopped"; the unfinished epoch is not reported. `resume_from` continues a loop that
+    `checkpoint` captured (same data, params and arguments): the result is the uninterrupted run's.
     """
     _check_args(data, epochs, objective, direction)
     device = data.x_train.device
@@ -283,8 +294,16 @@ def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs:
     noise_std = _noise_std(data) if params.get("augmentation") == "light" and data.image else None
     best = _Best(maximize=direction == "maximize", state=cpu_state(module))
     history: list[EpochReport] = []
-    reason, epoch = "completed", 0
-    for epoch in range(1, epochs + 1):
+    reason, done = "completed", 0  # done: epochs finished before this call
+    if resume_from is not None:
+        restore_loop(resume_from, module=module, optimizer=optimizer, scheduler=scheduler, generator=generator)
+        best.epoch, best.value, best.metrics, best.state = (resume_from.best_epoch, resume_from.best_value,
+                                                            dict(resume_from.best_metrics), resume_from.best_model)
+        history, done = list(resume_from.history), resume_from.epoch
+        if _patience_ran_out(done, best.epoch, epochs, patience):  # the captured run stopped here
+            reason, epochs = "early_stopping", done
+    epoch = done
+    for epoch in range(done + 1, epochs + 1):
         started = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
         train_loss = _train_epoch(module, data, optimizer, batch_size, generator, noise_std, amp_dtype,
@@ -307,16 +326,25 @@ def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs:
         seconds = time.perf_counter() - started
         report = EpochReport(epoch, train_loss, metrics["val_loss"], metrics, lr, seconds)
         history.append(report)
+        if checkpoint is not None:
+            checkpoint.on_epoch_state(report, partial(
+                capture_loop, epoch=epoch, params=params, module=module, optimizer=optimizer, scheduler=scheduler,
+                best_epoch=best.epoch, best_value=best.value, best_metrics=best.metrics,
+                best_model=best.state, generator=generator, history=history))
         stop = [cb.on_epoch_end(report) for cb in callbacks]  # every callback sees every epoch
         if any(stop):
             reason = "stopped"
             break
-        if patience is not None and epoch < epochs and epoch - best.epoch >= patience:
+        if _patience_ran_out(epoch, best.epoch, epochs, patience):
             reason = "early_stopping"
             break
     module.load_state_dict(best.state)
     return TrainResult(epochs_run=epoch, best_epoch=best.epoch, best_metrics=best.metrics,
                        best_state=best.state, stop_reason=reason, history=history)
+
+
+def _patience_ran_out(epoch: int, best_epoch: int, epochs: int, patience: int | None) -> bool:
+    return patience is not None and epoch < epochs and epoch - best_epoch >= patience
 
 
 def _check_args(data: TrainData, epochs: int, objective: str, direction: str) -> None:

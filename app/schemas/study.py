@@ -28,6 +28,7 @@ CLASSIFICATION_METRICS = ("val_accuracy", "val_loss")
 REGRESSION_METRICS = ("val_mse", "val_mae", "val_loss")
 COST_METRICS = ("param_count", "inference_ms")  # extra objectives of multi-objective studies
 MAXIMIZED = {"val_accuracy"}
+KEEP_BEST_K = 3  # completed trials that keep their checkpoint under keep_checkpoints "best_k"
 
 DATASET_REFERENCE = re.compile(r"builtin:[a-z_]{1,40}|dataset:[0-9a-f]{8,32}|plugin:[a-z][a-z0-9_\-]{0,63}")
 Scalar = StrictBool | StrictInt | StrictFloat | Annotated[StrictStr, Field(max_length=64)]
@@ -189,6 +190,19 @@ class StudySpec(Strict):
     stop: StopSpec | None = None
     warm_start: WarmStartSpec | None = None
     tensorboard: bool = False
+    checkpoint_every: int = Field(1, ge=1, le=1000, description="Epochs between a running trial's checkpoints.")
+    keep_checkpoints: Literal["best_k", "all", "none"] = Field(
+        "best_k", description="Which completed trials keep their last checkpoint (to extend them later): the "
+        "keep_best_k best by the objective, all, or none. Running and paused trials always keep their latest.")
+    keep_best_k: int | None = Field(None, ge=1, le=1000, description=f"{KEEP_BEST_K} when not given.")
+
+    @field_validator("keep_best_k")
+    @classmethod
+    def _best_k_applies(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("keep_checkpoints", "best_k") != "best_k":
+            raise ValueError(f"keep_best_k applies only to keep_checkpoints 'best_k', not "
+                             f"{info.data['keep_checkpoints']!r}")
+        return v
 
     @field_validator("dataset")
     @classmethod
@@ -250,6 +264,10 @@ class StudySpec(Strict):
     def cancels_running_trials(self) -> bool:
         """A fired stop criterion (the study's timeout included) also ends running trials."""
         return self.stop is not None and self.stop.running == "cancel"
+
+    @property
+    def checkpoints_best_k(self) -> int:
+        return self.keep_best_k or KEEP_BEST_K
 
     @property
     def ensemble_top_k(self) -> int:
