@@ -255,3 +255,20 @@ def test_study_list_tells_studies_apart_and_says_when_a_key_is_rejected(
     assert "rejected" in bar and "signed in" not in bar
     assert browser.js("document.getElementById('api-key') !== null")  # the field to try another key
     assert "rejected" in browser.js("document.getElementById('notice').textContent")
+
+
+def test_the_api_docs_page_works_with_the_network_cut(server: tuple[str, Settings, Database],
+                                                      tmp_path: Path) -> None:
+    """/docs draws Swagger UI from the package's own files: every host but the server's fails to resolve."""
+    base, _, _ = server
+    offline = Browser(tmp_path / "offline-profile", _chromium(),
+                      "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+    try:
+        offline.open(f"{base}/docs")
+        offline.wait_for("document.querySelector('.swagger-ui .info .title') !== null")
+        assert offline.js("document.querySelector('.swagger-ui .info .title').textContent").startswith("hpsearch")
+        offline.wait_for(_count(".swagger-ui .opblock") + " > 10")  # the operations, from /openapi.json
+        loaded = offline.js("performance.getEntriesByType('resource').map((e) => e.name)")
+        assert loaded and all(url.startswith(base) for url in loaded), loaded
+    finally:
+        offline.close()
