@@ -77,7 +77,7 @@ SpaceEntry = Annotated[
 
 
 class Objective(Strict):
-    # Any name here: which metrics apply depends on the task, so StudySpec.check_metrics refuses a wrong one
+    # Any name here: which metrics apply depends on the task, so StudySpec.metric_errors refuses a wrong one
     # once, at objective.metric, listing the task's metrics (a Literal gave two errors and no such list).
     metric: str = Field(max_length=64, description="val_accuracy or val_loss (classification); val_mse, "
                         "val_mae or val_loss (regression); param_count or inference_ms as extra objectives")
@@ -281,11 +281,6 @@ class StudySpec(Strict):
                                          f"{did_you_mean(o.metric, list(fits))}: use one of {', '.join(fits)}"))
         return out
 
-    def check_metrics(self) -> None:
-        """Raises the first of metric_errors()."""
-        if errors := self.metric_errors():
-            raise errors[0]
-
     def algorithm_errors(self) -> list[SpecRuleError]:
         """Metrics, sampler and pruner settings that cannot work with this spec's task, objectives and budget,
         each naming the field to change (the service turns them into one 422)."""
@@ -304,11 +299,6 @@ class StudySpec(Strict):
             out.append(SpecRuleError(("pruner", "n_warmup_steps"), f"with budget.epochs {epochs} a warm-up of "
                                      f"{pruner.n_warmup_steps} steps leaves only the last epoch to prune at"))
         return out
-
-    def check_algorithms(self) -> None:
-        """Raises the first of algorithm_errors() (a SpecRuleError naming the field to change)."""
-        if errors := self.algorithm_errors():
-            raise errors[0]
 
     def space_errors(self, description: dict[str, Any]) -> list[SpaceError]:
         """Every SpaceError resolved_space would raise first, for one answer that lists them all."""
