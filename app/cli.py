@@ -299,7 +299,8 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_trials(args: argparse.Namespace, client: Client) -> int:
-    page = client.trials.page(args.id, sort=args.sort, state=args.state, limit=args.limit)
+    study_id = client.full_id(args.id)  # once: a short id costs a listing of your studies
+    page = client.trials.page(study_id, sort=args.sort, state=args.state, limit=args.limit)
     if args.json:
         for trial in page.data:
             print(trial.model_dump_json())
@@ -307,7 +308,7 @@ def cmd_trials(args: argparse.Namespace, client: Client) -> int:
     if args.columns is not None:
         names = _chosen_columns(args.columns, page.data)
     else:
-        names = _param_columns(client, args.id, page.data, args.params)
+        names = _param_columns(client, study_id, page.data, args.params)
     print(trials_table(page.data, names))
     print(f"({len(page.data)} of {page.count})")
     return 0
