@@ -1,8 +1,9 @@
 """hpsearch: a hyperparameter search service for PyTorch.
 
 `hpsearch serve` runs the service on this machine: the API, the dashboard and trial workers, on SQLite by
-default. `submit`, `follow`, `status`, `trials`, `cancel`, `workers` and `export` talk to a running service
-over its REST API (HPSEARCH_API_URL, HPSEARCH_API_KEY); `worker`, `db` and `keys` are for whoever runs it.
+default. `upload`, `submit`, `follow`, `status`, `trials`, `pause`, `resume`, `cancel`, `delete`, `workers` and
+`export` talk to a running service over its REST API (HPSEARCH_API_URL, HPSEARCH_API_KEY); a study is named
+by its id or any unique prefix of it. `worker`, `db` and `keys` are for whoever runs the service.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from app.client import DEFAULT_URL, ApiError, Client, Unauthorized, best_text, progress_line
 from app.core.config import LOOPBACK_HOSTS, Settings, get_settings
+from app.core.logging import LEVELS
 from app.schemas.study import StudyPublic
 from app.schemas.trial import TrialPublic
 
@@ -85,7 +87,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.devices import resolve_devices
 
     settings = _settings(args)
-    setup_logging(settings.log_json)
+    setup_logging(settings.log_json, args.log_level)
     try:
         devices = resolve_devices(args.devices)  # before the heavy imports: a typo fails in well under a second
     except ValueError as exc:
@@ -146,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = _settings(args)
-    setup_logging(settings.log_json)
+    setup_logging(settings.log_json, args.log_level)
     if args.host not in LOOPBACK_HOSTS and not settings.auth_enabled:
         print(f"refusing to bind {args.host} with authentication disabled (HPSEARCH_AUTH_ENABLED=false)",
               file=sys.stderr)
@@ -159,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cmd += ["--slots", str(args.workers)]
         if args.fuse != "1":
             cmd += ["--fuse", args.fuse]
+        if args.log_level:
+            cmd += ["--log-level", args.log_level]
         # The URL travels in the environment: on the command line its password would show in `ps`.
         worker = subprocess.Popen(cmd, env={**os.environ, "HPSEARCH_DATABASE_URL": settings.database_url})
     else:
@@ -295,27 +299,46 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_trials(args: argparse.Namespace, client: Client) -> int:
-    page = client.trials.page(args.id, sort=args.sort, state=args.state, limit=args.limit)
+    study_id = client.full_id(args.id)  # once: a short id costs a listing of your studies
+    page = client.trials.page(study_id, sort=args.sort, state=args.state, limit=args.limit)
     if args.json:
         for trial in page.data:
             print(trial.model_dump_json())
         return 0
-    names = _param_columns(client, args.id, page.data, args.params)
+    if args.columns is not None:
+        names = _chosen_columns(args.columns, page.data)
+    else:
+        names = _param_columns(client, study_id, page.data, args.params)
     print(trials_table(page.data, names))
     print(f"({len(page.data)} of {page.count})")
     return 0
 
 
-def _param_columns(client: Client, study_id: str, trials: list[TrialPublic], n: int) -> list[str]:
-    """The n parameters to show: most important first (as the dashboard orders them), then as they appear."""
+def _chosen_columns(text: str, trials: list[TrialPublic]) -> list[str]:
+    """--columns learning_rate,optimizer: those parameters, in that order; a name no trial has is an error."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    seen = {name for trial in trials for name in trial.params or {}}
+    if unknown := [n for n in names if n not in seen]:
+        raise CliError(f"error: no trial shown has the parameter(s) {', '.join(unknown)}; they have "
+                       f"{', '.join(sorted(seen)) or 'none yet'}")
+    return names
+
+
+def _param_columns(client: Client, study_id: str, trials: list[TrialPublic], n: int | None) -> list[str]:
+    """The parameters to show: those the spec searches (a range or choices) first, in the spec's order, then
+    the most important (as the dashboard orders them), then as they appear. n: how many (default: every
+    searched one, and at least five)."""
     seen: list[str] = []
     for trial in trials:
         seen += [name for name in trial.params or {} if name not in seen]
+    space = client.studies.get(study_id).spec.get("search_space") or {}
+    searched = [name for name, entry in space.items() if isinstance(entry, dict) and name in seen]
     try:
         ranked = [i.name for i in client.studies.importance(study_id).importances if i.name in seen]
     except ApiError:
         ranked = []
-    return (ranked + [name for name in seen if name not in ranked])[:n]
+    ordered = list(dict.fromkeys([*searched, *ranked, *seen]))
+    return ordered[:max(5, len(searched)) if n is None else n]
 
 
 def trials_table(trials: list[TrialPublic], names: list[str]) -> str:
@@ -344,6 +367,54 @@ def _cell(value: Any, fmt: str = "") -> str:
 def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
     study = client.studies.cancel(args.id)
     print(f"study {study.id} {study.status}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace, client: Client) -> int:
+    study = client.studies.pause(args.id)
+    print(f"study {study.id} {study.status} (`hpsearch resume {study.id[:8]}` goes on)")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, client: Client) -> int:
+    study = client.studies.resume(args.id)
+    print(f"study {study.id} {study.status}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, client: Client) -> int:
+    study_id = client.full_id(args.id)
+    client.studies.delete(study_id)
+    print(f"deleted study {study_id}, its trials and their files")
+    return 0
+
+
+UPLOAD_KINDS = {".csv": "csv", ".npz": "npz"}
+
+
+def cmd_upload(args: argparse.Namespace, client: Client) -> int:
+    """Upload a CSV, an NPZ or a pair of MNIST IDX files; print the id a spec's `dataset` takes."""
+    path = Path(args.file)
+    kind = args.kind or ("idx" if args.labels else UPLOAD_KINDS.get(path.suffix.lower()))
+    if kind is None:
+        raise CliError(f"error: cannot tell the kind of {path.name} from its name: pass --kind csv, npz or idx")
+    if kind == "csv" and not args.label_column:
+        raise CliError("error: a CSV upload needs --label-column (the column to predict)")
+    if kind == "idx" and not args.labels:
+        raise CliError("error: an IDX upload takes the images file and --labels LABELS_FILE")
+    for name in (args.file, args.labels):
+        if name and not Path(name).is_file():
+            raise CliError(f"error: no file {name}")
+    files = {"images": path, "labels": Path(args.labels)} if kind == "idx" else {"file": path}
+    try:
+        groups = json.loads(args.feature_groups) if args.feature_groups else None
+    except ValueError:
+        raise CliError('error: --feature-groups takes JSON: {"group": ["column", ...]}') from None
+    dataset = client.datasets.upload(**files, kind=kind, name=args.name or path.stem, label_column=args.label_column,
+                                     task=args.task, feature_groups=groups)
+    print(dataset["id"])
+    shape = f"{dataset.get('samples')} samples, {dataset.get('features')} features, {dataset.get('task')}"
+    print(f"{dataset['name']}: {shape}, {dataset.get('size_bytes')} bytes", file=sys.stderr)
     return 0
 
 
@@ -405,6 +476,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 _URL_HELP = f"address of the hpsearch API (default: $HPSEARCH_API_URL, else {DEFAULT_URL})"
+_ID_HELP = "the study id, or any unique prefix of it (the 8 characters `hpsearch status` shows)"
 _KEY_HELP = "API key (default: $HPSEARCH_API_KEY; `hpsearch keys create --owner NAME` makes one)"
 
 
@@ -428,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     db_url = {"help": "SQLAlchemy database URL (default: $HPSEARCH_DATABASE_URL, else SQLite in "
                       "$HPSEARCH_HOME, .hpsearch/)", "default": None}
 
+    log_level = {"choices": LEVELS, "default": None,
+                 "help": "the least severe log lines shown (default: warning on a terminal, where a line per "
+                         "trial would break `follow`'s progress bar; info in a file or a log shipper)"}
+
     def server_command(name: str, help_text: str) -> Any:
         return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
 
@@ -439,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trial slots in total, spread over the GPUs or the CPU (default: 2 on a CPU, one per GPU; "
                         "0: API only)")
     p.add_argument("--fuse", default="1", help=_FUSE_HELP)
+    p.add_argument("--log-level", **log_level)
     p.set_defaults(func=cmd_serve)
 
     p = server_command("worker", "a worker supervisor on this machine: claims trials and trains them")
@@ -448,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent trials per device (default: 2 on a CPU, 1 per GPU)")
     p.add_argument("--fuse", default="1", help=_FUSE_HELP)
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running trials get at SIGTERM")
+    p.add_argument("--log-level", **log_level)
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--slots", type=int, default=None, help=argparse.SUPPRESS)  # serve --workers N: N in total
     p.set_defaults(func=cmd_worker)
@@ -473,6 +551,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--database-url", **db_url)
     p.set_defaults(func=cmd_keys)
 
+    p = _client_command(sub, "upload", "upload a dataset (CSV, NPZ or MNIST IDX) and print its id", cmd_upload,
+                        "Upload a dataset and print the id a spec's `dataset` takes (dataset:...). A CSV names "
+                        "its label column; an NPZ holds arrays X and y; IDX takes the images file and --labels. "
+                        "The same content is stored once: again under another name is refused, naming it.")
+    p.add_argument("file", help="the CSV or NPZ file, or the IDX images file")
+    p.add_argument("--kind", choices=["csv", "npz", "idx"], default=None,
+                   help="the format (default: from the file's extension; idx when --labels is given)")
+    p.add_argument("--name", default=None, help="the dataset's name (default: the file's name without extension)")
+    p.add_argument("--label-column", default=None, help="CSV: the column to predict")
+    p.add_argument("--labels", default=None, help="IDX: the labels file")
+    p.add_argument("--task", choices=["classification", "regression"], default=None,
+                   help="default: classification for text or integer labels, else regression")
+    p.add_argument("--feature-groups", default=None,
+                   help='CSV: JSON naming groups of columns, {"group": ["column", ...]}')
     p = _client_command(sub, "submit", "create a study from a JSON spec and print its id", cmd_submit,
                         "Create a study from a JSON spec file (see README.md and GET /docs) and print its id. "
                         "Talks to the API at HPSEARCH_API_URL with the key in HPSEARCH_API_KEY "
@@ -481,23 +573,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="show a live progress bar until the study ends")
     p = _client_command(sub, "follow", "show a study's live progress bar until it ends, then its summary",
                         cmd_follow)
-    p.add_argument("id", help="the study id")
+    p.add_argument("id", help=_ID_HELP)
     p = _client_command(sub, "status", "list your studies, or show one", cmd_status)
-    p.add_argument("id", nargs="?", help="a study id (default: list every study)")
+    p.add_argument("id", nargs="?", help=f"{_ID_HELP} (default: list every study)")
     p = _client_command(sub, "trials", "a study's trials as a table (--json for scripts)", cmd_trials)
-    p.add_argument("id", help="the study id")
+    p.add_argument("id", help=_ID_HELP)
     p.add_argument("--limit", type=int, default=50, help="how many trials")
     p.add_argument("--sort", choices=["number", "value", "duration"], default="number", help="order of the rows")
     p.add_argument("--state", choices=["waiting", "running", "complete", "pruned", "fail"], default=None,
                    help="only trials in this state (default: all)")
-    p.add_argument("--params", type=_non_negative, default=5,
-                   help="parameter columns, the most important first")
+    p.add_argument("--columns", default=None, metavar="NAMES",
+                   help="the parameter columns, comma separated: --columns learning_rate,optimizer "
+                        "(default: the parameters the spec searches, then the most important)")
+    p.add_argument("--params", type=_non_negative, default=None,
+                   help="how many parameter columns without --columns (default: every searched one, at least 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per trial and line, for scripts")
-    p = _client_command(sub, "cancel", "cancel a queued, running or paused study", cmd_cancel)
-    p.add_argument("id", help="the study id")
+    for name, func, text in (("pause", cmd_pause, "pause a study: no new trials until resumed"),
+                             ("resume", cmd_resume, "resume a paused study"),
+                             ("cancel", cmd_cancel, "cancel a queued, running or paused study"),
+                             ("delete", cmd_delete, "delete a study, its trials and their files")):
+        p = _client_command(sub, name, text, func)
+        p.add_argument("id", help=_ID_HELP)
     _client_command(sub, "workers", "live workers and your trials on them", cmd_workers)
     p = _client_command(sub, "export", "write a study's best model and its ensemble into a folder", cmd_export)
-    p.add_argument("id", help="the study id")
+    p.add_argument("id", help=_ID_HELP)
     p.add_argument("dir", help="the folder to write (created if missing)")
     return parser
 

@@ -33,6 +33,8 @@ API_PREFIX = "/api/v1"
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = frozenset({"completed", "cancelled", "failed"})
 POLL_INTERVAL_S = 1.0
+FULL_ID = re.compile(r"[0-9a-f]{32}")
+SHORT_ID = re.compile(r"[0-9a-f]{1,31}")
 
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -67,6 +69,15 @@ class Unauthorized(ApiError):
 
 class NotFound(ApiError):
     """404: no such study, trial, dataset or file for this key's owner."""
+
+
+class AmbiguousId(ApiError):
+    """A short study id that starts more than one of your studies' ids; `matches` lists them."""
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        shown = ", ".join(matches[:10]) + (", ..." if len(matches) > 10 else "")
+        super().__init__(None, f"{prefix!r} starts {len(matches)} study ids ({shown}): give more of the id")
+        self.matches = matches
 
 
 class Conflict(ApiError):
@@ -194,12 +205,26 @@ class Client:
                               f"that is not JSON: {_plain_text(response.text, 200)}",
                               reason=response.reason_phrase) from None
 
+    def full_id(self, study_id: str) -> str:
+        """The id of your study that `study_id` names: the id itself, or a unique prefix of it (the 8
+        characters the dashboard and `hpsearch status` show). NotFound when none starts so; AmbiguousId when
+        several do."""
+        if FULL_ID.fullmatch(study_id) or not SHORT_ID.fullmatch(study_id):
+            return study_id  # a full id, or not an id at all: the API answers for it
+        matches = [s.id for s in self.studies.iterate(page_size=500) if s.id.startswith(study_id)]
+        if not matches:
+            raise NotFound(404, f"no study of yours has an id starting {study_id!r}", reason="Not Found")
+        if len(matches) > 1:
+            raise AmbiguousId(study_id, matches)
+        return matches[0]
+
     # -- the rest of the API --
 
     def predict(self, study_id: str, inputs: list[Any], *, use: Literal["best", "ensemble"] = "best"
                 ) -> PredictionsPublic:
         """Predictions (and class probabilities) of the study's best trial or its ensemble for raw inputs."""
-        body = self.json("POST", f"/studies/{study_id}/predict", params={"use": use}, json={"inputs": inputs})
+        body = self.json("POST", f"/studies/{self.full_id(study_id)}/predict", params={"use": use},
+                         json={"inputs": inputs})
         return PredictionsPublic.model_validate(body)
 
     def workers(self) -> list[dict[str, Any]]:
@@ -215,6 +240,10 @@ class _Part:
     def __init__(self, client: Client) -> None:
         self._c = client
 
+    def _study(self, study_id: str, rest: str = "") -> str:
+        """The path of a study (named by its id or a unique prefix), and of `rest` under it."""
+        return f"/studies/{self._c.full_id(study_id)}{rest}"
+
 
 class Studies(_Part):
     """Create, read and steer studies."""
@@ -226,7 +255,7 @@ class Studies(_Part):
         return StudyPublic.model_validate(self._c.json("POST", "/studies", json=body, headers=headers))
 
     def get(self, study_id: str) -> StudyPublic:
-        return StudyPublic.model_validate(self._c.json("GET", f"/studies/{study_id}"))
+        return StudyPublic.model_validate(self._c.json("GET", self._study(study_id)))
 
     def list(self, *, status: str | None = None, limit: int = 50, cursor: str | None = None) -> StudiesPublic:
         """One page of your studies, newest first; `next_cursor` fetches the next."""
@@ -244,18 +273,18 @@ class Studies(_Part):
             cursor = page.next_cursor
 
     def pause(self, study_id: str) -> StudyPublic:
-        return StudyPublic.model_validate(self._c.json("POST", f"/studies/{study_id}/pause"))
+        return StudyPublic.model_validate(self._c.json("POST", self._study(study_id, "/pause")))
 
     def resume(self, study_id: str) -> StudyPublic:
-        return StudyPublic.model_validate(self._c.json("POST", f"/studies/{study_id}/resume"))
+        return StudyPublic.model_validate(self._c.json("POST", self._study(study_id, "/resume")))
 
     def cancel(self, study_id: str) -> StudyPublic:
         """Stop a queued, running or paused study (Conflict once it has ended)."""
-        return StudyPublic.model_validate(self._c.json("POST", f"/studies/{study_id}/cancel"))
+        return StudyPublic.model_validate(self._c.json("POST", self._study(study_id, "/cancel")))
 
     def delete(self, study_id: str) -> None:
         """Remove the study, its trials and their files."""
-        self._c.request("DELETE", f"/studies/{study_id}")
+        self._c.request("DELETE", self._study(study_id))
 
     def wait(self, study_id: str, *, timeout_s: float | None = None,
              interval_s: float = POLL_INTERVAL_S) -> StudyPublic:
@@ -266,6 +295,7 @@ class Studies(_Part):
                interval_s: float = POLL_INTERVAL_S) -> StudyPublic:
         """Draw a progress bar on `out` (redrawn in place) until the study ends; the ended study."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        study_id = self._c.full_id(study_id)  # once, not at every poll
         while True:
             study = self.get(study_id)
             if out is not None:
@@ -281,11 +311,11 @@ class Studies(_Part):
 
     def importance(self, study_id: str) -> ImportancePublic:
         """Parameter importance, most important first (empty, with a reason, before enough trials)."""
-        return ImportancePublic.model_validate(self._c.json("GET", f"/studies/{study_id}/importance"))
+        return ImportancePublic.model_validate(self._c.json("GET", self._study(study_id, "/importance")))
 
     def ensemble(self, study_id: str) -> EnsemblePublic:
         """The completed study's ensemble: members, weights, validation and test metrics."""
-        return EnsemblePublic.model_validate(self._c.json("GET", f"/studies/{study_id}/ensemble"))
+        return EnsemblePublic.model_validate(self._c.json("GET", self._study(study_id, "/ensemble")))
 
 
 class Trials(_Part):
@@ -296,12 +326,13 @@ class Trials(_Part):
              cursor: str | None = None, after: int | None = None) -> TrialsPublic:
         query = {"sort": sort, "order": order, "state": state, "limit": limit, "cursor": cursor, "after": after}
         params = {k: v for k, v in query.items() if v is not None}
-        return TrialsPublic.model_validate(self._c.json("GET", f"/studies/{study_id}/trials", params=params))
+        return TrialsPublic.model_validate(self._c.json("GET", self._study(study_id, "/trials"), params=params))
 
     def iterate(self, study_id: str, *, sort: Literal["number", "value", "duration", "newest"] = "number",
                 state: str | None = None, page_size: int = 500) -> Iterator[TrialPublic]:
         """Every trial, page after page."""
         cursor: str | None = None
+        study_id = self._c.full_id(study_id)
         while True:
             page = self.page(study_id, sort=sort, state=state, limit=page_size, cursor=cursor)
             yield from page.data
@@ -311,13 +342,13 @@ class Trials(_Part):
 
     def get(self, study_id: str, number: int) -> TrialDetail:
         """One trial with its per-epoch curve, worker, device, attempts and error."""
-        return TrialDetail.model_validate(self._c.json("GET", f"/studies/{study_id}/trials/{number}"))
+        return TrialDetail.model_validate(self._c.json("GET", self._study(study_id, f"/trials/{number}")))
 
     def enqueue(self, study_id: str, params: Mapping[str, Any], *, allow_duplicate: bool = False
                 ) -> EnqueuedPublic:
         """Queue a configuration ahead of the sampled ones (validated against the study's space)."""
         body = {"params": dict(params), "allow_duplicate": allow_duplicate}
-        return EnqueuedPublic.model_validate(self._c.json("POST", f"/studies/{study_id}/trials", json=body))
+        return EnqueuedPublic.model_validate(self._c.json("POST", self._study(study_id, "/trials"), json=body))
 
 
 class Datasets(_Part):
@@ -360,14 +391,15 @@ class Downloads(_Part):
 
     def trial_model(self, study_id: str, number: int, into: str | Path) -> Path:
         """Unpack one trial's model.safetensors and config.json into the folder `into`."""
-        return self._unzip(f"/studies/{study_id}/trials/{number}/model", Path(into))
+        return self._unzip(self._study(study_id, f"/trials/{number}/model"), Path(into))
 
     def ensemble(self, study_id: str, into: str | Path) -> Path:
         """Unpack the completed study's ensemble (ensemble.json and its members) into `into`."""
-        return self._unzip(f"/studies/{study_id}/ensemble/model", Path(into))
+        return self._unzip(self._study(study_id, "/ensemble/model"), Path(into))
 
     def export(self, study_id: str, into: str | Path) -> Export:
         """The best trial's model into `into`, and the ensemble into `into/ensemble` once there is one."""
+        study_id = self._c.full_id(study_id)
         study = self._c.studies.get(study_id)
         if study.best_trial is None:
             raise NotFound(404, f"study {study_id} has no finished model yet", reason="Not Found")

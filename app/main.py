@@ -7,6 +7,7 @@ from fastapi import APIRouter, FastAPI
 from app import plugins
 from app.api import API_PREFIX
 from app.api.deps import RateLimiter
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, LatencyMiddleware
 from app.api.routes import datasets, downloads, health, insights, meta, pareto, studies, trials
@@ -19,7 +20,7 @@ from app.core.metrics import DatabaseMetricsCache
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="hpsearch", version="0.1.0",
+    app = FastAPI(title="hpsearch", version="0.1.0", docs_url=None, redoc_url=None,  # both load a CDN's scripts
                   description="Hyperparameter search for PyTorch: submit studies, watch trials, take models home.")
     app.state.settings = settings
     plugins.configure(settings.plugins)  # validation and predictions know only these plugins
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(api)
     app.include_router(health.router)
     install_dashboard(app)  # HTML pages at the root: they sign in from the browser, not with a header
+    install_docs(app)  # /docs, with Swagger UI's files from the package
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)

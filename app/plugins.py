@@ -295,11 +295,17 @@ class Plugins:
         return not dataset.startswith(PREFIX) or self.has(PluginKind.DATASET, dataset.removeprefix(PREFIX))
 
 
+ENABLE_HINT = "(a plugin is enabled by naming it in HPSEARCH_PLUGINS where the API and the workers run)"
+
+
 def unknown_text(kind: PluginKind, name: str, enabled: list[str]) -> str:
     if kind == PluginKind.MODEL:
-        return f"unknown model {name!r}: the enabled models are {', '.join([*space.MODELS, *enabled])}"
+        models = [*space.MODELS, *enabled]
+        return (f"unknown model {name!r}{space.did_you_mean(name, models)}: the enabled models are "
+                f"{', '.join(models)} {ENABLE_HINT}")
     listed = ", ".join(PREFIX + n for n in enabled) if enabled else "none"
-    return f"unknown dataset {PREFIX}{name}: the enabled dataset plugins are {listed}"
+    return (f"unknown dataset {PREFIX}{name}{space.did_you_mean(name, enabled)}: the enabled dataset plugins "
+            f"are {listed} {ENABLE_HINT}")
 
 
 _current: Plugins | None = None

@@ -36,12 +36,12 @@ def find_chromium() -> str | None:
 class Browser:
     """A headless Chromium and one page, over the DevTools protocol on a pipe."""
 
-    def __init__(self, profile: Path, chromium: str) -> None:
+    def __init__(self, profile: Path, chromium: str, *extra_flags: str) -> None:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--hide-scrollbars", "--no-first-run", "--disable-extensions", "--remote-debugging-pipe",
-                 f"--user-data-dir={profile}", f"--window-size={WIDTH},{HEIGHT}"]
+                 f"--user-data-dir={profile}", f"--window-size={WIDTH},{HEIGHT}", *extra_flags]
         # The protocol expects its pipe on fds 3 (commands in) and 4 (replies out); a launcher puts it there.
         self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(to_browser_r), str(from_browser_w),
                                       chromium, *flags, "about:blank"],

@@ -6,16 +6,20 @@ so clients (and schema-driven tests) know a 404 or a 429 is part of the contract
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.db import is_transient
+from app.schemas.common import did_you_mean
 from app.services import errors
 
 DB_RETRY_AFTER_S = 1
@@ -51,7 +55,7 @@ _DESCRIPTIONS = {
 
 def domain_error_response(exc: errors.DomainError) -> JSONResponse:
     if isinstance(exc, errors.InvalidInput):
-        detail = [{"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}]
+        detail = [{"loc": list(e.loc), "msg": e.message, "type": "value_error"} for e in exc.all]
         return JSONResponse({"detail": detail}, status_code=422)
     if isinstance(exc, errors.RateLimited):
         return JSONResponse({"detail": exc.message}, status_code=429,
@@ -84,10 +88,65 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = [{"loc": ["body"], "msg": f"malformed request body: {reason}", "type": "body_invalid"}]
         return JSONResponse({"detail": detail}, status_code=422)
 
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        body = _body_model(request)
+        detail = [_explained(error, body) for error in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+
     app.add_exception_handler(errors.DomainError, handle)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(DBAPIError, database_unavailable)
     app.add_exception_handler(StarletteHTTPException, malformed_body)
     document_error_responses(app)
+
+
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The pydantic model of the route's JSON body, when it has exactly one."""
+    route = request.scope.get("route")
+    params = route.dependant.body_params if isinstance(route, APIRoute) else []
+    models = _models_in(params[0].field_info.annotation) if len(params) == 1 else []
+    return models[0] if len(models) == 1 else None
+
+
+def _explained(error: dict[str, Any], body: type[BaseModel] | None) -> dict[str, Any]:
+    """Pydantic's error in the user's words: an unknown field names the closest field and every one that
+    exists there; a validator's own message loses pydantic's "Value error, " prefix."""
+    out = dict(error)
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden" and body is not None and len(loc) >= 2 and loc[0] == "body":
+        fields = _fields_at(body, loc[1:-1])
+        if fields:
+            where = ".".join(str(p) for p in loc[1:-1]) or "the spec"
+            out["msg"] = f"unknown field {loc[-1]!r}{did_you_mean(str(loc[-1]), fields)}; {where} takes " \
+                         f"{', '.join(fields)}"
+    elif error.get("type") == "value_error":
+        out["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
+    return out
+
+
+def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """The field names of the model found at `path` inside `model`; list indexes, dict keys and union tags
+    (pydantic puts them in locations) are stepped over."""
+    candidates = [model]
+    for part in path:
+        inner = [m for c in candidates if part in c.model_fields
+                 for m in _models_in(c.model_fields[part].annotation)]
+        candidates = inner or candidates
+    names: list[str] = []
+    for c in candidates:
+        names += [n for n in c.model_fields if n not in names]
+    return names
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds: itself, or inside Optional, unions, lists and dicts."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        found += [m for m in _models_in(arg) if m not in found]
+    return found
 
 
 def document_error_responses(app: FastAPI) -> None:

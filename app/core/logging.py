@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -44,17 +45,26 @@ def _context(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k in CONTEXT_FIELDS if (v := getattr(record, k, None)) is not None}
 
 
-def setup_logging(json_logs: bool | None = None, level: int = logging.INFO,
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def setup_logging(json_logs: bool | None = None, level: int | str | None = None,
                   stream: IO[str] | None = None) -> None:
-    """Route every log line (ours and Optuna's) through one handler on the root logger."""
+    """Route every log line (ours and Optuna's) through one handler on the root logger.
+
+    The default level is WARNING on a terminal, where a line per trial would break `hpsearch follow`'s
+    progress bar (`--log-level info` shows them), and INFO elsewhere (a file, a log shipper).
+    """
     stream = sys.stderr if stream is None else stream
     if json_logs is None:
         json_logs = not stream.isatty()
+    if level is None:
+        level = logging.WARNING if stream.isatty() else logging.INFO
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
     # warnings.warn (Optuna's ExperimentalWarning, torch's UserWarnings) would print raw text to stderr,
     # breaking JSON lines; as records of the "py.warnings" logger they go through the handler above.
     logging.captureWarnings(True)
@@ -71,3 +81,7 @@ def _route_optuna_logs() -> None:
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The service chose TPE's `group` on purpose (workers/search.py): that it is experimental is no news to
+    # the user, at every study. Forked runners inherit the filter.
+    warnings.filterwarnings("ignore", message=r"Argument ``group`` is an experimental feature",
+                            category=optuna.exceptions.ExperimentalWarning)

@@ -13,6 +13,8 @@ from typing import Any
 
 import optuna.distributions as od
 
+from app.schemas.common import did_you_mean
+
 MODELS = ("mlp", "cnn")
 
 
@@ -153,21 +155,52 @@ def describe_space(model: str, table: tuple[Hyperparameter, ...] | None = None) 
 
 
 def resolve_space(entries: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """Distributions (or fixed values) for every hyperparameter that applies in ctx."""
+    """Distributions (or fixed values) for every hyperparameter that applies in ctx; the first SpaceError."""
+    resolved, problems = _resolve_all(entries, ctx)
+    if problems:
+        raise problems[0]
+    return resolved
+
+
+def space_errors(entries: dict[str, Any], ctx: Context) -> list[SpaceError]:
+    """Every error resolve_space would find, so that a client fixes them in one go."""
+    return _resolve_all(entries, ctx)[1]
+
+
+def _resolve_all(entries: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], list[SpaceError]]:
+    if problems := name_errors(entries, ctx):
+        return {}, problems
+    resolved: dict[str, Any] = {}
+    for hp in ctx.table or SPACE:
+        if hp.applies(ctx):
+            try:
+                resolved[hp.name] = _resolve_entry(hp, entries.get(hp.name, hp.default_for(ctx.model)))
+            except SpaceError as exc:
+                problems.append(exc)
+    if not problems:
+        try:
+            _drop_unreachable_conditions(resolved, entries)
+        except SpaceError as exc:
+            problems.append(exc)
+    return resolved, problems
+
+
+def name_errors(entries: dict[str, Any], ctx: Context) -> list[SpaceError]:
+    """One error per entry that names no hyperparameter, or one that does not apply in ctx; each lists the
+    names that do apply (to this model over this dataset) and the closest of them."""
     table = ctx.table or SPACE
     by_name = {hp.name: hp for hp in table}
+    applicable = [hp.name for hp in table if hp.applies(ctx)]
+    out = []
     for name in entries:
         hp = by_name.get(name)
         if hp is None:
-            raise SpaceError((name,), f"unknown hyperparameter; documented: {', '.join(by_name)}")
-        if not hp.applies(ctx):
-            raise SpaceError((name,), f"does not apply to model {ctx.model!r} with this dataset")
-    resolved: dict[str, Any] = {}
-    for hp in table:
-        if hp.applies(ctx):
-            resolved[hp.name] = _resolve_entry(hp, entries.get(hp.name, hp.default_for(ctx.model)))
-    _drop_unreachable_conditions(resolved, entries)
-    return resolved
+            out.append(SpaceError((name,), f"unknown hyperparameter{did_you_mean(name, applicable)}; "
+                                  f"{ctx.model} takes {', '.join(applicable)}"))
+        elif not hp.applies(ctx):
+            out.append(SpaceError((name,), f"does not apply to model {ctx.model!r} with this dataset; "
+                                  f"it takes {', '.join(applicable)}"))
+    return out
 
 
 def _drop_unreachable_conditions(resolved: dict[str, Any], entries: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import difflib
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -11,3 +13,9 @@ class Strict(BaseModel):
 
 class Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+def did_you_mean(name: str, candidates: list[str]) -> str:
+    """' (did you mean learning_rate?)' for the closest candidate, or '' when none is close."""
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -19,10 +19,10 @@ from pydantic import (
     model_validator,
 )
 
-from app.schemas.common import Public, Strict
+from app.schemas.common import Public, Strict, did_you_mean
 
 if TYPE_CHECKING:
-    from app.ml.space import Hyperparameter
+    from app.ml.space import Hyperparameter, SpaceError
 
 CLASSIFICATION_METRICS = ("val_accuracy", "val_loss")
 REGRESSION_METRICS = ("val_mse", "val_mae", "val_loss")
@@ -30,7 +30,8 @@ COST_METRICS = ("param_count", "inference_ms")  # extra objectives of multi-obje
 MAXIMIZED = {"val_accuracy"}
 KEEP_BEST_K = 3  # completed trials that keep their checkpoint under keep_checkpoints "best_k"
 
-DATASET_REFERENCE = re.compile(r"builtin:[a-z_]{1,40}|dataset:[0-9a-f]{8,32}|plugin:[a-z][a-z0-9_\-]{0,63}")
+# Any plain name after the prefix: the service answers an unknown one with the names that exist.
+DATASET_REFERENCE = re.compile(r"(builtin|dataset|plugin):[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 Scalar = StrictBool | StrictInt | StrictFloat | Annotated[StrictStr, Field(max_length=64)]
 
 
@@ -78,7 +79,7 @@ SpaceEntry = Annotated[
 
 
 class Objective(Strict):
-    # Any name here: which metrics apply depends on the task, so StudySpec.check_metrics refuses a wrong one
+    # Any name here: which metrics apply depends on the task, so StudySpec.metric_errors refuses a wrong one
     # once, at objective.metric, listing the task's metrics (a Literal gave two errors and no such list).
     metric: str = Field(max_length=64, description="val_accuracy or val_loss (classification); val_mse, "
                         "val_mae or val_loss (regression); param_count or inference_ms as extra objectives")
@@ -208,7 +209,7 @@ class StudySpec(Strict):
     @classmethod
     def _dataset_reference(cls, v: str) -> str:
         if not DATASET_REFERENCE.fullmatch(v):
-            hint = f"; did you mean builtin:{v}?" if re.fullmatch(r"[a-z_]{1,40}", v) else ""
+            hint = f"; did you mean builtin:{v}?" if re.fullmatch(r"[A-Za-z0-9_]{1,40}", v) else ""
             raise ValueError("name a dataset as builtin:<name> (e.g. builtin:iris), dataset:<id> of an upload "
                              f"or plugin:<name>{hint}")
         return v
@@ -289,39 +290,45 @@ class StudySpec(Strict):
         """The typed spec of a stored study (it was validated and dumped by this class)."""
         return cls.model_validate(stored)
 
-    def check_metrics(self) -> None:
-        """Each objective's metric must be one the task has (the first: not a cost metric).
-
-        Raises SpecRuleError at objective.metric (objective.<i>.metric for several) listing the allowed names.
-        """
+    def metric_errors(self) -> list[SpecRuleError]:
+        """Each objective whose metric the task lacks (the first may not be a cost metric), at objective.metric
+        (objective.<i>.metric for several), listing the allowed names."""
         allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+        out = []
         for i, o in enumerate(self.objectives):
             fits = allowed if i == 0 else allowed + COST_METRICS
             if o.metric not in fits:
                 loc: tuple[str | int, ...] = ("objective", "metric") if i == 0 and not isinstance(
                     self.objective, list) else ("objective", i, "metric")
-                raise SpecRuleError(loc, f"unknown metric {o.metric!r} for task {self.task!r}: use one of "
-                                    f"{', '.join(fits)}")
+                out.append(SpecRuleError(loc, f"unknown metric {o.metric!r} for task {self.task!r}"
+                                         f"{did_you_mean(o.metric, list(fits))}: use one of {', '.join(fits)}"))
+        return out
 
-    def check_algorithms(self) -> None:
-        """Metrics, sampler and pruner settings that cannot work with this spec's task, objectives and budget.
-
-        Raises SpecRuleError naming the field to change (the service turns it into a 422).
-        """
-        self.check_metrics()
+    def algorithm_errors(self) -> list[SpecRuleError]:
+        """Metrics, sampler and pruner settings that cannot work with this spec's task, objectives and budget,
+        each naming the field to change (the service turns them into one 422)."""
+        out = self.metric_errors()
         multi, epochs, pruner = len(self.objectives) > 1, self.budget.epochs, self.pruner
         if multi and self.sampler.name in SINGLE_OBJECTIVE_SAMPLERS:
-            raise SpecRuleError(("sampler", "name"), f"{self.sampler.name} optimizes a single objective; "
-                                "for several use nsga2, tpe, gp, qmc, random or grid")
+            out.append(SpecRuleError(("sampler", "name"), f"{self.sampler.name} optimizes a single objective; "
+                                     "for several use nsga2, tpe, gp, qmc, random or grid"))
         if multi and pruner.name != "none":
-            raise SpecRuleError(("pruner", "name"),
-                                "Optuna cannot prune multi-objective studies: set pruner.name to 'none'")
+            out.append(SpecRuleError(("pruner", "name"),
+                                     "Optuna cannot prune multi-objective studies: set pruner.name to 'none'"))
         if pruner.min_resource is not None and pruner.min_resource > epochs:
-            raise SpecRuleError(("pruner", "min_resource"),
-                                f"min_resource ({pruner.min_resource}) exceeds budget.epochs ({epochs})")
+            out.append(SpecRuleError(("pruner", "min_resource"),
+                                     f"min_resource ({pruner.min_resource}) exceeds budget.epochs ({epochs})"))
         if pruner.n_warmup_steps is not None and pruner.n_warmup_steps >= epochs:
-            raise SpecRuleError(("pruner", "n_warmup_steps"), f"with budget.epochs {epochs} a warm-up of "
-                                f"{pruner.n_warmup_steps} steps leaves only the last epoch to prune at")
+            out.append(SpecRuleError(("pruner", "n_warmup_steps"), f"with budget.epochs {epochs} a warm-up of "
+                                     f"{pruner.n_warmup_steps} steps leaves only the last epoch to prune at"))
+        return out
+
+    def space_errors(self, description: dict[str, Any],
+                     table: tuple[Hyperparameter, ...] | None) -> list[SpaceError]:
+        """Every SpaceError resolved_space would raise first, for one answer that lists them all."""
+        from app.ml.space import Context, space_errors
+
+        return space_errors(self.space_entries(), Context.of(description, self.model, table))
 
     def space_entries(self) -> dict[str, Any]:
         """Entries in the plain form app.ml.space expects."""

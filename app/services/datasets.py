@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +16,7 @@ from app.core.db import Database
 from app.ml import data
 from app.ml.uploads import parse_upload
 from app.models import DatasetRecord
-from app.services.errors import InvalidInput, NotFound, TooLarge
+from app.services.errors import Conflict, InvalidInput, NotFound, TooLarge
 
 UPLOAD_PREFIX = "dataset:"
 _PATH_CHARACTERS = ("/", "\\", ":", "\x00")
@@ -43,7 +44,7 @@ def describe_dataset(db: Database, settings: Settings, *, owner: str, ref: str) 
         if ref == "builtin:mnist":
             _check_mnist(settings)
         elif ref not in builtin_refs(settings):
-            raise NotFound(f"unknown dataset {ref!r}; {_valid_names(db, settings, owner)}")
+            raise NotFound(_unknown(db, settings, owner, ref))
         try:
             described = _describe_builtin(ref, _mnist_dir(settings))
         except data.DatasetError as exc:  # an MNIST directory without usable IDX files
@@ -51,7 +52,7 @@ def describe_dataset(db: Database, settings: Settings, *, owner: str, ref: str) 
         return {"id": ref, "name": ref.removeprefix("builtin:"), "builtin": True, **described}
     record = _own_record(db, owner=owner, ref=ref)
     if record is None:
-        raise NotFound(f"unknown dataset {ref!r}; {_valid_names(db, settings, owner)}")
+        raise NotFound(_unknown(db, settings, owner, ref))
     return _public(record)
 
 
@@ -63,13 +64,18 @@ def _check_mnist(settings: Settings) -> None:
         raise NotFound(f"builtin:mnist: no folder {settings.mnist_dir} (searched HPSEARCH_MNIST_DIR)")
 
 
-def _valid_names(db: Database, settings: Settings, owner: str) -> str:
-    """The names a spec's `dataset` may take for this owner, as they must be sent."""
+def _unknown(db: Database, settings: Settings, owner: str, ref: str) -> str:
+    """An unknown dataset's error: the closest valid name, and the names a spec's `dataset` may take for this
+    owner, as they must be sent."""
     with db.read_session() as session:
         uploads = session.execute(select(DatasetRecord.id, DatasetRecord.name).where(DatasetRecord.owner == owner)
                                   .order_by(DatasetRecord.created_at).limit(20)).all()
-    names = builtin_refs(settings) + [f"{UPLOAD_PREFIX}{i} ({name})" for i, name in uploads]
-    return "valid names: " + ", ".join(names)
+    refs = builtin_refs(settings) + [UPLOAD_PREFIX + i for i, _ in uploads]
+    shown = builtin_refs(settings) + [f"{UPLOAD_PREFIX}{i} ({name})" for i, name in uploads]
+    bare = {r.partition(":")[2]: r for r in refs}  # the shared prefix would make every name look close
+    close = difflib.get_close_matches(ref.partition(":")[2], list(bare), n=1)
+    hint = f" (did you mean {bare[close[0]]}?)" if close else ""
+    return f"unknown dataset {ref!r}{hint}; valid names: {', '.join(shown)}"
 
 
 def _own_record(db: Database, *, owner: str, ref: str) -> DatasetRecord | None:
@@ -108,8 +114,13 @@ def check_file_name(field: str, filename: str | None) -> None:
 
 def upload_dataset(db: Database, settings: Settings, *, owner: str, kind: str, name: str,
                    files: dict[str, bytes], label_column: str | None, task: str | None,
-                   feature_groups: dict[str, list[str]] | None) -> dict[str, Any]:
-    """Parse and validate an upload; the same content uploaded twice is stored once."""
+                   feature_groups: dict[str, list[str]] | None) -> tuple[dict[str, Any], bool]:
+    """Parse and validate an upload: its public description, and whether it is new.
+
+    The same content is stored once per owner: uploading it again under the same name answers the stored
+    record, under another name a Conflict naming it (a second name would silently alias the first).
+    `size_bytes` is the bytes received, every file together.
+    """
     try:
         ds = parse_upload(kind, files, label_column=label_column, feature_groups=feature_groups, task=task,
                           name=name, max_bytes=settings.max_upload_bytes)
@@ -122,7 +133,10 @@ def upload_dataset(db: Database, settings: Settings, *, owner: str, kind: str, n
         existing = session.scalars(select(DatasetRecord).where(
             DatasetRecord.owner == owner, DatasetRecord.content_hash == digest)).first()
         if existing is not None:
-            return _public(existing)
+            if existing.name != name:
+                raise Conflict(f"this content is already uploaded as {UPLOAD_PREFIX}{existing.id} (name "
+                               f"{existing.name!r}): each content is stored once; use that id in a spec")
+            return _public(existing), False
     path = stored_path(settings, digest)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +146,10 @@ def upload_dataset(db: Database, settings: Settings, *, owner: str, kind: str, n
     # The id depends on the owner too: two owners uploading the same file get a dataset each.
     record_id = hashlib.sha256(f"{owner}\0{digest}".encode()).hexdigest()[:24]
     record = DatasetRecord(id=record_id, owner=owner, name=name, kind=kind, content_hash=digest,
-                           size_bytes=path.stat().st_size, description=data.describe(ds))
+                           size_bytes=sum(len(b) for b in files.values()), description=data.describe(ds))
     with db.session() as session:
         session.add(record)
-    return _public(record)
+    return _public(record), True
 
 
 def stored_path(settings: Settings, digest: str) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class DomainError(Exception):
     def __init__(self, message: str) -> None:
@@ -18,11 +20,23 @@ class Conflict(DomainError):
 
 
 class InvalidInput(DomainError):
-    """Well-formed but breaks a rule; loc names the field."""
+    """Well-formed but breaks a rule; loc names the field. `more` holds the other rules the same request
+    breaks, so that a client hears of every one at once."""
 
-    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+    def __init__(self, loc: tuple[str | int, ...], message: str, *, more: Sequence[InvalidInput] = ()) -> None:
         super().__init__(message)
         self.loc = loc
+        self.more = list(more)
+
+    @classmethod
+    def every(cls, errors: Sequence[InvalidInput]) -> InvalidInput:
+        """One error carrying all of `errors` (at least one)."""
+        first, *rest = errors
+        return cls(first.loc, first.message, more=rest)
+
+    @property
+    def all(self) -> list[InvalidInput]:
+        return [self, *self.more]
 
 
 class TooLarge(DomainError):

@@ -9,28 +9,37 @@ from app import plugins
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml.space import MODELS, SpaceError, grid_space
-from app.schemas.study import SpecRuleError, StudySpec
+from app.schemas.study import StudySpec
 from app.services import datasets
 from app.services.errors import InvalidInput, NotFound
 
 
 def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySpec) -> dict[str, Any]:
-    """The resolved search space of a spec, or InvalidInput naming the field."""
+    """The resolved search space of a spec, or InvalidInput naming every field that breaks a rule."""
+    problems: list[InvalidInput] = []
     try:
-        info = datasets.describe_dataset(db, settings, owner=owner, ref=spec.dataset)
+        info: dict[str, Any] | None = datasets.describe_dataset(db, settings, owner=owner, ref=spec.dataset)
     except NotFound as exc:
-        raise InvalidInput(("body", "dataset"), exc.message) from exc
-    if info["task"] != spec.task:
-        raise InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset")
-    check_model(spec.model)
-    if spec.model == "cnn" and info.get("image_shape") is None:
-        raise InvalidInput(("body", "model"), "cnn needs an image dataset")
+        info = None
+        problems.append(InvalidInput(("body", "dataset"), exc.message))
+    if info is not None and info["task"] != spec.task:
+        problems.append(InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset"))
     try:
-        spec.check_algorithms()
-    except SpecRuleError as exc:
-        raise InvalidInput(("body", *exc.loc), exc.message) from exc
+        check_model(spec.model)
+    except InvalidInput as exc:
+        problems.append(exc)
+        info = None  # the space of an unknown model cannot be checked
+    if info is not None and spec.model == "cnn" and info.get("image_shape") is None:
+        problems.append(InvalidInput(("body", "model"), "cnn needs an image dataset"))
+    problems += [InvalidInput(("body", *e.loc), e.message) for e in spec.algorithm_errors()]
+    table = plugins.table_for(spec.model) if info is not None else None
+    if info is not None:
+        problems += [InvalidInput(("body", "search_space", *e.loc), e.message) for e in spec.space_errors(info, table)]
+    if problems:
+        raise InvalidInput.every(problems)
+    assert info is not None
     try:
-        resolved = spec.resolved_space(info, plugins.table_for(spec.model))
+        resolved = spec.resolved_space(info, table)
         grid = grid_space(resolved) if spec.sampler.name == "grid" else None
     except SpaceError as exc:
         raise InvalidInput(("body", "search_space", *exc.loc), exc.message) from exc

@@ -45,9 +45,10 @@ def test_pages_need_no_key_and_hold_no_data(settings: Settings, db: Database) ->
 
 def test_every_asset_a_page_names_is_served_from_this_origin(settings: Settings, db: Database) -> None:
     client = TestClient(create_app(settings, db))
-    for page in ("/", "/studies/x"):
+    for page in ("/", "/studies/x", "/docs"):  # /docs: Swagger UI's files from the package too
         html = client.get(page).text
-        assets = re.findall(r'<(?:script|link)[^>]* (?:src|href)="([^"]+)"', html)
+        assets = [a for a in re.findall(r'<(?:script|link)[^>]* (?:src|href)="([^"]+)"', html)
+                  if not a.startswith("data:")]  # inline, no request
         assert assets and all(a.startswith("/static/") for a in assets)  # no CDN
         for asset in assets:
             response = client.get(asset)
@@ -77,3 +78,16 @@ def test_pages_are_not_in_the_api_schema(settings: Settings, db: Database) -> No
     assert {"/api/v1/studies/{study_id}/events", "/api/v1/studies/{study_id}/importance",
             "/api/v1/studies/{study_id}/trials.csv", "/api/v1/studies/{study_id}/history",
             "/api/v1/studies/{study_id}/curves", "/api/v1/studies/{study_id}/history/overview"} <= set(paths)
+
+
+def test_the_study_list_says_it_is_loading_before_its_first_answer(settings: Settings, db: Database) -> None:
+    """The page as served, before any script ran: a hint in the table's body, not bare headers."""
+    html = TestClient(create_app(settings, db)).get("/").text
+    body = re.search(r'<table class="data" id="studies-table">.*?<tbody>(.*?)</tbody>', html, re.S)
+    assert body is not None and "Loading studies" in body.group(1)
+
+
+def test_redoc_is_off_rather_than_loading_a_cdn(settings: Settings, db: Database) -> None:
+    client = TestClient(create_app(settings, db))
+    assert client.get("/redoc").status_code == 404
+    assert "cdn." not in client.get("/docs").text

@@ -99,8 +99,8 @@ def test_warnings_become_log_records_not_raw_text(restore_logging: None) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         setup_logging(stream=stream)
-        warnings.warn("Argument ``group`` is an experimental feature.", optuna.exceptions.ExperimentalWarning,
-                      stacklevel=1)
+        warnings.warn("Argument ``constant_liar`` is an experimental feature.",
+                      optuna.exceptions.ExperimentalWarning, stacklevel=1)
         logging.captureWarnings(False)
     lines = stream.getvalue().splitlines()
     assert lines, "the warning reached the log"
@@ -108,3 +108,31 @@ def test_warnings_become_log_records_not_raw_text(restore_logging: None) -> None
     [record] = [r for r in records if "experimental feature" in r["msg"]]
     assert record["logger"] == "py.warnings" and record["level"] == "WARNING"
     assert "ExperimentalWarning" in record["msg"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_warnings_only_and_no_warning_about_the_services_own_choice(
+        restore_logging: None) -> None:
+    """Per-trial INFO lines would break `follow`'s progress bar in the terminal `serve` runs in; Optuna's
+    warning that TPE's `group` (chosen by the service) is experimental said nothing the user could act on."""
+    import warnings
+
+    stream = _Terminal()
+    with warnings.catch_warnings():
+        setup_logging(stream=stream)  # a terminal: text lines, WARNING and up
+        logging.getLogger("workers.attempt").info("trial started")
+        warnings.warn("Argument ``group`` is an experimental feature.", optuna.exceptions.ExperimentalWarning,
+                      stacklevel=1)
+        logging.getLogger("workers.attempt").warning("a lease lost")
+        logging.captureWarnings(False)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("WARNING a lease lost"), lines
+
+    shown = _Terminal()
+    setup_logging(level="info", stream=shown)  # --log-level info
+    logging.getLogger("workers.attempt").info("trial started")
+    assert shown.getvalue().rstrip().endswith("INFO    trial started")

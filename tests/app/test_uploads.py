@@ -75,9 +75,14 @@ def test_csv_upload_is_validated_stored_once_and_described(settings: Settings, d
     assert body["classes"] == ["setosa", "virginica"]
     assert body["class_counts"] == {"setosa": 30, "virginica": 30}
     assert body["groups"] == {"sepal": [0, 1], "petal": [2, 3]} and body["image_shape"] is None
-    again = upload(client, "csv", {"file": ("copy.csv", flowers_csv(), "text/csv")}, name="copy",
+    assert body["size_bytes"] == len(flowers_csv())  # the bytes received, not the stored file's
+    again = upload(client, "csv", {"file": ("copy.csv", flowers_csv(), "text/csv")}, name="flowers",
                    label_column="species", feature_groups=GROUPS)
-    assert again.json()["id"] == body["id"]  # stored by content hash
+    assert again.status_code == 200 and again.json() == body  # stored by content hash, once
+    renamed = upload(client, "csv", {"file": ("copy.csv", flowers_csv(), "text/csv")}, name="copy",
+                     label_column="species", feature_groups=GROUPS)
+    assert renamed.status_code == 409  # a second name would silently alias the first
+    assert body["id"] in renamed.json()["detail"] and "'flowers'" in renamed.json()["detail"]
     assert client.get(f"{API}/datasets/{body['id']}").json() == body
     listed = [d["id"] for d in client.get(f"{API}/datasets").json()["data"]]
     assert listed.count(body["id"]) == 1

@@ -255,3 +255,65 @@ def test_study_list_tells_studies_apart_and_says_when_a_key_is_rejected(
     assert "rejected" in bar and "signed in" not in bar
     assert browser.js("document.getElementById('api-key') !== null")  # the field to try another key
     assert "rejected" in browser.js("document.getElementById('notice').textContent")
+
+
+def test_the_api_docs_page_works_with_the_network_cut(server: tuple[str, Settings, Database],
+                                                      tmp_path: Path) -> None:
+    """/docs draws Swagger UI from the package's own files: every host but the server's fails to resolve."""
+    base, _, _ = server
+    offline = Browser(tmp_path / "offline-profile", _chromium(),
+                      "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+    try:
+        offline.open(f"{base}/docs")
+        offline.wait_for("document.querySelector('.swagger-ui .info .title') !== null")
+        assert offline.js("document.querySelector('.swagger-ui .info .title').textContent").startswith("hpsearch")
+        offline.wait_for(_count(".swagger-ui .opblock") + " > 10")  # the operations, from /openapi.json
+        loaded = offline.js("performance.getEntriesByType('resource').map((e) => e.name)")
+        assert loaded and all(url.startswith(base) for url in loaded), loaded
+    finally:
+        offline.close()
+
+
+def test_trial_table_searched_columns_first_a_column_picker_and_whole_rows(
+        server: tuple[str, Settings, Database], browser: Browser) -> None:
+    base, settings, db = server
+    client = client_for(settings, db)
+    # Both searched parameters come late in the documented order, past the table's eight columns.
+    space = {"lr_schedule": {"type": "categorical", "choices": ["constant", "cosine"]},
+             "batch_size": {"type": "categorical", "choices": [32, 64]}, "optimizer": "adam"}
+    spec = study_spec(name="columns", budget={"n_trials": 60, "max_parallel": 1})
+    spec["search_space"] = space  # only these two searched
+    study = client.post(f"{API}/studies", json=spec).json()
+    write_trials(db, settings, study_id=study["id"], n=40)
+    key = keys.create_key(db, owner="alice")
+    browser.open(f"{base}/studies/{study['id']}#key={key}")
+    browser.wait_for("document.body.dataset.ready === 'true'")
+    header = "[...document.querySelectorAll('#trials-table thead th')].slice(6).map((th) => th.textContent)"
+    shown = browser.js(header)
+    assert shown[:2] == ["lr_schedule", "batch_size"] and len(shown) == 8, shown
+
+    # The user picks the columns, as the parallel plot's axes; "Automatic" goes back to the rule.
+    browser.js("document.getElementById('columns-picker').open = true;"
+               "document.querySelectorAll('#columns-list input:checked').forEach((i) => i.click());"
+               "document.querySelector('#columns-list input[value=\"optimizer\"]').click()")
+    browser.wait_for(f"JSON.stringify({header}) === '[\"optimizer\"]'")
+    assert browser.js("document.querySelector('#trials-table tbody tr[data-number] td:last-child').textContent") \
+        == "adam"
+    browser.js("document.getElementById('columns-auto').click()")
+    browser.wait_for(f"{header}.length === 8")
+
+    # The scroll box ends at a row's edge, not in the middle of a row.
+    fit = browser.js("""(() => {
+      const table = document.getElementById('trials-table'), wrap = table.parentElement;
+      const row = table.tBodies[0].rows[0].getBoundingClientRect().height;
+      const rows = (wrap.clientHeight - table.tHead.getBoundingClientRect().height) / row;
+      return { scrolls: wrap.scrollHeight > wrap.clientHeight, rows };
+    })()""")
+    assert fit["scrolls"] and abs(fit["rows"] - round(fit["rows"])) < 0.05, fit
+
+    # Parallel lines: even the worst stay visible (they were at a quarter opacity in a pale grey-blue).
+    in_range = browser.js(f"{_option('parallel-chart')}.visualMap[0].inRange")
+    assert min(in_range["opacity"]) >= 0.5, in_range
+    # The trial chart's axis name sits under the axis, clear of the right axis's first tick ("0 epoch").
+    browser.wait_for("document.getElementById('detail').dataset.number !== undefined")
+    assert browser.js(f"{_option('detail-chart')}.xAxis[0].nameLocation") == "middle"

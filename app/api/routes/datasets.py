@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep
@@ -37,7 +37,7 @@ async def _read_limited(field: str, upload: UploadFile | None, limit: int) -> by
 
 @router.post("", status_code=201)
 async def upload_dataset(
-    owner: CurrentOwner, db: DbDep, settings: SettingsDep,
+    owner: CurrentOwner, db: DbDep, settings: SettingsDep, response: Response,
     kind: Annotated[Literal["csv", "npz", "idx"], Form()],
     name: Annotated[str, Form(min_length=1, max_length=200, pattern=r"^[\w .-]+$")] = "upload",
     label_column: Annotated[str | None, Form(max_length=200)] = None,
@@ -47,7 +47,11 @@ async def upload_dataset(
     images: Annotated[UploadFile | None, File()] = None,
     labels: Annotated[UploadFile | None, File()] = None,
 ) -> dict[str, Any]:
-    """CSV (label column named), NPZ (X, y; no pickle) or MNIST IDX (images + labels)."""
+    """CSV (label column named), NPZ (X, y; no pickle) or MNIST IDX (images + labels).
+
+    Each content is stored once per owner: the same files again under the same name answer 200 with the
+    stored dataset, under another name 409 naming it. `size_bytes` is the bytes received.
+    """
     limit = settings.max_upload_bytes
     read = {"data": await _read_limited("file", file, limit),
             "images": await _read_limited("images", images, limit),
@@ -59,8 +63,11 @@ async def upload_dataset(
         raise InvalidInput(("body",), f"kind {kind} takes the file field(s) {fields}")
     groups = _parse_groups(feature_groups)
     # Parsing a large CSV takes seconds of CPU: in a worker thread, so other requests and streams go on.
-    return await run_in_threadpool(datasets.upload_dataset, db, settings, owner=owner, kind=kind, name=name,
-                                   files=files, label_column=label_column, task=task, feature_groups=groups)
+    stored, created = await run_in_threadpool(datasets.upload_dataset, db, settings, owner=owner, kind=kind, name=name,
+                                     files=files, label_column=label_column, task=task, feature_groups=groups)
+    if not created:
+        response.status_code = 200
+    return stored
 
 
 def _parse_groups(raw: str | None) -> dict[str, list[str]] | None:

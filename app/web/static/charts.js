@@ -106,6 +106,8 @@ export function curvesOption(curves, { objective, epochs, selected }) {
   };
 }
 
+export const PARALLEL_COLORS = ["#8a9bbd", "#2f62c9", "#e8590c"];
+
 /** The best `limit` complete trials, best first (a tie keeps the earlier trial). */
 export function bestComplete(trials, direction, limit = 2000) {
   const isBetter = better(direction);
@@ -127,6 +129,15 @@ export function varyingParams(lines, names) {
  * the spec searched, then the most important (or, before importance is known, the documented order) up to
  * `max`.
  */
+/** The trial table's parameter columns: the user's, else the searched first, then by importance, then the
+ *  rest in the documented order, at most `max`. */
+export function chooseColumns({ names, searched = [], importantFirst = [], chosen = null, max = 8 }) {
+  if (chosen) return names.filter((n) => chosen.includes(n));
+  const mine = names.filter((n) => searched.includes(n));
+  const ranked = importantFirst.filter((n) => names.includes(n) && !mine.includes(n));
+  return [...mine, ...ranked, ...names.filter((n) => !mine.includes(n) && !ranked.includes(n))].slice(0, max);
+}
+
 export function chooseAxes({ varying, searched = [], importantFirst = [], chosen = null, max = 8 }) {
   if (chosen) {
     const names = varying.filter((n) => chosen.includes(n));
@@ -185,8 +196,9 @@ export function parallelOption(trials, { axes: names, paramKinds = {}, logScale 
   const clip = Math.floor(sorted.length * 0.05);
   const minimize = direction === "minimize";
   const [lo, hi] = minimize ? [sorted[0], sorted[sorted.length - 1 - clip]] : [sorted[clip], sorted.at(-1)];
-  const colors = ["#c9d3e6", "#6c8fd6", "#2f9e62"];
-  const opacity = [0.25, 0.9];
+  // Worst to best: grey-blue, blue, orange; even the worst lines stay visible, and the best stand out.
+  const colors = PARALLEL_COLORS;
+  const opacity = [0.5, 1];
   return {
     animation: false,
     // Margins wide enough for the outer axes' names and category labels; names alternate above and below
@@ -205,7 +217,7 @@ export function parallelOption(trials, { axes: names, paramKinds = {}, logScale 
                  inRange: minimize ? { color: colors.slice().reverse(), opacity: opacity.slice().reverse() }
                    : { color: colors, opacity } },
     // Best lines last, so they are drawn on top.
-    series: [{ type: "parallel", lineStyle: { width: 1 }, progressive: 500,
+    series: [{ type: "parallel", lineStyle: { width: 1.5 }, progressive: 500,
                data: complete.slice().reverse().map((t) => axes.map((a) => a.key(t))) }],
   };
 }
@@ -229,11 +241,12 @@ export function trialOption(curve, { objective, epochs }) {
   const at = (ys) => curve.map((p) => [p.epoch, ys(p)]);
   return {
     animation: false,
-    grid: { left: 50, right: 50, top: 36, bottom: 30 },
+    grid: { left: 50, right: 50, top: 36, bottom: 40 },
     legend: { top: 0 },
     tooltip: { trigger: "axis" },
-    xAxis: { type: "value", name: "epoch", min: 1, max: lastEpoch(curve.map((p) => p.epoch), epochs),
-             minInterval: 1 },
+    // The name under the axis: at its end it ran into the right axis's first tick ("0 epoch").
+    xAxis: { type: "value", name: "epoch", nameLocation: "middle", nameGap: 24, min: 1,
+             max: lastEpoch(curve.map((p) => p.epoch), epochs), minInterval: 1 },
     yAxis: [{ type: "value", name: objective, scale: true }, { type: "value", name: "loss", scale: true }],
     series: [
       { name: objective, type: "line", data: at((p) => p.val_metric), itemStyle: { color: COLORS.complete } },

@@ -4,7 +4,7 @@
 /* global echarts */
 import { ApiError, EventStream, apiKey, download, el, formatDuration, formatValue, fragment, getJSON, mountSignIn,
          postJSON, takeKeyFromFragment, throttle } from "./api.js";
-import { bestComplete, chooseAxes, curvesOption, historyData, historyOption, importanceOption, parallelOption,
+import { bestComplete, chooseAxes, chooseColumns, curvesOption, historyData, historyOption, importanceOption, parallelOption,
          trialOption, varyingParams } from "./charts.js";
 
 const STUDY_ID = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
@@ -15,6 +15,7 @@ const RECENT_CURVES = 6;
 const POLL_MS = 3000;
 const IMPORTANCE_EVERY_MS = 15000;
 const PARAM_COLUMNS = 8;
+const TABLE_MAX_PX = 560; // the trial table's scroll box, trimmed to whole rows
 const PARALLEL_AXES = 8;
 const PARALLEL_LINES = 2000;
 const LIVE_MAX = 2000; // trials kept one by one before a fresh overview replaces them
@@ -31,6 +32,7 @@ const state = {
   searched: [], // names the spec gives a range or choices: always on the parallel plot unless the user unticks them
   importantFirst: [], // parameter names by importance, once known
   axesChosen: null, // the user's parallel axes; null = the automatic rule
+  columnsChosen: null, // the user's trial-table parameter columns; null = searched first, then by importance
   parallelDrawn: null, // what the parallel plot shows now: its axes and lines
   basics: Promise.resolve(), // settles once the summary and the overview are drawn
   overview: null, // GET /history/overview: points, exact best-so-far steps, best trials
@@ -381,8 +383,38 @@ function tableHead() {
     onclick: c.sort ? () => sortBy(c.sort) : null,
     title: c.sort ? "sort" : null,
   }, c.label));
-  const params = state.paramNames.slice(0, PARAM_COLUMNS).map((name) => el("th", {}, name));
+  const params = tableParams().map((name) => el("th", {}, name));
   $("trials-table").tHead.replaceChildren(el("tr", {}, ...cells, ...params));
+  renderColumnPicker();
+}
+
+function tableParams() {
+  return chooseColumns({ names: state.paramNames, searched: state.searched, importantFirst: state.importantFirst,
+                         chosen: state.columnsChosen, max: PARAM_COLUMNS });
+}
+
+/** Checkboxes, one per parameter, like the parallel plot's axes: ticking any makes the columns the user's. */
+function renderColumnPicker() {
+  const shown = tableParams();
+  $("columns-picker").classList.toggle("hidden", !state.paramNames.length);
+  $("columns-list").replaceChildren(...state.paramNames.map((name) => el("label", {},
+    el("input", { type: "checkbox", value: name, checked: shown.includes(name),
+                  onchange: () => {
+                    state.columnsChosen = [...$("columns-list").querySelectorAll("input:checked")].map((i) => i.value);
+                    loadTable().catch(failed);
+                  } }),
+    ` ${name}${state.searched.includes(name) ? " (searched)" : ""}`)));
+}
+
+/** The scroll box ends at a row's edge: a row cut in half reads as a broken table. */
+function fitTableHeight() {
+  const table = $("trials-table");
+  const wrap = table.parentElement;
+  const row = table.tBodies[0].rows[0];
+  if (!row || !row.offsetHeight) return;
+  const head = table.tHead.offsetHeight;
+  const rows = Math.max(1, Math.floor((TABLE_MAX_PX - head) / row.offsetHeight));
+  wrap.style.maxHeight = `${head + rows * row.offsetHeight + (wrap.offsetHeight - wrap.clientHeight)}px`;
 }
 
 function sortBy(key) {
@@ -418,10 +450,11 @@ async function loadTable() {
   ...COLUMNS.map((c) => el("td", { class: c.num ? "num" : null },
     c.key === "state" ? el("span", { class: `badge ${trial.state}` }, trial.state)
       : (c.format || formatValue)(trial[c.key]))),
-  ...state.paramNames.slice(0, PARAM_COLUMNS).map((name) => el("td", {}, formatValue((trial.params || {})[name])))));
+  ...tableParams().map((name) => el("td", {}, formatValue((trial.params || {})[name])))));
   const body = $("trials-table").tBodies[0];
   body.replaceChildren(...rows);
   if (!rows.length) body.append(el("tr", {}, el("td", { colspan: COLUMNS.length, class: "empty" }, "No trials yet.")));
+  fitTableHeight();
   $("prev").disabled = t.index === 0;
   $("next").disabled = !t.next;
   const first = t.index * TABLE_PAGE + 1;
@@ -584,6 +617,7 @@ $("cancel").addEventListener("click", () => $("cancel-confirm").classList.remove
 $("cancel-no").addEventListener("click", () => $("cancel-confirm").classList.add("hidden"));
 $("cancel-yes").addEventListener("click", () => changeState("cancel"));
 $("axes-auto").addEventListener("click", () => { state.axesChosen = null; drawParallel(); });
+$("columns-auto").addEventListener("click", () => { state.columnsChosen = null; loadTable().catch(failed); });
 $("csv").addEventListener("click", () => download(`${BASE}/trials.csv`, `study-${STUDY_ID}-trials.csv`).catch(failed));
 load().then(() => {
   state.started = true;

@@ -1,0 +1,136 @@
+"""The CLI's client commands through the real parser against the real app (FastAPI's TestClient as the
+transport): short ids, pause, resume, delete, upload and the trial table's columns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app import cli
+from app.client import Client
+from app.core.db import Database
+from app.main import create_app
+from app.services import keys
+from tests.conftest import make_settings
+from tests.factories import flower_csv, npz_bytes, small_idx, study_spec
+
+
+@pytest.fixture
+def hps(sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    """A client of the real app; every CLI command gets one on the same app."""
+    settings = make_settings(sqlite_url, tmp_path / "home")
+    db = Database(sqlite_url)
+    app = create_app(settings, db)
+    key = keys.create_key(db, owner="alice")
+    monkeypatch.setattr(cli, "_client", lambda args: Client("http://testserver", key, http=TestClient(app)))
+    yield Client("http://testserver", key, http=TestClient(app))
+    db.dispose()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_a_study_is_named_by_any_unique_prefix_of_its_id(hps: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = [hps.studies.create(study_spec(name=f"s{i}")).id for i in range(17)]
+    target = ids[0]
+    unique = next(n for n in range(1, 33) if sum(i.startswith(target[:n]) for i in ids) == 1)
+    short = target[:max(unique, 8)]  # the 8 characters shown, or more in the rare case they are shared
+    status, out, _ = run(capsys, "status", short)
+    assert status == 0 and f"study {target} queued" in out
+
+    first = {i[0] for i in ids}  # 17 ids over 16 hex digits: some first digit starts two of them
+    shared = next(d for d in sorted(first) if sum(i.startswith(d) for i in ids) > 1)
+    status, out, err = run(capsys, "status", shared)
+    assert status == 1 and out == ""
+    assert err.startswith(f"error: '{shared}' starts ") and "give more of the id" in err
+    assert all(i in err for i in ids if i.startswith(shared))
+
+    missing = next(p for p in (f"{a}{b}" for a in "0123456789abcdef" for b in "0123456789abcdef")
+                   if not any(i.startswith(p) for i in ids))
+    status, _, err = run(capsys, "status", missing)
+    assert status == 1 and f"no study of yours has an id starting '{missing}'" in err
+    assert hps.studies.get(short).id == target  # the Python client too
+
+
+def test_pause_resume_and_delete(hps: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    study = hps.studies.create(study_spec())
+    assert run(capsys, "pause", study.id[:8])[0] == 0
+    assert hps.studies.get(study.id).status == "paused"
+    status, out, _ = run(capsys, "resume", study.id[:8])
+    assert status == 0 and hps.studies.get(study.id).status in ("queued", "running")
+    status, out, _ = run(capsys, "delete", study.id[:8])
+    assert status == 0 and out == f"deleted study {study.id}, its trials and their files\n"
+    assert [s.id for s in hps.studies.list().data] == []
+
+
+def test_upload_csv_npz_and_idx(hps: Client, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    csv = tmp_path / "flowers.csv"
+    csv.write_bytes(flower_csv(30))
+    status, out, err = run(capsys, "upload", str(csv), "--label-column", "species")
+    assert status == 0, err
+    dataset = hps.datasets.get(out.strip())
+    assert dataset["name"] == "flowers" and dataset["kind"] == "csv" and dataset["size_bytes"] == csv.stat().st_size
+
+    npz = tmp_path / "points.npz"
+    x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    npz.write_bytes(npz_bytes(X=x, y=np.arange(20) % 2))
+    status, out, err = run(capsys, "upload", str(npz), "--name", "points")
+    assert status == 0, err
+    assert hps.datasets.get(out.strip())["samples"] == 20
+
+    images, labels = tmp_path / "images.idx", tmp_path / "labels.idx"
+    images.write_bytes(small_idx()[0])
+    labels.write_bytes(small_idx()[1])
+    status, out, err = run(capsys, "upload", str(images), "--labels", str(labels), "--name", "tiny")
+    assert status == 0, err
+    assert hps.datasets.get(out.strip())["image_shape"] is not None
+
+    status, out, err = run(capsys, "upload", str(csv))
+    assert status == 1 and "--label-column" in err
+    status, out, err = run(capsys, "upload", str(csv), "--label-column", "species", "--name", "again")
+    assert status == 1 and "error 409" in err and "'flowers'" in err
+
+
+SEARCHED = ("dropout", "weight_decay", "batch_size", "learning_rate", "units", "n_layers")
+
+
+def _enqueue_with_searched_last(hps: Client) -> str:
+    """A study searching six parameters; a trial whose params list the fixed ones first."""
+    spec = study_spec(search_space={"dropout": {"type": "float", "low": 0.0, "high": 0.3},
+                                    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+                                    "batch_size": {"type": "categorical", "choices": [16, 32]},
+                                    "learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                                    "units": {"type": "int", "low": 32, "high": 64},
+                                    "n_layers": {"type": "int", "low": 1, "high": 2}, "optimizer": "adam"})
+    study = hps.studies.create(spec)
+    fixed: dict[str, Any] = {"optimizer": "adam", "activation": "relu", "batch_norm": "none",
+                             "weight_init": "he_normal", "lr_schedule": "constant", "layer_shape": "constant"}
+    chosen = {"dropout": 0.1, "weight_decay": 1e-4, "batch_size": 16, "learning_rate": 0.01, "units": 40,
+              "n_layers": 1}
+    hps.trials.enqueue(study.id, {**fixed, **chosen})
+    return study.id
+
+
+def test_the_trial_table_shows_the_searched_parameters_first(hps: Client,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    study_id = _enqueue_with_searched_last(hps)
+    status, out, err = run(capsys, "trials", study_id[:8], "--state", "waiting")  # enqueued, not yet run
+    assert status == 0, err
+    header = out.splitlines()[0].split()
+    assert sorted(header[4:]) == sorted(SEARCHED), header  # every searched one, though more than five
+
+    status, out, err = run(capsys, "trials", study_id, "--state", "waiting", "--columns", "optimizer,learning_rate")
+    assert status == 0, err
+    assert out.splitlines()[0].split()[4:] == ["optimizer", "learning_rate"]
+    assert out.splitlines()[1].split()[4:] == ["adam", "0.0100"]
+
+    status, out, err = run(capsys, "trials", study_id, "--state", "waiting", "--columns", "learnig_rate")
+    assert status == 1 and "learnig_rate" in err and "learning_rate" in err
