@@ -29,7 +29,7 @@ from workers import asking, optuna_sync, pruning, queue
 from workers.prepared import PreparedStudies, PreparedStudy
 from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
 from workers.publishing import discard, final_stem, publish, staged_stem
-from workers.runner import TrialJob, child_main
+from workers.runner import RunnerJob, RunnerTrial, runner_main
 from workers.tensorboard import TrialBoard, board_dir
 
 log = logging.getLogger("hpsearch.worker")
@@ -79,7 +79,7 @@ def _run(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> None:
     if bound is None:
         log.warning("lease of study %s lost before its trial started", lease.study_id)
         return
-    supervise(slot, p, [bound], device, child_main, _job(slot, bound, p, device), on_death=_fail_died)
+    supervise(slot, p, [bound], device, on_death=_fail_died)
 
 
 def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None:
@@ -126,17 +126,19 @@ def release(slot: Slot, lease: queue.Lease) -> None:
         optuna_sync.fail_trial(optuna_storage(slot.db.url), lease.optuna_trial_id)
 
 
-def _job(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> TrialJob:
+def runner_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: str) -> RunnerJob:
+    """What the runner of bound `leases` trains: one trial alone, or several fused."""
     spec, splits = p.spec, p.splits
     assert slot.settings.artifact_dir is not None
-    return TrialJob(trial=lease.trial_id, spec=p.model_spec(lease.params or {}), x_train=splits.x_train,
-                    y_train=splits.y_train, x_val=splits.x_val, y_val=splits.y_val, epochs=spec.budget.epochs,
-                    patience=spec.budget.patience, objective=spec.primary.metric,
-                    direction=str(spec.primary.direction), seed=spec.seed + (lease.number or 0), device=device,
-                    threads=slot.cpu_threads if device == "cpu" else 1,
-                    artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)),
-                    amp=device.startswith("cuda"), memory_limit_mb=slot.settings.trial_memory_mb,
-                    image=p.dataset.image_shape is not None)
+    trials = [RunnerTrial(trial=lease.trial_id, spec=p.model_spec(lease.params or {}),
+                          seed=spec.seed + (lease.number or 0),
+                          artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)))
+              for lease in leases]
+    return RunnerJob(trials=trials, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,
+                     y_val=splits.y_val, epochs=spec.budget.epochs, patience=spec.budget.patience,
+                     objective=spec.primary.metric, direction=str(spec.primary.direction), device=device,
+                     threads=slot.cpu_threads if device == "cpu" else 1, amp=device.startswith("cuda"),
+                     memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None)
 
 
 @dataclass
@@ -155,9 +157,8 @@ class Member:
 OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
 
 
-def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: str,
-              target: Callable[[Connection, Any], None], job: Any, on_death: OnDeath) -> None:
-    """Fork `target(conn, job)` as the runner of `leases`, relay its messages trial by trial and record each
+def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: str, on_death: OnDeath) -> None:
+    """Fork the runner of bound `leases` (`runner_job`), relay its messages trial by trial and record each
     trial as it ends; `on_death(slot, p, proc, members)` ends those still open when the runner dies."""
     assert slot.settings.artifact_dir is not None
     timeout = p.spec.trial_timeout_s(slot.settings.trial_deadline_s)
@@ -167,7 +168,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: s
         # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
         trial = retry_on_disconnect(optuna.Trial, p.optuna_study, lease.optuna_trial_id)
         members[lease.trial_id] = Member(lease, trial, time.monotonic() + timeout)
-    proc, conn = _spawn(slot, target, job)
+    proc, conn = _spawn(slot, runner_job(slot, leases, p, device))
     for m in members.values():
         lease = m.lease
         m.tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": lease.study_id,
@@ -192,9 +193,9 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: s
             discard(staged_stem(slot.settings.artifact_dir, m.lease))  # published or refused: nothing to keep
 
 
-def _spawn(slot: Slot, target: Callable[[Connection, Any], None], job: Any) -> tuple[Any, Connection]:
+def _spawn(slot: Slot, job: RunnerJob) -> tuple[Any, Connection]:
     parent, child = slot.mp_context.Pipe()
-    proc = slot.mp_context.Process(target=target, args=(child, job), daemon=True)
+    proc = slot.mp_context.Process(target=runner_main, args=(child, job), daemon=True)
     proc.start()
     child.close()
     return proc, parent

@@ -20,8 +20,6 @@ from workers.fused import can_fuse, max_waste, plan_groups
 from workers.fused.layers import member_params
 from workers.fusing import fuse_size
 from workers.prepared import PreparedStudy
-from workers.publishing import staged_stem
-from workers.runner import GroupJob, GroupMemberJob, group_main
 from workers.trainer import DEFAULT_BATCH_SIZE
 
 
@@ -58,21 +56,7 @@ def _bound(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | No
 def run_group(slot: Slot, leases: list[queue.Lease], device: str) -> None:
     """Train bound leases of one study as one fused runner; record each member's outcome as it ends."""
     p = slot.studies.get(leases[0].study_id)
-    supervise(slot, p, leases, device, group_main, _group_job(slot, leases, p, device), on_death=_retry_members)
-
-
-def _group_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: str) -> GroupJob:
-    spec, splits = p.spec, p.splits
-    assert slot.settings.artifact_dir is not None
-    members = [GroupMemberJob(trial=lease.trial_id, spec=p.model_spec(lease.params or {}),
-                              seed=spec.seed + (lease.number or 0),
-                              artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)))
-               for lease in leases]
-    return GroupJob(members=members, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,
-                    y_val=splits.y_val, epochs=spec.budget.epochs, patience=spec.budget.patience,
-                    objective=spec.primary.metric, direction=str(spec.primary.direction), device=device,
-                    threads=slot.cpu_threads if device == "cpu" else 1, amp=device.startswith("cuda"),
-                    memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None)
+    supervise(slot, p, leases, device, on_death=_retry_members)
 
 
 def _retry_members(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -> None:

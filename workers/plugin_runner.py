@@ -58,10 +58,11 @@ class _Relay:
     """The `report` handed to a plugin's loop: checks its metrics, relays each epoch, says when to stop."""
 
     def __init__(self, reporter: Any, objective: str, patience: int | None, maximize: bool, epochs: int) -> None:
-        self.reporter, self.objective, self.patience, self.maximize = reporter, objective, patience, maximize
-        self.max_epochs = epochs
-        self.epochs, self.best_epoch = 0, 0
-        self.best: float | None = None
+        from workers.training_rules import Progress
+
+        self.reporter, self.objective, self.max_epochs = reporter, objective, epochs
+        self.progress = Progress(maximize, epochs, patience)  # best epoch and patience, as the trainer's
+        self.epochs = 0
         self.early = False
         self._last = time.perf_counter()
 
@@ -78,18 +79,16 @@ class _Relay:
         report = EpochReport(epoch, values.get("train_loss", math.nan), values["val_loss"], val,
                              values.get("learning_rate", math.nan), now - self._last)
         self._last, self.epochs = now, epoch
-        value = values[self.objective]
-        if math.isfinite(value) and (self.best is None or (value > self.best if self.maximize else value < self.best)):
-            self.best, self.best_epoch = value, epoch
+        self.progress.record(epoch, values[self.objective], val)
         if self.reporter.on_epoch_end(report):
             return True
-        if self.patience is not None and epoch < self.max_epochs and epoch - self.best_epoch >= self.patience:
-            self.early = True
+        self.early = self.early or self.progress.out_of_patience(epoch)
         return self.early or epoch >= self.max_epochs  # the study's budget.epochs bounds every loop
 
 
 def run_own_loop(plugin: plugins.ModelPlugin, job: Any, data: Any, reporter: Any) -> tuple[Any, Any]:
-    """Run the plugin's loop on standardized data; (the network as saved, a TrainResult of its weights).
+    """Run the plugin's loop for the one trial of `job` (a `workers.runner.RunnerJob`) on standardized data;
+    (the network as saved, a TrainResult of its weights). `reporter` is the trial's epoch callback.
 
     The returned network must be what `build` makes for the same parameters; the service puts the training
     split's standardization in front of it, so the saved model takes raw inputs like a built-in one.

@@ -1,8 +1,10 @@
-"""One trial in a child process: build, train, stream epochs to the supervisor, save the best weights.
+"""A runner: the child process that trains one trial alone, or several of one study fused into one model.
 
 The child only computes. It holds no database connection; everything it learns goes over its pipe in the
-messages of workers.protocol: an Epoch per epoch, answered by a Decision while the next epoch already
-trains; at the end Done, Failed or Stopped.
+messages of workers.protocol, each naming its trial: an Epoch per trial and epoch, answered by a Decision
+while the next epoch already trains; at each trial's end Done, Failed or Stopped. A solo trial is a job of
+one trial; the same job, reporter and saving serve a fused group (`workers.fused`) and a model plugin's own
+training loop (`workers.plugin_runner`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import resource
 import signal
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,24 @@ from workers.protocol import Decision, Done, Epoch, Failed, Stopped, Verdict
 OUT_OF_MEMORY = "out_of_memory"
 NON_FINITE = "non_finite_loss"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+INFERENCE_BATCH = 256  # samples per timed prediction (inference_ms)
 
 
 @dataclass
-class TrialJob:
+class RunnerTrial:
+    """One trial of a runner's job."""
+
     trial: int  # the trial's row id: every message about it names it
     spec: ModelSpec
+    seed: int
+    artifact_path: str  # without extension: .safetensors and .json are written
+
+
+@dataclass
+class RunnerJob:
+    """What a runner trains: its trials (one alone, several fused) and what they share (data, budget, device)."""
+
+    trials: list[RunnerTrial]
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
@@ -41,14 +55,15 @@ class TrialJob:
     patience: int | None
     objective: str
     direction: str
-    seed: int
     device: str
     threads: int
-    artifact_path: str  # without extension: .safetensors and .json are written
     amp: bool = False
-    memory_limit_mb: int = 0
+    memory_limit_mb: int = 0  # per trial
     image: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ModelSpec:  # task and input shape, shared by every trial of a fused job (`can_fuse`)
+        return self.trials[0].spec
 
 
 def standardization(x_train: np.ndarray, image: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -119,15 +134,18 @@ def _is_oom(exc: BaseException) -> bool:
         or "out of memory" in text.lower()
 
 
-def child_main(conn: Connection, job: TrialJob) -> None:
-    """Entry of the forked child; never returns into the parent's code."""
+def runner_main(conn: Connection, job: RunnerJob) -> None:
+    """Entry of the forked runner; never returns into the parent's code. An error fails every trial not ended."""
     code = 0
+    reporter = Reporter(conn, job)
     try:
         _die_with_parent()
-        _limit_memory(job.memory_limit_mb, job.device)
-        _train(conn, job)
+        _limit_memory(job.memory_limit_mb * len(job.trials), job.device)
+        _train(job, reporter)
     except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
-        code = _report_failure(conn, job.trial, exc)
+        for t in job.trials:
+            if t.trial not in reporter.ended:
+                code = max(code, _report_failure(conn, t.trial, exc))
     finally:
         conn.close()
         os._exit(code)
@@ -148,46 +166,107 @@ def _report_failure(conn: Connection, trial: int, exc: BaseException) -> int:
     return 0
 
 
-class PipeReporter:
-    """Trainer callback: send each epoch; the supervisor's verdict arrives while the next epoch trains.
+class Reporter:
+    """The runner's side of the pipe, trial by trial: each epoch out, each verdict in, each trial's end out.
 
-    At most one verdict is outstanding: a report first takes the previous verdict (long arrived, as a rule).
-    `stop_requested` looks for it between batches without blocking, so a pruned trial stops within a batch
-    of the verdict, and no trial idles after each epoch while the supervisor writes and asks the pruner.
+    A trial has at most one verdict outstanding: a report first takes the trial's previous verdict (long
+    arrived, as a rule). Verdicts arrive on the one pipe in any order and are taken whenever the runner looks:
+    between batches without blocking (`stopping`), so a pruned trial stops within a batch of its verdict, and
+    at each epoch's end; no trial idles after an epoch while the supervisor writes and asks the pruner.
+    A `workers.fused.GroupCallback`; `alone(trial)` is the solo loop's callback and stop signal.
     """
 
-    def __init__(self, conn: Connection, trial: int) -> None:
-        self.conn, self.trial = conn, trial
-        self.last: dict[str, Any] | None = None  # the last report sent
-        self._pending = False
-        self._stop = False
+    def __init__(self, conn: Connection, job: RunnerJob) -> None:
+        self.conn, self.job = conn, job
+        self.by_trial = {t.trial: t for t in job.trials}
+        self.last: dict[int, dict[str, Any]] = {}  # each trial's last report sent
+        self.pending: dict[int, int] = {t.trial: 0 for t in job.trials}
+        self.stop: set[int] = set()
+        self.ended: set[int] = set()  # trials whose end was told
 
-    def on_epoch_end(self, report: Any) -> bool:
-        if self.settle():
+    def _take(self) -> None:
+        decision: Decision = self.conn.recv()
+        self.pending[decision.trial] = max(0, self.pending[decision.trial] - 1)
+        if decision.verdict is Verdict.STOP:
+            self.stop.add(decision.trial)
+
+    def _drain(self) -> None:
+        while self.conn.poll():
+            self._take()
+
+    def settle(self, trial: int) -> bool:
+        """Wait for the trial's outstanding verdict, if any; True once the supervisor said stop."""
+        while self.pending[trial] > 0:
+            self._take()
+        return trial in self.stop
+
+    def stopping(self) -> set[int]:
+        """The trials to stop now (polled between batches: never blocks)."""
+        self._drain()
+        return self.stop - self.ended
+
+    def on_epoch_end(self, trial: int, report: Any) -> bool:
+        """Send the epoch; True when the supervisor had already said stop (the epoch is then not sent)."""
+        self._drain()
+        if self.settle(trial):
             return True
-        self.last = asdict(report)
-        self.conn.send(Epoch(self.trial, self.last))
-        self._pending = True
+        self.last[trial] = asdict(report)
+        self.conn.send(Epoch(trial, self.last[trial]))
+        self.pending[trial] += 1
         return False
 
+    def on_member_end(self, trial: int, result: Any, module: Any = None) -> None:
+        """Tell how the trial ended; a completed trial's best weights are saved first. A stop verdict outranks
+        how training ended. `module` is the trained network when the loop has one (solo, plugin)."""
+        if self.settle(trial) or result.stop_reason == "stopped":
+            message: Any = Stopped(trial, self.last.get(trial))
+        elif result.stop_reason == NON_FINITE:
+            message = Failed(trial, FailureKind.NON_FINITE, NON_FINITE,
+                             f"non-finite training loss after epoch {result.epochs_run}")
+        else:
+            # Only a completed trial writes, and only here: pruned, stopped and failed trials leave no files.
+            message = Done(trial, _save(self.by_trial[trial], result, module, self.job))
+        self.conn.send(message)
+        self.ended.add(trial)
+
+    def alone(self, trial: int) -> _Alone:
+        return _Alone(self, trial)
+
+
+class _Alone:
+    """One trial of a Reporter as the solo loop and a plugin's loop see it: a Callback and a stop signal."""
+
+    def __init__(self, reporter: Reporter, trial: int) -> None:
+        self.reporter, self.trial = reporter, trial
+
+    def on_epoch_end(self, report: Any) -> bool:
+        return self.reporter.on_epoch_end(self.trial, report)
+
     def stop_requested(self) -> bool:
-        if self._pending and self.conn.poll():
-            self._take_verdict()
-        return self._stop
-
-    def settle(self) -> bool:
-        """Wait for the outstanding verdict, if any; True once the supervisor said stop."""
-        if self._pending:
-            self._take_verdict()
-        return self._stop
-
-    def _take_verdict(self) -> None:
-        self._pending = False
-        decision: Decision = self.conn.recv()
-        self._stop = self._stop or decision.verdict is Verdict.STOP
+        return self.trial in self.reporter.stopping()
 
 
-def _tensors(job: TrialJob) -> Any:
+def _save(t: RunnerTrial, result: Any, module: Any, job: RunnerJob) -> dict[str, Any]:
+    """Save a completed trial's best weights as the ordinary trial files; Done's result."""
+    import torch
+
+    from app.ml.networks import parameter_count
+    from workers import plugin_runner
+
+    if module is None:  # a fused member: its solo network, holding its best weights
+        module = build_module(t.spec).to(job.device)
+        module.load_state_dict(result.best_state)
+    metrics = dict(result.best_metrics)
+    metrics["param_count"] = float(parameter_count(module))
+    sample = torch.as_tensor(job.x_val[:INFERENCE_BATCH], dtype=torch.float32).to(job.device)
+    metrics["inference_ms"] = _inference_ms(module, sample)
+    save_trial(Path(t.artifact_path), result.best_state, plugin_runner.stamped(t.spec), metrics=metrics,
+               layers=plugin_runner.layers(t.spec, module))
+    return {"metrics": metrics, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "stop_reason": result.stop_reason}
+
+
+def _tensors(job: RunnerJob) -> Any:
     import torch
 
     from workers.trainer import TrainData
@@ -202,44 +281,48 @@ def _tensors(job: TrialJob) -> Any:
                      put(job.y_val, y_dtype), task=job.spec.task, image=job.image)
 
 
-def _train(conn: Connection, job: TrialJob) -> None:
+def _train(job: RunnerJob, reporter: Reporter) -> None:
     import torch
 
-    from app.ml.networks import parameter_count
+    torch.set_num_threads(job.threads)
+    data = _tensors(job)
+    amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
+    if len(job.trials) == 1:
+        _train_alone(job, job.trials[0], data, amp, reporter)
+    else:
+        _train_fused(job, data, amp, reporter)
+
+
+def _train_alone(job: RunnerJob, t: RunnerTrial, data: Any, amp: Any, reporter: Reporter) -> None:
+    """One trial: the service's trainer, or a model plugin's own training loop."""
+    import torch
+
     from workers import plugin_runner
     from workers.trainer import train
 
-    torch.set_num_threads(job.threads)
-    torch.manual_seed(job.seed)  # initial weights follow the trial's seed, not the RNG state of the parent
-    data = _tensors(job)
-    reporter = PipeReporter(conn, job.trial)
-    plugin = plugin_runner.own_loop(job.spec)
-    if plugin is not None:  # a model plugin with its own training loop
-        module, result = plugin_runner.run_own_loop(plugin, job, data, reporter)
+    torch.manual_seed(t.seed)  # initial weights follow the trial's seed, not the RNG state of the parent
+    alone = reporter.alone(t.trial)
+    plugin = plugin_runner.own_loop(t.spec)
+    if plugin is not None:
+        module, result = plugin_runner.run_own_loop(plugin, job, data, alone)
     else:
-        module = build_module(job.spec).to(job.device)
-        amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
-        result = train(module, data, job.spec.params, epochs=job.epochs, objective=job.objective,
-                       direction=job.direction, patience=job.patience, seed=job.seed, callbacks=[reporter],
-                       amp_dtype=amp, stop_signal=reporter.stop_requested)
-    if reporter.settle() or result.stop_reason == "stopped":  # a stop verdict outranks how training ended
-        conn.send(Stopped(job.trial, reporter.last))
-        return
-    if result.stop_reason == NON_FINITE:
-        conn.send(Failed(job.trial, FailureKind.NON_FINITE, NON_FINITE,
-                         f"non-finite training loss after epoch {result.epochs_run}"))
-        return
-    metrics = dict(result.best_metrics)
-    metrics["param_count"] = float(parameter_count(module))
-    metrics["inference_ms"] = _inference_ms(module, data.x_val)
-    # Only a completed trial writes, and only here: pruned, stopped and failed trials leave no files.
-    save_trial(Path(job.artifact_path), result.best_state, plugin_runner.stamped(job.spec), metrics=metrics,
-               layers=plugin_runner.layers(job.spec, module))
-    conn.send(Done(job.trial, {"metrics": metrics, "epochs_run": result.epochs_run,
-                               "best_epoch": result.best_epoch, "stop_reason": result.stop_reason}))
+        module = build_module(t.spec).to(job.device)
+        result = train(module, data, t.spec.params, epochs=job.epochs, objective=job.objective,
+                       direction=job.direction, patience=job.patience, seed=t.seed, callbacks=[alone],
+                       amp_dtype=amp, stop_signal=alone.stop_requested)
+    reporter.on_member_end(t.trial, result, module)
 
 
-def _inference_ms(module: Any, x: Any, batch: int = 256) -> float:
+def _train_fused(job: RunnerJob, data: Any, amp: Any, reporter: Reporter) -> None:
+    """Several trials of one study as one stacked model; each ends, and is told, on its own."""
+    from workers.fused import Member, train_group
+
+    train_group([Member(t.trial, t.spec, t.seed) for t in job.trials], data, epochs=job.epochs,
+                objective=job.objective, direction=job.direction, patience=job.patience, callbacks=[reporter],
+                amp_dtype=amp, stop_signal=reporter.stopping)
+
+
+def _inference_ms(module: Any, x: Any, batch: int = INFERENCE_BATCH) -> float:
     """Milliseconds to predict one batch of `batch` samples, best of three."""
     import torch
 
@@ -254,142 +337,3 @@ def _inference_ms(module: Any, x: Any, batch: int = 256) -> float:
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
     return best * 1000.0
-
-
-# ---- a fused group: several trials of one study trained as one stacked model ------------------------------
-
-
-@dataclass
-class GroupMemberJob:
-    trial: int  # the trial's row id: every message about it names it
-    spec: ModelSpec
-    seed: int
-    artifact_path: str
-
-
-@dataclass
-class GroupJob:
-    """What a fused runner trains: its members and what they share (data, budget, device)."""
-
-    members: list[GroupMemberJob]
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    epochs: int
-    patience: int | None
-    objective: str
-    direction: str
-    device: str
-    threads: int
-    amp: bool = False
-    memory_limit_mb: int = 0
-    image: bool = False
-
-    @property
-    def spec(self) -> ModelSpec:  # task and input shape, shared by every member (`can_fuse`)
-        return self.members[0].spec
-
-
-class GroupReporter:
-    """GroupCallback over the pipe: PipeReporter's protocol per member, then each member's outcome.
-
-    Each member has at most one verdict outstanding; verdicts of all members arrive on the one pipe in any
-    order and are taken whenever the runner looks (between batches and at each epoch's end).
-    """
-
-    def __init__(self, conn: Connection, job: GroupJob) -> None:
-        self.conn, self.job = conn, job
-        self.by_trial = {m.trial: m for m in job.members}
-        self.last: dict[int, dict[str, Any]] = {}
-        self.pending: dict[int, int] = {m.trial: 0 for m in job.members}
-        self.stop: set[int] = set()
-        self.ended: set[int] = set()
-
-    def _take(self) -> None:
-        decision: Decision = self.conn.recv()
-        self.pending[decision.trial] = max(0, self.pending[decision.trial] - 1)
-        if decision.verdict is Verdict.STOP:
-            self.stop.add(decision.trial)
-
-    def _drain(self) -> None:
-        while self.conn.poll():
-            self._take()
-
-    def settle(self, trial: int) -> bool:
-        """Wait for the member's outstanding verdict, if any; True once the supervisor said stop."""
-        while self.pending[trial] > 0:
-            self._take()
-        return trial in self.stop
-
-    def stop_signal(self) -> set[int]:
-        self._drain()
-        return self.stop - self.ended
-
-    def on_epoch_end(self, key: Any, report: Any) -> bool:
-        self._drain()
-        if self.settle(key):
-            return True
-        self.last[key] = asdict(report)
-        self.conn.send(Epoch(key, self.last[key]))
-        self.pending[key] += 1
-        return False
-
-    def on_member_end(self, key: Any, result: Any) -> None:
-        self.ended.add(key)
-        if self.settle(key) or result.stop_reason == "stopped":
-            self.conn.send(Stopped(key, self.last.get(key)))
-        elif result.stop_reason == NON_FINITE:
-            self.conn.send(Failed(key, FailureKind.NON_FINITE, NON_FINITE,
-                                  f"non-finite training loss after epoch {result.epochs_run}"))
-        else:
-            self.conn.send(Done(key, _save_member(self.by_trial[key], result, self.job)))
-
-
-def _save_member(member: GroupMemberJob, result: Any, job: GroupJob) -> dict[str, Any]:
-    """Save a member's best weights as its solo network's (the ordinary trial files); Done's result."""
-    import torch
-
-    from app.ml.networks import parameter_count
-    from workers import plugin_runner
-
-    module = build_module(member.spec).to(job.device)
-    module.load_state_dict(result.best_state)
-    metrics = dict(result.best_metrics)
-    metrics["param_count"] = float(parameter_count(module))
-    sample = torch.as_tensor(job.x_val[:256], dtype=torch.float32).to(job.device)
-    metrics["inference_ms"] = _inference_ms(module, sample)
-    save_trial(Path(member.artifact_path), result.best_state, plugin_runner.stamped(member.spec), metrics=metrics,
-               layers=plugin_runner.layers(member.spec, module))
-    return {"metrics": metrics, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-            "stop_reason": result.stop_reason}
-
-
-def group_main(conn: Connection, job: GroupJob) -> None:
-    """Entry of a fused runner; never returns into the parent's code. An error fails every member not ended."""
-    code = 0
-    reporter = GroupReporter(conn, job)
-    try:
-        _die_with_parent()
-        _limit_memory(job.memory_limit_mb * len(job.members), job.device)
-        _train_group(job, reporter)
-    except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
-        for m in job.members:
-            if m.trial not in reporter.ended:
-                code = max(code, _report_failure(conn, m.trial, exc))
-    finally:
-        conn.close()
-        os._exit(code)
-
-
-def _train_group(job: GroupJob, reporter: GroupReporter) -> None:
-    import torch
-
-    from workers.fused import Member, train_group
-
-    torch.set_num_threads(job.threads)
-    data = _tensors(job)  # type: ignore[arg-type] - a GroupJob has what _tensors reads
-    amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
-    train_group([Member(m.trial, m.spec, m.seed) for m in job.members], data, epochs=job.epochs,
-                objective=job.objective, direction=job.direction, patience=job.patience, callbacks=[reporter],
-                amp_dtype=amp, stop_signal=reporter.stop_signal)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.loop_state import LoopState, capture_loop, restore_loop
+from workers.training_rules import Progress, batch_bounds, one_sample_batch_norm
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LEARNING_RATE = 1e-3
@@ -246,27 +246,6 @@ def augment(x: Tensor, generator: torch.Generator, noise_std: float) -> Tensor:
 # ---- the loop ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Best:
-    """The best epoch so far by the objective."""
-
-    maximize: bool
-    epoch: int = 0
-    value: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    state: dict[str, Tensor] = field(default_factory=dict)
-
-    def improves(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.value is None:
-            return True
-        return value > self.value if self.maximize else value < self.value
-
-    def keep(self, epoch: int, value: float, metrics: dict[str, float], module: nn.Module) -> None:
-        self.epoch, self.value, self.metrics, self.state = epoch, value, dict(metrics), cpu_state(module)
-
-
 def cpu_state(module: nn.Module) -> dict[str, Tensor]:
     """A detached CPU copy of the module's state_dict."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
@@ -292,15 +271,16 @@ def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs:
     scheduler = make_scheduler(params, optimizer, epochs=epochs)
     batch_size = int(params.get("batch_size", DEFAULT_BATCH_SIZE))
     noise_std = _noise_std(data) if params.get("augmentation") == "light" and data.image else None
-    best = _Best(maximize=direction == "maximize", state=cpu_state(module))
+    best = Progress(maximize=direction == "maximize", epochs=epochs, patience=patience)
+    best_state = cpu_state(module)
     history: list[EpochReport] = []
     reason, done = "completed", 0  # done: epochs finished before this call
     if resume_from is not None:
         restore_loop(resume_from, module=module, optimizer=optimizer, scheduler=scheduler, generator=generator)
-        best.epoch, best.value, best.metrics, best.state = (resume_from.best_epoch, resume_from.best_value,
-                                                            dict(resume_from.best_metrics), resume_from.best_model)
+        best.best_epoch, best.best_value = resume_from.best_epoch, resume_from.best_value
+        best.best_metrics, best_state = dict(resume_from.best_metrics), resume_from.best_model
         history, done = list(resume_from.history), resume_from.epoch
-        if _patience_ran_out(done, best.epoch, epochs, patience):  # the captured run stopped here
+        if best.out_of_patience(done):  # the captured run stopped here
             reason, epochs = "early_stopping", done
     epoch = done
     for epoch in range(done + 1, epochs + 1):
@@ -320,8 +300,8 @@ def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs:
         if not math.isfinite(metrics["val_loss"]):
             reason = "non_finite_loss"
             break
-        if best.improves(metrics[objective]):
-            best.keep(epoch, metrics[objective], metrics, module)
+        if best.record(epoch, metrics[objective], metrics):
+            best_state = cpu_state(module)
         step_scheduler(scheduler, metrics["val_loss"])
         seconds = time.perf_counter() - started
         report = EpochReport(epoch, train_loss, metrics["val_loss"], metrics, lr, seconds)
@@ -329,22 +309,18 @@ def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs:
         if checkpoint is not None:
             checkpoint.on_epoch_state(report, partial(
                 capture_loop, epoch=epoch, params=params, module=module, optimizer=optimizer, scheduler=scheduler,
-                best_epoch=best.epoch, best_value=best.value, best_metrics=best.metrics,
-                best_model=best.state, generator=generator, history=history))
+                best_epoch=best.best_epoch, best_value=best.best_value, best_metrics=best.best_metrics,
+                best_model=best_state, generator=generator, history=history))
         stop = [cb.on_epoch_end(report) for cb in callbacks]  # every callback sees every epoch
         if any(stop):
             reason = "stopped"
             break
-        if _patience_ran_out(epoch, best.epoch, epochs, patience):
+        if best.out_of_patience(epoch):
             reason = "early_stopping"
             break
-    module.load_state_dict(best.state)
-    return TrainResult(epochs_run=epoch, best_epoch=best.epoch, best_metrics=best.metrics,
-                       best_state=best.state, stop_reason=reason, history=history)
-
-
-def _patience_ran_out(epoch: int, best_epoch: int, epochs: int, patience: int | None) -> bool:
-    return patience is not None and epoch < epochs and epoch - best_epoch >= patience
+    module.load_state_dict(best_state)
+    return TrainResult(epochs_run=epoch, best_epoch=best.best_epoch, best_metrics=best.best_metrics,
+                       best_state=best_state, stop_reason=reason, history=history)
 
 
 def _check_args(data: TrainData, epochs: int, objective: str, direction: str) -> None:
@@ -361,40 +337,6 @@ def _check_args(data: TrainData, epochs: int, objective: str, direction: str) ->
 def _noise_std(data: TrainData) -> float:
     """Augmentation noise: a fraction of the raw training inputs' standard deviation."""
     return NOISE_FRACTION * float(data.x_train.float().std())
-
-
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """[start, end) of each training batch over n rows: every row in exactly one batch per epoch.
-
-    A last batch of one row joins the batch before it (batch_size + 1 rows), so batch norm never sees a
-    lone sample unless the batch size itself is 1.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    starts = list(range(0, n, batch_size))
-    if batch_size > 1 and len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
-
-
-@contextmanager
-def one_sample_batch_norm(module: nn.Module, *, active: bool = True) -> Iterator[None]:
-    """Batch norm layers normalize a one-row batch with their running statistics, as in evaluation.
-
-    The statistics of a single row are undefined (its variance is 0; torch refuses a 1-d one), so a
-    batch of one is normalized the way the trained model will normalize it at inference; the running
-    statistics are not updated by it, and the affine weights still train. Other layers stay in training
-    mode (dropout applies).
-    """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
-        if active else []
-    for m in norms:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.train()
 
 
 def _train_epoch(module: nn.Module, data: TrainData, optimizer: torch.optim.Optimizer, batch_size: int,

@@ -20,7 +20,7 @@ from app.ml.artifacts import ModelSpec, has_model
 from tests.workers.test_trainer import blobs, images, model_for
 from workers.devices import cuda_device_count
 from workers.protocol import Decision, Done, Epoch, Verdict
-from workers.runner import TrialJob, _tensors, child_main
+from workers.runner import RunnerJob, RunnerTrial, _tensors, runner_main
 from workers.trainer import TrainData, _train_epoch, make_optimizer, train
 
 # Probed in a forked child, as the worker does: this process stays CUDA-free until a CUDA test runs.
@@ -138,7 +138,7 @@ def test_the_epoch_loop_reads_the_host_once_per_epoch_on_cpu(case: str, amp: tor
 # ---- the runner: data on the job's device, amp only where it is bf16 on a GPU ---------------------------
 
 
-def job_for(tmp_path: Path, device: str, amp: bool, task: str = "classification") -> TrialJob:
+def job_for(tmp_path: Path, device: str, amp: bool, task: str = "classification") -> RunnerJob:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) if task == "classification" else x[:, :2].sum(1)
@@ -146,9 +146,10 @@ def job_for(tmp_path: Path, device: str, amp: bool, task: str = "classification"
     spec = ModelSpec("mlp", params, task, (6,), 2 if task == "classification" else 1, None,
                      ["0", "1"] if task == "classification" else None, x[:90].mean(0).tolist(),
                      x[:90].std(0).tolist())
-    return TrialJob(trial=1, spec=spec, x_train=x[:90], y_train=y[:90], x_val=x[90:], y_val=y[90:], epochs=3,
-                    patience=None, objective="val_loss", direction="minimize", seed=5, device=device, threads=1,
-                    artifact_path=str(tmp_path / f"trial-{device.replace(':', '')}-{amp}"), amp=amp)
+    trial = RunnerTrial(trial=1, spec=spec, seed=5,
+                        artifact_path=str(tmp_path / f"trial-{device.replace(':', '')}-{amp}"))
+    return RunnerJob(trials=[trial], x_train=x[:90], y_train=y[:90], x_val=x[90:], y_val=y[90:], epochs=3,
+                     patience=None, objective="val_loss", direction="minimize", device=device, threads=1, amp=amp)
 
 
 def check_tensors_on_device(tmp_path: Path, device: str) -> None:
@@ -165,7 +166,7 @@ def test_the_runner_puts_the_data_on_the_jobs_device(tmp_path: Path) -> None:
     check_tensors_on_device(tmp_path, "cpu")
 
 
-def run_child(job: TrialJob, start: str = "fork",
+def run_child(job: RunnerJob, start: str = "fork",
               timeout_s: float = 120.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run a trial in a runner process as the supervisor does; its epoch reports and its final result.
 
@@ -174,7 +175,7 @@ def run_child(job: TrialJob, start: str = "fork",
     """
     ctx = mp.get_context(start)
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=child_main, args=(child, job), daemon=True)
+    proc = ctx.Process(target=runner_main, args=(child, job), daemon=True)
     proc.start()
     child.close()
     epochs: list[dict[str, Any]] = []
@@ -182,10 +183,10 @@ def run_child(job: TrialJob, start: str = "fork",
         while True:
             assert parent.poll(timeout_s), "the runner went silent"
             message = parent.recv()
-            assert message.trial == job.trial  # every message names its trial
+            assert message.trial == job.trials[0].trial  # every message names its trial
             if isinstance(message, Epoch):
                 epochs.append(message.report)
-                parent.send(Decision(job.trial, Verdict.GO))
+                parent.send(Decision(job.trials[0].trial, Verdict.GO))
                 continue
             assert isinstance(message, Done), message
             return epochs, message.result

@@ -77,8 +77,8 @@ def assert_same_run(got: TrainResult, want: TrainResult) -> None:
     assert (got.epochs_run, got.best_epoch, got.stop_reason) == (want.epochs_run, want.best_epoch, want.stop_reason)
     np.testing.assert_allclose(curve(got.history), curve(want.history), rtol=RTOL, atol=0)
     assert list(got.best_state) == list(want.best_state)
-    for name, tensor in want.best_state.items():  # a few noise-driven weights drift most: compare loosely
-        torch.testing.assert_close(got.best_state[name], tensor, rtol=1e-2, atol=1e-3)
+    for name, tensor in want.best_state.items():  # the weights a trial publishes, at the curves' tolerance
+        torch.testing.assert_close(got.best_state[name], tensor, rtol=RTOL, atol=RTOL)
 
 
 # Three members per optimizer, varying every other network and schedule choice between them: padded widths
@@ -101,6 +101,23 @@ LEARNING_RATES = {"sgd": 0.1, "momentum": 0.03, "nesterov": 0.03, "adagrad": 0.0
 # 1e-3 between one and two threads, so there is no exact curve to compare against. Their first member runs
 # without batch norm; their second (tanh, batch norm after) and SGD's members cover the placements.
 ILL_CONDITIONED = {name: {"batch_norm": "none"} for name in ("adagrad", "rmsprop", "adam", "adamw")}
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "rmsprop"])
+def test_batch_norm_before_the_activation_with_adaptive_optimizers(optimizer: str) -> None:
+    """Where equality holds for batch norm before the activation under an adaptive optimizer: one hidden
+    layer, Adagrad or RMSprop (measured at 1, 2 and 4 threads, every activation). Adam and AdamW do not hold
+    even there, nor does a second normalized layer under any of the four: the bias feeding a batch norm has a
+    gradient of rounding noise only, and their updates turn its last-bit differences between the stacked
+    and the solo arithmetic into differences of the order of the learning rate."""
+    group = [{"n_layers": 1, "units": 24, "batch_norm": "before_activation", "activation": act,
+              "lr_schedule": schedule, "weight_init": init, "optimizer": optimizer,
+              "learning_rate": LEARNING_RATES[optimizer]}
+             for act, schedule, init in (("tanh", "step", "glorot_uniform"), ("silu", "cosine", "he_normal"),
+                                         ("sigmoid", "plateau", "he_uniform"), ("relu", "constant", "he_normal"))]
+    results = fused(group, patience=None)
+    for i, params in enumerate(group):
+        assert_same_run(results[i], solo(params, 100 + i, patience=None))
 
 
 @pytest.mark.parametrize("optimizer", list(LEARNING_RATES))
@@ -180,6 +197,41 @@ def test_regression_members_follow_their_solo_curves() -> None:
         np.testing.assert_allclose([(r.train_loss, r.val_loss, r.metrics["val_mae"]) for r in got.history],
                                    [(r.train_loss, r.val_loss, r.metrics["val_mae"]) for r in want.history],
                                    rtol=RTOL)
+
+
+@pytest.mark.parametrize(("n_train", "batch_size"), [(289, 32), (301, 50), (300, 7)],
+                         ids=["lone-last-row-32", "lone-last-row-50", "batch-7"])
+def test_members_take_the_solo_batches_at_any_batch_size_and_row_count(n_train: int, batch_size: int) -> None:
+    """Every row in one batch per epoch, as the solo loop cuts them: a lone last row joins the batch before."""
+    data = digits(n_train, 60)
+    group = [{**v, "batch_size": batch_size, "optimizer": "momentum", "learning_rate": 0.03} for v in VARIANTS]
+    results = fused(group, data, epochs=2, patience=None)
+    for i, params in enumerate(group):
+        assert_same_run(results[i], solo(params, 100 + i, data, epochs=2, patience=None))
+
+
+def test_a_batch_size_one_group_trains_each_member_as_its_solo_trial() -> None:
+    """Batch size 1: every batch is a lone row, normalized by the running statistics as in the solo loop."""
+    data = digits(40, 30)
+    group = [{"batch_size": 1, "optimizer": "sgd", "learning_rate": 0.02, "units": 8, "n_layers": 1,
+              "batch_norm": placement} for placement in ("before_activation", "after_activation", "none")]
+    results = fused(group, data, epochs=2, patience=None)
+    for i, params in enumerate(group):
+        want = solo(params, 100 + i, data, epochs=2, patience=None)
+        torch.manual_seed(100 + i)
+        initial = build_module(spec(params)).state_dict()
+        assert any(not torch.equal(t, initial[name]) for name, t in want.best_state.items())  # it trained
+        assert_same_run(results[i], want)
+
+
+def test_augmented_members_follow_their_solo_curves() -> None:
+    """Each augmenting member draws its shifts, rotations and noise from its own generator, as its solo trial;
+    a member that does not augment draws nothing and is unchanged by its neighbours' augmentation."""
+    group = [{**v, "optimizer": "sgd", "learning_rate": 0.1, "augmentation": aug}
+             for v, aug in zip(VARIANTS, ("light", "none", "light"), strict=True)]
+    results = fused(group, epochs=3, patience=None)
+    for i, params in enumerate(group):
+        assert_same_run(results[i], solo(params, 100 + i, epochs=3, patience=None))
 
 
 # ---- ending one member ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from workers import attempt
 
 def test_a_runner_that_cannot_be_forked_fails_its_trials_after_max_attempts(
         settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_memory(slot: attempt.Slot, target: Any, job: Any) -> Any:
+    def no_memory(slot: attempt.Slot, job: Any) -> Any:
         raise OSError(12, "Cannot allocate memory")
 
     monkeypatch.setattr(attempt, "_spawn", no_memory)

@@ -15,15 +15,14 @@ from workers.trainer import (
     EpochReport,
     TrainData,
     augment,
-    batch_bounds,
     cpu_state,
     evaluate,
     make_optimizer,
     make_scheduler,
-    one_sample_batch_norm,
     step_scheduler,
     train,
 )
+from workers.training_rules import batch_bounds, one_sample_batch_norm
 
 
 def blobs(n: int = 240, n_features: int = 4, n_classes: int = 3, seed: int = 0,

@@ -200,7 +200,7 @@ class FusedMLP(nn.Module):
         h = self.standardize(x).flatten(start_dim=x.dim() - len(self.input_shape))
         if h.dim() == 2:  # one input shared by every member (evaluation)
             h = h.unsqueeze(0).expand(k, -1, -1)
-        if self.training:
+        if self.training and self._norms_training():
             self.batches_tracked += 1
         for i in range(len(self.widths)):
             out = self._block(i, torch.baddbmm(self.bias[i], h, self.weight[i]), h)
@@ -208,6 +208,11 @@ class FusedMLP(nn.Module):
                 out = out * self.masks[i]
             h = out
         return torch.baddbmm(self.head_bias, h, self.head_weight)
+
+    def _norms_training(self) -> bool:
+        """Batch statistics count this forward, as a solo BatchNorm's num_batches_tracked counts it; a batch of
+        one row normalizes with the running statistics (`one_sample_batch_norm`) and is not counted."""
+        return all(norm.training for norms in self.norms.values() for norm in norms)
 
     def _block(self, i: int, z: Tensor, h: Tensor | None = None) -> Tensor:
         """Batch norm before or after the activation, the activation, dropout: per member, as the solo layers.

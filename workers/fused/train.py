@@ -35,6 +35,7 @@ from workers.trainer import (
     metrics_of,
     split_sums,
 )
+from workers.training_rules import Progress, batch_bounds, one_sample_batch_norm
 
 
 @dataclass(frozen=True)
@@ -63,27 +64,17 @@ StopSignal = Callable[[], Collection[Hashable]]  # polled between batches: keys 
 class _MemberState:
     member: Member
     generator: torch.Generator
-    maximize: bool
     augment: bool
-    best_epoch: int = 0
-    best_value: float | None = None
-    best_metrics: dict[str, float] = field(default_factory=dict)
+    progress: Progress  # best epoch and patience, decided as the solo loop decides them
     best_batches: int = 0
     history: list[EpochReport] = field(default_factory=list)
-
-    def improves(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.maximize else value < self.best_value
 
 
 class _Group:
     """The live members, their stacked model, optimizer, schedules and best weights, kept aligned by slot."""
 
     def __init__(self, members: Sequence[Member], data: TrainData, *, epochs: int, direction: str,
-                 callbacks: Sequence[GroupCallback]) -> None:
+                 patience: int | None, callbacks: Sequence[GroupCallback]) -> None:
         device = data.x_train.device
         self.model = FusedMLP([m.spec for m in members], [m.seed for m in members]).to(device)
         params = [dict(m.spec.params) for m in members]
@@ -92,7 +83,8 @@ class _Group:
         self.callbacks = callbacks
         image = data.image
         self.states = [_MemberState(m, torch.Generator(device=device).manual_seed(m.seed),
-                                    direction == "maximize", image and p.get("augmentation") == "light")
+                                    image and p.get("augmentation") == "light",
+                                    Progress(direction == "maximize", epochs, patience))
                        for m, p in zip(members, params, strict=True)]
         self.best = {n: t.detach().clone() for n, t in self.model.member_tensors().items()}
         self.results: dict[Hashable, TrainResult] = {}
@@ -109,7 +101,7 @@ class _Group:
                 self.best[name].index_copy_(0, index, t.detach().index_select(0, index))
         for slot, value, m in zip(slots, values, metrics, strict=True):
             st = self.states[slot]
-            st.best_epoch, st.best_value, st.best_metrics = epoch, value, dict(m)
+            st.progress.record(epoch, value, m)
             st.best_batches = self.model.batches_tracked
 
     def end(self, ending: dict[int, tuple[str, int]]) -> list[int]:
@@ -119,7 +111,8 @@ class _Group:
         for slot, (reason, epochs_run) in sorted(ending.items()):
             st = self.states[slot]
             state = self.model.member_state(slot, self.best, st.best_batches)
-            result = TrainResult(epochs_run=epochs_run, best_epoch=st.best_epoch, best_metrics=st.best_metrics,
+            best = st.progress
+            result = TrainResult(epochs_run=epochs_run, best_epoch=best.best_epoch, best_metrics=best.best_metrics,
                                  best_state=state, stop_reason=reason, history=list(st.history))
             self.results[st.member.key] = result
             for cb in self.callbacks:
@@ -149,7 +142,7 @@ def train_group(members: Sequence[Member], data: TrainData, *, epochs: int, obje
         raise ValueError("member keys must be distinct")
     members = [members[i] for i in fusion_order([m.spec for m in members])]
     torch.manual_seed(members[0].seed)
-    group = _Group(members, data, epochs=epochs, direction=direction, callbacks=callbacks)
+    group = _Group(members, data, epochs=epochs, direction=direction, patience=patience, callbacks=callbacks)
     batch_size = int(members[0].spec.params.get("batch_size", DEFAULT_BATCH_SIZE))
     noise_std = _noise_std(data) if any(st.augment for st in group.states) else None
     for epoch in range(1, epochs + 1):
@@ -169,7 +162,7 @@ def train_group(members: Sequence[Member], data: TrainData, *, epochs: int, obje
         train_losses, metrics = [train_losses[s] for s in keep], [metrics[s] for s in keep]
         if not len(group):
             break
-        better = [s for s, m in enumerate(metrics) if group.states[s].improves(m[objective])]
+        better = [s for s, m in enumerate(metrics) if group.states[s].progress.improves(m[objective])]
         group.keep_best(better, epoch, [metrics[s][objective] for s in better], [metrics[s] for s in better])
         lrs = group.schedules.rates()  # the rates this epoch used
         group.schedules.step([m["val_loss"] for m in metrics])
@@ -181,10 +174,10 @@ def train_group(members: Sequence[Member], data: TrainData, *, epochs: int, obje
             stop = [cb.on_epoch_end(st.member.key, report) for cb in group.callbacks]
             if any(stop):
                 ending[s] = ("stopped", epoch)
+            elif st.progress.out_of_patience(epoch):
+                ending[s] = ("early_stopping", epoch)
             elif epoch == epochs:
                 ending[s] = ("completed", epoch)
-            elif patience is not None and epoch - st.best_epoch >= patience:
-                ending[s] = ("early_stopping", epoch)
         group.end(ending)
         if not len(group):
             break
@@ -201,7 +194,7 @@ def _train_epoch(group: _Group, data: TrainData, batch_size: int, epoch: int, no
     perms = torch.stack([torch.randperm(n, generator=st.generator, device=x.device) for st in group.states])
     sums = torch.zeros(len(group), dtype=torch.float64, device=x.device)
     count = 0
-    for start in range(0, n, batch_size):
+    for start, end in batch_bounds(n, batch_size):
         if stop_signal is not None:
             stopped = set(stop_signal())
             ending = {s: ("stopped", epoch - 1) for s, st in enumerate(group.states) if st.member.key in stopped}
@@ -211,14 +204,12 @@ def _train_epoch(group: _Group, data: TrainData, batch_size: int, epoch: int, no
                     return []
                 index = torch.as_tensor(keep, dtype=torch.long, device=x.device)
                 perms, sums = perms.index_select(0, index), sums.index_select(0, index)
-        idx = perms[:, start:start + batch_size]
-        if idx.shape[1] == 1 and n > 1:
-            continue  # a batch of one breaks BatchNorm's batch statistics, as in the solo loop
+        idx = perms[:, start:end]
         xb, yb = x[idx], y[idx]
         if noise_std is not None:
             xb = torch.stack([augment(xb[s], st.generator, noise_std) if st.augment else xb[s]
                               for s, st in enumerate(group.states)])
-        with _autocast(x.device, amp_dtype):
+        with _autocast(x.device, amp_dtype), one_sample_batch_norm(model, active=end - start == 1):
             out = model(xb)
         losses = member_losses(out, yb, data.task)
         optimizer.zero_grad()

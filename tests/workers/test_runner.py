@@ -1,0 +1,113 @@
+"""One runner job for solo and fused trials: the same messages per trial, the same files saved per trial."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+
+from app.ml.artifacts import ModelSpec, trial_files
+from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
+from workers.runner import RunnerJob, RunnerTrial, runner_main, standardization
+
+RTOL = 1e-5  # the fused-against-solo tolerance of tests/workers/test_fused.py
+EPOCHS = 3
+
+_digits = load_digits()
+X, Y = _digits.data[:300].astype(np.float32), _digits.target[:300].astype(np.int64)
+MEAN, STD = standardization(X[:200], False)
+
+
+def spec(**params: Any) -> ModelSpec:
+    return ModelSpec("mlp", {"batch_size": 16, "n_layers": 1, "optimizer": "adam", "learning_rate": 0.01, **params},
+                     "classification", (64,), 10, None, [str(i) for i in range(10)], MEAN.tolist(), STD.tolist())
+
+
+def job(trials: list[RunnerTrial]) -> RunnerJob:
+    return RunnerJob(trials=trials, x_train=X[:200], y_train=Y[:200], x_val=X[200:], y_val=Y[200:], epochs=EPOCHS,
+                     patience=None, objective="val_accuracy", direction="maximize", device="cpu", threads=1)
+
+
+def run(job: RunnerJob, stop_at: dict[int, int] | None = None) -> dict[int, list[Message]]:
+    """Fork the runner as a supervisor does and answer each epoch: STOP for a trial at its epoch in `stop_at`,
+    GO otherwise. Every message by the trial it names, until each trial has ended."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=runner_main, args=(child, job), daemon=True)
+    proc.start()
+    child.close()
+    messages: dict[int, list[Message]] = {t.trial: [] for t in job.trials}
+    open_trials = set(messages)
+    try:
+        while open_trials:
+            assert parent.poll(120), "the runner went silent"
+            message = parent.recv()
+            assert message.trial in open_trials, message
+            messages[message.trial].append(message)
+            if isinstance(message, Epoch):
+                stop = (stop_at or {}).get(message.trial) == message.report["epoch"]
+                parent.send(Decision(message.trial, Verdict.STOP if stop else Verdict.GO))
+            else:
+                open_trials.discard(message.trial)
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+    return messages
+
+
+def curve(messages: list[Message]) -> list[tuple[float, ...]]:
+    return [(m.report["train_loss"], m.report["val_loss"], m.report["metrics"]["val_accuracy"])
+            for m in messages if isinstance(m, Epoch)]
+
+
+def test_a_fused_job_reports_and_saves_each_trial_as_its_solo_job_does(tmp_path: Path) -> None:
+    trials = [RunnerTrial(11, spec(units=16, batch_norm="after_activation"), 5, str(tmp_path / "fused-11")),
+              RunnerTrial(12, spec(units=40, optimizer="momentum", learning_rate=0.05), 6, str(tmp_path / "fused-12"))]
+    fused = run(job(trials))
+    for t in trials:
+        alone = replace(t, artifact_path=str(tmp_path / f"solo-{t.trial}"))
+        solo = run(job([alone]))[t.trial]
+        got = fused[t.trial]
+        assert [type(m) for m in got] == [type(m) for m in solo] == [Epoch] * EPOCHS + [Done]
+        np.testing.assert_allclose(curve(got), curve(solo), rtol=RTOL)
+        done, want = got[-1], solo[-1]
+        assert isinstance(done, Done) and isinstance(want, Done)
+        assert {k: v for k, v in done.result.items() if k != "metrics"} == \
+            {k: v for k, v in want.result.items() if k != "metrics"}
+        # The published files: the same weights, and a config that differs only in the timing it measured.
+        (weights, config), (solo_weights, solo_config) = trial_files(Path(t.artifact_path)), \
+            trial_files(Path(alone.artifact_path))
+        published, reference = load_file(weights), load_file(solo_weights)
+        assert published.keys() == reference.keys()
+        for name, tensor in reference.items():
+            torch.testing.assert_close(published[name], tensor, rtol=RTOL, atol=RTOL)
+        saved, solo_saved = json.loads(config.read_text()), json.loads(solo_config.read_text())
+        for body in (saved, solo_saved):
+            body["metrics"].pop("inference_ms")
+        assert saved.keys() == solo_saved.keys() and saved["layers"] == solo_saved["layers"]
+        assert saved["params"] == solo_saved["params"]
+        np.testing.assert_allclose([saved["metrics"][k] for k in sorted(solo_saved["metrics"])],
+                                   [solo_saved["metrics"][k] for k in sorted(solo_saved["metrics"])], rtol=RTOL)
+
+
+def test_a_stop_verdict_ends_only_its_trial_and_leaves_no_files(tmp_path: Path) -> None:
+    trials = [RunnerTrial(t, spec(units=8 * t), t, str(tmp_path / f"trial-{t}")) for t in (1, 2, 3)]
+    for runner_trials in (trials[:1], trials):  # alone, then fused: one reporter, the same protocol
+        messages = run(job(runner_trials), stop_at={1: 1})
+        stopped = messages[1][-1]
+        assert isinstance(stopped, Stopped) and stopped.last is not None and stopped.last["epoch"] == 1
+        assert not any(path.exists() for path in trial_files(Path(trials[0].artifact_path)))
+        for t in runner_trials[1:]:
+            done = messages[t.trial][-1]
+            assert isinstance(done, Done) and done.result["epochs_run"] == EPOCHS
+            assert all(path.exists() for path in trial_files(Path(t.artifact_path)))
+        assert not any(isinstance(m, Failed) for ms in messages.values() for m in ms)
