@@ -26,6 +26,7 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.models import FailureKind, TrialState
 from workers import asking, optuna_sync, pruning, queue
+from workers.devices import check_fork_safe
 from workers.prepared import PreparedStudies, PreparedStudy
 from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
 from workers.publishing import discard, final_stem, publish, staged_stem
@@ -193,6 +194,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: s
 
 
 def _spawn(slot: Slot, target: Callable[[Connection, Any], None], job: Any) -> tuple[Any, Connection]:
+    check_fork_safe(job.device)  # a runner forked from a process holding CUDA could not use its GPU
     parent, child = slot.mp_context.Pipe()
     proc = slot.mp_context.Process(target=target, args=(child, job), daemon=True)
     proc.start()

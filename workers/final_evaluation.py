@@ -21,6 +21,7 @@ import numpy as np
 from app.ml import ensemble
 from app.ml.artifacts import TREES_FILE, TREES_NAME, ModelSpec, NetPredictor, Predictor, TreesPredictor
 from app.ml.trees import fit_trees
+from workers.devices import check_fork_safe
 
 METHOD = "greedy forward selection with replacement on the validation split (Caruana et al., 2004)"
 
@@ -131,6 +132,7 @@ def run_in_child(ctx: Any, job: EnsembleJob, *, timeout_s: float,
                  interrupted: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Run `run(job)` in a forked child (memory isolation, like a trial); raise when it fails or times out,
     or Interrupted as soon as `interrupted()` says so."""
+    check_fork_safe(job.device)
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child_main, args=(child, job), daemon=True)
     proc.start()
