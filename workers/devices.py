@@ -154,14 +154,27 @@ def resolve_devices(devices: str) -> list[str]:
 def usable_cores() -> int:
     """The CPU cores this process may use: its affinity, bounded by a cgroup CPU quota (a container's limit)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """A container's CPU limit in whole cores (rounded up), from cgroup v2 or v1; None when unlimited."""
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:  # cgroup v2: "<quota> <period>" or "max <period>"
+        with open("/sys/fs/cgroup/cpu.max") as f:  # v2: "<quota> <period>", or "max <period>"
             quota, period = f.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
     except (OSError, ValueError):
-        pass
-    return max(1, cores)
+        try:
+            with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as g:
+                quota, period = f.read().strip(), g.read().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def slots_per_gpu(free_bytes: int, cores: int, gpus: int) -> int:
@@ -179,7 +192,12 @@ def default_per_device(devices: list[str], probe: CudaProbe | None = None) -> in
         return CPU_SLOTS
     probe = probe or probe_cuda()
     free = min((probe.free_bytes[i] for i in gpus if i < len(probe.free_bytes)), default=0)
-    return slots_per_gpu(free, usable_cores(), len(gpus))
+    cores = usable_cores()
+    slots = slots_per_gpu(free, cores, len(gpus))
+    log.info("%d trial slot(s) per GPU: min(%.1f GiB free / %.0f GiB a trial, %d cores / %d GPU(s), %d); "
+             "--per-device overrides", slots, free / 2**30, TRIAL_GPU_BYTES / 2**30, cores, len(gpus),
+             MAX_SLOTS_PER_GPU)
+    return slots
 
 
 def threads_per_slot(n_cpu_slots: int) -> int:
