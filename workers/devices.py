@@ -200,6 +200,15 @@ def default_per_device(devices: list[str], probe: CudaProbe | None = None) -> in
     return slots
 
 
+def use_device(device: str) -> None:
+    """Make a runner's CUDA device the current one: a call that names no device (a synchronize, a library's
+    workspace) then opens no context on cuda:0, so eight runners on eight GPUs put nothing on GPU 0."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
 def threads_per_slot(n_cpu_slots: int) -> int:
     """CPU threads for each trial so that concurrent CPU trials do not oversubscribe the cores."""
     return max(1, (os.cpu_count() or 1) // max(1, n_cpu_slots))

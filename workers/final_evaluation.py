@@ -21,7 +21,7 @@ import numpy as np
 from app.ml import ensemble
 from app.ml.artifacts import TREES_FILE, TREES_NAME, ModelSpec, NetPredictor, Predictor, TreesPredictor
 from app.ml.trees import fit_trees
-from workers.devices import check_fork_safe
+from workers.devices import check_fork_safe, use_device
 
 METHOD = "greedy forward selection with replacement on the validation split (Caruana et al., 2004)"
 
@@ -164,6 +164,7 @@ def _child_main(conn: Connection, job: EnsembleJob) -> None:
     """Entry of the forked child; never returns into the parent's code."""
     code = 0
     try:
+        use_device(job.device)
         conn.send(("done", run(job)))
     except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
         try:

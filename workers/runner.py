@@ -22,6 +22,7 @@ import numpy as np
 
 from app.ml.artifacts import ModelSpec, build_module, save_trial
 from app.models import FailureKind
+from workers.devices import use_device
 from workers.protocol import Decision, Done, Epoch, Failed, Stopped, Verdict
 
 OUT_OF_MEMORY = "out_of_memory"
@@ -209,6 +210,7 @@ def _train(conn: Connection, job: TrialJob) -> None:
     from workers import plugin_runner
     from workers.trainer import train
 
+    use_device(job.device)
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)  # initial weights follow the trial's seed, not the RNG state of the parent
     data = _tensors(job)
@@ -251,7 +253,7 @@ def _inference_ms(module: Any, x: Any, batch: int = 256) -> float:
             start = time.perf_counter()
             module(sample)
             if sample.is_cuda:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(sample.device)
             best = min(best, time.perf_counter() - start)
     return best * 1000.0
 
@@ -387,6 +389,7 @@ def _train_group(job: GroupJob, reporter: GroupReporter) -> None:
 
     from workers.fused import Member, train_group
 
+    use_device(job.device)
     torch.set_num_threads(job.threads)
     data = _tensors(job)  # type: ignore[arg-type] - a GroupJob has what _tensors reads
     amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None

@@ -1,4 +1,6 @@
-"""`hpsearch worker --devices`: devices that do not exist stop the worker before it touches the database."""
+"""`hpsearch worker --devices` and `--per-device`: devices that do not exist stop the worker before it touches
+the database; GPUs torch cannot see are reported; slots per GPU follow the documented rule; a runner keeps to
+its own GPU."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from workers import devices
 from workers.devices import (
     CPU_SLOTS,
@@ -20,6 +23,7 @@ from workers.devices import (
     missing_gpus_warning,
     resolve_devices,
     slots_per_gpu,
+    use_device,
 )
 
 HPSEARCH = Path(sys.executable).with_name("hpsearch")
@@ -139,3 +143,61 @@ def test_the_device_order_is_pinned_to_the_pci_bus_as_nvml_numbers_gpus(monkeypa
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     resolve_devices("auto")
     assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+# ---- a runner keeps to its own GPU ------------------------------------------------------------------------
+
+ONE_GPU_RUNNER = """
+import sys
+from collections import Counter
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from app.ml.artifacts import ModelSpec, build_module
+from workers.devices import use_device
+from workers.runner import _inference_ms
+from workers.trainer import TrainData, train
+
+class Devices(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = Counter()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in [*args, *(kwargs or {}).values()]:
+            if isinstance(a, torch.Tensor):
+                self.seen[str(a.device)] += 1
+        return func(*args, **(kwargs or {}))
+
+device = sys.argv[1]
+use_device(device)
+rng = np.random.default_rng(0)
+x = torch.as_tensor(rng.normal(size=(200, 6)), dtype=torch.float32, device=device)
+y = (x[:, 0] > 0).long()
+spec = ModelSpec("mlp", {"n_layers": 1, "units": 16}, "classification", (6,), 2, None, ["0", "1"], [0.0] * 6,
+                 [1.0] * 6)
+module = build_module(spec).to(device)
+with Devices() as mode:
+    train(module, TrainData(x[:150], y[:150], x[150:], y[150:], task="classification"), {"batch_size": 32},
+          epochs=2, objective="val_loss", direction="minimize")
+    _inference_ms(module, x)
+print("current", torch.cuda.current_device(), "seen", sorted(mode.seen))
+"""
+
+
+def test_use_device_leaves_a_cpu_runner_alone() -> None:
+    before = devices.cuda_initialized()
+    use_device("cpu")  # no CUDA call at all: a CUDA-free process stays so
+    assert devices.cuda_initialized() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(cuda_device_count() == 0, reason="no CUDA device: torch.cuda.is_available() is False")
+def test_a_runner_on_the_last_gpu_names_only_that_gpu(gpu_count: int) -> None:
+    """Every tensor a trial's ops touch is on its device (or the host), and its current device is that one."""
+    last = gpu_count - 1
+    done = subprocess.run([sys.executable, "-c", ONE_GPU_RUNNER, f"cuda:{last}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    current, seen = done.stdout.split("seen")
+    assert current.split()[-1] == str(last)
+    assert set(eval(seen)) <= {"cpu", f"cuda:{last}"}  # noqa: S307 - our own script's printed list
