@@ -27,6 +27,7 @@ from app.core.optuna_store import optuna_storage
 from app.models import FailureKind, TrialState
 from workers import asking, optuna_sync, pruning, queue
 from workers.devices import check_fork_safe
+from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
 from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
 from workers.publishing import discard, final_stem, publish, staged_stem
@@ -136,8 +137,8 @@ def _job(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> Trial
                     direction=str(spec.primary.direction), seed=spec.seed + (lease.number or 0), device=device,
                     threads=slot.cpu_threads if device == "cpu" else 1,
                     artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)),
-                    amp=device.startswith("cuda"), memory_limit_mb=slot.settings.trial_memory_mb,
-                    image=p.dataset.image_shape is not None)
+                    precision=resolve_precision(spec.precision, spec.task, device),
+                    memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None)
 
 
 @dataclass

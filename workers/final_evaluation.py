@@ -22,6 +22,7 @@ from app.ml import ensemble
 from app.ml.artifacts import TREES_FILE, TREES_NAME, ModelSpec, NetPredictor, Predictor, TreesPredictor
 from app.ml.trees import fit_trees
 from workers.devices import check_fork_safe, use_device
+from workers.precision import apply_precision
 
 METHOD = "greedy forward selection with replacement on the validation split (Caruana et al., 2004)"
 
@@ -57,6 +58,7 @@ class EnsembleJob:
     threads: int = 1
     seed: int = 0
     rounds: int = ensemble.DEFAULT_ROUNDS
+    precision: str = "fp32"  # the trials' (workers.precision): its TF32 setting holds here too
 
 
 def _candidates(job: EnsembleJob) -> tuple[dict[str, Predictor], str | None]:
@@ -165,6 +167,7 @@ def _child_main(conn: Connection, job: EnsembleJob) -> None:
     code = 0
     try:
         use_device(job.device)
+        apply_precision(job.precision, job.device)  # no autocast: evaluated in float32, as validation was
         conn.send(("done", run(job)))
     except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
         try:

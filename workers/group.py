@@ -19,6 +19,7 @@ from workers.attempt import Member, Slot, bind, supervise
 from workers.fused import can_fuse, max_waste, plan_groups
 from workers.fused.layers import member_params
 from workers.fusing import fuse_size
+from workers.precision import resolve_precision
 from workers.prepared import PreparedStudy
 from workers.publishing import staged_stem
 from workers.runner import GroupJob, GroupMemberJob, group_main
@@ -71,7 +72,8 @@ def _group_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: 
     return GroupJob(members=members, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,
                     y_val=splits.y_val, epochs=spec.budget.epochs, patience=spec.budget.patience,
                     objective=spec.primary.metric, direction=str(spec.primary.direction), device=device,
-                    threads=slot.cpu_threads if device == "cpu" else 1, amp=device.startswith("cuda"),
+                    threads=slot.cpu_threads if device == "cpu" else 1,
+                    precision=resolve_precision(spec.precision, spec.task, device),
                     memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None)
 
 

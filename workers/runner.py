@@ -23,6 +23,7 @@ import numpy as np
 from app.ml.artifacts import ModelSpec, build_module, save_trial
 from app.models import FailureKind
 from workers.devices import use_device
+from workers.precision import apply_precision
 from workers.protocol import Decision, Done, Epoch, Failed, Stopped, Verdict
 
 OUT_OF_MEMORY = "out_of_memory"
@@ -46,7 +47,7 @@ class TrialJob:
     device: str
     threads: int
     artifact_path: str  # without extension: .safetensors and .json are written
-    amp: bool = False
+    precision: str = "fp32"  # workers.precision, resolved for the device
     memory_limit_mb: int = 0
     image: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -220,7 +221,7 @@ def _train(conn: Connection, job: TrialJob) -> None:
         module, result = plugin_runner.run_own_loop(plugin, job, data, reporter)
     else:
         module = build_module(job.spec).to(job.device)
-        amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
+        amp = apply_precision(job.precision, job.device)
         result = train(module, data, job.spec.params, epochs=job.epochs, objective=job.objective,
                        direction=job.direction, patience=job.patience, seed=job.seed, callbacks=[reporter],
                        amp_dtype=amp, stop_signal=reporter.stop_requested)
@@ -284,7 +285,7 @@ class GroupJob:
     direction: str
     device: str
     threads: int
-    amp: bool = False
+    precision: str = "fp32"  # workers.precision, resolved for the device
     memory_limit_mb: int = 0
     image: bool = False
 
@@ -392,7 +393,7 @@ def _train_group(job: GroupJob, reporter: GroupReporter) -> None:
     use_device(job.device)
     torch.set_num_threads(job.threads)
     data = _tensors(job)  # type: ignore[arg-type] - a GroupJob has what _tensors reads
-    amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
+    amp = apply_precision(job.precision, job.device)
     train_group([Member(m.trial, m.spec, m.seed) for m in job.members], data, epochs=job.epochs,
                 objective=job.objective, direction=job.direction, patience=job.patience, callbacks=[reporter],
                 amp_dtype=amp, stop_signal=reporter.stop_signal)

@@ -188,6 +188,9 @@ class StudySpec(Strict):
     stop: StopSpec | None = None
     warm_start: WarmStartSpec | None = None
     tensorboard: bool = False
+    precision: Literal["fp32", "tf32", "bf16"] | None = Field(
+        None, description="arithmetic of training on a GPU: fp32, tf32 (tensor-core matmuls) or bf16 (autocast); "
+                          "default bf16 for classification, fp32 for regression; a CPU trains in fp32")
 
     @field_validator("dataset")
     @classmethod
