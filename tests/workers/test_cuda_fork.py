@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -84,6 +85,24 @@ def test_a_plugin_that_initializes_cuda_at_import_is_named_and_the_worker_refuse
     assert "ownloop" not in str(refused.value)  # imported first, innocent
     # The same plugins on a CPU worker: its runners never call CUDA, so it serves.
     assert Supervisor(db, enabled, devices=["cpu"]).plugins.has(plugins.PluginKind.MODEL, "cudaatimport")
+
+
+def test_a_worker_whose_cuda_got_initialized_after_it_started_stops_and_the_trial_says_why(
+        settings: Settings, db: Database, cuda_once: Any) -> None:
+    """The fork itself refuses (a dataset plugin's loader touching CUDA at the claim, say): the attempt ends
+    with the reason, and the worker stops serving, since none of its CUDA runners could train."""
+    client = client_for(settings, db)
+    sid = create_study_via_api(client, study_spec(budget={"n_trials": 1, "epochs": 1, "max_attempts": 2}))
+    cuda_once(lambda: False)
+    supervisor = Supervisor(db, settings, devices=["cuda:0"])
+    cuda_once(lambda: True)  # after the start's check: only the fork can catch it now
+    thread = threading.Thread(target=supervisor.run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the worker went on serving"
+    (trial,) = client.get(f"{API}/studies/{sid}/trials").json()["data"]
+    assert "CudaBeforeFork" in trial["error"] and "refusing to fork a trial runner for cuda:0" in trial["error"]
+    assert trial["state"] == "waiting" and trial["attempt"] == 2  # the next worker retries it
 
 
 def test_without_a_watched_culprit_the_refusal_still_says_where_to_look(cuda_once: Any) -> None:
