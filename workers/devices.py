@@ -49,7 +49,12 @@ def _probe_cuda(conn: object) -> None:
 
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        free = [int(torch.cuda.mem_get_info(i)[0]) for i in range(count)]
+        free = []
+        for i in range(count):
+            try:
+                free.append(int(torch.cuda.mem_get_info(i)[0]))
+            except RuntimeError:  # busy in exclusive mode, say: its memory counts as unknown
+                free.append(0)
         conn.send(CudaProbe(count, torch.version.cuda, free))  # type: ignore[attr-defined]
     finally:
         os._exit(0)
@@ -62,7 +67,10 @@ def probe_cuda() -> CudaProbe:
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_probe_cuda, args=(child,), daemon=True)
     proc.start()
-    probe = parent.recv() if parent.poll(PROBE_TIMEOUT_S) else CudaProbe()
+    try:
+        probe = parent.recv() if parent.poll(PROBE_TIMEOUT_S) else CudaProbe()
+    except EOFError:  # the probe died before it answered
+        probe = CudaProbe()
     proc.join(5)
     return probe
 
