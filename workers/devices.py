@@ -1,5 +1,6 @@
 """Which devices this machine offers and how many trials each runs, probed in a child so the supervisor never
-initializes CUDA; and the rule that keeps it so: no runner is forked once CUDA is initialized here.
+initializes CUDA; the rule that keeps it so (no CUDA runner is forked once CUDA is initialized here); and a
+runner's own GPU made CUDA's current device.
 
 GPU slots per device, when `--per-device` is not given (`default_per_device`):
 
