@@ -8,7 +8,8 @@
   workers/devices.py) and with `--fuse auto`, each with its GPU utilization through NVML (or nvidia-smi);
   a shortened version of benchmarks/gpu.py and benchmarks/fused.py's comparisons;
 - OOM: a runner given less GPU memory than its trial needs, and what it reported;
-- fp32, tf32, bf16: the same trials in each precision (the study's `precision`): seconds and best accuracy.
+- fp32, tf32, bf16: the first half of the same trials in each precision (the study's `precision`): seconds
+  and best accuracy.
 
 Every study is the documented MLP space on builtin:mnist (builtin:digits where the MNIST files are absent), random
 search with one seed (the n-th trial has the same configuration in every run), one batch size (so fused groups
@@ -74,14 +75,16 @@ class Row:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def spec(s: Sizes, name: str, max_parallel: int, precision: str | None = None) -> dict[str, Any]:
+def spec(s: Sizes, name: str, max_parallel: int, precision: str | None = None,
+         n_trials: int | None = None) -> dict[str, Any]:
+    n = n_trials or s.trials
     out: dict[str, Any] = {
         "name": name, "dataset": s.dataset, "model": "mlp",
         "objective": {"metric": "val_accuracy", "direction": "maximize"},
         "search_space": {"batch_size": s.batch_size}, "sampler": {"name": "random", "seed": SEED},
         "pruner": {"name": "none"},
-        "budget": {"n_trials": s.trials, "max_parallel": min(max_parallel, s.trials), "epochs": s.epochs,
-                   "patience": None, "max_attempts": 1}}
+        "budget": {"n_trials": n, "max_parallel": min(max_parallel, n), "epochs": s.epochs, "patience": None,
+                   "max_attempts": 1}}
     if precision is not None:
         out["precision"] = precision
     return out
@@ -170,7 +173,8 @@ def throughput_rows(svc: Service, s: Sizes, device: str, gpu: int | None) -> lis
         rows.append(study_row("1 at a time", one, "fp32 (a CPU)" if gpu is None else
                               "bf16, the default for classification"))
         # After that first study, so that none of them pays the worker's warm-up (the study's data, its split).
-        precisions = {p: run_study(svc, spec(s, f"precision-{p}", 1, p), s.study_timeout_s, None)
+        half = max(2, s.trials // 2)  # the first half of the same trials: three runs fit the time
+        precisions = {p: run_study(svc, spec(s, f"precision-{p}", 1, p, half), s.study_timeout_s, None)
                       for p in (("fp32", "bf16") if gpu is None else ("fp32", "tf32", "bf16"))}
         base = precisions["fp32"]["seconds"]
         for precision, r in precisions.items():
