@@ -84,7 +84,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from app.core.logging import setup_logging
-    from workers.devices import resolve_devices
+    from workers.devices import default_per_device, resolve_devices
 
     settings = _settings(args)
     setup_logging(settings.log_json, args.log_level)
@@ -104,7 +104,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.supervisor import Supervisor
 
     end_frozen_transactions(settings.lease_grace_s)
-    per_device = args.per_device or (2 if devices == ["cpu"] else 1)
+    per_device = args.per_device or default_per_device(devices)  # the documented rule of workers.devices
     if args.slots:
         devices, per_device = _spread(devices, args.slots)
     supervisor = Supervisor(Database(settings.database_url, pool_size=2), settings, devices=devices,
@@ -465,6 +465,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _per_device(text: str) -> int | None:
+    """`--per-device`: a positive count, or auto (None: the rule of workers.devices)."""
+    if text.strip().lower() == "auto":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be auto or 1 or more, got {value}")
+    return value
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default after its help, unless it has none or the help already says it."""
 
@@ -512,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--database-url", **db_url)
     p.add_argument("--workers", type=_non_negative, default=None,
-                   help="trial slots in total, spread over the GPUs or the CPU (default: 2 on a CPU, one per GPU; "
+                   help="trial slots in total, spread over the GPUs or the CPU (default: the worker's, 2 on a CPU; "
                         "0: API only)")
     p.add_argument("--fuse", default="1", help=_FUSE_HELP)
     p.add_argument("--log-level", **log_level)
@@ -521,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = server_command("worker", "a worker supervisor on this machine: claims trials and trains them")
     p.add_argument("--database-url", **db_url)
     p.add_argument("--devices", default="auto", help="auto, cpu, or GPU indices such as 0,1")
-    p.add_argument("--per-device", type=int, default=None,
-                   help="concurrent trials per device (default: 2 on a CPU, 1 per GPU)")
+    p.add_argument("--per-device", type=_per_device, default=None,
+                   help="concurrent trials per device, or auto (the default: 2 on a CPU; on GPUs min(free GPU "
+                        "memory / 2 GiB, CPU cores / GPUs, 8))")
     p.add_argument("--fuse", default="1", help=_FUSE_HELP)
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running trials get at SIGTERM")
     p.add_argument("--log-level", **log_level)

@@ -26,6 +26,8 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.models import FailureKind, TrialState
 from workers import asking, optuna_sync, pruning, queue
+from workers.devices import check_fork_safe
+from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
 from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
 from workers.publishing import discard, final_stem, publish, staged_stem
@@ -137,7 +139,8 @@ def runner_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: 
     return RunnerJob(trials=trials, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,
                      y_val=splits.y_val, epochs=spec.budget.epochs, patience=spec.budget.patience,
                      objective=spec.primary.metric, direction=str(spec.primary.direction), device=device,
-                     threads=slot.cpu_threads if device == "cpu" else 1, amp=device.startswith("cuda"),
+                     threads=slot.cpu_threads if device == "cpu" else 1,
+                     precision=resolve_precision(spec.precision, spec.task, device),
                      memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None)
 
 
@@ -194,6 +197,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: s
 
 
 def _spawn(slot: Slot, job: RunnerJob) -> tuple[Any, Connection]:
+    check_fork_safe(job.device)  # a runner forked from a process holding CUDA could not use its GPU
     parent, child = slot.mp_context.Pipe()
     proc = slot.mp_context.Process(target=runner_main, args=(child, job), daemon=True)
     proc.start()

@@ -21,6 +21,8 @@ import numpy as np
 from app.ml import ensemble
 from app.ml.artifacts import TREES_FILE, TREES_NAME, ModelSpec, NetPredictor, Predictor, TreesPredictor
 from app.ml.trees import fit_trees
+from workers.devices import check_fork_safe, use_device
+from workers.precision import apply_precision
 
 METHOD = "greedy forward selection with replacement on the validation split (Caruana et al., 2004)"
 
@@ -56,6 +58,7 @@ class EnsembleJob:
     threads: int = 1
     seed: int = 0
     rounds: int = ensemble.DEFAULT_ROUNDS
+    precision: str = "fp32"  # the trials' (workers.precision): its TF32 setting holds here too
 
 
 def _candidates(job: EnsembleJob) -> tuple[dict[str, Predictor], str | None]:
@@ -131,6 +134,7 @@ def run_in_child(ctx: Any, job: EnsembleJob, *, timeout_s: float,
                  interrupted: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Run `run(job)` in a forked child (memory isolation, like a trial); raise when it fails or times out,
     or Interrupted as soon as `interrupted()` says so."""
+    check_fork_safe(job.device)
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child_main, args=(child, job), daemon=True)
     proc.start()
@@ -162,6 +166,8 @@ def _child_main(conn: Connection, job: EnsembleJob) -> None:
     """Entry of the forked child; never returns into the parent's code."""
     code = 0
     try:
+        use_device(job.device)
+        apply_precision(job.precision, job.device)  # no autocast: evaluated in float32, as validation was
         conn.send(("done", run(job)))
     except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
         try:

@@ -11,6 +11,7 @@ from app.core.optuna_store import optuna_storage
 from app.ml.artifacts import ModelSpec, has_model, prune_study_dir, read_config, trial_files, trial_stem
 from workers import final_evaluation, optuna_sync, queue
 from workers.attempt import Slot
+from workers.precision import resolve_precision
 from workers.prepared import PreparedStudy
 from workers.publishing import clear_staging
 
@@ -74,6 +75,6 @@ def _evaluate_on_test(slot: Slot, p: PreparedStudy, top: list[int], study_dir: P
         x_test=s.x_test, y_test=s.y_test, task=p.dataset.task, objective=p.spec.primary.metric,
         direction=str(p.spec.primary.direction), study_dir=str(study_dir),
         trees=bool(p.spec.ensemble and p.spec.ensemble.trees), device=device, threads=slot.cpu_threads,
-        seed=p.spec.seed)
+        seed=p.spec.seed, precision=resolve_precision(p.spec.precision, p.spec.task, device))
     return final_evaluation.run_in_child(slot.mp_context, job, timeout_s=EVAL_TIMEOUT_S,
                                          interrupted=slot.drain_over)

@@ -24,6 +24,8 @@ import numpy as np
 
 from app.ml.artifacts import ModelSpec, build_module, save_trial
 from app.models import FailureKind
+from workers.devices import use_device
+from workers.precision import apply_precision
 from workers.protocol import Decision, Done, Epoch, Failed, Stopped, Verdict
 
 OUT_OF_MEMORY = "out_of_memory"
@@ -57,7 +59,7 @@ class RunnerJob:
     direction: str
     device: str
     threads: int
-    amp: bool = False
+    precision: str = "fp32"  # workers.precision, resolved for the device
     memory_limit_mb: int = 0  # per trial
     image: bool = False
 
@@ -284,9 +286,10 @@ def _tensors(job: RunnerJob) -> Any:
 def _train(job: RunnerJob, reporter: Reporter) -> None:
     import torch
 
+    use_device(job.device)
     torch.set_num_threads(job.threads)
     data = _tensors(job)
-    amp = torch.bfloat16 if job.amp and job.device.startswith("cuda") else None
+    amp = apply_precision(job.precision, job.device)
     if len(job.trials) == 1:
         _train_alone(job, job.trials[0], data, amp, reporter)
     else:
@@ -334,6 +337,6 @@ def _inference_ms(module: Any, x: Any, batch: int = INFERENCE_BATCH) -> float:
             start = time.perf_counter()
             module(sample)
             if sample.is_cuda:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(sample.device)
             best = min(best, time.perf_counter() - start)
     return best * 1000.0

@@ -1,7 +1,8 @@
 """A worker supervisor: N trial slots over this machine's devices, one forked runner per attempt.
 
 The supervisor owns all database I/O of its trials. It imports torch once, before any slot starts,
-so each forked runner begins with torch loaded; CUDA is touched only inside runners. Each slot loops:
+so each forked runner begins with torch loaded; CUDA is touched only inside runners, and a supervisor in
+which CUDA got initialized (a plugin's import, say) refuses to fork CUDA runners (workers.devices). Each slot loops:
 claim a trial (workers.attempt runs it; with `fuse` above 1, up to K trials of its study, trained in fused
 groups by workers.group) or, when none is free, a study to close (workers.finalization).
 A heartbeat thread renews this worker's leases; a reaper thread judges everyone's (workers.reaper).
@@ -17,12 +18,13 @@ import threading
 import time
 import uuid
 
+from app import plugins
 from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
 from workers import group, optuna_sync, queue
 from workers.attempt import Slot, release, run_attempt
-from workers.devices import threads_per_slot
+from workers.devices import CudaBeforeFork, check_fork_safe, pin_device_order, threads_per_slot, watching_cuda
 from workers.finalization import finalize
 from workers.plugin_runner import worker_plugins
 from workers.prepared import PreparedStudies, StudyUnrunnable
@@ -38,10 +40,14 @@ class Supervisor:
     def __init__(self, db: Database, settings: Settings, *, devices: list[str], per_device: int = 1,
                  worker_id: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
                  fuse: int | str = 1) -> None:
-        warm_imports()  # once here, so every forked runner starts with torch and the training code loaded
+        pin_device_order()
+        with watching_cuda("the worker's own imports"):
+            warm_imports()  # once here, so every forked runner starts with torch and the training code loaded
 
         self.db, self.settings = db, settings
-        self.plugins = worker_plugins(settings.plugins)  # imported here, before any runner forks
+        self.plugins = _import_plugins(settings.plugins)  # imported here, before any runner forks
+        for device in dict.fromkeys(devices):  # refuse now, before claiming a trial no runner could train
+            check_fork_safe(device)
         self.slots = [d for d in devices for _ in range(per_device)]
         self.devices = devices
         self.cpu_threads = threads_per_slot(sum(1 for d in self.slots if d == "cpu"))
@@ -114,6 +120,10 @@ class Supervisor:
             try:
                 worked = self._step(device)
                 backoff = POLL_INTERVAL_S
+            except CudaBeforeFork as exc:  # no runner of this process could use CUDA again: stop serving
+                self._log.critical("%s", exc)
+                self.stop()
+                return
             except Exception:  # noqa: BLE001 - log, back off, keep serving
                 self._log.exception("slot %d failed a step; backing off %.1fs", slot, backoff)
                 worked, backoff = False, min(backoff * 2, 30.0)
@@ -229,3 +239,16 @@ class Supervisor:
     def _drain_over(self) -> bool:
         """Shutting down and past the grace period: what still runs goes back to the queue."""
         return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
+
+
+def _import_plugins(enabled: list[str]) -> plugins.Plugins:
+    """The worker's plugins (workers.plugin_runner), each model plugin imported on its own under watch, so that
+    one which initializes CUDA at import is named when the supervisor refuses to fork."""
+    found = plugins.configure(enabled)
+    for name in found.names(plugins.PluginKind.MODEL):
+        with watching_cuda(f"model plugin {name!r} at import"):
+            try:
+                found.model(name)  # imported once and cached: worker_plugins below finds it loaded
+            except plugins.PluginError:
+                pass  # reported by worker_plugins
+    return worker_plugins(enabled)

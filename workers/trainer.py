@@ -295,7 +295,7 @@ def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs:
         if not math.isfinite(train_loss):
             reason = "non_finite_loss"
             break
-        raw = evaluate(module, data.x_val, data.y_val, data.task, amp_dtype=amp_dtype)
+        raw = evaluate(module, data.x_val, data.y_val, data.task)  # in float32, as the test evaluation
         metrics = {f"val_{k}": v for k, v in raw.items()}
         if not math.isfinite(metrics["val_loss"]):
             reason = "non_finite_loss"

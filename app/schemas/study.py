@@ -191,6 +191,9 @@ class StudySpec(Strict):
     stop: StopSpec | None = None
     warm_start: WarmStartSpec | None = None
     tensorboard: bool = False
+    precision: Literal["fp32", "tf32", "bf16"] | None = Field(
+        None, description="arithmetic of training on a GPU: fp32, tf32 (tensor-core matmuls) or bf16 (autocast); "
+                          "default bf16 for classification, fp32 for regression; a CPU trains in fp32")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Epochs between a running trial's checkpoints.")
     keep_checkpoints: Literal["best_k", "all", "none"] = Field(
         "best_k", description="Which completed trials keep their last checkpoint (to extend them later): the "

@@ -84,18 +84,19 @@ def test_bf16_autocast_on_cpu_keeps_accuracy_and_float32_weights() -> None:
     check_bf16_keeps_accuracy("cpu")
 
 
-def test_bf16_autocast_really_computes_in_bf16() -> None:
+def test_bf16_autocast_trains_in_bf16_and_validates_in_float32() -> None:
+    """Validation runs in float32, as the final test evaluation and the served model do."""
     data = hard_blobs()
     module = model_for(data, {"n_layers": 1, "units": 16})
-    seen: list[torch.dtype] = []
+    seen: list[tuple[bool, torch.dtype]] = []
     first = next(m for m in module.modules() if isinstance(m, nn.Linear))
-    first.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    first.register_forward_hook(lambda m, _i, out: seen.append((m.training, out.dtype)))
     train(module, data, {"batch_size": 100}, epochs=1, objective="val_loss", direction="minimize",
           amp_dtype=torch.bfloat16)
-    assert seen and set(seen) == {torch.bfloat16}  # training batches and validation alike
+    assert set(seen) == {(True, torch.bfloat16), (False, torch.float32)}
     seen.clear()
     train(module, data, {"batch_size": 100}, epochs=1, objective="val_loss", direction="minimize")
-    assert set(seen) == {torch.float32}
+    assert {dtype for _, dtype in seen} == {torch.float32}
 
 
 # ---- no host reads between batches ----------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_the_epoch_loop_reads_the_host_once_per_epoch_on_cpu(case: str, amp: tor
 # ---- the runner: data on the job's device, amp only where it is bf16 on a GPU ---------------------------
 
 
-def job_for(tmp_path: Path, device: str, amp: bool, task: str = "classification") -> RunnerJob:
+def job_for(tmp_path: Path, device: str, precision: str, task: str = "classification") -> RunnerJob:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) if task == "classification" else x[:, :2].sum(1)
@@ -147,14 +148,15 @@ def job_for(tmp_path: Path, device: str, amp: bool, task: str = "classification"
                      ["0", "1"] if task == "classification" else None, x[:90].mean(0).tolist(),
                      x[:90].std(0).tolist())
     trial = RunnerTrial(trial=1, spec=spec, seed=5,
-                        artifact_path=str(tmp_path / f"trial-{device.replace(':', '')}-{amp}"))
+                        artifact_path=str(tmp_path / f"trial-{device.replace(':', '')}-{precision}"))
     return RunnerJob(trials=[trial], x_train=x[:90], y_train=y[:90], x_val=x[90:], y_val=y[90:], epochs=3,
-                     patience=None, objective="val_loss", direction="minimize", device=device, threads=1, amp=amp)
+                     patience=None, objective="val_loss", direction="minimize", device=device, threads=1,
+                     precision=precision)
 
 
 def check_tensors_on_device(tmp_path: Path, device: str) -> None:
     for task, y_dtype in (("classification", torch.long), ("regression", torch.float32)):
-        data = _tensors(job_for(tmp_path, device, amp=True, task=task))
+        data = _tensors(job_for(tmp_path, device, "bf16", task=task))
         want = torch.device(device)
         assert {t.device for t in (data.x_train, data.y_train, data.x_val, data.y_val)} == {want}
         assert data.x_train.dtype == data.x_val.dtype == torch.float32
@@ -198,12 +200,12 @@ def run_child(job: RunnerJob, start: str = "fork",
 
 def test_a_cpu_trial_ignores_amp_and_trains_in_float32(tmp_path: Path) -> None:
     """bf16 autocast is the GPU path: on the CPU it is slower, so a CPU runner trains in float32 either way."""
-    with_amp = run_child(job_for(tmp_path, "cpu", amp=True))
-    without = run_child(job_for(tmp_path, "cpu", amp=False))
+    with_amp = run_child(job_for(tmp_path, "cpu", "bf16"))
+    without = run_child(job_for(tmp_path, "cpu", "fp32"))
     assert [e["train_loss"] for e in with_amp[0]] == [e["train_loss"] for e in without[0]]
     assert len(with_amp[0]) == 3 and with_amp[1]["epochs_run"] == 3
     assert with_amp[1]["metrics"]["val_loss"] == without[1]["metrics"]["val_loss"]
-    assert has_model(tmp_path / "trial-cpu-True")
+    assert has_model(tmp_path / "trial-cpu-bf16")
 
 
 # ---- the same on CUDA -----------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_the_epoch_loop_never_waits_on_the_host_between_batches_on_cuda(case: st
 @needs_cuda
 def test_a_cuda_trial_keeps_its_data_on_the_gpu_and_matches_the_cpu(tmp_path: Path) -> None:
     check_tensors_on_device(tmp_path, "cuda:0")
-    gpu_epochs, gpu = run_child(job_for(tmp_path, "cuda:0", amp=True), start="spawn")
-    _, cpu = run_child(job_for(tmp_path, "cpu", amp=False))
-    assert len(gpu_epochs) == 3 and has_model(tmp_path / "trial-cuda0-True")
+    gpu_epochs, gpu = run_child(job_for(tmp_path, "cuda:0", "bf16"), start="spawn")
+    _, cpu = run_child(job_for(tmp_path, "cpu", "fp32"))
+    assert len(gpu_epochs) == 3 and has_model(tmp_path / "trial-cuda0-bf16")
     assert gpu["metrics"]["val_accuracy"] == pytest.approx(cpu["metrics"]["val_accuracy"], abs=0.1)

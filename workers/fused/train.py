@@ -155,7 +155,7 @@ def train_group(members: Sequence[Member], data: TrainData, *, epochs: int, obje
         train_losses = [train_losses[s] for s in group.end(ending)]
         if not len(group):
             break
-        raw = evaluate_group(group.model, data.x_val, data.y_val, data.task, amp_dtype=amp_dtype)
+        raw = evaluate_group(group.model, data.x_val, data.y_val, data.task)  # float32, as the test evaluation
         metrics = [{f"val_{k}": v for k, v in r.items()} for r in raw]
         ending = {s: ("non_finite_loss", epoch) for s, m in enumerate(metrics) if not math.isfinite(m["val_loss"])}
         keep = group.end(ending)
