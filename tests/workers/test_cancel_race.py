@@ -20,7 +20,7 @@ from app.models.base import utcnow
 from app.services import studies
 from tests.factories import create_study_via_service
 from workers import asking, leasing, reaper
-from workers.attempt import Slot, bind, rebind
+from workers.attempt import Slot, bind, rebind, release
 from workers.prepared import PreparedStudies, PreparedStudy
 
 
@@ -114,3 +114,18 @@ def _stale(db: Database, trial_id: int) -> None:
     with db.session() as session:
         session.execute(update(Trial).where(Trial.id == trial_id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+
+
+def test_a_hand_back_after_the_cancel_ends_the_optuna_trial_the_row_is_bound_to(
+        db: Database, settings: Settings) -> None:
+    """A worker that hits a database error mid-attempt hands back the lease as it claimed it, unbound: what
+    Optuna must be told comes from the row, which names the trial the bind gave it."""
+    sid = create_study_via_service(db, settings, budget={"n_trials": 4})
+    slot = _slot(db, settings)
+    claimed = _claim(db)
+    assert bind(slot, claimed, slot.studies.get(sid)) is not None
+    _cancel(db, sid)  # the bound trial runs on: its worker stops it, or hands it back
+    assert _live_in_optuna(db, sid) == [0]
+    release(slot, claimed)
+    assert _live_in_optuna(db, sid) == []
+    assert _states(db, sid) == ["fail"]
