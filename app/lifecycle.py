@@ -2,8 +2,9 @@
 retry or fail, what becomes of a trial when its study ends, and what Optuna must be told of each change.
 
 SQL modules store what these functions decide (workers.leasing, workers.retries, workers.closing,
-app.services.studies); no database and no Optuna here, so tests/app/test_lifecycle.py checks every rule
-with plain values. Status: queued -> running -> (paused <-> running) -> completed | cancelled | failed.
+app.services.studies, through app.services.fates); no database and no Optuna here, so
+tests/app/test_lifecycle.py checks every rule with plain values.
+Status: queued -> running -> (paused <-> running) -> completed | cancelled | failed.
 """
 
 from __future__ import annotations
