@@ -19,7 +19,7 @@ from app.core.optuna_store import optuna_storage
 from app.ml.space import sample_params
 from app.models import Study, TrialState
 from app.services.importance import study_space
-from workers import queue
+from workers import closing, leasing
 
 WORKER = "test-worker"
 
@@ -59,43 +59,43 @@ def write_trials(db: Database, settings: Settings, *, study_id: str, n: int,
                                sampler=optuna.samplers.RandomSampler(seed=seed))
     numbers = []
     for _ in range(n):
-        lease = queue.claim_trial(db, worker_id=WORKER, device="cpu", trial_deadline_s=600)
+        lease = leasing.claim_trial(db, worker_id=WORKER, device="cpu", trial_deadline_s=600)
         assert lease is not None, "the study has no room for another trial"
         trial = ostudy.ask()
         params = sample_params(trial, resolved)
-        lease = queue.bind_trial(db, lease, number=trial.number, optuna_trial_id=trial._trial_id,
-                                 params=params)
+        lease = leasing.bind_trial(db, lease, number=trial.number, optuna_trial_id=trial._trial_id,
+                                   params=params)
         result = outcome(trial.number, params)
         _record(db, lease, trial, result, params)
         numbers.append(trial.number)
     return numbers
 
 
-def _record(db: Database, lease: queue.Lease, trial: optuna.Trial, result: Outcome,
+def _record(db: Database, lease: leasing.Lease, trial: optuna.Trial, result: Outcome,
             params: dict[str, Any]) -> None:
     for epoch, value in enumerate(result.curve, start=1):  # workers number epochs from 1
-        queue.record_epoch(db, lease, epoch=epoch, train_loss=1.0 - value, val_loss=1.1 - value,
-                           val_metric=value, learning_rate=params.get("learning_rate"), seconds=0.01)
+        leasing.record_epoch(db, lease, epoch=epoch, train_loss=1.0 - value, val_loss=1.1 - value,
+                             val_metric=value, learning_rate=params.get("learning_rate"), seconds=0.01)
         trial.report(value, epoch)
     study = trial.study
     if result.state is TrialState.COMPLETE:
         value = result.curve[-1]
-        assert queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=value, values=[value],
-                                  metrics={"val_accuracy": value, "val_loss": 1.1 - value},
-                                  epochs_run=len(result.curve), best_epoch=len(result.curve))
+        assert leasing.finish_trial(db, lease, state=TrialState.COMPLETE, value=value, values=[value],
+                                    metrics={"val_accuracy": value, "val_loss": 1.1 - value},
+                                    epochs_run=len(result.curve), best_epoch=len(result.curve))
         study.tell(trial, value)
     elif result.state is TrialState.PRUNED:
-        assert queue.finish_trial(db, lease, state=TrialState.PRUNED, value=result.curve[-1],
-                                  epochs_run=len(result.curve))
+        assert leasing.finish_trial(db, lease, state=TrialState.PRUNED, value=result.curve[-1],
+                                    epochs_run=len(result.curve))
         study.tell(trial, state=OptunaState.PRUNED)
     else:
-        assert queue.finish_trial(db, lease, state=TrialState.FAIL, error=result.error)
+        assert leasing.finish_trial(db, lease, state=TrialState.FAIL, error=result.error)
         study.tell(trial, state=OptunaState.FAIL)
 
 
 def finalize(db: Database, *, test_metrics: dict[str, Any] | None = None) -> str:
     """End the study whose budget is spent, as a worker's finalization does; returns its id."""
-    job = queue.claim_finalization(db, worker_id=WORKER)
+    job = closing.claim_finalization(db, worker_id=WORKER)
     assert job is not None, "no study is ready to finalize"
-    queue.complete_study(db, job, worker_id=WORKER, test_metrics=test_metrics or {"test_accuracy": 0.91})
+    closing.complete_study(db, job, worker_id=WORKER, test_metrics=test_metrics or {"test_accuracy": 0.91})
     return job.study_id

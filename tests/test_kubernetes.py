@@ -35,7 +35,7 @@ from app.main import create_app
 from app.models import TrialState
 from tests.conftest import make_settings
 from tests.factories import client_for, study_spec
-from workers import queue
+from workers import leasing
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -432,10 +432,10 @@ def test_keda_query_counts_the_trial_slots_studies_can_use(tmp_path: Path, postg
         assert client.post(f"{API_PREFIX}/studies/{cancelled}/cancel").status_code == 200
         assert slots_wanted() == 3 + 2
 
-        first = queue.claim_trial(db, worker_id="w", device="cpu", trial_deadline_s=60)
+        first = leasing.claim_trial(db, worker_id="w", device="cpu", trial_deadline_s=60)
         assert first is not None and first.study_id == nearly_done
         assert slots_wanted() == 3 + 2  # a running trial still wants its slot
-        assert queue.finish_trial(db, first, state=TrialState.COMPLETE, value=0.9)
+        assert leasing.finish_trial(db, first, state=TrialState.COMPLETE, value=0.9)
         assert slots_wanted() == 2 + 2  # a finished one does not
         progress = client.get(f"{API_PREFIX}/studies/{nearly_done}").json()["progress"]
         assert progress["n_trials"] - progress["finished"] == 2

@@ -24,8 +24,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from app.core.config import Settings
 from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
+from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
-from workers import asking, optuna_sync, pruning, queue
+from workers import ask_lock, asking, leasing, optuna_sync, pruning
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
@@ -70,13 +71,13 @@ class Slot:
     drain_over: Any  # () -> bool: shutting down and past the grace period
 
 
-def run_attempt(slot: Slot, lease: queue.Lease, device: str) -> None:
+def run_attempt(slot: Slot, lease: leasing.Lease, device: str) -> None:
     """Run one leased attempt to its end and record it."""
     with slot.studies.using(lease.study_id) as p:
         _run(slot, lease, p, device)
 
 
-def _run(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> None:
+def _run(slot: Slot, lease: leasing.Lease, p: PreparedStudy, device: str) -> None:
     bound = bind(slot, lease, p) if lease.number is None else rebind(slot, lease, p)
     if bound is None:
         log.warning("lease of study %s lost before its trial started", lease.study_id)
@@ -84,27 +85,27 @@ def _run(slot: Slot, lease: queue.Lease, p: PreparedStudy, device: str) -> None:
     supervise(slot, p, [bound], device, on_death=_fail_died)
 
 
-def bind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None:
+def bind(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease | None:
     """Give a fresh lease its Optuna trial: enqueued parameters, or the sampler's next proposal.
 
     None when the lease was reaped meanwhile (this worker looked dead): that Optuna trial is failed.
     """
     storage = optuna_storage(slot.db.url)
     across_workers = nullcontext() if asking.asks_from_memory(p.optuna_study, storage) else \
-        queue.asking_alone(slot.db, lease.study_id)
+        ask_lock.asking_alone(slot.db, lease.study_id)
     with p.lock, across_workers:
         number, trial_id, params = retry_on_disconnect(asking.ask_trial, p.optuna_study, storage, p.resolved,
                                                        lease.params, p.spec.sampler.seed)
         bound = None
         try:
-            bound = queue.bind_trial(slot.db, lease, number=number, optuna_trial_id=trial_id, params=params)
+            bound = leasing.bind_trial(slot.db, lease, number=number, optuna_trial_id=trial_id, params=params)
             return bound
         finally:
             if bound is None:
-                optuna_sync.fail_trial(storage, trial_id)  # never leave an orphan RUNNING in Optuna
+                optuna_sync.tell(storage, fail_all([trial_id]))  # never leave an orphan RUNNING in Optuna
 
 
-def rebind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None:
+def rebind(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease | None:
     """Give a re-run (a retry, or a trial handed back at shutdown) a fresh Optuna trial with its parameters.
 
     Optuna ignores a step already reported, so reusing the old trial would leave the pruner judging this
@@ -116,19 +117,18 @@ def rebind(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | No
         trial_id = retry_on_disconnect(asking.retry_trial, p.optuna_study, storage, lease.optuna_trial_id)
         bound = None
         try:
-            bound = queue.rebind_trial(slot.db, lease, optuna_trial_id=trial_id)
+            bound = leasing.rebind_trial(slot.db, lease, optuna_trial_id=trial_id)
         finally:
-            optuna_sync.fail_trial(storage, lease.optuna_trial_id if bound is not None else trial_id)
+            optuna_sync.tell(storage, fail_all([lease.optuna_trial_id if bound is not None else trial_id]))
     return bound
 
 
-def release(slot: Slot, lease: queue.Lease) -> None:
+def release(slot: Slot, lease: leasing.Lease) -> None:
     """Hand a lease back unrun; its Optuna trial, if bound, ends (a re-run asks for a fresh one)."""
-    if queue.release_trial(slot.db, lease) and lease.optuna_trial_id is not None:
-        optuna_sync.fail_trial(optuna_storage(slot.db.url), lease.optuna_trial_id)
+    optuna_sync.tell(optuna_storage(slot.db.url), leasing.release_trial(slot.db, lease) or [])
 
 
-def runner_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: str) -> RunnerJob:
+def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device: str) -> RunnerJob:
     """What the runner of bound `leases` trains: one trial alone, or several fused."""
     spec, splits = p.spec, p.splits
     assert slot.settings.artifact_dir is not None
@@ -148,7 +148,7 @@ def runner_job(slot: Slot, leases: list[queue.Lease], p: PreparedStudy, device: 
 class Member:
     """A trial its runner holds, as the supervisor follows it (a solo runner holds one, a fused one several)."""
 
-    lease: queue.Lease
+    lease: leasing.Lease
     trial: optuna.Trial
     deadline: float
     tlog: Any = None
@@ -160,7 +160,7 @@ class Member:
 OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
 
 
-def supervise(slot: Slot, p: PreparedStudy, leases: list[queue.Lease], device: str, on_death: OnDeath) -> None:
+def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device: str, on_death: OnDeath) -> None:
     """Fork the runner of bound `leases` (`runner_job`), relay its messages trial by trial and record each
     trial as it ends; `on_death(slot, p, proc, members)` ends those still open when the runner dies."""
     assert slot.settings.artifact_dir is not None
@@ -287,16 +287,16 @@ def _fail_died(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -
                             reason=f"trial process died (exit code {proc.exitcode})"), m.lease, p, m.tlog)
 
 
-def _on_epoch(slot: Slot, report: dict[str, Any], lease: queue.Lease, trial: optuna.Trial,
+def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: optuna.Trial,
               p: PreparedStudy) -> Ending | None:
     """Record one epoch; None to go on, else why this attempt stops here."""
     metric = report["metrics"].get(p.spec.primary.metric)
-    status = queue.record_epoch(slot.db, lease, epoch=report["epoch"], train_loss=report["train_loss"],
-                                val_loss=report["val_loss"], val_metric=metric,
-                                learning_rate=report["learning_rate"], seconds=report["seconds"])
-    if status is queue.EpochStatus.LOST:
+    status = leasing.record_epoch(slot.db, lease, epoch=report["epoch"], train_loss=report["train_loss"],
+                                  val_loss=report["val_loss"], val_metric=metric,
+                                  learning_rate=report["learning_rate"], seconds=report["seconds"])
+    if status is leasing.EpochStatus.LOST:
         return Ending(Outcome.LOST)
-    stop = status is queue.EpochStatus.STOP
+    stop = status is leasing.EpochStatus.STOP
     if p.spec.is_multi_objective or metric is None:
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE) if stop else None
     try:  # an epoch the service recorded reaches Optuna too, also the last one before a cancel
@@ -309,7 +309,7 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: queue.Lease, trial: opt
     return Ending(Outcome.PRUNED) if retry_on_disconnect(pruning.should_prune, p.optuna_study, storage, trial) else None
 
 
-def record(slot: Slot, ending: Ending, lease: queue.Lease, p: PreparedStudy, tlog: Any) -> None:
+def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, tlog: Any) -> None:
     """Write how the attempt ended: our row and stop criteria in one transaction, then Optuna once."""
     if ending.outcome is Outcome.LOST:
         tlog.warning("lease lost (reaped or study deleted); result dropped")
@@ -327,23 +327,23 @@ def record(slot: Slot, ending: Ending, lease: queue.Lease, p: PreparedStudy, tlo
     final = final_stem(slot.settings.artifact_dir, lease.study_id, lease.number)
     if ending.outcome is Outcome.COMPLETE:
         state, result = TrialState.COMPLETE, ending.result
-        finished = queue.finish_trial(slot.db, lease, state=state, value=values[0], values=values,
-                                      metrics=result["metrics"], epochs_run=result["epochs_run"],
-                                      best_epoch=result["best_epoch"], artifact=str(final),
-                                      while_held=lambda: _publish(staged, final, tlog))
+        finished = leasing.finish_trial(slot.db, lease, state=state, value=values[0], values=values,
+                                        metrics=result["metrics"], epochs_run=result["epochs_run"],
+                                        best_epoch=result["best_epoch"], artifact=str(final),
+                                        while_held=lambda: _publish(staged, final, tlog))
     elif ending.outcome is Outcome.PRUNED:
         state, values = TrialState.PRUNED, None
-        finished = queue.finish_trial(slot.db, lease, state=state,
-                                      value=(ending.result.get("metrics") or {}).get(p.spec.primary.metric),
-                                      epochs_run=ending.result.get("epoch", 0))  # epochs count from 1
+        finished = leasing.finish_trial(slot.db, lease, state=state,
+                                        value=(ending.result.get("metrics") or {}).get(p.spec.primary.metric),
+                                        epochs_run=ending.result.get("epoch", 0))  # epochs count from 1
     else:
         state, values = TrialState.FAIL, None
-        finished = queue.finish_trial(slot.db, lease, state=state, error=ending.reason, failure=ending.failure)
+        finished = leasing.finish_trial(slot.db, lease, state=state, error=ending.reason, failure=ending.failure)
     if finished is None:
         tlog.warning("lease lost (reaped or study deleted); late result refused")
         return
     assert lease.optuna_trial_id is not None
-    optuna_sync.tell(p.optuna_study, lease.optuna_trial_id, state, values)
+    optuna_sync.tell(optuna_storage(slot.db.url), [OptunaTell(lease.optuna_trial_id, state, values)], p.optuna_study)
     tlog.log(logging.WARNING if state is TrialState.FAIL else logging.INFO, "trial %s%s", state.value,
              f": {values[0] if values else ending.reason}" if values or ending.reason else "")
 

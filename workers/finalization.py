@@ -9,7 +9,7 @@ from typing import Any
 
 from app.core.optuna_store import optuna_storage
 from app.ml.artifacts import ModelSpec, has_model, prune_study_dir, read_config, trial_files, trial_stem
-from workers import final_evaluation, optuna_sync, queue
+from workers import closing, final_evaluation, optuna_sync
 from workers.attempt import Slot
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudy
@@ -19,45 +19,43 @@ log = logging.getLogger("hpsearch.worker")
 EVAL_TIMEOUT_S = 600.0
 
 
-def finalize(slot: Slot, job: queue.FinalizeJob, device: str) -> None:
+def finalize(slot: Slot, job: closing.FinalizeJob, device: str) -> None:
     """Pick the top-k ensemble on validation, score it and the best trial ONCE on test; end the study."""
     with slot.studies.using(job.study_id) as p:
         _finalize(slot, job, p, device)
     slot.studies.forget(job.study_id)
 
 
-def _finalize(slot: Slot, job: queue.FinalizeJob, p: PreparedStudy, device: str) -> None:
+def _finalize(slot: Slot, job: closing.FinalizeJob, p: PreparedStudy, device: str) -> None:
     flog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": job.study_id})
     assert slot.settings.artifact_dir is not None
     # No trial runs any more: clear what crashed attempts left behind, here and in Optuna.
     clear_staging(slot.settings.artifact_dir, job.study_id)
     optuna_sync.repair(slot.db, job.study_id, p.optuna_study)
-    top, complete = queue.closing_candidates(slot.db, job.study_id, p.spec.ensemble_top_k)
+    top, complete = closing.closing_candidates(slot.db, job.study_id, p.spec.ensemble_top_k)
     study_dir = slot.settings.artifact_dir / job.study_id
     for path in prune_study_dir(study_dir, keep=complete):  # pruned, failed or half-written trials
         flog.info("removed artifact %s of a trial that did not complete", path.name)
     top = [n for n in top if has_model(trial_stem(study_dir, n))]
     if not top:
-        begun = queue.complete_study(slot.db, job, worker_id=slot.worker_id, test_metrics=None,
-                                     error="no trial completed")
+        tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id, test_metrics=None,
+                                       error="no trial completed")
     else:
         try:
             result = _evaluate_on_test(slot, p, top, study_dir, device)
         except final_evaluation.Interrupted:
-            queue.release_finalization(slot.db, job, worker_id=slot.worker_id)
+            closing.release_finalization(slot.db, job, worker_id=slot.worker_id)
             flog.info("final evaluation stopped by shutdown; handed back")
             return
         except final_evaluation.EvaluationError as exc:
             # Retrying would fail the same way forever; every trial's result stays readable.
             flog.error("final evaluation failed: %s", exc)
-            begun = queue.complete_study(slot.db, job, worker_id=slot.worker_id, test_metrics=None,
-                                         error=f"final evaluation failed: {str(exc)[:400]}")
+            tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id, test_metrics=None,
+                                           error=f"final evaluation failed: {str(exc)[:400]}")
         else:
-            begun = queue.complete_study(slot.db, job, worker_id=slot.worker_id,
-                                         test_metrics=result["test_metrics"], ensemble=result["ensemble"])
-    storage = optuna_storage(slot.db.url)
-    for trial_id in begun:
-        optuna_sync.fail_trial(storage, trial_id)
+            tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id,
+                                           test_metrics=result["test_metrics"], ensemble=result["ensemble"])
+    optuna_sync.tell(optuna_storage(slot.db.url), tells)
     flog.info("study finalized (%s)", job.reason)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from app.core.optuna_store import optuna_storage
 from app.models import FailureKind
-from workers import optuna_sync, queue
+from workers import leasing, optuna_sync, retries
 from workers.attempt import Member, Slot, bind, supervise
 from workers.fused import can_fuse, max_waste, plan_groups
 from workers.fused.layers import member_params
@@ -23,8 +23,8 @@ from workers.prepared import PreparedStudy
 from workers.trainer import DEFAULT_BATCH_SIZE
 
 
-def plan_claim(slot: Slot, first: queue.Lease, device: str, fuse: int | str,
-               claim_more: Callable[[int], list[queue.Lease]]) -> list[list[queue.Lease]]:
+def plan_claim(slot: Slot, first: leasing.Lease, device: str, fuse: int | str,
+               claim_more: Callable[[int], list[leasing.Lease]]) -> list[list[leasing.Lease]]:
     """Bind `first`, claim and bind up to K-1 more leases of its study, and split them into runs: a list of
     one lease runs solo (`attempt.run_attempt`), a longer one as a fused group (`run_group`).
 
@@ -42,18 +42,18 @@ def plan_claim(slot: Slot, first: queue.Lease, device: str, fuse: int | str,
     leases = [lead]
     if k > 1:
         leases += [b for lease in claim_more(k - 1) if (b := _bound(slot, lease, p)) is not None]
-    runs: list[list[queue.Lease]] = [[lease] for lease in leases if lease.attempt > 1]
+    runs: list[list[leasing.Lease]] = [[lease] for lease in leases if lease.attempt > 1]
     fresh = [lease for lease in leases if lease.attempt == 1]
     specs = [p.model_spec(lease.params or {}) for lease in fresh]
     runs += [[fresh[i] for i in g] for g in plan_groups(specs, max_members=max(1, k), max_waste=max_waste(device))]
     return runs
 
 
-def _bound(slot: Slot, lease: queue.Lease, p: PreparedStudy) -> queue.Lease | None:
+def _bound(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease | None:
     return lease if lease.number is not None else bind(slot, lease, p)
 
 
-def run_group(slot: Slot, leases: list[queue.Lease], device: str) -> None:
+def run_group(slot: Slot, leases: list[leasing.Lease], device: str) -> None:
     """Train bound leases of one study as one fused runner; record each member's outcome as it ends."""
     p = slot.studies.get(leases[0].study_id)
     supervise(slot, p, leases, device, on_death=_retry_members)
@@ -64,12 +64,12 @@ def _retry_members(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member
     each is retried (solo) while attempts remain."""
     reason = f"fused trial process died (exit code {proc.exitcode})"
     for m in members:
-        reaped = queue.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED)
+        reaped = retries.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED)
         if reaped is None:
             m.tlog.warning("lease lost (reaped or study deleted); result dropped")
         elif reaped.requeued:
             m.tlog.warning("trial attempt failed: %s; back in line", reason)
         else:
-            if reaped.optuna_trial_id is not None:
-                optuna_sync.fail_trial(optuna_storage(slot.db.url), reaped.optuna_trial_id)
             m.tlog.warning("trial failed: %s", reaped.reason)
+        if reaped is not None:  # over either way: a retry runs as a fresh Optuna trial
+            optuna_sync.tell(optuna_storage(slot.db.url), reaped.tells)

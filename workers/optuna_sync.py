@@ -1,21 +1,24 @@
 """Optuna's copy of each trial: told once after our row is recorded, repaired where a crash split them.
 
-Our tables are the record; Optuna's tables follow them. A failed write here is logged, not raised, and the
-repair before a study closes makes the two agree again.
+Our tables are the record; Optuna's tables follow them. Every change of our rows returns what Optuna must be
+told (app.lifecycle.OptunaTell) and `tell` is the one place in the workers that tells it. A failed write
+here is logged, not raised, and the repair before a study closes makes the two agree again.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterable
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState as OptunaState
 
 from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
+from app.lifecycle import OptunaTell
 from app.models import TrialState
-from workers import asking, queue
+from workers import asking, study_reads
 
 log = logging.getLogger("hpsearch.worker")
 
@@ -23,28 +26,34 @@ OPTUNA_STATE = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: Op
                 TrialState.FAIL: OptunaState.FAIL}
 
 
-def tell(study: optuna.Study, trial_id: int, state: TrialState, values: list[float] | None = None) -> None:
-    """Finish Optuna trial `trial_id` as our row finished (one write where the sampler allows).
+def tell(storage: BaseStorage, tells: Iterable[OptunaTell], study: optuna.Study | None = None) -> None:
+    """Finish each Optuna trial as our row says; one already finished there is left as it is.
 
-    By id: a retried row points at its latest Optuna trial, whose number is not the row's number.
+    COMPLETE and PRUNED reach the study's sampler through `study` (one write where the sampler allows);
+    FAIL is written to `storage` alone: a failed trial teaches no sampler anything, and most are of trials
+    that will never report again. By id: a retried row points at its latest Optuna trial, whose number is
+    not the row's number.
     """
-    ostate = OPTUNA_STATE[state]
-    try:
-        if ostate != OptunaState.PRUNED and asking.finishes_directly(study):
-            retry_on_disconnect(asking.finish_trial, study, trial_id, ostate, values)
-        else:
-            number = retry_on_disconnect(study._storage.get_trial_number_from_id, trial_id)
-            retry_on_disconnect(study.tell, number, values, state=ostate, skip_if_finished=True)
-    except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
-        log.exception("could not tell Optuna about trial id %s", trial_id)
+    for t in tells:
+        try:
+            if t.state is TrialState.FAIL:
+                retry_on_disconnect(storage.set_trial_state_values, t.trial_id, OptunaState.FAIL)
+            else:
+                assert study is not None, "a finished outcome is told through its study"
+                _tell_outcome(study, t)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+        except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
+            log.exception("could not tell Optuna about trial id %s", t.trial_id)
 
 
-def fail_trial(storage: Any, trial_id: int) -> None:
-    """Fail an Optuna trial that will never run or report again (no-op when it already finished)."""
-    try:
-        retry_on_disconnect(storage.set_trial_state_values, trial_id, OptunaState.FAIL)
-    except Exception:  # noqa: BLE001 - already finished there
-        pass
+def _tell_outcome(study: optuna.Study, t: OptunaTell) -> None:
+    ostate = OPTUNA_STATE[t.state]
+    if ostate != OptunaState.PRUNED and asking.finishes_directly(study):
+        retry_on_disconnect(asking.finish_trial, study, t.trial_id, ostate, t.values)
+    else:
+        number = retry_on_disconnect(study._storage.get_trial_number_from_id, t.trial_id)
+        retry_on_disconnect(study.tell, number, t.values, state=ostate, skip_if_finished=True)
 
 
 def repair(db: Database, study_id: str, study: optuna.Study) -> None:
@@ -52,19 +61,20 @@ def repair(db: Database, study_id: str, study: optuna.Study) -> None:
 
     A worker killed between Optuna's ask and our bind leaves an Optuna trial we never ran; one killed
     between our finish and its tell leaves a finished trial RUNNING there. Waiting trials are left to
-    finalization, which drops them.
+    finalization, which ends them.
     """
     storage = optuna_storage(db.url)
     oid = retry_on_disconnect(storage.get_study_id_from_name, study.study_name)
     stuck = retry_on_disconnect(storage.get_all_trials, oid, deepcopy=False, states=(OptunaState.RUNNING,))
     if not stuck:
         return
-    rows = queue.recorded_by_optuna_id(db, study_id, [t._trial_id for t in stuck])
+    rows = study_reads.recorded_by_optuna_id(db, study_id, [t._trial_id for t in stuck])
     for frozen in stuck:
         row = rows.get(frozen._trial_id)
         if row is not None and not row.state.is_finished():
             continue
         state = row.state if row is not None else TrialState.FAIL
-        tell(study, frozen._trial_id, state, row.values if row is not None and state is TrialState.COMPLETE else None)
+        values = row.values if row is not None and state is TrialState.COMPLETE else None
+        tell(storage, [OptunaTell(frozen._trial_id, state, values)], study)
         log.warning("Optuna trial %d was left RUNNING by a crash; now %s", frozen.number,
                     state.value if row is not None else "fail (never ran)")

@@ -20,7 +20,7 @@ from app.ml import data as datasets_lib
 from app.ml.artifacts import ModelSpec
 from app.schemas.study import StudySpec
 from app.services.datasets import load_dataset
-from workers import queue
+from workers import study_reads
 from workers.runner import standardization
 from workers.search import make_pruner, make_sampler
 
@@ -53,7 +53,7 @@ class StudyUnrunnable(Exception):
 def prepare(db: Database, settings: Settings, study_id: str) -> PreparedStudy:
     """Load a study; StudyUnrunnable when what fails follows from the dataset and the spec alone (a missing
     file, which another worker may have, raises as it is)."""
-    spec, optuna_name = queue.study_config(db, study_id)
+    spec, optuna_name = study_reads.study_config(db, study_id)
     ds = load_dataset(db, settings, spec.dataset)
     try:
         splits = datasets_lib.split_dataset(ds, validation_split=spec.validation_split, seed=spec.seed)
@@ -113,7 +113,7 @@ class PreparedStudies:
             idle = [sid for sid in self._studies if sid not in self._users]
         if not idle:
             return
-        live = queue.still_running(self.db, idle)
+        live = study_reads.still_running(self.db, idle)
         with self._lock:
             idle = [sid for sid in self._studies if sid not in self._users]
             for sid in [s for s in idle if s not in live]:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from app.ml.artifacts import trial_files
-from workers.queue import Lease
+from workers.leasing import Lease
 
 STAGING_DIR = ".staging"  # per-attempt weights, under a study's artifact folder
 

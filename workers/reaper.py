@@ -13,20 +13,19 @@ from typing import Any
 
 from app.core.db import RETRY_MAX_DELAY_S, Database
 from app.core.optuna_store import optuna_storage
-from workers import optuna_sync, queue
+from workers import optuna_sync, registry, retries
 
 log = logging.getLogger("hpsearch.worker")
 
 
-def reap_and_tell(db: Database, grace_s: float) -> list[queue.Reaped]:
+def reap_and_tell(db: Database, grace_s: float) -> list[retries.Reaped]:
     """Reap stale leases and fail their Optuna trials (a retry gets a fresh one with the same parameters)."""
-    reaped = queue.reap(db, grace_s=grace_s)
+    reaped = retries.reap(db, grace_s=grace_s)
     storage = optuna_storage(db.url) if reaped else None
     for r in reaped:
         log.warning("reaped trial %s of study %s: %s%s", r.number, r.study_id, r.reason,
                     " (re-queued)" if r.requeued else "")
-        if r.optuna_trial_id is not None:  # over either way: a retry runs as a fresh Optuna trial
-            optuna_sync.fail_trial(storage, r.optuna_trial_id)
+        optuna_sync.tell(storage, r.tells)  # over either way: a retry runs as a fresh Optuna trial
     return reaped
 
 
@@ -47,10 +46,10 @@ class Reaper:
     def interval_s(self) -> float:
         return max(1.0, self.grace_s / 4)
 
-    def tick(self) -> list[queue.Reaped]:
+    def tick(self) -> list[retries.Reaped]:
         try:
             if self._cut_off or time.monotonic() < self._resume_at:
-                queue.ping(self.db)
+                registry.ping(self.db)
                 if self._cut_off:  # back: give workers a grace period, plus their longest retry pause
                     self._cut_off = False
                     self._resume_at = time.monotonic() + self.grace_s + RETRY_MAX_DELAY_S

@@ -22,7 +22,8 @@ from app import plugins
 from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
-from workers import group, optuna_sync, queue
+from app.services.studies import settle_optuna_trials
+from workers import closing, group, leasing, optuna_sync, registry, retries
 from workers.attempt import Slot, release, run_attempt
 from workers.devices import CudaBeforeFork, check_fork_safe, pin_device_order, threads_per_slot, watching_cuda
 from workers.finalization import finalize
@@ -57,7 +58,7 @@ class Supervisor:
         self.fuse = fuse  # trials per fused runner: 1 (off), K, or "auto" (workers.fusing)
         self._drain_deadline: float | None = None
         # Keyed by attempt too: a slot whose lease was reaped must not drop the lease another slot took since.
-        self._active: dict[tuple[int, int], queue.Lease] = {}
+        self._active: dict[tuple[int, int], leasing.Lease] = {}
         self._finalizing: set[str] = set()  # studies whose final evaluation runs here
         self._active_lock = threading.Lock()
         self._log = logging.LoggerAdapter(log, {"worker_id": self.worker_id})
@@ -69,8 +70,9 @@ class Supervisor:
 
     def run(self) -> None:
         """Serve until stop() (or SIGTERM via the CLI); running trials get a grace period, then go back."""
-        queue.register_worker(self.db, worker_id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
-                              devices=self.devices, slots=len(self.slots), plugins=self.plugins.advertised())
+        registry.register_worker(self.db, worker_id=self.worker_id, hostname=socket.gethostname(),
+                                 pid=os.getpid(), devices=self.devices, slots=len(self.slots),
+                                 plugins=self.plugins.advertised())
         self._log.info("worker started with %d slot(s) on %s", len(self.slots), ",".join(self.devices))
         threads = [threading.Thread(target=self._slot_loop, args=(i, d), name=f"slot-{i}", daemon=True)
                    for i, d in enumerate(self.slots)]
@@ -83,7 +85,7 @@ class Supervisor:
         for t in threads:
             t.join()
         beat.join(self.shutdown_grace_s)  # a beat after unregistering would show this worker alive again
-        queue.unregister_worker(self.db, worker_id=self.worker_id)
+        registry.unregister_worker(self.db, worker_id=self.worker_id)
         self._log.info("worker stopped")
 
     def stop(self) -> None:
@@ -105,7 +107,7 @@ class Supervisor:
             try:
                 with self._active_lock:
                     ids, finalizing = sorted({tid for tid, _ in self._active}), list(self._finalizing)
-                queue.renew_leases(self.db, worker_id=self.worker_id, trial_ids=ids, finalizing=finalizing)
+                leasing.renew_leases(self.db, worker_id=self.worker_id, trial_ids=ids, finalizing=finalizing)
             except Exception:  # noqa: BLE001 - a database outage must not kill the beat; retry next tick
                 self._log.exception("heartbeat failed; retrying")
 
@@ -131,8 +133,8 @@ class Supervisor:
                 self.stop_event.wait(backoff)
 
     def _step(self, device: str) -> bool:
-        lease = queue.claim_trial(self.db, worker_id=self.worker_id, device=device,
-                                  trial_deadline_s=self.settings.trial_deadline_s, can_run=self.plugins.can_run)
+        lease = leasing.claim_trial(self.db, worker_id=self.worker_id, device=device,
+                                    trial_deadline_s=self.settings.trial_deadline_s, can_run=self.plugins.can_run)
         if lease is not None:
             if self.stop_event.is_set():  # stop() came while claiming: hand it straight back
                 release(self.slot, lease)
@@ -156,7 +158,7 @@ class Supervisor:
                 with self._active_lock:
                     self._active.pop((lease.trial_id, lease.attempt), None)
             return True
-        job = queue.claim_finalization(self.db, worker_id=self.worker_id, can_run=self.plugins.can_run)
+        job = closing.claim_finalization(self.db, worker_id=self.worker_id, can_run=self.plugins.can_run)
         if job is not None:
             with self._active_lock:
                 self._finalizing.add(job.study_id)
@@ -168,19 +170,20 @@ class Supervisor:
             return True
         return False
 
-    def _run_fused(self, first: queue.Lease, device: str) -> None:
+    def _run_fused(self, first: leasing.Lease, device: str) -> None:
         """Claim up to K leases of first's study, then run each planned group (one runner each) and each solo
         lease at once, one thread apiece; every lease is heartbeaten until its run ends."""
         held = [first]
 
-        def track(leases: list[queue.Lease]) -> None:
+        def track(leases: list[leasing.Lease]) -> None:
             with self._active_lock:
                 for lease in leases:
                     self._active[(lease.trial_id, lease.attempt)] = lease
 
-        def claim_more(n: int) -> list[queue.Lease]:
-            more = queue.claim_trials(self.db, worker_id=self.worker_id, device=device, study_id=first.study_id,
-                                      trial_deadline_s=self.settings.trial_deadline_s, limit=n)
+        def claim_more(n: int) -> list[leasing.Lease]:
+            more = leasing.claim_trials(self.db, worker_id=self.worker_id, device=device,
+                                        study_id=first.study_id, trial_deadline_s=self.settings.trial_deadline_s,
+                                        limit=n)
             track(more)
             held.extend(more)
             return more
@@ -190,7 +193,7 @@ class Supervisor:
             runs = group.plan_claim(self.slot, first, device, self.fuse, claim_more)
             errors: list[Exception] = []
 
-            def run(leases: list[queue.Lease]) -> None:
+            def run(leases: list[leasing.Lease]) -> None:
                 try:
                     if len(leases) == 1:
                         run_attempt(self.slot, leases[0], device)
@@ -209,7 +212,7 @@ class Supervisor:
         except Exception as exc:
             for lease in held:  # those already recorded are no longer held: both calls pass them by
                 if is_transient(exc):
-                    queue.release_trial(self.db, lease)
+                    release(self.slot, lease)
                 else:
                     self._fail_attempt(lease, exc)
             raise
@@ -218,22 +221,21 @@ class Supervisor:
                 for lease in held:
                     self._active.pop((lease.trial_id, lease.attempt), None)
 
-    def _fail_attempt(self, lease: queue.Lease, exc: Exception) -> None:
+    def _fail_attempt(self, lease: leasing.Lease, exc: Exception) -> None:
         reason = f"worker error: {type(exc).__name__}: {exc}"[:500]
-        reaped = queue.fail_attempt(self.db, lease, reason=reason)
+        reaped = retries.fail_attempt(self.db, lease, reason=reason)
         if reaped is not None and reaped.number is None:
             # Failed before it had a trial (the study's data could not be loaded here, say): no attempt to
             # count, so say it on the study, where its owner looks, instead of only in this worker's log.
-            queue.note_study_error(self.db, lease.study_id, f"{self.worker_id} could not start a trial: {reason}")
-        elif reaped is not None and reaped.optuna_trial_id is not None:  # a retry gets a fresh one
-            optuna_sync.fail_trial(optuna_storage(self.db.url), reaped.optuna_trial_id)
+            closing.note_study_error(self.db, lease.study_id, f"{self.worker_id} could not start a trial: {reason}")
+        if reaped is not None:  # a retry gets a fresh Optuna trial
+            optuna_sync.tell(optuna_storage(self.db.url), reaped.tells)
 
     def _fail_study(self, study_id: str, reason: str) -> None:
         """No retry can mend it: end the study failed at once instead of claiming and failing forever."""
         self._log.error("study %s cannot run: %s", study_id, reason)
-        storage = optuna_storage(self.db.url)
-        for trial_id in queue.fail_study(self.db, study_id, reason):
-            optuna_sync.fail_trial(storage, trial_id)
+        optuna_sync.tell(optuna_storage(self.db.url), closing.fail_study(self.db, study_id, reason))
+        settle_optuna_trials(self.db, study_id)  # and any an ask in flight or a crash left running there
         self.slot.studies.forget(study_id)
 
     def _drain_over(self) -> bool:

@@ -9,18 +9,20 @@ from datetime import datetime
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import lifecycle
 from app.core.config import Settings
 from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
-from app.models import FailureKind, Study, StudyStatus, Trial, TrialState
+from app.models import Study, StudyStatus, Trial, TrialState
 from app.models.base import utcnow
 from app.schemas.study import BestTrial, Progress, StudiesPublic, StudyPublic, StudySpec
 from app.services.enqueue import add_history, add_warm_configurations_in_tx, plan_warm_start
 from app.services.errors import Conflict
+from app.services.fates import end_waiting_in_tx
 from app.services.ownership import best_trial_in_tx, own_study
 from app.services.paging import decode_cursor, encode_cursor
 from app.services.validation import validate_spec
@@ -144,58 +146,67 @@ def _stopped_at(study: Study) -> datetime | None:
 
 # ---- state changes ---------------------------------------------------------------------------------------
 
-_TRANSITIONS = {
-    "pause": ({StudyStatus.QUEUED, StudyStatus.RUNNING}, StudyStatus.PAUSED),
-    "resume": ({StudyStatus.PAUSED}, None),  # back to running, or queued if it never started
-    "cancel": ({StudyStatus.QUEUED, StudyStatus.RUNNING, StudyStatus.PAUSED}, StudyStatus.CANCELLED),
-}
-
 
 def change_state(db: Database, *, owner: str, study_id: str, action: str) -> StudyPublic:
-    """pause, resume or cancel; Conflict when the study's status does not allow it."""
-    allowed, target = _TRANSITIONS[action]
-    ended: list[int] = []
+    """pause, resume or cancel (app.lifecycle decides); Conflict when the study's status does not allow it."""
     with db.session() as session:
         study = own_study(session, owner=owner, study_id=study_id, for_update=True)
-        if StudyStatus(study.status) not in allowed:
-            raise Conflict(f"cannot {action} a {study.status} study")
-        if target is None:
-            target = StudyStatus.RUNNING if study.started_at else StudyStatus.QUEUED
+        try:
+            target = lifecycle.after_action(StudyStatus(study.status), lifecycle.Action(action),
+                                            started=study.started_at is not None)
+        except lifecycle.BadTransition as exc:
+            raise Conflict(str(exc)) from exc
         study.status = target.value
         if target is StudyStatus.CANCELLED:
-            study.finished_at = utcnow()
+            study.finished_at = now = utcnow()
             study.stop_reason = "cancelled"
-            # Trials never started are dropped; running ones are stopped by their workers.
-            session.execute(delete(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.WAITING.value,
-                                                Trial.optuna_trial_id.is_(None)))
-            ended = _end_waiting_in_tx(session, study.id)
+            # Waiting trials end here; running ones are stopped by their workers at their next epoch.
+            end_waiting_in_tx(session, study.id, target, now)
         session.flush()
         public = _public(session, study)
-    fail_optuna_trials(db.url, ended)
+    if target is StudyStatus.CANCELLED:
+        settle_optuna_trials(db, study_id)
     return public
 
 
-def _end_waiting_in_tx(session: Session, study_id: str) -> list[int]:
-    """Trials waiting for another attempt of a cancelled study end FAIL (cancelled), their curves kept;
-    returns their Optuna trial ids, which must end too."""
-    now = utcnow()
-    waiting = session.scalars(select(Trial).where(Trial.study_id == study_id,
-                                                  Trial.state == TrialState.WAITING.value)).all()
-    for trial in waiting:
-        trial.state, trial.failure = TrialState.FAIL.value, FailureKind.CANCELLED.value
-        trial.error = "cancelled before its next attempt" + (f" ({trial.error})" if trial.error else "")
-        trial.finished_at = now
-    return [t.optuna_trial_id for t in waiting if t.optuna_trial_id is not None]
+def settle_optuna_trials(db: Database, study_id: str) -> None:
+    """A study has ended: end each of its Optuna trials still RUNNING or WAITING that no running row of ours
+    holds, as its row ended (FAIL when no row names it).
 
-
-def fail_optuna_trials(url: str, trial_ids: list[int]) -> None:
-    """End Optuna trials that will never report again; those already finished are left as they are."""
-    storage = optuna_storage(url) if trial_ids else None
-    for trial_id in trial_ids:
+    Those are trials our rows just ended, an ask in flight when the study ended (its bind is refused from
+    now on, and fails it too) and any a crashed worker left behind; a running row's trial ends through its
+    worker. Written to the storage alone: the sampler of an ended study never proposes again.
+    """
+    with db.read_session() as session:
+        optuna_name = session.scalars(select(Study.optuna_name).where(Study.id == study_id)).first()
+    if optuna_name is None:
+        return
+    storage = optuna_storage(db.url)
+    oid = retry_on_disconnect(storage.get_study_id_from_name, optuna_name)
+    live = retry_on_disconnect(storage.get_all_trials, oid, deepcopy=False,
+                               states=(OptunaState.RUNNING, OptunaState.WAITING))
+    ids = [retry_on_disconnect(storage.get_trial_id_from_study_id_trial_number, oid, t.number) for t in live]
+    if not ids:
+        return
+    with db.read_session() as session:
+        rows = {r.optuna_trial_id: r for r in session.execute(select(
+            Trial.optuna_trial_id, Trial.state, Trial.value, Trial.values).where(
+            Trial.study_id == study_id, Trial.optuna_trial_id.in_(ids)))}
+    for trial_id in ids:
+        row = rows.get(trial_id)
+        state = TrialState(row.state) if row is not None else TrialState.FAIL
+        if not state.is_finished():
+            continue
+        values = (row.values or ([row.value] if row.value is not None else None)) \
+            if row is not None and state is not TrialState.FAIL else None
         try:
-            storage.set_trial_state_values(trial_id, OptunaState.FAIL)  # type: ignore[union-attr]
+            retry_on_disconnect(storage.set_trial_state_values, trial_id, _OPTUNA_STATE[state], values)
         except UpdateFinishedTrialError:
-            pass
+            pass  # its worker told it meanwhile
+
+
+_OPTUNA_STATE = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: OptunaState.PRUNED,
+                 TrialState.FAIL: OptunaState.FAIL}
 
 
 def delete_study(db: Database, settings: Settings, *, owner: str, study_id: str) -> None:

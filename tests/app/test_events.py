@@ -17,7 +17,7 @@ from app.services import events, keys
 from app.services.events import Cursor, StreamOptions
 from tests.factories import API, client_for, create_study_via_api
 from tests.study_rows import finalize, write_trials
-from workers import queue
+from workers import leasing
 
 FAST = StreamOptions(poll_s=0.05, settle_s=0.0, keepalive_s=0.2, max_s=20.0)
 
@@ -156,19 +156,19 @@ def test_a_trial_bound_after_later_trials_ran_still_starts_exactly_once(settings
     study_id = create_study_via_api(client, budget={"n_trials": 2, "max_parallel": 1})
     with db.session() as session:
         session.execute(update(Study).where(Study.id == study_id).values(max_parallel=2))
-    slow = queue.claim_trial(db, worker_id="slow", device="cpu", trial_deadline_s=600)
+    slow = leasing.claim_trial(db, worker_id="slow", device="cpu", trial_deadline_s=600)
     assert slow is not None and slow.number is None
     cursor, sent = Cursor(0), []
     write_trials(db, settings, study_id=study_id, n=1)  # B: claimed, bound, epochs 1..3, finished
     got, cursor = _poll_like_a_stream(db, study_id, cursor)
     sent += got
-    bound = queue.bind_trial(db, slow, number=1, optuna_trial_id=10**6, params={"units": 32})
+    bound = leasing.bind_trial(db, slow, number=1, optuna_trial_id=10**6, params={"units": 32})
     assert bound is not None
     for epoch in (1, 2):
-        queue.record_epoch(db, bound, epoch=epoch, train_loss=0.5, val_loss=0.5, val_metric=0.8,
-                           learning_rate=0.01, seconds=0.01)
-    assert queue.finish_trial(db, bound, state=TrialState.COMPLETE, value=0.8, values=[0.8], epochs_run=2,
-                              best_epoch=2)
+        leasing.record_epoch(db, bound, epoch=epoch, train_loss=0.5, val_loss=0.5, val_metric=0.8,
+                             learning_rate=0.01, seconds=0.01)
+    assert leasing.finish_trial(db, bound, state=TrialState.COMPLETE, value=0.8, values=[0.8], epochs_run=2,
+                                best_epoch=2)
     got, cursor = _poll_like_a_stream(db, study_id, cursor)
     sent += got
     got, cursor = _poll_like_a_stream(db, study_id, cursor)

@@ -15,7 +15,7 @@ from app.core.db import Database
 from app.models import Trial
 from app.models.base import utcnow
 from tests.factories import API, client_for, create_study_via_api, running_supervisor, wait_for_status
-from workers import queue
+from workers import leasing, retries
 
 
 class Scrape:
@@ -104,26 +104,26 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
     client = _fresh_client(settings, db)
     create_study_via_api(client, budget={"n_trials": 3, "max_attempts": 2})
 
-    def lease(deadline_s: float = 3600.0) -> queue.Lease:
-        claimed = queue.claim_trial(db, worker_id="w-lost", device="cpu", trial_deadline_s=deadline_s)
+    def lease(deadline_s: float = 3600.0) -> leasing.Lease:
+        claimed = leasing.claim_trial(db, worker_id="w-lost", device="cpu", trial_deadline_s=deadline_s)
         assert claimed is not None
         number = claimed.number if claimed.number is not None else claimed.trial_id
-        return queue.bind_trial(db, claimed, number=number, optuna_trial_id=claimed.trial_id, params={})
+        return leasing.bind_trial(db, claimed, number=number, optuna_trial_id=claimed.trial_id, params={})
 
     first = lease()
-    assert [r.requeued for r in queue.reap(db, grace_s=-1.0)] == [True]  # every beat is "too old"
+    assert [r.requeued for r in retries.reap(db, grace_s=-1.0)] == [True]  # every beat is "too old"
     scrape = Scrape(client)
     assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="requeued") == 1
     assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="failed") == 0
     assert scrape.value("hpsearch_trials_waiting") == 1
 
     assert lease().trial_id == first.trial_id  # the second attempt of the same trial
-    assert [r.requeued for r in queue.reap(db, grace_s=-1.0)] == [False]  # max_attempts used
+    assert [r.requeued for r in retries.reap(db, grace_s=-1.0)] == [False]  # max_attempts used
     late = lease()
     with db.session() as session:  # the deadline passed: recorded, not waited for
         session.execute(update(Trial).where(Trial.id == late.trial_id)
                         .values(deadline_at=utcnow() - timedelta(seconds=1)))
-    assert len(queue.reap(db, grace_s=3600.0)) == 1  # beating, but past its deadline
+    assert len(retries.reap(db, grace_s=3600.0)) == 1  # beating, but past its deadline
 
     scrape = Scrape(client)
     assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="requeued") == 1
@@ -142,7 +142,7 @@ def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: 
     scrape = Scrape(client)
     assert scrape.value("hpsearch_queue_depth") == 4  # a paused study starts nothing
     assert scrape.value("hpsearch_studies", status="paused") == 1
-    assert queue.claim_trial(db, worker_id="w", device="cpu", trial_deadline_s=60) is not None
+    assert leasing.claim_trial(db, worker_id="w", device="cpu", trial_deadline_s=60) is not None
     scrape = Scrape(client)
     assert scrape.value("hpsearch_queue_depth") == 3
     assert scrape.value("hpsearch_running_trials", worker="w", device="cpu") == 1

@@ -18,7 +18,7 @@ from app.models import Study, Trial, TrialState
 from app.services import enqueue
 from tests.factories import API, client_for, create_study_via_api, study_spec
 from tests.study_rows import Outcome, write_trials
-from workers import queue
+from workers import leasing
 
 FIXED = {"optimizer": "adam", "units": 32, "n_layers": 1, "dropout": 0.0, "weight_decay": 0.0, "batch_size": 64,
          "activation": "relu", "batch_norm": "none", "weight_init": "he_normal", "lr_schedule": "constant",
@@ -193,7 +193,7 @@ def test_a_warm_started_study_is_claimable_only_when_whole(settings: Settings, d
     client = client_for(settings, db)
     source = create_study_via_api(client, budget={"n_trials": 2})
     write_trials(db, settings, study_id=source, n=2, outcome=_complete)  # spent: nothing left to claim there
-    leases: list[queue.Lease] = []
+    leases: list[leasing.Lease] = []
     polling = False
 
     def worker_polls(_session: Session) -> None:
@@ -202,7 +202,7 @@ def test_a_warm_started_study_is_claimable_only_when_whole(settings: Settings, d
             return
         polling = True
         try:
-            while (lease := queue.claim_trial(db, worker_id="poller", device="cpu", trial_deadline_s=600)):
+            while (lease := leasing.claim_trial(db, worker_id="poller", device="cpu", trial_deadline_s=600)):
                 leases.append(lease)
         finally:
             polling = False

@@ -44,7 +44,7 @@ from tests.integration.processes import (
     trials_of,
     wait_until,
 )
-from workers import queue
+from workers import leasing, registry
 
 
 def _setup(db_url: str, tmp_path: Path, **overrides: object) -> tuple[Database, TestClient, Settings]:
@@ -95,11 +95,11 @@ def test_leases_left_by_a_worker_that_died_before_its_first_heartbeat_are_recove
     dead = subprocess.Popen(["true"])
     dead.wait()  # a real pid that no longer runs
     dead_id = f"crashed-{dead.pid}"
-    queue.register_worker(db, worker_id=dead_id, hostname="elsewhere", pid=dead.pid, devices=["cpu"], slots=3)
+    registry.register_worker(db, worker_id=dead_id, hostname="elsewhere", pid=dead.pid, devices=["cpu"], slots=3)
     claim = {"worker_id": dead_id, "device": "cpu", "trial_deadline_s": 3600.0}
-    claimed_only = queue.claim_trial(db, **claim)
-    asked_only = queue.claim_trial(db, **claim)
-    bound = queue.claim_trial(db, **claim)
+    claimed_only = leasing.claim_trial(db, **claim)
+    asked_only = leasing.claim_trial(db, **claim)
+    bound = leasing.claim_trial(db, **claim)
     assert claimed_only and asked_only and bound
     # What the dead worker did before dying, with the same calls a worker makes.
     ostudy = optuna.load_study(study_name=f"hpsearch-{sid}", storage=optuna_storage(db_url))
@@ -108,8 +108,8 @@ def test_leases_left_by_a_worker_that_died_before_its_first_heartbeat_are_recove
     trial = ostudy.ask()
     params = sample_params(trial, resolved)
     storage_study = optuna_storage(db_url).get_study_id_from_name(ostudy.study_name)
-    queue.bind_trial(db, bound, number=trial.number, params=params,
-                     optuna_trial_id=optuna_storage(db_url).get_trial_id_from_study_id_trial_number(
+    leasing.bind_trial(db, bound, number=trial.number, params=params,
+                       optuna_trial_id=optuna_storage(db_url).get_trial_id_from_study_id_trial_number(
                          storage_study, trial.number))
 
     with processes() as procs:

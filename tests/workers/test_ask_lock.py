@@ -12,9 +12,11 @@ from optuna.storages import RDBStorage
 
 from app.core.config import Settings
 from app.core.db import Database
+from app.core.optuna_store import optuna_storage
+from app.lifecycle import OptunaTell
 from app.models import TrialState
 from tests.factories import create_study_via_service
-from workers import optuna_sync, queue
+from workers import leasing, optuna_sync
 from workers.attempt import Slot, bind
 from workers.prepared import PreparedStudies
 
@@ -27,13 +29,14 @@ def test_two_workers_asking_a_qmc_study_at_once_get_different_draws(
     slots = [Slot(db, settings, f"w{i}", PreparedStudies(db, settings), mp.get_context("fork"), 1, lambda: False)
              for i in range(2)]
     prepared = [s.studies.get(sid) for s in slots]
-    first = queue.claim_trial(db, worker_id="w0", device="cpu", trial_deadline_s=600)
+    first = leasing.claim_trial(db, worker_id="w0", device="cpu", trial_deadline_s=600)
     done = bind(slots[0], first, prepared[0])  # type: ignore[arg-type]
     assert done is not None and done.optuna_trial_id is not None
-    queue.finish_trial(db, done, state=TrialState.COMPLETE, value=0.5, values=[0.5])
-    optuna_sync.tell(prepared[0].optuna_study, done.optuna_trial_id, TrialState.COMPLETE, [0.5])
+    leasing.finish_trial(db, done, state=TrialState.COMPLETE, value=0.5, values=[0.5])
+    optuna_sync.tell(optuna_storage(db.url), [OptunaTell(done.optuna_trial_id, TrialState.COMPLETE, [0.5])],
+                     prepared[0].optuna_study)
     # From here QMC draws from its sequence, counting draws in a study attribute.
-    leases = [queue.claim_trial(db, worker_id=f"w{i}", device="cpu", trial_deadline_s=600) for i in range(2)]
+    leases = [leasing.claim_trial(db, worker_id=f"w{i}", device="cpu", trial_deadline_s=600) for i in range(2)]
     both_read = threading.Barrier(2)
     read_attrs = RDBStorage.get_study_system_attrs
 

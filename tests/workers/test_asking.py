@@ -19,7 +19,7 @@ from app.ml.space import Context, resolve_space
 from app.schemas.study import StudySpec
 from app.services import enqueue, studies
 from tests.factories import study_spec
-from workers import queue
+from workers import leasing
 from workers.asking import _ask_directly, ask_trial, finish_trial, finishes_directly
 from workers.attempt import Slot, bind
 from workers.prepared import PreparedStudies
@@ -131,7 +131,7 @@ def _bound_configurations(db: Database, settings: Settings, study_id: str, worke
     out = {}
     for i in range(n):
         slot = slots[i % workers]
-        lease = queue.claim_trial(db, worker_id=slot.worker_id, device="cpu", trial_deadline_s=600)
+        lease = leasing.claim_trial(db, worker_id=slot.worker_id, device="cpu", trial_deadline_s=600)
         assert lease is not None
         bound = bind(slot, lease, slot.studies.get(study_id))
         assert bound is not None and bound.number is not None

@@ -11,7 +11,7 @@ from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.services import studies
 from tests.factories import create_study_via_service
-from workers import queue
+from workers import leasing
 from workers.attempt import Outcome, Slot, _on_epoch, bind
 from workers.prepared import PreparedStudies
 
@@ -20,7 +20,7 @@ def test_the_epoch_that_meets_a_cancel_reaches_optuna_as_it_reached_the_trials_r
                                                                                       db: Database) -> None:
     sid = create_study_via_service(db, settings, budget={"n_trials": 2, "max_parallel": 1})
     slot = Slot(db, settings, "w1", PreparedStudies(db, settings), mp.get_context("fork"), 1, lambda: False)
-    lease = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    lease = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
     assert lease is not None
     p = slot.studies.get(sid)
     bound = bind(slot, lease, p)

@@ -179,26 +179,26 @@ def test_claim_trials_takes_waiting_first_within_max_parallel_and_n_trials(setti
                                                                             db: Database) -> None:
     from app.schemas.study import StudySpec
     from app.services import studies
-    from workers import queue
+    from workers import leasing, retries
 
     spec = StudySpec.model_validate(study_spec(budget={"n_trials": 5, "max_parallel": 3, "max_attempts": 2}))
     sid = studies.create_study(db, settings, owner="alice", spec=spec)[0].id
-    first = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    first = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
     assert first is not None
-    more = queue.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid, limit=8)
+    more = leasing.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid, limit=8)
     assert len(more) == 2  # max_parallel 3 in all
-    assert queue.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid, limit=1) == []
-    bound = queue.bind_trial(db, more[0], number=0, optuna_trial_id=1000, params={"units": 40})
+    assert leasing.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid, limit=1) == []
+    bound = leasing.bind_trial(db, more[0], number=0, optuna_trial_id=1000, params={"units": 40})
     assert bound is not None
-    reaped = queue.retry_attempt(db, bound, reason="runner died", failure=FailureKind.PROCESS_DIED)
+    reaped = retries.retry_attempt(db, bound, reason="runner died", failure=FailureKind.PROCESS_DIED)
     assert reaped is not None and reaped.requeued
-    again = queue.claim_trials(db, worker_id="w2", device="cpu", trial_deadline_s=600, study_id=sid, limit=3)
+    again = leasing.claim_trials(db, worker_id="w2", device="cpu", trial_deadline_s=600, study_id=sid, limit=3)
     assert [(x.trial_id, x.attempt, x.params) for x in again] == [(bound.trial_id, 2, {"units": 40})]
     for lease in [first, more[1], again[0]]:
-        assert queue.finish_trial(db, lease, state=TrialState.FAIL, error="x")
+        assert leasing.finish_trial(db, lease, state=TrialState.FAIL, error="x")
     # Five reserved in all (three finished, two to go): a claim of eight gets two.
-    assert len(queue.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid,
-                                  limit=8)) == 2
+    assert len(leasing.claim_trials(db, worker_id="w1", device="cpu", trial_deadline_s=600, study_id=sid,
+                                    limit=8)) == 2
 
 
 def test_fuse_settings_and_the_auto_size() -> None:

@@ -15,7 +15,7 @@ from app.core.db import Database
 from app.models import Trial
 from app.models.base import utcnow
 from tests.factories import create_study_via_service
-from workers import queue, supervisor
+from workers import leasing, retries, supervisor
 from workers.supervisor import Supervisor
 
 
@@ -26,9 +26,9 @@ def test_a_slot_that_lost_its_lease_leaves_the_next_attempts_lease_beating(
     entered = {1: threading.Event(), 2: threading.Event()}
     leave = {1: threading.Event(), 2: threading.Event()}
 
-    def attempt(_slot: Any, lease: queue.Lease, _device: str) -> None:  # stands in for binding and training
+    def attempt(_slot: Any, lease: leasing.Lease, _device: str) -> None:  # stands in for binding and training
         if lease.number is None:
-            queue.bind_trial(db, lease, number=0, optuna_trial_id=1, params={"units": 32})
+            leasing.bind_trial(db, lease, number=0, optuna_trial_id=1, params={"units": 32})
         entered[lease.attempt].set()
         assert leave[lease.attempt].wait(30)
 
@@ -38,7 +38,7 @@ def test_a_slot_that_lost_its_lease_leaves_the_next_attempts_lease_beating(
     assert entered[1].wait(30)
     with db.session() as session:  # this worker looked dead for a moment: the reaper re-queues the trial
         session.execute(update(Trial).values(heartbeat_at=utcnow() - timedelta(seconds=600)))
-    assert [r.requeued for r in queue.reap(db, grace_s=5)] == [True]
+    assert [r.requeued for r in retries.reap(db, grace_s=5)] == [True]
     second = threading.Thread(target=worker._step, args=("cpu",))  # the other slot takes attempt 2
     second.start()
     assert entered[2].wait(30)

@@ -19,7 +19,7 @@ from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import studies
 from tests.factories import study_spec
-from workers import attempt, queue, reaper
+from workers import attempt, leasing, reaper
 from workers.prepared import PreparedStudies
 from workers.publishing import final_stem, staged_stem
 from workers.trainer import cpu_state
@@ -32,7 +32,7 @@ def _slot(db: Database, settings: Settings, worker: str) -> attempt.Slot:
                         lambda: False)
 
 
-def _trained(slot: attempt.Slot, lease: queue.Lease, seed: int) -> dict[str, torch.Tensor]:
+def _trained(slot: attempt.Slot, lease: leasing.Lease, seed: int) -> dict[str, torch.Tensor]:
     """What a runner leaves when its attempt completes: the trial network's weights at the attempt's staging
     name. Each seed gives other weights, so the published file tells whose it is."""
     assert slot.settings.artifact_dir is not None
@@ -62,7 +62,7 @@ def test_a_runner_whose_lease_was_reaped_never_gives_its_weights_the_trials_name
     sid = studies.create_study(db, settings, owner="alice", spec=spec)[0].id
     first_slot, second_slot = _slot(db, settings, "w1"), _slot(db, settings, "w2")
     p = first_slot.studies.get(sid)
-    lease = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    lease = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
     assert lease is not None
     first = attempt.bind(first_slot, lease, p)
     assert first is not None and first.number is not None and settings.artifact_dir is not None
@@ -82,7 +82,7 @@ def test_a_runner_whose_lease_was_reaped_never_gives_its_weights_the_trials_name
     assert (row.state, row.artifact) == (TrialState.WAITING.value, None)
 
     # The retry holds its lease: its weights take the trial's name.
-    retry = queue.claim_trial(db, worker_id="w2", device="cpu", trial_deadline_s=600)
+    retry = leasing.claim_trial(db, worker_id="w2", device="cpu", trial_deadline_s=600)
     assert retry is not None and retry.attempt == 2
     second = attempt.rebind(second_slot, retry, second_slot.studies.get(sid))
     assert second is not None

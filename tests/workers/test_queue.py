@@ -23,15 +23,15 @@ from app.services import enqueue
 from tests.conftest import make_settings
 from tests.factories import create_study_via_service, study_spec
 from tests.integration.processes import wait_until
-from workers import queue
+from workers import closing, leasing, registry, retries
 
 
-def _claim(db: Database, worker: str = "w1") -> queue.Lease | None:
-    return queue.claim_trial(db, worker_id=worker, device="cpu", trial_deadline_s=600)
+def _claim(db: Database, worker: str = "w1") -> leasing.Lease | None:
+    return leasing.claim_trial(db, worker_id=worker, device="cpu", trial_deadline_s=600)
 
 
-def _bind(db: Database, lease: queue.Lease, number: int) -> queue.Lease:
-    return queue.bind_trial(db, lease, number=number, optuna_trial_id=1000 + number, params={"units": number})
+def _bind(db: Database, lease: leasing.Lease, number: int) -> leasing.Lease:
+    return leasing.bind_trial(db, lease, number=number, optuna_trial_id=1000 + number, params={"units": number})
 
 
 def test_claims_respect_max_parallel_and_n_trials(db: Database, settings: Settings) -> None:
@@ -42,10 +42,10 @@ def test_claims_respect_max_parallel_and_n_trials(db: Database, settings: Settin
     with db.read_session() as session:
         assert session.get(Study, sid).status == "running"  # type: ignore[union-attr]
     first = _bind(db, first, 0)
-    assert queue.finish_trial(db, first, state=TrialState.COMPLETE, value=0.5)
+    assert leasing.finish_trial(db, first, state=TrialState.COMPLETE, value=0.5)
     third = _claim(db)
     assert third is not None
-    assert queue.finish_trial(db, _bind(db, second, 1), state=TrialState.COMPLETE, value=0.6)
+    assert leasing.finish_trial(db, _bind(db, second, 1), state=TrialState.COMPLETE, value=0.6)
     assert _claim(db) is None  # three reserved: the budget is spent
 
 
@@ -54,9 +54,9 @@ def test_a_lost_lease_cannot_finish(db: Database, settings: Settings) -> None:
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
     with db.session() as session:  # another worker's reaper took it back
         session.execute(update(Trial).where(Trial.id == lease.trial_id).values(state="waiting", attempt=2))
-    assert not queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=1.0)
-    assert queue.record_epoch(db, lease, epoch=1, train_loss=1.0, val_loss=1.0, val_metric=0.1,
-                              learning_rate=0.1, seconds=0.1) == "lost"
+    assert not leasing.finish_trial(db, lease, state=TrialState.COMPLETE, value=1.0)
+    assert leasing.record_epoch(db, lease, epoch=1, train_loss=1.0, val_loss=1.0, val_metric=0.1,
+                                learning_rate=0.1, seconds=0.1) == "lost"
 
 
 def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: Database,
@@ -66,14 +66,14 @@ def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: 
     stale = utcnow() - timedelta(seconds=60)
     with db.session() as session:
         session.execute(update(Trial).where(Trial.id == lease.trial_id).values(heartbeat_at=stale))
-    reaped = queue.reap(db, grace_s=5)
+    reaped = retries.reap(db, grace_s=5)
     assert [(r.number, r.requeued) for r in reaped] == [(0, True)]
     retry = _claim(db, "w2")
     assert retry is not None and retry.trial_id == lease.trial_id
     assert retry.attempt == 2 and retry.params == {"units": 0} and retry.number == 0
     with db.session() as session:
         session.execute(update(Trial).where(Trial.id == lease.trial_id).values(heartbeat_at=stale))
-    reaped = queue.reap(db, grace_s=5)
+    reaped = retries.reap(db, grace_s=5)
     assert [(r.number, r.requeued) for r in reaped] == [(0, False)]
     with db.read_session() as session:
         trial = session.get(Trial, lease.trial_id)
@@ -95,7 +95,7 @@ def test_a_worker_frozen_inside_a_transaction_has_its_lease_reaped(postgres_url:
                         .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
     with Session(frozen_db.engine) as frozen:
         frozen.get(Trial, lease.trial_id, with_for_update=True)  # ... and the worker stops here
-        reaped = wait_until(lambda: queue.reap(db, grace_s=5), 30, "the frozen worker's lease to be reaped")
+        reaped = wait_until(lambda: retries.reap(db, grace_s=5), 30, "the frozen worker's lease to be reaped")
         assert [(r.number, r.requeued) for r in reaped] == [(0, True)]
         with pytest.raises(DBAPIError) as woke:  # on waking, its transaction is gone: nothing it wrote lands
             frozen.get(Trial, lease.trial_id, populate_existing=True)
@@ -107,12 +107,12 @@ def test_a_worker_frozen_inside_a_transaction_has_its_lease_reaped(postgres_url:
 def test_why_a_trial_failed_is_recorded_as_its_kind(db: Database, settings: Settings) -> None:
     create_study_via_service(db, settings, budget={"n_trials": 3, "max_parallel": 3})
     first, late = _bind(db, _claim(db), 0), _bind(db, _claim(db), 1)  # type: ignore[arg-type]
-    assert queue.finish_trial(db, first, state=TrialState.FAIL, error="non_finite_loss",
-                              failure=FailureKind.NON_FINITE)
+    assert leasing.finish_trial(db, first, state=TrialState.FAIL, error="non_finite_loss",
+                                failure=FailureKind.NON_FINITE)
     with db.session() as session:
         session.execute(update(Trial).where(Trial.id == late.trial_id)
                         .values(deadline_at=utcnow() - timedelta(seconds=1)))
-    assert [(r.number, r.requeued) for r in queue.reap(db, grace_s=600)] == [(1, False)]
+    assert [(r.number, r.requeued) for r in retries.reap(db, grace_s=600)] == [(1, False)]
     with db.read_session() as session:
         kinds = {t.number: (t.failure, t.error) for t in session.query(Trial).filter(Trial.number.is_not(None))}
     assert kinds == {0: ("non_finite", "non_finite_loss"), 1: ("deadline", "deadline exceeded")}
@@ -125,7 +125,7 @@ def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Set
     with db.session() as session:
         session.execute(update(Trial).where(Trial.id == lease.trial_id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
-    assert [r.number for r in queue.reap(db, grace_s=5)] == [None]
+    assert [r.number for r in retries.reap(db, grace_s=5)] == [None]
     with db.read_session() as session:
         assert session.get(Trial, lease.trial_id) is None
 
@@ -133,7 +133,7 @@ def test_a_lease_that_died_before_binding_is_dropped(db: Database, settings: Set
 def test_release_hands_back_without_counting_an_attempt(db: Database, settings: Settings) -> None:
     create_study_via_service(db, settings)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
-    assert queue.release_trial(db, lease)
+    assert leasing.release_trial(db, lease)
     again = _claim(db, "w2")
     assert again is not None and again.trial_id == lease.trial_id and again.attempt == 1
 
@@ -141,12 +141,12 @@ def test_release_hands_back_without_counting_an_attempt(db: Database, settings: 
 def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, settings: Settings) -> None:
     create_study_via_service(db, settings, budget={"n_trials": 1})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
-    assert queue.claim_finalization(db, worker_id="w1") is None  # budget spent only when it finishes
-    queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
-    job = queue.claim_finalization(db, worker_id="w1")
+    assert closing.claim_finalization(db, worker_id="w1") is None  # budget spent only when it finishes
+    leasing.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
+    job = closing.claim_finalization(db, worker_id="w1")
     assert job is not None and job.reason == "n_trials"
-    assert queue.claim_finalization(db, worker_id="w2") is None
-    queue.complete_study(db, job, worker_id="w1", test_metrics={"test_accuracy": 0.9})
+    assert closing.claim_finalization(db, worker_id="w2") is None
+    closing.complete_study(db, job, worker_id="w1", test_metrics={"test_accuracy": 0.9})
     with db.read_session() as session:
         study = session.get(Study, job.study_id)
         assert study is not None and study.status == "completed" and study.stop_reason == "n_trials"
@@ -155,37 +155,37 @@ def test_finalization_waits_for_running_trials_and_is_taken_once(db: Database, s
 def test_a_worker_side_error_counts_an_attempt_then_fails_the_trial(db: Database, settings: Settings) -> None:
     create_study_via_service(db, settings, budget={"n_trials": 1, "max_attempts": 2})
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
-    first = queue.fail_attempt(db, lease, reason="worker error: OSError: fork failed")
+    first = retries.fail_attempt(db, lease, reason="worker error: OSError: fork failed")
     assert first is not None and first.requeued and first.number == 0
     retry = _claim(db, "w2")
     assert retry is not None and (retry.trial_id, retry.attempt, retry.params) == (lease.trial_id, 2, {"units": 0})
-    last = queue.fail_attempt(db, retry, reason="worker error: OSError: fork failed")
+    last = retries.fail_attempt(db, retry, reason="worker error: OSError: fork failed")
     assert last is not None and not last.requeued and last.optuna_trial_id == 1000
-    assert queue.fail_attempt(db, retry, reason="again") is None  # no longer held
+    assert retries.fail_attempt(db, retry, reason="again") is None  # no longer held
     with db.read_session() as session:
         trial = session.get(Trial, lease.trial_id)
         assert trial is not None and trial.state == "fail"
         assert trial.error == "worker error: OSError: fork failed; 2 attempt(s) used"
-    assert queue.claim_finalization(db, worker_id="w1") is not None  # the study can end
+    assert closing.claim_finalization(db, worker_id="w1") is not None  # the study can end
 
 
 def test_a_beat_renews_the_finalization_lease_and_revives_a_reaped_worker(db: Database,
                                                                           settings: Settings) -> None:
     sid = create_study_via_service(db, settings, budget={"n_trials": 1})
-    queue.register_worker(db, worker_id="w1", hostname="h", pid=1, devices=["cpu"], slots=1)
+    registry.register_worker(db, worker_id="w1", hostname="h", pid=1, devices=["cpu"], slots=1)
     lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
-    queue.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
-    assert queue.claim_finalization(db, worker_id="w1") is not None
+    leasing.finish_trial(db, lease, state=TrialState.COMPLETE, value=0.9)
+    assert closing.claim_finalization(db, worker_id="w1") is not None
     soon = utcnow() + timedelta(seconds=1)
     with db.session() as session:  # the worker was frozen: its lease runs out, the reaper marks it gone
         session.execute(update(Study).where(Study.id == sid).values(finalize_until=soon))
         session.execute(update(Worker).where(Worker.id == "w1").values(stopped_at=utcnow()))
-    queue.renew_leases(db, worker_id="w1", trial_ids=[], finalizing=[sid])
+    leasing.renew_leases(db, worker_id="w1", trial_ids=[], finalizing=[sid])
     with db.read_session() as session:
         study, worker = session.get(Study, sid), session.get(Worker, "w1")
         assert study is not None and worker is not None and worker.stopped_at is None
-        assert study.finalize_until > soon + timedelta(seconds=queue.FINALIZE_LEASE_S / 2)
-    assert queue.claim_finalization(db, worker_id="w2") is None
+        assert study.finalize_until > soon + timedelta(seconds=leasing.FINALIZE_LEASE_S / 2)
+    assert closing.claim_finalization(db, worker_id="w2") is None
 
 
 def _waits_in_a_statement(thread: threading.Thread) -> bool:
@@ -221,7 +221,7 @@ def test_claim_and_finish_stamp_their_time_after_the_lock(db: Database, settings
     sid = create_study_via_service(db, settings)
     if db.is_sqlite:  # PostgreSQL's claim skips a locked study instead of waiting for it
         lease, released = _behind_a_held_lock(db, sid, lambda: _claim(db))
-        assert isinstance(lease, queue.Lease)
+        assert isinstance(lease, leasing.Lease)
         with db.read_session() as session:
             trial = session.get(Trial, lease.trial_id)
             assert trial is not None and trial.started_at is not None and trial.started_at >= released
@@ -230,7 +230,7 @@ def test_claim_and_finish_stamp_their_time_after_the_lock(db: Database, settings
         assert lease is not None
     bound = _bind(db, lease, 0)
     finished, released = _behind_a_held_lock(
-        db, sid, lambda: queue.finish_trial(db, bound, state=TrialState.COMPLETE, value=0.5))
+        db, sid, lambda: leasing.finish_trial(db, bound, state=TrialState.COMPLETE, value=0.5))
     assert finished
     with db.read_session() as session:
         trial = session.get(Trial, lease.trial_id)
@@ -252,7 +252,7 @@ def _full_old_studies(db: Database, n: int) -> None:
 
 
 def test_a_new_study_is_claimed_behind_more_than_a_page_of_full_old_ones(db: Database, settings: Settings) -> None:
-    _full_old_studies(db, queue.CANDIDATES + 1)
+    _full_old_studies(db, leasing.CANDIDATES + 1)
     sid = create_study_via_service(db, settings)
     lease = _claim(db)
     assert lease is not None and lease.study_id == sid
@@ -260,10 +260,10 @@ def test_a_new_study_is_claimed_behind_more_than_a_page_of_full_old_ones(db: Dat
 
 def test_a_spent_study_is_finalized_behind_more_than_a_page_of_busy_old_ones(db: Database,
                                                                              settings: Settings) -> None:
-    _full_old_studies(db, queue.CANDIDATES + 1)
+    _full_old_studies(db, leasing.CANDIDATES + 1)
     sid = create_study_via_service(db, settings, budget={"n_trials": 1})
-    queue.finish_trial(db, _bind(db, _claim(db), 0), state=TrialState.COMPLETE, value=0.9)  # type: ignore[arg-type]
-    job = queue.claim_finalization(db, worker_id="w1")
+    leasing.finish_trial(db, _bind(db, _claim(db), 0), state=TrialState.COMPLETE, value=0.9)  # type: ignore[arg-type]
+    job = closing.claim_finalization(db, worker_id="w1")
     assert job is not None and job.study_id == sid
 
 
@@ -276,11 +276,11 @@ def test_a_reaped_enqueued_configuration_comes_back_under_a_new_attempt(db: Data
     with db.session() as session:
         session.execute(update(Trial).where(Trial.id == first.trial_id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
-    assert [r.requeued for r in queue.reap(db, grace_s=5)] == [True]
+    assert [r.requeued for r in retries.reap(db, grace_s=5)] == [True]
     second = _claim(db)  # another slot of the same worker
     assert second is not None and second.trial_id == first.trial_id and second.attempt == first.attempt + 1
-    assert queue.bind_trial(db, first, number=0, optuna_trial_id=1000, params={"units": 40}) is None
-    assert queue.bind_trial(db, second, number=0, optuna_trial_id=1000, params={"units": 40}) is not None
+    assert leasing.bind_trial(db, first, number=0, optuna_trial_id=1000, params={"units": 40}) is None
+    assert leasing.bind_trial(db, second, number=0, optuna_trial_id=1000, params={"units": 40}) is not None
     with db.read_session() as session:
         trial = session.get(Trial, first.trial_id)
         assert trial is not None and (trial.attempt, trial.worker_id, trial.state) == (2, "w1", "running")

@@ -19,7 +19,7 @@ from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import studies
 from tests.factories import study_spec
-from workers import attempt, queue, reaper
+from workers import attempt, leasing, reaper, retries
 from workers.prepared import PreparedStudies
 
 # Learns digits in one epoch: batch 32 at lr 0.01 is far above the 0.2 the other trial reached.
@@ -36,22 +36,22 @@ def _study(db: Database, settings: Settings, **overrides: Any) -> str:
     return studies.create_study(db, settings, owner="alice", spec=spec)[0].id
 
 
-def _claim_bound(slot: attempt.Slot, study_id: str) -> queue.Lease:
-    lease = queue.claim_trial(slot.db, worker_id=slot.worker_id, device="cpu", trial_deadline_s=600)
+def _claim_bound(slot: attempt.Slot, study_id: str) -> leasing.Lease:
+    lease = leasing.claim_trial(slot.db, worker_id=slot.worker_id, device="cpu", trial_deadline_s=600)
     assert lease is not None and lease.study_id == study_id
     bound = attempt.bind(slot, lease, slot.studies.get(study_id))
     assert bound is not None
     return bound
 
 
-def _lose(db: Database, lease: queue.Lease) -> None:
+def _lose(db: Database, lease: leasing.Lease) -> None:
     """The lease's worker stops beating (killed, frozen)."""
     with db.session() as session:
         session.execute(update(Trial).where(Trial.id == lease.trial_id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
 
 
-def _epoch(slot: attempt.Slot, lease: queue.Lease, epoch: int, accuracy: float) -> attempt.Ending | None:
+def _epoch(slot: attempt.Slot, lease: leasing.Lease, epoch: int, accuracy: float) -> attempt.Ending | None:
     """One epoch as the supervisor relays it: recorded, then reported to the pruner."""
     p = slot.studies.get(lease.study_id)
     trial = optuna.Trial(p.optuna_study, lease.optuna_trial_id)
@@ -81,7 +81,7 @@ def test_a_retry_is_judged_and_told_on_its_own_curve(db: Database, settings: Set
     _lose(db, first)
     assert [r.requeued for r in reaper.reap_and_tell(db, grace_s=5)] == [True]
 
-    retry = queue.claim_trial(db, worker_id="w2", device="cpu", trial_deadline_s=600)
+    retry = leasing.claim_trial(db, worker_id="w2", device="cpu", trial_deadline_s=600)
     assert retry is not None and retry.attempt == 2
     attempt.run_attempt(second_slot, retry, "cpu")
 
@@ -106,7 +106,7 @@ def test_cancelling_ends_every_optuna_trial_once_workers_stop(db: Database, sett
     slot = _slot(db, settings, "w1")
     requeued, lost, stopping = (_claim_bound(slot, sid) for _ in range(3))
     _lose(db, requeued)
-    assert [r.requeued for r in queue.reap(db, grace_s=5)] == [True]  # whose reaper died before telling Optuna
+    assert [r.requeued for r in retries.reap(db, grace_s=5)] == [True]  # whose reaper died before telling Optuna
 
     studies.change_state(db, owner="alice", study_id=sid, action="cancel")
     # One worker sees the cancel at its next epoch and stops; another was lost and is reaped.

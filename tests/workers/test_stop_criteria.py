@@ -17,17 +17,17 @@ from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import studies
 from tests.factories import create_study_via_service, study_spec
-from workers import queue
+from workers import closing, leasing
 from workers.asking import ask_trial
 from workers.search import make_sampler
 
 
 def _finish(db: Database, number: int, state: TrialState, value: float | None) -> str | None:
     """One trial claimed, bound and finished as a worker would; the stop verdict that follows."""
-    lease = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    lease = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
     assert lease is not None
-    lease = queue.bind_trial(db, lease, number=number, optuna_trial_id=1000 + number, params={})
-    finished = queue.finish_trial(db, lease, state=state, value=value) if lease is not None else None
+    lease = leasing.bind_trial(db, lease, number=number, optuna_trial_id=1000 + number, params={})
+    finished = leasing.finish_trial(db, lease, state=state, value=value) if lease is not None else None
     assert finished is not None
     return finished.stop_reason
 
@@ -54,25 +54,25 @@ def test_no_improvement_counts_pruned_trials_as_not_improving(db: Database, sett
 def test_the_timeout_stops_running_trials_only_when_asked(db: Database, settings: Settings, running: str,
                                                           verdict: str) -> None:
     sid = create_study_via_service(db, settings, budget={"n_trials": 5, "timeout_s": 3600}, stop={"running": running})
-    lease = queue.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    lease = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
     assert lease is not None
-    lease = queue.bind_trial(db, lease, number=0, optuna_trial_id=1, params={})
+    lease = leasing.bind_trial(db, lease, number=0, optuna_trial_id=1, params={})
     assert lease is not None
 
     def epoch(n: int) -> str:
-        return queue.record_epoch(db, lease, epoch=n, train_loss=1.0, val_loss=1.0, val_metric=0.5,
-                                  learning_rate=0.01, seconds=0.1)
+        return leasing.record_epoch(db, lease, epoch=n, train_loss=1.0, val_loss=1.0, val_metric=0.5,
+                                    learning_rate=0.01, seconds=0.1)
 
     assert epoch(0) == "ok"
     deadline = utcnow() - timedelta(seconds=1)
     with db.session() as session:
         session.execute(update(Study).where(Study.id == sid).values(deadline_at=deadline))
     assert epoch(1) == verdict
-    assert queue.claim_trial(db, worker_id="w2", device="cpu", trial_deadline_s=600) is None
-    assert queue.finish_trial(db, lease, state=TrialState.FAIL, error="stopped")
-    job = queue.claim_finalization(db, worker_id="w1")
+    assert leasing.claim_trial(db, worker_id="w2", device="cpu", trial_deadline_s=600) is None
+    assert leasing.finish_trial(db, lease, state=TrialState.FAIL, error="stopped")
+    job = closing.claim_finalization(db, worker_id="w1")
     assert job is not None and job.reason == "timeout"
-    queue.complete_study(db, job, worker_id="w1", test_metrics=None)
+    closing.complete_study(db, job, worker_id="w1", test_metrics=None)
     study = studies.get_study(db, owner="alice", study_id=sid)
     assert study.stop_reason == "timeout" and study.stopped_at == deadline
 

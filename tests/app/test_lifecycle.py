@@ -1,0 +1,156 @@
+"""The study's lifecycle rules, with plain values and no database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from app import lifecycle
+from app.lifecycle import Action, BadTransition, Budget, Counts, Fate, NextTrial, OptunaTell, TrialFacts, Verdict
+from app.models import FailureKind, StudyStatus, TrialState
+from app.schemas.study import StopSpec
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+S = StudyStatus
+
+
+# ---- status ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status,action,started,target", [
+    (S.QUEUED, Action.PAUSE, False, S.PAUSED),
+    (S.RUNNING, Action.PAUSE, True, S.PAUSED),
+    (S.PAUSED, Action.RESUME, True, S.RUNNING),
+    (S.PAUSED, Action.RESUME, False, S.QUEUED),  # paused before any trial started
+    (S.QUEUED, Action.CANCEL, False, S.CANCELLED),
+    (S.RUNNING, Action.CANCEL, True, S.CANCELLED),
+    (S.PAUSED, Action.CANCEL, True, S.CANCELLED),
+])
+def test_client_actions_lead_where_the_status_diagram_says(status: StudyStatus, action: Action, started: bool,
+                                                            target: StudyStatus) -> None:
+    assert lifecycle.after_action(status, action, started=started) is target
+
+
+@pytest.mark.parametrize("status,action", [
+    (S.PAUSED, Action.PAUSE), (S.QUEUED, Action.RESUME), (S.RUNNING, Action.RESUME),
+    *[(end, action) for end in (S.COMPLETED, S.CANCELLED, S.FAILED) for action in Action],
+])
+def test_an_action_the_status_does_not_allow_is_refused(status: StudyStatus, action: Action) -> None:
+    with pytest.raises(BadTransition, match=f"cannot {action} a {status} study"):
+        lifecycle.after_action(status, action, started=True)
+
+
+def test_a_claim_starts_a_queued_study_and_closing_ends_it() -> None:
+    assert lifecycle.after_claim(S.QUEUED) is S.RUNNING
+    assert lifecycle.after_claim(S.RUNNING) is S.RUNNING
+    assert lifecycle.after_closing(None) is S.COMPLETED
+    assert lifecycle.after_closing("no trial completed") is S.FAILED
+    assert [s for s in StudyStatus if lifecycle.may_fail(s)] == [S.QUEUED, S.RUNNING, S.PAUSED]
+
+
+# ---- the budget --------------------------------------------------------------------------------------------
+
+
+def test_the_budget_is_spent_by_a_stop_then_n_trials_then_the_timeout() -> None:
+    budget = Budget(n_trials=3, max_parallel=2, deadline_at=NOW + timedelta(seconds=10))
+    assert lifecycle.budget_spent(budget, Counts(0, 1, 2), NOW) is None
+    assert lifecycle.budget_spent(budget, Counts(0, 0, 3), NOW) == "n_trials"
+    assert lifecycle.budget_spent(budget, Counts(0, 1, 0), NOW + timedelta(seconds=10)) == "timeout"
+    stopped = Budget(3, 2, None, stop_requested_at=NOW, stop_reason="target_value")
+    assert lifecycle.budget_spent(stopped, Counts(0, 0, 0), NOW) == "target_value"
+    assert lifecycle.budget_spent(Budget(3, 2, None, stop_requested_at=NOW), Counts(0, 0, 0), NOW) == "stopped"
+
+
+def test_a_claim_takes_a_waiting_trial_first_within_max_parallel_and_n_trials() -> None:
+    budget = Budget(n_trials=4, max_parallel=2)
+    assert lifecycle.next_trial(budget, Counts(waiting=1, running=1, finished=2), NOW) is NextTrial.WAITING
+    assert lifecycle.next_trial(budget, Counts(0, 1, 2), NOW) is NextTrial.NEW_SLOT
+    assert lifecycle.next_trial(budget, Counts(1, 2, 0), NOW) is None  # max_parallel running
+    assert lifecycle.next_trial(budget, Counts(0, 1, 3), NOW) is None  # every slot of n_trials taken
+    assert lifecycle.next_trial(Budget(4, 2, NOW), Counts(1, 0, 0), NOW) is None  # timed out
+
+
+@pytest.mark.parametrize("status,stopped,cancels,goes_on", [
+    (S.RUNNING, False, True, True), (S.PAUSED, False, False, True),  # a pause lets running trials finish
+    (S.CANCELLED, False, False, False), (S.FAILED, False, False, False),
+    (S.RUNNING, True, False, True), (S.RUNNING, True, True, False),
+])
+def test_a_running_trial_stops_when_its_study_ended_or_a_stop_cancels_it(status: StudyStatus, stopped: bool,
+                                                                        cancels: bool, goes_on: bool) -> None:
+    budget = Budget(5, 1, None, stop_requested_at=NOW if stopped else None)
+    assert lifecycle.keeps_running(status, budget, NOW, cancels_running=cancels) is goes_on
+    past = Budget(5, 1, deadline_at=NOW - timedelta(seconds=1))
+    assert lifecycle.keeps_running(S.RUNNING, past, NOW, cancels_running=True) is False
+
+
+# ---- stop criteria -----------------------------------------------------------------------------------------
+
+
+def test_the_target_value_fires_on_the_best_complete_trial_in_either_direction() -> None:
+    stop = StopSpec(target_value=0.9)
+    assert lifecycle.stop_reason([0.5, None, 0.91], maximize=True, stop=stop) == "target_value"
+    assert lifecycle.stop_reason([0.5, 0.89], maximize=True, stop=stop) is None
+    assert lifecycle.stop_reason([1.2, 0.9], maximize=False, stop=stop) == "target_value"
+    assert lifecycle.stop_reason([None, None], maximize=True, stop=stop) is None  # nothing complete yet
+
+
+def test_no_improvement_counts_pruned_and_failed_trials_and_small_gains_as_no_improvement() -> None:
+    stop = StopSpec(no_improvement_trials=3, min_delta=0.01)
+    assert lifecycle.stop_reason([0.5, None, 0.505, None], maximize=True, stop=stop) == "no_improvement"
+    assert lifecycle.stop_reason([0.5, None, 0.52, None], maximize=True, stop=stop) is None
+    assert lifecycle.stop_reason([0.5, 0.6, 0.55, 0.59], maximize=False, stop=stop) == "no_improvement"
+
+
+# ---- what becomes of a trial -------------------------------------------------------------------------------
+
+SLOT = TrialFacts(configured=False, began=False)  # a sampler's slot before it got a configuration
+ENQUEUED = TrialFacts(configured=True, began=False)  # a configuration not yet bound to an Optuna trial
+RAN = TrialFacts(configured=True, began=True, attempt=1)
+
+
+def test_a_failed_attempt_retries_while_attempts_remain_then_fails() -> None:
+    kw = {"study_ended": False, "max_attempts": 2, "reason": "worker w1 lost", "failure": FailureKind.LOST}
+    assert lifecycle.after_failed_attempt(RAN, **kw) == Verdict(Fate.RETRY, "attempt 1: worker w1 lost",
+                                                                FailureKind.LOST)
+    assert lifecycle.after_failed_attempt(ENQUEUED, **kw).fate is Fate.RETRY  # its lease must no longer hold
+    last = TrialFacts(configured=True, began=True, attempt=2)
+    assert lifecycle.after_failed_attempt(last, **kw) == Verdict(
+        Fate.FAIL, "worker w1 lost; 2 attempt(s) used", FailureKind.LOST)
+    assert lifecycle.after_failed_attempt(SLOT, **kw) == Verdict(Fate.DROP)
+
+
+def test_a_deadline_fails_at_once_and_an_ended_study_retries_nothing() -> None:
+    late = lifecycle.after_failed_attempt(RAN, study_ended=False, max_attempts=3, reason="deadline exceeded",
+                                          failure=FailureKind.DEADLINE, retry=False)
+    assert late == Verdict(Fate.FAIL, "deadline exceeded", FailureKind.DEADLINE)
+    ended = lifecycle.after_failed_attempt(RAN, study_ended=True, max_attempts=3, reason="worker w1 lost",
+                                           failure=FailureKind.LOST)
+    assert ended == Verdict(Fate.FAIL, "stopped: the study ended (worker w1 lost)", FailureKind.CANCELLED)
+    assert lifecycle.after_failed_attempt(ENQUEUED, study_ended=True, max_attempts=3, reason="x",
+                                          failure=FailureKind.LOST).fate is Fate.DROP
+
+
+def test_a_hand_back_keeps_the_attempt_unless_the_study_ended() -> None:
+    assert lifecycle.after_hand_back(RAN, study_ended=False) == Verdict(Fate.HAND_BACK)
+    assert lifecycle.after_hand_back(SLOT, study_ended=False) == Verdict(Fate.DROP)
+    assert lifecycle.after_hand_back(RAN, study_ended=True) == Verdict(
+        Fate.FAIL, "stopped: the study ended", FailureKind.CANCELLED)
+
+
+def test_one_rule_ends_waiting_trials_at_every_end_of_a_study() -> None:
+    for end in (S.CANCELLED, S.COMPLETED, S.FAILED):
+        assert lifecycle.waiting_at_end(ENQUEUED, end) == Verdict(Fate.DROP)  # never began: nothing to keep
+        verdict = lifecycle.waiting_at_end(RAN, end)
+        assert verdict.fate is Fate.FAIL and verdict.failure is FailureKind.CANCELLED
+    assert lifecycle.waiting_at_end(RAN, S.CANCELLED).error == "cancelled before its next attempt"
+    assert lifecycle.waiting_at_end(RAN, S.COMPLETED).error == "the study ended before its next attempt"
+
+
+def test_a_study_that_fails_for_good_fails_its_running_trials_on_the_worker_side() -> None:
+    assert lifecycle.running_at_failure(RAN, "no split") == Verdict(Fate.FAIL, "no split", FailureKind.WORKER_ERROR)
+    assert lifecycle.running_at_failure(SLOT, "no split") == Verdict(Fate.DROP)
+
+
+def test_optuna_is_told_to_fail_only_trials_that_exist() -> None:
+    assert lifecycle.fail_all([3, None, 5]) == [OptunaTell(3, TrialState.FAIL), OptunaTell(5, TrialState.FAIL)]

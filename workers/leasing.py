@@ -1,0 +1,351 @@
+"""Trial leases in SQL: claim, bind to an Optuna trial, record epochs, finish, hand back and renew.
+
+Claims lock the study row (PostgreSQL `FOR UPDATE SKIP LOCKED`) or the whole database (SQLite
+`BEGIN IMMEDIATE`), so limits hold across any number of workers: never more than n_trials
+running+finished+waiting, never more than max_parallel running, never two workers on one trial. Every
+writer that locks a study and its trials locks the study first. What each change means for the study (the
+budget, stop criteria, retry or fail) is decided by app.lifecycle; this module stores it.
+
+Every public function is one short transaction that is safe to repeat, and repeats itself with backoff
+when the connection drops (`@retrying`): a killed connection or a busy database costs a retry, not a trial.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app import lifecycle
+from app.core.db import Database, retrying
+from app.lifecycle import OptunaTell
+from app.models import FailureKind, Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
+from app.models.base import utcnow
+from app.models.tables import FINISHED_TRIAL_STATES
+from app.schemas.study import StudySpec
+from app.services.fates import apply_in_tx, facts_of, has_ended
+
+FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
+CANDIDATES = 200  # studies a claim looks at, oldest first, among those that can take what it claims
+
+
+@dataclass(frozen=True)
+class Lease:
+    trial_id: int
+    study_id: str
+    worker_id: str
+    attempt: int
+    number: int | None
+    optuna_trial_id: int | None
+    params: dict[str, Any] | None
+    source: str
+
+
+# ---- the study's side, read under its lock ------------------------------------------------------------------
+
+
+def counts_in_tx(session: Session, study_id: str) -> lifecycle.Counts:
+    by_state = dict(session.execute(select(Trial.state, func.count()).where(Trial.study_id == study_id)
+                                    .group_by(Trial.state)).all())
+    finished = sum(by_state.get(s.value, 0) for s in TrialState if s.is_finished())
+    return lifecycle.Counts(by_state.get("waiting", 0), by_state.get("running", 0), finished)
+
+
+def budget_of(study: Study) -> lifecycle.Budget:
+    return lifecycle.Budget(study.n_trials, study.max_parallel, study.deadline_at, study.stop_requested_at,
+                            study.stop_reason)
+
+
+def lock_study_in_tx(session: Session, db: Database, study_id: str) -> Study | None:
+    """Lock a study to claim from it; None when another claim holds it (PostgreSQL skips it)."""
+    stmt = select(Study).where(Study.id == study_id)
+    if not db.is_sqlite:
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalars(stmt).first()
+
+
+def share_study_in_tx(session: Session, study_id: str) -> Study | None:
+    """Lock a study against a status change while one of its trials changes (FOR SHARE): a cancel either
+    sees the change or the change sees the cancel."""
+    return session.scalars(select(Study).where(Study.id == study_id).with_for_update(read=True)).first()
+
+
+def trials_in(state: TrialState | None = None) -> Any:
+    """A correlated count of the candidate study's trials (in one state, or all)."""
+    stmt = select(func.count()).select_from(Trial).where(Trial.study_id == Study.id)
+    if state is not None:
+        stmt = stmt.where(Trial.state == state.value)
+    return stmt.scalar_subquery()
+
+
+def finished_trials() -> Any:
+    return select(func.count()).select_from(Trial).where(
+        Trial.study_id == Study.id, Trial.state.in_(FINISHED_TRIAL_STATES)).scalar_subquery()
+
+
+# ---- claims --------------------------------------------------------------------------------------------------
+
+
+def _candidate_study_ids(session: Session, statuses: tuple[str, ...], now: datetime) -> list[str]:
+    """Studies that can start a trial now, oldest first: full ones are filtered out in SQL, so a page of
+    busy old studies never hides a newer one with room (the lock and app.lifecycle.next_trial decide)."""
+    running, waiting = trials_in(TrialState.RUNNING), trials_in(TrialState.WAITING)
+    return list(session.scalars(select(Study.id).where(
+        Study.status.in_(statuses), Study.stop_requested_at.is_(None),
+        Study.deadline_at.is_(None) | (Study.deadline_at > now),
+        running < Study.max_parallel, finished_trials() < Study.n_trials,
+        (waiting > 0) | (trials_in() < Study.n_trials))
+        .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
+
+
+@retrying
+def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: float,
+                can_run: Callable[[StudySpec], bool] | None = None) -> Lease | None:
+    """Lease the next trial of the oldest study with room: a waiting one first, else a new slot.
+
+    can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins).
+    """
+    with db.session() as session:
+        candidates = _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value), utcnow())
+        for study_id in candidates:
+            study = lock_study_in_tx(session, db, study_id)
+            if study is None or not StudyStatus(study.status).accepts_trials():
+                continue
+            if can_run is not None and not can_run(study.config):
+                continue
+            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s)
+            if lease is not None:
+                return lease
+    return None
+
+
+@retrying
+def claim_trials(db: Database, *, worker_id: str, device: str, trial_deadline_s: float, study_id: str,
+                 limit: int) -> list[Lease]:
+    """Lease up to `limit` more trials of one study, within its max_parallel and n_trials (a fused group).
+
+    Waiting trials first (in id order), then new slots; none when the study no longer accepts trials.
+    """
+    out: list[Lease] = []
+    with db.session() as session:
+        study = lock_study_in_tx(session, db, study_id)
+        if study is None or not StudyStatus(study.status).accepts_trials():
+            return out
+        while len(out) < limit:
+            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s)
+            if lease is None:
+                break
+            out.append(lease)
+    return out
+
+
+def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: str,
+                      trial_deadline_s: float) -> Lease | None:
+    """Lease the study's next trial if its limits allow; the caller holds the study's lock."""
+    now = utcnow()  # after the lock: a stamp older than its commit by a lock wait would hide the event
+    which = lifecycle.next_trial(budget_of(study), counts_in_tx(session, study.id), now)
+    if which is None:
+        return None
+    if which is lifecycle.NextTrial.WAITING:
+        trial = session.scalars(select(Trial).where(Trial.study_id == study.id,
+                                                    Trial.state == TrialState.WAITING.value)
+                                .order_by(Trial.id).limit(1)).one()
+    else:
+        trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
+        session.add(trial)
+    trial.state = TrialState.RUNNING.value
+    trial.worker_id, trial.device = worker_id, device
+    trial.started_at = trial.heartbeat_at = now
+    trial.deadline_at = now + timedelta(seconds=study.config.trial_timeout_s(trial_deadline_s))
+    trial.error = trial.failure = None
+    status = lifecycle.after_claim(StudyStatus(study.status))
+    if status.value != study.status:
+        study.status = status.value
+        study.started_at = study.started_at or now
+        timeout_s = study.config.budget.timeout_s
+        study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
+    session.flush()
+    return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id, trial.params,
+                 trial.source)
+
+
+# ---- a held lease --------------------------------------------------------------------------------------------
+
+
+def held_in_tx(session: Session, lease: Lease) -> Trial | None:
+    """The leased row if this lease still holds it (not reaped, re-queued, cancelled or deleted)."""
+    trial = session.get(Trial, lease.trial_id, with_for_update=True)
+    if trial is None or trial.state != TrialState.RUNNING.value or trial.worker_id != lease.worker_id \
+            or trial.attempt != lease.attempt:
+        return None
+    return trial
+
+
+def _bindable_in_tx(session: Session, lease: Lease) -> Trial | None:
+    """The leased row, if it may take an Optuna trial now. A study that ended since the claim ends the row
+    here (study first, then the trial, as every writer locks them), so no Optuna trial asked during a cancel
+    is bound to a study that is over: the caller fails it in Optuna."""
+    study = share_study_in_tx(session, lease.study_id)
+    trial = held_in_tx(session, lease) if study is not None else None
+    if trial is None:
+        return None
+    if has_ended(study):
+        apply_in_tx(session, trial, lifecycle.when_study_ended(facts_of(trial), "stopped: the study ended"),
+                    utcnow())
+        return None
+    return trial
+
+
+@retrying
+def bind_trial(db: Database, lease: Lease, *, number: int, optuna_trial_id: int,
+               params: dict[str, Any]) -> Lease | None:
+    """Record the Optuna trial a new lease got its parameters from; None when the lease was lost meanwhile or
+    the study ended (the caller fails that Optuna trial)."""
+    with db.session() as session:
+        trial = _bindable_in_tx(session, lease)
+        if trial is None:
+            return None
+        trial.number, trial.optuna_trial_id, trial.params = number, optuna_trial_id, params
+    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, number, optuna_trial_id, params,
+                 lease.source)
+
+
+@retrying
+def rebind_trial(db: Database, lease: Lease, *, optuna_trial_id: int) -> Lease | None:
+    """Point a re-run's row at its fresh Optuna trial; the row keeps its number, parameters and attempts.
+    None when the lease was lost meanwhile or the study ended (the caller fails that Optuna trial)."""
+    with db.session() as session:
+        trial = _bindable_in_tx(session, lease)
+        if trial is None:
+            return None
+        trial.optuna_trial_id = optuna_trial_id
+    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, lease.number, optuna_trial_id,
+                 lease.params, lease.source)
+
+
+class EpochStatus(enum.StrEnum):
+    """What recording an epoch found out about the trial."""
+
+    OK = "ok"
+    LOST = "lost"  # the lease is gone (reaped, re-queued, study deleted): drop the attempt's result
+    STOP = "stop"  # the study no longer runs this trial (cancelled, or a stop criterion that cancels)
+
+
+@retrying
+def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | None, val_loss: float | None,
+                 val_metric: float | None, learning_rate: float | None, seconds: float | None) -> EpochStatus:
+    """Store one curve point and renew the lease."""
+    with db.session() as session:
+        trial = held_in_tx(session, lease)
+        if trial is None:
+            return EpochStatus.LOST
+        trial.heartbeat_at = utcnow()
+        session.merge(TrialEpoch(trial_id=lease.trial_id, attempt=lease.attempt, epoch=epoch,
+                                 train_loss=train_loss, val_loss=val_loss, val_metric=val_metric,
+                                 learning_rate=learning_rate, seconds=seconds))
+        study = session.get(Study, lease.study_id)
+        assert study is not None  # the trial row cascades with it
+        goes_on = lifecycle.keeps_running(StudyStatus(study.status), budget_of(study), utcnow(),
+                                          cancels_running=study.config.cancels_running_trials)
+        return EpochStatus.OK if goes_on else EpochStatus.STOP
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A recorded outcome; stop_reason names the stop criterion it made fire, if any."""
+
+    stop_reason: str | None
+
+
+@retrying
+def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float | None = None,
+                 values: list[float] | None = None, metrics: dict[str, float] | None = None,
+                 error: str | None = None, failure: FailureKind | None = None, epochs_run: int | None = None,
+                 best_epoch: int | None = None, artifact: str | None = None,
+                 while_held: Callable[[], None] | None = None) -> Finished | None:
+    """Record an attempt's outcome and check the study's stop criteria, in one transaction.
+
+    None (and nothing written) when the lease was lost meanwhile. `while_held` runs once the lease is known
+    to hold, before the commit: a complete trial's weights take its name there, so no reaper can take the
+    lease between publishing and recording, and no finalization sees the row without its weights.
+    """
+    with db.session() as session:
+        # The study first, as every writer that locks both does: deleting a study locks it, then its trials.
+        study = session.get(Study, lease.study_id, with_for_update=True)
+        now = utcnow()  # after the lock, so the stamp is no older than the commit by a lock wait
+        trial = held_in_tx(session, lease) if study is not None else None
+        if trial is None:
+            # A retry after a commit whose reply was lost finds its own outcome already there.
+            return Finished(None) if _finished_by_in_tx(session, lease, state, error) else None
+        if while_held is not None:
+            while_held()
+        trial.state = state.value
+        trial.value, trial.values, trial.metrics = value, values, metrics
+        trial.error, trial.failure = error, (failure.value if failure is not None else None)
+        trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
+        trial.finished_at = now
+        trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
+        session.flush()
+        assert study is not None
+        return Finished(_apply_stop_criteria_in_tx(session, study, now))
+
+
+def _finished_by_in_tx(session: Session, lease: Lease, state: TrialState, error: str | None) -> bool:
+    """True when this lease's own outcome is already recorded (and not, say, a reaper's verdict)."""
+    trial = session.get(Trial, lease.trial_id)
+    return trial is not None and trial.state == state.value and trial.error == error \
+        and trial.worker_id == lease.worker_id and trial.attempt == lease.attempt
+
+
+def _apply_stop_criteria_in_tx(session: Session, study: Study, now: datetime) -> str | None:
+    """After a trial finished: when a stop criterion fires, no new trial starts and the study is finalized.
+    Returns the criterion that fired now."""
+    stop = study.config.stop
+    if study.stop_requested_at is not None or stop is None:
+        return None
+    rows = session.execute(select(Trial.state, Trial.value).where(
+        Trial.study_id == study.id, Trial.state.in_(FINISHED_TRIAL_STATES))
+        .order_by(Trial.finished_at, Trial.id)).all()
+    outcomes = [value if state == TrialState.COMPLETE.value else None for state, value in rows]
+    reason = lifecycle.stop_reason(outcomes, maximize=study.config.maximize, stop=stop)
+    if reason is not None:
+        study.stop_requested_at, study.stop_reason = now, reason
+    return reason
+
+
+@retrying
+def release_trial(db: Database, lease: Lease) -> list[OptunaTell] | None:
+    """Hand a running trial back for another worker without counting an attempt (graceful shutdown).
+
+    None when the lease no longer held; else what Optuna must be told (the row's Optuna trial is over either
+    way: a re-run gets a fresh one), read from the row, which may be bound although `lease` is not.
+    """
+    with db.session() as session:
+        study = share_study_in_tx(session, lease.study_id)
+        trial = held_in_tx(session, lease) if study is not None else None
+        if trial is None:
+            return None
+        verdict = lifecycle.after_hand_back(facts_of(trial), study_ended=has_ended(study))
+        return apply_in_tx(session, trial, verdict, utcnow())
+
+
+@retrying
+def renew_leases(db: Database, *, worker_id: str, trial_ids: list[int], finalizing: Collection[str] = ()) -> None:
+    """Heartbeat for this worker, every trial it still runs and every study it is finalizing.
+
+    A worker the reaper took for dead (frozen, or cut off longer than the grace period) shows as alive again.
+    """
+    now = utcnow()
+    with db.session() as session:
+        session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now, stopped_at=None))
+        if finalizing:
+            session.execute(update(Study).where(Study.id.in_(finalizing), Study.finalize_worker == worker_id)
+                            .values(finalize_until=now + timedelta(seconds=FINALIZE_LEASE_S)))
+        if trial_ids:
+            session.execute(update(Trial).where(Trial.id.in_(trial_ids), Trial.worker_id == worker_id,
+                                                Trial.state == TrialState.RUNNING.value).values(heartbeat_at=now))
