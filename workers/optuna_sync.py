@@ -24,17 +24,12 @@ OPTUNA_STATE = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: Op
 
 
 def tell(study: optuna.Study, trial_id: int, state: TrialState, values: list[float] | None = None) -> None:
-    """Finish Optuna trial `trial_id` as our row finished (one write where the sampler allows).
+    """Finish Optuna trial `trial_id` as our row finished.
 
     By id: a retried row points at its latest Optuna trial, whose number is not the row's number.
     """
-    ostate = OPTUNA_STATE[state]
     try:
-        if ostate != OptunaState.PRUNED and asking.finishes_directly(study):
-            retry_on_disconnect(asking.finish_trial, study, trial_id, ostate, values)
-        else:
-            number = retry_on_disconnect(study._storage.get_trial_number_from_id, trial_id)
-            retry_on_disconnect(study.tell, number, values, state=ostate, skip_if_finished=True)
+        retry_on_disconnect(asking.tell, study, trial_id, OPTUNA_STATE[state], values)
     except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
         log.exception("could not tell Optuna about trial id %s", trial_id)
 
@@ -59,12 +54,14 @@ def repair(db: Database, study_id: str, study: optuna.Study) -> None:
     stuck = retry_on_disconnect(storage.get_all_trials, oid, deepcopy=False, states=(OptunaState.RUNNING,))
     if not stuck:
         return
-    rows = queue.recorded_by_optuna_id(db, study_id, [t._trial_id for t in stuck])
+    ids = {t.number: retry_on_disconnect(storage.get_trial_id_from_study_id_trial_number, oid, t.number)
+           for t in stuck}
+    rows = queue.recorded_by_optuna_id(db, study_id, list(ids.values()))
     for frozen in stuck:
-        row = rows.get(frozen._trial_id)
+        row = rows.get(ids[frozen.number])
         if row is not None and not row.state.is_finished():
             continue
         state = row.state if row is not None else TrialState.FAIL
-        tell(study, frozen._trial_id, state, row.values if row is not None and state is TrialState.COMPLETE else None)
+        tell(study, ids[frozen.number], state, row.values if row is not None and state is TrialState.COMPLETE else None)
         log.warning("Optuna trial %d was left RUNNING by a crash; now %s", frozen.number,
                     state.value if row is not None else "fail (never ran)")
