@@ -164,6 +164,9 @@ class WindowedStorage(BaseStorage):
         self._held_attrs: dict[int, dict[str, Any]] = {}  # their system attributes (TPE's relative params)
         self._next: _Next | None = None
         self._synced: set[int] = set()  # studies whose window was read since this storage last wrote
+        self._ids: dict[str, int] = {}  # study id by name, and each study's name and directions: they never
+        self._names: dict[int, str] = {}  # change (Optuna's Study and cached storage keep them too)
+        self._directions: dict[int, list[StudyDirection]] = {}
         self._lock = threading.RLock()
 
     # ---- what this storage adds ----------------------------------------------------------------------
@@ -175,7 +178,7 @@ class WindowedStorage(BaseStorage):
             if window is None:
                 recent = self.recent if self.recent is not None else sys.maxsize
                 window = self._windows[study_id] = TrialWindow(
-                    self.backend, study_id, self.backend.get_study_directions(study_id), best=self.best,
+                    self.backend, study_id, self.get_study_directions(study_id), best=self.best,
                     recent=recent, sample=self.sample)
             return window
 
@@ -334,6 +337,11 @@ class WindowedStorage(BaseStorage):
         return self.backend.create_new_study(directions, study_name)
 
     def delete_study(self, study_id: int) -> None:
+        with self._lock:
+            self._ids = {name: i for name, i in self._ids.items() if i != study_id}
+            self._names.pop(study_id, None)
+            self._directions.pop(study_id, None)
+            self._windows.pop(study_id, None)
         self.backend.delete_study(study_id)
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
@@ -343,13 +351,19 @@ class WindowedStorage(BaseStorage):
         self.backend.set_study_system_attr(study_id, key, value)
 
     def get_study_id_from_name(self, study_name: str) -> int:
-        return self.backend.get_study_id_from_name(study_name)
+        if study_name not in self._ids:
+            self._ids[study_name] = self.backend.get_study_id_from_name(study_name)
+        return self._ids[study_name]
 
     def get_study_name_from_id(self, study_id: int) -> str:
-        return self.backend.get_study_name_from_id(study_id)
+        if study_id not in self._names:
+            self._names[study_id] = self.backend.get_study_name_from_id(study_id)
+        return self._names[study_id]
 
     def get_study_directions(self, study_id: int) -> list[StudyDirection]:
-        return self.backend.get_study_directions(study_id)
+        if study_id not in self._directions:
+            self._directions[study_id] = self.backend.get_study_directions(study_id)
+        return list(self._directions[study_id])
 
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
         return self.backend.get_study_user_attrs(study_id)
