@@ -8,8 +8,9 @@ Three measurements, each on its own fresh storage:
   every trial number exactly once and no trial started twice.
 * asks: an Optuna study with N finished trials of the documented MLP space on SQLite; the median time to
   ask the next trial's full configuration with TPE (the service's settings, Optuna's defaults for the rest)
-  through the in-memory mirror (`workers.asking.ask_trial`) and through a plain `study.ask()` plus one
-  suggest call per hyperparameter. Each asked trial is told a value before the next ask, as a worker does.
+  through the worker's windowed storage (`workers.asking.ask_trial`) and through a plain `study.ask()` plus
+  one suggest call per hyperparameter on Optuna's own storage. Each asked trial is told a value before the
+  next ask, as a worker does.
 * memory: one `hpsearch worker` (one slot) runs the overhead benchmark's tiny trials one after another;
   its resident memory (VmRSS) is sampled every 20 finished trials.
 
@@ -215,38 +216,46 @@ def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, pa
               sampler: str = "tpe") -> dict[str, Any]:
     """Seconds per ask of the next trial's configuration; the first (cold) ask, a joining worker's, apart.
 
-    Paths: `window` the mirror over a bounded window (the service now), `full` the same mirror holding the
-    whole history (the service before: it read and scored every trial), `direct` Optuna's ask + suggests.
+    Paths: `window` the worker's study over a bounded window (the service now), `full` the same study with
+    a window holding the whole history (the service before the window: it read and scored every trial),
+    `direct` Optuna's ask + suggests on its own storage.
     """
     import optuna
 
     from app.core.optuna_store import optuna_storage
+    from app.ml.space import sample_params
     from app.schemas.study import StudySpec
     from workers import asking
     from workers.search import make_sampler
 
     storage = optuna_storage(url)
     spec = StudySpec(name="asks", dataset="builtin:digits", sampler={"name": sampler, "seed": SEED})
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, resolved),
-                              pruner=optuna.pruners.NopPruner())
     sizes = (asking.BEST_TRIALS, asking.RECENT_TRIALS)
     if path == "full":
         asking.BEST_TRIALS = asking.RECENT_TRIALS = 10**9
+    if path == "direct":
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, resolved),
+                                  pruner=optuna.pruners.NopPruner())
+    else:
+        study = asking.open_study(storage, study_name, make_sampler(spec, resolved), optuna.pruners.NopPruner())
     rng = np.random.default_rng(SEED + 1)
     seconds: list[float] = []
     try:
         for _ in range(asks + 1):
             start = time.perf_counter()
             if path == "direct":
-                number, _, params = asking._ask_directly(study, storage, resolved, None)
+                trial = study.ask()
+                number, params = trial.number, sample_params(trial, resolved)
             else:
-                number, _, params = asking.ask_trial(study, storage, resolved)
+                number, _, params = asking.ask_trial(study, resolved)
             seconds.append(time.perf_counter() - start)
             if set(params) - set(resolved):
                 raise RuntimeError(f"an ask returned parameters outside the space: {sorted(params)}")
             study.tell(number, float(rng.uniform(0.1, 0.98)))  # a worker finishes its trial before the next ask
-        mirror = asking._mirrors.get(study)
-        held = len(mirror.window.trials()) if mirror is not None else None
+        held = None
+        if path != "direct":
+            windowed = asking.storage_of(study)
+            held = len(windowed.window(windowed.get_study_id_from_name(study_name)).trials())
     finally:
         asking.BEST_TRIALS, asking.RECENT_TRIALS = sizes
         storage.engine.dispose()
@@ -258,30 +267,34 @@ def time_asks(url: str, study_name: str, resolved: dict[str, Any], asks: int, pa
 def time_prunes(url: str, study_name: str, reports: int, path: str) -> dict[str, Any]:
     """Seconds per pruning decision on a running trial's epoch report; the first (a joining worker's) apart.
 
-    Paths: `window` the pruner reading `workers.pruning`'s window (the service now), `full` Optuna's
-    `trial.should_prune()`, which reads every trial of the study through the worker's cached storage (the
+    Paths: `window` the worker's trial, whose pruner reads `workers.pruning`'s window (the service now),
+    `full` Optuna's `trial.should_prune()` on its own storage, which reads every trial of the study (the
     service before). The median pruner; the bulk-written trials have no curves, so this times the reads.
     """
     import optuna
 
     from app.core.optuna_store import optuna_storage
-    from workers import pruning
+    from workers import asking, pruning
 
     storage = optuna_storage(url)
-    study = optuna.load_study(study_name=study_name, storage=storage, pruner=optuna.pruners.MedianPruner())
+    pruner = optuna.pruners.MedianPruner()
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+    study_id = storage.get_study_id_from_name(study_name)
     # Created as the service creates it, past the study's cached storage: study.ask() would read every trial.
-    trial = optuna.Trial(study, storage.create_new_trial(study._study_id))
+    trial_id = storage.create_new_trial(study_id)
+    if path == "window":
+        trial = pruning.trial(asking.open_study(storage, study_name, optuna.samplers.RandomSampler(), pruner),
+                              trial_id)
+    else:
+        trial = optuna.Trial(study, trial_id)
     seconds: list[float] = []
     for step in range(reports + 1):
         trial.report(0.5, step)
         start = time.perf_counter()
-        if path == "window":
-            pruning.should_prune(study, storage, trial)
-        else:
-            trial.should_prune()
+        trial.should_prune()
         seconds.append(time.perf_counter() - start)
-    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    held = len(pruning._windows[study].window.trials()) if path == "window" else len(study.get_trials())
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    held = len(trial.study.get_trials(deepcopy=False))
     warm = seconds[1:]
     return {"cold_ms": round(1000 * seconds[0], 1), "median_ms": round(1000 * statistics.median(warm), 1),
             "reports": len(warm), "trials_held": held}

@@ -85,15 +85,17 @@ def search(window: bool, seed: int, n_trials: int, splits: Any, resolved: dict[s
     storage = optuna_storage(f"sqlite:///{tmp / 'optuna.db'}")
     try:
         spec = StudySpec(name="quality", dataset="builtin:digits", sampler={"name": "tpe", "seed": seed})
-        study = optuna.create_study(study_name=f"q-{window}-{seed}", storage=storage, direction="maximize",
-                                    sampler=make_sampler(spec, resolved))
+        optuna.create_study(study_name=f"q-{window}-{seed}", storage=storage, direction="maximize")
+        study = asking.open_study(storage, f"q-{window}-{seed}", make_sampler(spec, resolved),
+                                  optuna.pruners.NopPruner())
+        windowed = asking.storage_of(study)
         values, held = [], 0
         for _ in range(n_trials):
-            number, _, params = asking.ask_trial(study, storage, resolved)
+            number, _, params = asking.ask_trial(study, resolved)
             value = train(params, splits, seed * 100_000 + number)
             study.tell(number, value)
             values.append(value)
-            held = max(held, len(asking._mirrors[study].window.trials()))
+            held = max(held, len(windowed.window(windowed.get_study_id_from_name(study.study_name)).trials()))
     finally:
         asking.BEST_TRIALS, asking.RECENT_TRIALS, asking.SAMPLED_TRIALS = sizes
         storage.engine.dispose()

@@ -91,11 +91,10 @@ def bind(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease | 
     None when the lease was reaped meanwhile (this worker looked dead): that Optuna trial is failed.
     """
     storage = optuna_storage(slot.db.url)
-    across_workers = nullcontext() if asking.asks_from_memory(p.optuna_study, storage) else \
-        ask_lock.asking_alone(slot.db, lease.study_id)
+    across_workers = ask_lock.asking_alone(slot.db, lease.study_id) if asking.asks_alone(p.optuna_study) else \
+        nullcontext()
     with p.lock, across_workers:
-        number, trial_id, params = retry_on_disconnect(asking.ask_trial, p.optuna_study, storage, p.resolved,
-                                                       lease.params, p.spec.sampler.seed)
+        number, trial_id, params = retry_on_disconnect(asking.ask_trial, p.optuna_study, p.resolved, lease.params)
         bound = None
         try:
             bound = leasing.bind_trial(slot.db, lease, number=number, optuna_trial_id=trial_id, params=params)
@@ -114,7 +113,7 @@ def rebind(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease 
     assert lease.optuna_trial_id is not None
     storage = optuna_storage(slot.db.url)
     with p.lock:
-        trial_id = retry_on_disconnect(asking.retry_trial, p.optuna_study, storage, lease.optuna_trial_id)
+        trial_id = retry_on_disconnect(asking.retry_trial, p.optuna_study, lease.optuna_trial_id)
         bound = None
         try:
             bound = leasing.rebind_trial(slot.db, lease, optuna_trial_id=trial_id)
@@ -169,7 +168,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
     for lease in leases:
         assert lease.number is not None and lease.params is not None
         # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
-        trial = retry_on_disconnect(optuna.Trial, p.optuna_study, lease.optuna_trial_id)
+        trial = retry_on_disconnect(pruning.trial, p.optuna_study, lease.optuna_trial_id)
         members[lease.trial_id] = Member(lease, trial, time.monotonic() + timeout)
     proc, conn = _spawn(slot, runner_job(slot, leases, p, device))
     for m in members.values():
@@ -305,8 +304,7 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: o
         return Ending(Outcome.LOST)
     if stop:
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
-    storage = optuna_storage(slot.db.url)
-    return Ending(Outcome.PRUNED) if retry_on_disconnect(pruning.should_prune, p.optuna_study, storage, trial) else None
+    return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
 
 
 def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, tlog: Any) -> None:

@@ -11,18 +11,20 @@ The check that a parameter keeps its distribution is the caller's, against the d
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.storages import RDBStorage
-from optuna.storages._rdb import models as om
 from optuna.trial import TrialState
-from sqlalchemy import func, insert, literal, select
+from sqlalchemy import Connection, func, insert, literal, select
 
-_trials = om.TrialModel.__table__
-_params = om.TrialParamModel.__table__
-_studies = om.StudyModel.__table__
+from workers import optuna_private
+
+_trials = optuna_private.trials_table
+_params = optuna_private.params_table
+_studies = optuna_private.studies_table
 
 
 def create_running(storage: RDBStorage, study_id: int, params: dict[str, Any],
@@ -35,7 +37,7 @@ def create_running(storage: RDBStorage, study_id: int, params: dict[str, Any],
     study = select(_studies.c.study_id).where(_studies.c.study_id == study_id)
     number = select(func.count()).select_from(_trials).where(_trials.c.study_id == study_id).scalar_subquery()
     now = datetime.now(UTC).replace(tzinfo=None)  # Optuna stores naive UTC
-    with storage.engine.begin() as conn:
+    with optuna_private.engine(storage).begin() as conn:
         if conn.dialect.name != "sqlite":  # the lock Optuna's own create_new_trial takes to number trials
             conn.execute(study.with_for_update())
         # From the study's row: no row, no trial (SQLite reads nothing before it writes, or it could find
@@ -47,8 +49,26 @@ def create_running(storage: RDBStorage, study_id: int, params: dict[str, Any],
             .returning(_trials.c.trial_id, _trials.c.number)).first()
         if row is None:
             raise KeyError(f"No study with study_id {study_id} exists.")
-        if distributions:
-            conn.execute(insert(_params), [
-                {"trial_id": row.trial_id, "param_name": name, "param_value": dist.to_internal_repr(params[name]),
-                 "distribution_json": distribution_to_json(dist)} for name, dist in distributions.items()])
+        _insert_params(conn, int(row.trial_id),
+                       {name: (dist.to_internal_repr(params[name]), dist) for name, dist in distributions.items()})
     return int(row.trial_id), int(row.number)
+
+
+def add_params(storage: RDBStorage, trial_id: int, params: dict[str, tuple[float, BaseDistribution]],
+               system_attrs: dict[str, Any] | None = None) -> None:
+    """Parameters of a trial already written, {name: (internal value, distribution)}, and system attributes,
+    in one transaction of a multi-row insert each; the caller checks each distribution against the study's."""
+    if params or system_attrs:
+        with optuna_private.engine(storage).begin() as conn:
+            _insert_params(conn, trial_id, params)
+            if system_attrs:
+                conn.execute(insert(optuna_private.system_attrs_table), [
+                    {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                    for key, value in system_attrs.items()])
+
+
+def _insert_params(conn: Connection, trial_id: int, params: dict[str, tuple[float, BaseDistribution]]) -> None:
+    if params:
+        conn.execute(insert(_params), [
+            {"trial_id": trial_id, "param_name": name, "param_value": value,
+             "distribution_json": distribution_to_json(dist)} for name, (value, dist) in params.items()])

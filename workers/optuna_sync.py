@@ -29,7 +29,7 @@ OPTUNA_STATE = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: Op
 def tell(storage: BaseStorage, tells: Iterable[OptunaTell], study: optuna.Study | None = None) -> None:
     """Finish each Optuna trial as our row says; one already finished there is left as it is.
 
-    COMPLETE and PRUNED reach the study's sampler through `study` (one write where the sampler allows);
+    COMPLETE and PRUNED reach the study's sampler through `study.tell` (`asking.tell`);
     FAIL is written to `storage` alone: a failed trial teaches no sampler anything, and most are of trials
     that will never report again. By id: a retried row points at its latest Optuna trial, whose number is
     not the row's number.
@@ -40,20 +40,11 @@ def tell(storage: BaseStorage, tells: Iterable[OptunaTell], study: optuna.Study 
                 retry_on_disconnect(storage.set_trial_state_values, t.trial_id, OptunaState.FAIL)
             else:
                 assert study is not None, "a finished outcome is told through its study"
-                _tell_outcome(study, t)
+                retry_on_disconnect(asking.tell, study, t.trial_id, OPTUNA_STATE[t.state], t.values)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
         except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
             log.exception("could not tell Optuna about trial id %s", t.trial_id)
-
-
-def _tell_outcome(study: optuna.Study, t: OptunaTell) -> None:
-    ostate = OPTUNA_STATE[t.state]
-    if ostate != OptunaState.PRUNED and asking.finishes_directly(study):
-        retry_on_disconnect(asking.finish_trial, study, t.trial_id, ostate, t.values)
-    else:
-        number = retry_on_disconnect(study._storage.get_trial_number_from_id, t.trial_id)
-        retry_on_disconnect(study.tell, number, t.values, state=ostate, skip_if_finished=True)
 
 
 def repair(db: Database, study_id: str, study: optuna.Study) -> None:
@@ -68,13 +59,15 @@ def repair(db: Database, study_id: str, study: optuna.Study) -> None:
     stuck = retry_on_disconnect(storage.get_all_trials, oid, deepcopy=False, states=(OptunaState.RUNNING,))
     if not stuck:
         return
-    rows = study_reads.recorded_by_optuna_id(db, study_id, [t._trial_id for t in stuck])
+    ids = {t.number: retry_on_disconnect(storage.get_trial_id_from_study_id_trial_number, oid, t.number)
+           for t in stuck}
+    rows = study_reads.recorded_by_optuna_id(db, study_id, list(ids.values()))
     for frozen in stuck:
-        row = rows.get(frozen._trial_id)
+        row = rows.get(ids[frozen.number])
         if row is not None and not row.state.is_finished():
             continue
         state = row.state if row is not None else TrialState.FAIL
         values = row.values if row is not None and state is TrialState.COMPLETE else None
-        tell(storage, [OptunaTell(frozen._trial_id, state, values)], study)
+        tell(storage, [OptunaTell(ids[frozen.number], state, values)], study)
         log.warning("Optuna trial %d was left RUNNING by a crash; now %s", frozen.number,
                     state.value if row is not None else "fail (never ran)")

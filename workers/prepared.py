@@ -20,7 +20,7 @@ from app.ml import data as datasets_lib
 from app.ml.artifacts import ModelSpec
 from app.schemas.study import StudySpec
 from app.services.datasets import load_dataset
-from workers import study_reads
+from workers import asking, study_reads
 from workers.runner import standardization
 from workers.search import make_pruner, make_sampler
 
@@ -60,8 +60,7 @@ def prepare(db: Database, settings: Settings, study_id: str) -> PreparedStudy:
         resolved = spec.resolved_space(datasets_lib.describe(ds), plugins.table_for(spec.model))
     except ValueError as exc:  # DatasetError, SpaceError: the same on every worker
         raise StudyUnrunnable(f"the study cannot run on its dataset: {exc}") from exc
-    ostudy = optuna.load_study(study_name=optuna_name, storage=optuna_storage(db.url),
-                               sampler=make_sampler(spec, resolved), pruner=make_pruner(spec))
+    ostudy = asking.open_study(optuna_storage(db.url), optuna_name, make_sampler(spec, resolved), make_pruner(spec))
     mean, std = standardization(splits.x_train, ds.image_shape is not None)
     return PreparedStudy(study_id, spec, ostudy, resolved, ds, splits, mean.tolist(), std.tolist())
 

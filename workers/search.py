@@ -2,27 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from app.ml.space import grid_space
 from app.schemas.study import StudySpec
-from workers import truncnorm
+from workers import optuna_private
 
 
 def make_sampler(spec: StudySpec, resolved: dict[str, Any]) -> optuna.samplers.BaseSampler:
-    """The sampler a study's spec names, seeded when the spec gives a seed."""
+    """The sampler a study's spec names. With a seed it draws trial n from a seed derived from (seed, n):
+    the same seed gives the same proposals by number, and workers that share it never replay one sequence.
+    The grid is always seeded (0 unless the spec gives one), or every worker would pick the same free point.
+    """
+    seed = spec.sampler.seed
+    if seed is None and spec.sampler.name == "grid":
+        seed = 0
+    if seed is None:
+        return _sampler(spec, resolved, None)
+    return SeededByTrial(lambda trial: _sampler(spec, resolved, trial, study=seed), seed)
+
+
+def algorithm(sampler: optuna.samplers.BaseSampler) -> type[optuna.samplers.BaseSampler]:
+    """The class of the sampler that proposes trials, under a SeededByTrial."""
+    return type(sampler.current) if isinstance(sampler, SeededByTrial) else type(sampler)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The seed a study's sampler draws trial `number` from."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+def _sampler(spec: StudySpec, resolved: dict[str, Any], seed: int | None,
+             study: int | None = None) -> optuna.samplers.BaseSampler:
+    """The named sampler, its random state seeded with `seed` (QMC's scramble with the `study` seed)."""
     opts = spec.sampler
-    name, seed = opts.name, opts.seed
+    name = opts.name
     startup = {"n_startup_trials": opts.n_startup_trials} if opts.n_startup_trials is not None else {}
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return _GridSampler(grid_space(resolved), seed=seed)
+        return GridSampler(grid_space(resolved), seed=seed)
     if name == "tpe":
-        truncnorm.install()
+        optuna_private.use_vectorized_log_ndtr()
         multivariate = opts.multivariate
         if multivariate is None:  # Optuna's default: joint for one objective, independent for several
             multivariate = not spec.is_multi_objective
@@ -35,36 +63,105 @@ def make_sampler(spec: StudySpec, resolved: dict[str, Any]) -> optuna.samplers.B
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, **startup)
     if name == "qmc":
-        # Scrambled only with a seed: every worker must draw from the same sequence.
-        return optuna.samplers.QMCSampler(qmc_type=opts.qmc_type or "sobol", scramble=seed is not None,
-                                          seed=seed, warn_independent_sampling=False)
+        # Scrambled only with a seed, the study's: every worker must draw from the same sequence.
+        scramble = study if study is not None else seed
+        return optuna.samplers.QMCSampler(qmc_type=opts.qmc_type or "sobol", scramble=scramble is not None,
+                                          seed=scramble, independent_sampler=optuna.samplers.RandomSampler(seed),
+                                          warn_independent_sampling=False)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=opts.population_size or 50, seed=seed)
     raise ValueError(f"unknown sampler {name!r}")
 
 
-class _GridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid without its study.stop() after the last point: outside optimize() that call raises, and
-    our own budget ends the study (n_trials never exceeds the grid, checked when the study is created).
+class SeededByTrial(optuna.samplers.BaseSampler):
+    """A sampler that proposes trial n with a sampler built for it from `trial_seed(seed, n)`.
 
-    Trial n takes grid point n, as in Optuna, only while no other trial holds that point: an enqueued
-    configuration holds its own point (workers.asking), and Optuna would hand it out a second time.
+    Optuna calls `before_trial` with the new trial (and its number) before it samples anything; samplers
+    keep what they share between trials in the storage, so a sampler built per trial proposes as the one
+    sampler would, only from its own seed.
     """
 
-    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
-            return
-        free = self._get_unvisited_grid_ids(study)
-        if trial.number in free:
-            grid_id = trial.number
-        else:  # as Optuna does once past the first n: a random free point, any point when none is free
-            grid_id = int(self._rng.rng.choice(free or list(range(len(self._all_grids)))))
-        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self.build, self.seed = build, seed
+        self.current = build(trial_seed(seed, 0))
 
-    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
-        return None
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.current = self.build(trial_seed(self.seed, trial.number))
+        self.current.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.current.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.current.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.current.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.current.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.current.reseed_rng()
+
+
+class GridSampler(optuna.samplers.BaseSampler):
+    """Every point of a grid once: trial n takes point n while no other trial holds it, else a random free
+    point (any point once none is free), as Optuna's grid picks them. Unlike Optuna's it never calls
+    study.stop() after the last point (outside optimize() that raises; our own budget ends the study, and
+    n_trials never exceeds the grid, checked when the study is created).
+
+    A trial holds the point its parameters are, so an enqueued configuration on the grid holds its own
+    point and no other. Points are in Optuna's order: parameters by name, the product of their values.
+    """
+
+    def __init__(self, search_space: Mapping[str, Sequence[Any]], seed: int | None = None) -> None:
+        self.search_space = {name: list(values) for name, values in sorted(search_space.items())}
+        self.points = list(itertools.product(*self.search_space.values()))
+        self._index = {point: i for i, point in enumerate(self.points)}
+        self._random = np.random.RandomState(seed)
+        self._chosen: tuple[int, tuple[Any, ...]] | None = None  # (trial number, its point)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if param_name not in self.search_space:
+            raise ValueError(f"The parameter name, {param_name}, is not found in the given grid.")
+        if self._chosen is None or self._chosen[0] != trial.number:
+            self._chosen = (trial.number, self._pick(study, trial.number))
+        return self._chosen[1][list(self.search_space).index(param_name)]
+
+    def reseed_rng(self) -> None:
+        self._random.seed()
+
+    def _pick(self, study: optuna.Study, number: int) -> tuple[Any, ...]:
+        finished, running = set(), set()
+        for t in study.get_trials(deepcopy=False):
+            point = self._point_of(t.params)
+            if point is not None and t.number != number:
+                (finished if t.state.is_finished() else running).add(point)
+        free = [i for i in range(len(self.points)) if i not in finished and i not in running] or \
+            [i for i in range(len(self.points)) if i not in finished]
+        if number in free:
+            return self.points[number]
+        return self.points[int(self._random.choice(free or list(range(len(self.points)))))]
+
+    def _point_of(self, params: dict[str, Any]) -> int | None:
+        if not all(name in params for name in self.search_space):
+            return None
+        try:
+            return self._index.get(tuple(params[name] for name in self.search_space))
+        except TypeError:  # an unhashable value: not a grid point
+            return None
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

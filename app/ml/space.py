@@ -339,7 +339,19 @@ def _in_distribution(dist: od.BaseDistribution, value: Any) -> bool:
         return False
     if isinstance(dist, od.IntDistribution) and int(value) != value:
         return False
-    return dist._contains(dist.to_internal_repr(value))
+    return in_range(dist, value)
+
+
+def in_range(dist: od.BaseDistribution, value: Any) -> bool:
+    """Whether a number lies in an int or float distribution's range, on its step (Optuna's own check is
+    private); False for any other distribution."""
+    if isinstance(dist, od.IntDistribution):
+        return dist.low <= value <= dist.high and (value - dist.low) % dist.step == 0
+    if isinstance(dist, od.FloatDistribution):
+        if not dist.low <= value <= dist.high:
+            return False
+        return dist.step is None or abs((value - dist.low) / dist.step - round((value - dist.low) / dist.step)) < 1e-8
+    return False
 
 
 def _dist_text(dist: od.BaseDistribution) -> str:

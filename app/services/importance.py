@@ -33,7 +33,7 @@ from sqlalchemy import Text, cast, func, select
 from app import plugins
 from app.core.config import Settings
 from app.core.db import Database
-from app.ml.space import SpaceError
+from app.ml.space import SpaceError, in_range
 from app.models import Trial, TrialState
 from app.schemas.insights import ImportancePublic, ParamImportance
 from app.schemas.study import StudySpec
@@ -147,9 +147,17 @@ def _fits(params: dict[str, Any], value: float, dists: dict[str, od.BaseDistribu
     if not math.isfinite(value):
         return False
     try:
-        return all(d._contains(d.to_internal_repr(params[k])) for k, d in dists.items() if k in params)
+        return all(_inside(d, params[k]) for k, d in dists.items() if k in params)
     except (ValueError, TypeError):
         return False
+
+
+def _inside(dist: od.BaseDistribution, value: Any) -> bool:
+    """Whether `value` is one `dist` can take (ValueError for a choice it does not have)."""
+    if isinstance(dist, od.CategoricalDistribution):
+        dist.to_internal_repr(value)  # raises ValueError for a value that is not a choice
+        return True
+    return in_range(dist, dist.to_external_repr(dist.to_internal_repr(value)))
 
 
 def _frozen(index: int, params: dict[str, Any], value: float,

@@ -160,7 +160,10 @@ def test_a_non_finite_loss_fails_that_trial_with_its_reason_and_the_study_contin
                       search_space={"learning_rate": {"type": "float", "low": 1e-3, "high": 10.0, "log": True},
                                     "weight_init": {"type": "categorical", "choices": ["he_normal", "normal"]},
                                     "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
-                                    "batch_norm": "none", "n_layers": 2, "units": 64})
+                                    "batch_norm": "none", "n_layers": 2, "units": 64,
+                                    # fixed, so that divergence does not hang on the sampler's draws
+                                    "activation": "relu", "lr_schedule": "constant", "dropout": 0.0,
+                                    "weight_decay": 0.0, "layer_shape": "constant", "batch_size": 32})
     sid = create_study_via_api(client, spec)
     diverging = {"learning_rate": 10.0, "weight_init": "normal", "optimizer": "sgd"}
     assert client.post(f"{API}/studies/{sid}/trials", json={"params": diverging}).status_code == 201

@@ -1,6 +1,7 @@
-"""The in-memory mirror that asks TPE and random search with one database write per trial.
+"""Asking through the windowed storage: a plain study.ask() whose new trial is written in two short writes.
 
-It must propose what Optuna's own ask would, keep Optuna's numbering, and see other workers' trials.
+It must propose what Optuna's own ask on its own storage would, keep Optuna's numbering, and see other
+workers' trials.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from optuna.trial import TrialState as OptunaState
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
-from app.ml.space import Context, resolve_space
+from app.ml.space import Context, resolve_space, sample_params
 from app.schemas.study import StudySpec
 from app.services import enqueue, studies
 from tests.factories import study_spec
-from workers import leasing
-from workers.asking import _ask_directly, ask_trial, finish_trial, finishes_directly
+from workers import asking, leasing
+from workers.asking import ask_trial
 from workers.attempt import Slot, bind
 from workers.prepared import PreparedStudies
+from workers.search import SeededByTrial
 
 SPACE_SPEC = {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
               "units": {"type": "int", "low": 8, "high": 256},
@@ -35,14 +37,20 @@ def _objective(params: dict[str, Any]) -> float:
 
 
 def _optuna_study(url: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    return optuna.create_study(study_name=name, storage=optuna_storage(url), sampler=sampler,
-                               direction="maximize", load_if_exists=True)
+    """The study as a worker opens it, on the windowed storage."""
+    optuna.create_study(study_name=name, storage=optuna_storage(url), direction="maximize", load_if_exists=True)
+    return asking.open_study(optuna_storage(url), name, sampler, optuna.pruners.NopPruner())
 
 
-def _run(study: optuna.Study, url: str, n: int, ask: Any) -> list[tuple[int, dict[str, Any]]]:
+def _optunas_own(study: optuna.Study, resolved: dict[str, Any], fixed: Any = None) -> tuple[int, int, dict[str, Any]]:
+    trial = study.ask()
+    return trial.number, -1, sample_params(trial, resolved)
+
+
+def _run(study: optuna.Study, n: int, ask: Any) -> list[tuple[int, dict[str, Any]]]:
     proposals = []
     for _ in range(n):
-        number, _trial_id, params = ask(study, optuna_storage(url), SPACE, None)
+        number, _trial_id, params = ask(study, SPACE, None)
         study.tell(number, _objective(params))
         proposals.append((number, params))
     return proposals
@@ -50,19 +58,23 @@ def _run(study: optuna.Study, url: str, n: int, ask: Any) -> list[tuple[int, dic
 
 @pytest.mark.parametrize("seed", [None, 11])
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
-def test_the_mirror_proposes_what_optunas_own_ask_would(db_url: str, sampler: str, seed: int | None) -> None:
-    def make() -> optuna.samplers.BaseSampler:
+def test_the_windowed_ask_proposes_what_optunas_own_ask_would(db_url: str, sampler: str, seed: int | None) -> None:
+    def build(s: int) -> optuna.samplers.BaseSampler:
         if sampler == "tpe":
-            return optuna.samplers.TPESampler(seed=3, n_startup_trials=4, multivariate=True, group=True,
+            return optuna.samplers.TPESampler(seed=s, n_startup_trials=4, multivariate=True, group=True,
                                               constant_liar=True)
-        return optuna.samplers.RandomSampler(seed=3)
+        return optuna.samplers.RandomSampler(seed=s)
 
-    direct = _run(_optuna_study(db_url, f"direct-{sampler}", make()), db_url, 12,
-                  lambda *args: _ask_directly(*args, seed=seed))
+    def make() -> optuna.samplers.BaseSampler:
+        return build(3) if seed is None else SeededByTrial(build, seed)
+
+    own = optuna.create_study(study_name=f"direct-{sampler}", storage=optuna_storage(db_url), sampler=make(),
+                              direction="maximize")
+    direct = _run(own, 12, _optunas_own)
     mirrored_study = _optuna_study(db_url, f"mirrored-{sampler}", make())
-    mirrored = _run(mirrored_study, db_url, 12, lambda *args: ask_trial(*args, seed=seed))
+    mirrored = _run(mirrored_study, 12, ask_trial)
     assert mirrored == direct
-    stored = mirrored_study.get_trials(deepcopy=False)
+    stored = optuna.load_study(study_name=mirrored_study.study_name, storage=optuna_storage(db_url)).trials
     assert [(t.number, t.params) for t in stored] == [(n, {k: p[k] for k in t.params}) for (n, p), t
                                                       in zip(mirrored, stored, strict=True)]
     assert all(t.state == OptunaState.COMPLETE for t in stored)
@@ -77,51 +89,48 @@ def test_two_workers_mirrors_keep_optunas_numbering_and_see_each_others_trials(d
     proposed: dict[int, dict[str, Any]] = {}
     for turn in range(8):
         study = first if turn % 2 == 0 else second
-        number, trial_id, params = ask_trial(study, storage, SPACE)
+        number, trial_id, params = ask_trial(study, SPACE)
         assert storage.get_trial_number_from_id(trial_id) == number
         proposed[number] = params
         if turn % 3 != 2:  # some trials stay RUNNING: the other worker's sampler must see them too
             study.tell(number, _objective(params))
     assert list(proposed) == list(range(8))
-    stored = {t.number: t.params for t in first.get_trials(deepcopy=False)}
+    stored = {t.number: t.params for t in optuna.load_study(study_name="shared", storage=storage).trials}
     assert stored == proposed  # every parameter written with the trial, in one go
 
 
 def test_an_enqueued_configuration_is_proposed_with_its_fixed_values(db_url: str) -> None:
     study = _optuna_study(db_url, "fixed", optuna.samplers.TPESampler(seed=0))
     fixed = {"learning_rate": 0.02, "units": 64, "optimizer": "momentum"}
-    number, trial_id, params = ask_trial(study, optuna_storage(db_url), SPACE, fixed)
+    number, trial_id, params = ask_trial(study, SPACE, fixed)
     assert {k: params[k] for k in fixed} == fixed and "momentum" in params  # the sampler fills the rest
     assert optuna_storage(db_url).get_trial(trial_id).params == params
 
 
-def test_finishing_directly_stores_what_tell_would_and_leaves_finished_trials_alone(db_url: str) -> None:
-    storage = optuna_storage(db_url)
+def test_telling_by_id_stores_what_tell_would_and_leaves_finished_trials_alone(db_url: str) -> None:
     told = _optuna_study(db_url, "told", optuna.samplers.TPESampler(seed=0))
-    direct = _optuna_study(db_url, "direct", optuna.samplers.TPESampler(seed=0))
-    assert finishes_directly(direct)
-    assert not finishes_directly(_optuna_study(db_url, "cma", optuna.samplers.CmaEsSampler(seed=0)))
+    by_id = _optuna_study(db_url, "by-id", optuna.samplers.TPESampler(seed=0))
     for state, values in ((OptunaState.COMPLETE, [0.75]), (OptunaState.FAIL, None)):
-        number, _, _ = ask_trial(told, storage, SPACE)
+        number, _, _ = ask_trial(told, SPACE)
         told.tell(number, values, state=state)
-        number, trial_id, _ = ask_trial(direct, storage, SPACE)
-        finish_trial(direct, trial_id, state, values)
-        a, b = told.trials[-1], direct.trials[-1]
+        number, trial_id, _ = ask_trial(by_id, SPACE)
+        asking.tell(by_id, trial_id, state, values)
+        a, b = told.trials[-1], by_id.trials[-1]
         assert (b.state, b.values, b.params) == (a.state, a.values, a.params)
         assert b.datetime_complete is not None
-    finish_trial(direct, trial_id, OptunaState.COMPLETE, [0.1])  # finished already: kept as it was
-    assert direct.trials[-1].state == OptunaState.FAIL
-    assert direct.best_value == 0.75
+    asking.tell(by_id, trial_id, OptunaState.COMPLETE, [0.1])  # finished already: kept as it was
+    assert by_id.trials[-1].state == OptunaState.FAIL
+    assert by_id.best_value == 0.75
 
 
 def test_a_parameter_whose_distribution_changed_is_refused_before_any_trial_is_written(db_url: str) -> None:
     """As Optuna refuses a suggest whose distribution is incompatible with an earlier record of the name."""
     study = _optuna_study(db_url, "changed", optuna.samplers.RandomSampler(seed=0))  # reads no history itself
-    _run(study, db_url, 3, ask_trial)
+    _run(study, 3, ask_trial)
     changed = resolve_space({**SPACE_SPEC, "units": {"type": "categorical", "choices": [8, 16, 32]}}, Context("mlp"))
     with pytest.raises(ValueError, match="incompatible|Cannot set different distribution"):
-        ask_trial(study, optuna_storage(db_url), changed)
-    assert len(study.get_trials(deepcopy=False)) == 3
+        ask_trial(study, changed)
+    assert len(optuna.load_study(study_name="changed", storage=optuna_storage(db_url)).trials) == 3
 
 
 def _bound_configurations(db: Database, settings: Settings, study_id: str, workers: int, n: int) -> dict[int, Any]:

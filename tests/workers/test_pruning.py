@@ -10,7 +10,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from app.core.optuna_store import optuna_storage
-from workers import pruning
+from workers import asking, pruning
 
 PRUNERS = {
     "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2),
@@ -22,6 +22,13 @@ def _study(tmp_path: Path, pruner: optuna.pruners.BasePruner) -> tuple[optuna.St
     storage = optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     optuna.create_study(study_name="s", storage=storage, direction="maximize")
     return optuna.load_study(study_name="s", storage=storage, pruner=pruner), storage
+
+
+def _ours(study: optuna.Study, storage: RDBStorage, trial: optuna.Trial) -> tuple[optuna.Study, optuna.Trial]:
+    """`trial` as a worker opens it: on the study's view, whose pruner reads the window."""
+    worker_study = asking.open_study(storage, study.study_name, optuna.samplers.RandomSampler(), study.pruner)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("s"), trial.number)
+    return worker_study, pruning.trial(worker_study, trial_id)
 
 
 def _finished(study: optuna.Study, level: float, n: int) -> None:
@@ -46,15 +53,17 @@ def _decisions(path: Path, pruner: optuna.pruners.BasePruner, ours: bool) -> lis
     decisions = []
     for level in (0.2, 0.45, 0.55, 0.9):
         trial = study.ask()
+        if ours:
+            _, trial = _ours(study, storage, trial)
         for step in range(1, 10):
             trial.report(level * step / 9, step)
-            pruned = pruning.should_prune(study, storage, trial) if ours else trial.should_prune()
+            pruned = trial.should_prune()
             decisions.append((level, step, pruned))
             if pruned:
-                study.tell(trial, state=TrialState.PRUNED)
+                study.tell(trial.number, state=TrialState.PRUNED)
                 break
         else:
-            study.tell(trial, level)
+            study.tell(trial.number, level)
     return decisions
 
 
@@ -72,8 +81,9 @@ def test_beyond_the_window_it_judges_against_the_recent_trials_only(tmp_path: Pa
     _finished(study, 0.9, 30)  # the old trials did well...
     _finished(study, 0.1, 10)  # ...the search has since moved to a region where all do badly
     trial = study.ask()
-    trial.report(0.5 * 3 / 9, 3)
-    assert trial.should_prune()  # against every curve: below the old trials' median
-    assert not pruning.should_prune(study, storage, trial)  # against the 10 recent ones: above theirs
-    held = pruning._windows[study].window.trials()
+    worker_study, ours = _ours(study, storage, trial)
+    ours.report(0.5 * 3 / 9, 3)
+    assert optuna.Trial(study, ours._trial_id).should_prune()  # against every curve: below the old trials' median
+    assert not ours.should_prune()  # against the 10 recent ones: above theirs
+    held = pruning.view_of(worker_study).get_trials(deepcopy=False)
     assert {t.number for t in held} == set(range(31, 41))  # the latest ten, itself among them

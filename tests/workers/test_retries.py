@@ -19,7 +19,7 @@ from app.models.base import utcnow
 from app.schemas.study import StudySpec
 from app.services import studies
 from tests.factories import study_spec
-from workers import attempt, leasing, reaper, retries
+from workers import attempt, leasing, pruning, reaper, retries
 from workers.prepared import PreparedStudies
 
 # Learns digits in one epoch: batch 32 at lr 0.01 is far above the 0.2 the other trial reached.
@@ -54,7 +54,7 @@ def _lose(db: Database, lease: leasing.Lease) -> None:
 def _epoch(slot: attempt.Slot, lease: leasing.Lease, epoch: int, accuracy: float) -> attempt.Ending | None:
     """One epoch as the supervisor relays it: recorded, then reported to the pruner."""
     p = slot.studies.get(lease.study_id)
-    trial = optuna.Trial(p.optuna_study, lease.optuna_trial_id)
+    trial = pruning.trial(p.optuna_study, lease.optuna_trial_id)  # as the supervisor opens it
     report = {"epoch": epoch, "metrics": {"val_accuracy": accuracy}, "train_loss": 1.0, "val_loss": 1.0,
               "learning_rate": 0.01, "seconds": 0.1}
     return attempt._on_epoch(slot, report, lease, trial, p)

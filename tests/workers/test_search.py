@@ -15,7 +15,7 @@ from app.ml.space import Context, resolve_space
 from app.models import Study
 from app.schemas.study import PrunerSpec, SamplerSpec, StudySpec
 from tests.factories import API, client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
-from workers.search import make_pruner, make_sampler
+from workers.search import GridSampler, SeededByTrial, algorithm, make_pruner, make_sampler
 
 IRIS = Context("mlp", feature_groups=True)
 MULTI = [{"metric": "val_accuracy", "direction": "maximize"},
@@ -36,13 +36,16 @@ def sampler_for(sampler: dict[str, Any], **spec: Any) -> optuna.samplers.BaseSam
 
 
 @pytest.mark.parametrize("name,cls", [
-    ("random", optuna.samplers.RandomSampler), ("grid", optuna.samplers.GridSampler),
+    ("random", optuna.samplers.RandomSampler), ("grid", GridSampler),
     ("tpe", optuna.samplers.TPESampler), ("cmaes", optuna.samplers.CmaEsSampler),
     ("gp", optuna.samplers.GPSampler), ("qmc", optuna.samplers.QMCSampler),
     ("nsga2", optuna.samplers.NSGAIISampler),
 ])
 def test_make_sampler_builds_the_named_sampler(name: str, cls: type) -> None:
-    assert isinstance(sampler_for({"name": name, "seed": 3}), cls)
+    seeded = sampler_for({"name": name, "seed": 3})
+    assert isinstance(seeded, SeededByTrial) and algorithm(seeded) is cls  # built afresh for each trial
+    if name != "grid":  # the grid is always seeded
+        assert type(sampler_for({"name": name})) is cls
 
 
 def test_sampler_options_reach_optuna() -> None:
@@ -51,12 +54,12 @@ def test_sampler_options_reach_optuna() -> None:
     assert sampler_for({"name": "tpe"})._multivariate is True  # joint TPE for one objective
     assert sampler_for({"name": "tpe"}, objective=MULTI)._multivariate is False
     assert sampler_for({"name": "nsga2", "population_size": 6})._population_size == 6
-    qmc = sampler_for({"name": "qmc", "qmc_type": "halton", "seed": 5})
+    qmc = sampler_for({"name": "qmc", "qmc_type": "halton", "seed": 5}).current
     assert (qmc._qmc_type, qmc._scramble, qmc._seed) == ("halton", True, 5)
     assert sampler_for({"name": "qmc"})._scramble is False  # unseeded workers still share one sequence
     assert sampler_for({"name": "cmaes", "n_startup_trials": 2})._n_startup_trials == 2
     assert sampler_for({"name": "gp", "n_startup_trials": 2})._n_startup_trials == 2
-    grid = sampler_for({"name": "grid"})._search_space
+    grid = sampler_for({"name": "grid"}).current.search_space
     assert grid == {"learning_rate": [1e-2, 3e-2], "branch_merge": ["concat", "add"]}  # fixed ones stay out
 
 
@@ -149,10 +152,11 @@ def fingerprints(db: Database, study_id: str) -> tuple[set[str], set[str]]:
     return trial_keys, study_keys
 
 
-# TPE and random search leave none: they sample in an in-memory mirror (workers/asking.py, tested there).
-EXPECTED_FINGERPRINTS = {"random": set(), "tpe": set(), "cmaes": {"cma"}, "gp": {"gp"}, "qmc": {"qmc"},
-                         "nsga2": {"NSGAIISampler"}, "grid": {"grid_id", "search_space"}}
-ALL_FINGERPRINTS = set().union(*EXPECTED_FINGERPRINTS.values()) | {"tpe"}
+# Random search leaves none; nor does the grid, whose trials hold their points as their parameters
+# (workers/search.py; the points are checked below). TPE shares its relative parameters (constant liar).
+EXPECTED_FINGERPRINTS = {"random": set(), "tpe": {"tpe"}, "cmaes": {"cma"}, "gp": {"gp"}, "qmc": {"qmc"},
+                         "nsga2": {"NSGAIISampler"}, "grid": set()}
+ALL_FINGERPRINTS = set().union(*EXPECTED_FINGERPRINTS.values()) | {"grid_id", "search_space"}
 
 
 def test_every_sampler_and_pruner_runs_a_study(settings: Settings, db: Database) -> None:

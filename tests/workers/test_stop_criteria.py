@@ -18,7 +18,7 @@ from app.schemas.study import StudySpec
 from app.services import studies
 from tests.factories import create_study_via_service, study_spec
 from workers import closing, leasing
-from workers.asking import ask_trial
+from workers.asking import ask_trial, open_study
 from workers.search import make_sampler
 
 
@@ -88,10 +88,11 @@ def test_model_based_samplers_keep_a_partial_configuration_and_fill_the_rest(sql
     spec = StudySpec.model_validate(study_spec(sampler={"name": name, "seed": 1, **options}))
     sampler = make_sampler(spec, SPACE)
     storage = optuna_storage(sqlite_url)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize")
+    optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    study = open_study(storage, name, sampler, optuna.pruners.NopPruner())
     fixed = {"units": 100, "optimizer": "sgd"}
     for turn in range(5):  # past the startup trials, so the model proposes the rest
-        number, _trial_id, params = ask_trial(study, storage, SPACE, fixed if turn % 2 else None)
+        number, _trial_id, params = ask_trial(study, SPACE, fixed if turn % 2 else None)
         if turn % 2:
             assert {k: params[k] for k in fixed} == fixed and "learning_rate" in params
         study.tell(number, -abs(params["units"] - 100) / 100)

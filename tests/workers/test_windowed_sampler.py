@@ -16,7 +16,8 @@ import pytest
 from app.core.optuna_store import optuna_storage
 from app.ml.space import Context, resolve_space
 from workers import asking
-from workers.asking import TrialWindow, ask_trial
+from workers.asking import ask_trial
+from workers.window_storage import TrialWindow
 
 SPACE = resolve_space({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
                        "units": {"type": "int", "low": 8, "high": 256},
@@ -39,8 +40,14 @@ def _value(params: dict[str, Any]) -> float:
 def _study(url: str, name: str, seed: int = 0) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=3, multivariate=True, group=True,
                                          constant_liar=True)
-    return optuna.create_study(study_name=name, storage=optuna_storage(url), sampler=sampler,
-                               direction="maximize", load_if_exists=True)
+    optuna.create_study(study_name=name, storage=optuna_storage(url), direction="maximize", load_if_exists=True)
+    return asking.open_study(optuna_storage(url), name, sampler, optuna.pruners.NopPruner())
+
+
+def _window(study: optuna.Study) -> TrialWindow:
+    """The window the study's sampler reads, as last synced."""
+    storage = asking.storage_of(study)
+    return storage.window(storage.get_study_id_from_name(study.study_name))
 
 
 def _in_space(params: dict[str, Any]) -> bool:
@@ -53,14 +60,14 @@ def test_the_window_holds_every_running_trial_and_the_best_and_latest_finished(d
     running: list[int] = []
     values: dict[int, float] = {}
     for turn in range(30):
-        number, _, params = ask_trial(study, storage, SPACE)
+        number, _, params = ask_trial(study, SPACE)
         assert _in_space(params)
         if turn % 5 == 1:
             running.append(number)  # left RUNNING, like a trial another worker still trains
         else:
             values[number] = _value(params)
             study.tell(number, values[number])
-    window = asking._mirrors[study].window
+    window = _window(study)
     window.sync()
     held = {t.number: t for t in window.trials()}
     best = sorted(values, key=lambda n: -values[n])[:3]
@@ -78,30 +85,29 @@ def test_the_window_holds_every_running_trial_and_the_best_and_latest_finished(d
 @pytest.mark.usefixtures("small_window")
 def test_a_running_trial_of_another_worker_is_seen_until_it_finishes(db_url: str) -> None:
     ours, theirs = _study(db_url, "shared", seed=0), _study(db_url, "shared", seed=1)
-    storage = optuna_storage(db_url)
     for _ in range(12):
-        number, _, params = ask_trial(ours, storage, SPACE)
+        number, _, params = ask_trial(ours, SPACE)
         ours.tell(number, _value(params))
-    other, _, params = ask_trial(theirs, storage, SPACE)
+    other, _, params = ask_trial(theirs, SPACE)
     seen: list[int] = []
     for _ in range(8):  # far more than the window's latest trials: the running one stays in view
-        number, _, p = ask_trial(ours, storage, SPACE)
+        number, _, p = ask_trial(ours, SPACE)
         ours.tell(number, -10.0)  # poor values: never among the best
-        seen.append(other in {t.number for t in asking._mirrors[ours].window.trials()})
+        seen.append(other in {t.number for t in _window(ours).trials()})
     assert all(seen)
     theirs.tell(other, -10.0)
-    ask_trial(ours, storage, SPACE)
-    assert other not in {t.number for t in asking._mirrors[ours].window.trials()}  # finished, poor, old
+    ask_trial(ours, SPACE)
+    assert other not in {t.number for t in _window(ours).trials()}  # finished, poor, old
 
 
 @pytest.mark.usefixtures("small_window")
 def test_the_same_seed_and_history_give_the_same_proposals(db_url: str) -> None:
     runs = []
     for name in ("first", "second"):
-        study, storage = _study(db_url, name, seed=7), optuna_storage(db_url)
+        study = _study(db_url, name, seed=7)
         proposals = []
         for _ in range(20):
-            number, _, params = ask_trial(study, storage, SPACE)
+            number, _, params = ask_trial(study, SPACE)
             study.tell(number, _value(params))
             proposals.append(params)
         runs.append(proposals)
@@ -112,21 +118,20 @@ def test_the_same_seed_and_history_give_the_same_proposals(db_url: str) -> None:
 @pytest.mark.usefixtures("small_window")
 def test_the_sampler_sees_the_window_not_the_whole_study(db_url: str) -> None:
     """What TPE reads through the view: the window's trials with their real numbers, never more."""
-    study, storage = _study(db_url, "view"), optuna_storage(db_url)
+    study = _study(db_url, "view")
     for _ in range(15):
-        number, _, params = ask_trial(study, storage, SPACE)
+        number, _, params = ask_trial(study, SPACE)
         study.tell(number, _value(params))
-    mirror = asking._mirrors[study]
     seen: list[list[int]] = []
-    inner = mirror.sampler.inner
-    original = inner.sample_relative
+    sampler = study.sampler
+    original = sampler.sample_relative
 
     def recording(view: optuna.Study, trial: optuna.trial.FrozenTrial, space: dict[str, Any]) -> dict[str, Any]:
-        seen.append([t.number for t in view.get_trials(deepcopy=False)] + [trial.number])
+        seen.append([t.number for t in view.get_trials(deepcopy=False) if t.number != trial.number] + [trial.number])
         return original(view, trial, space)
 
-    inner.sample_relative = recording  # type: ignore[method-assign]
-    number, _, _ = ask_trial(study, storage, SPACE)
+    sampler.sample_relative = recording  # type: ignore[method-assign]
+    number, _, _ = ask_trial(study, SPACE)
     assert seen and seen[0][-1] == number == 15
     assert len(seen[0]) - 1 <= 3 + 4 and max(seen[0][:-1]) == 14
 
@@ -140,11 +145,11 @@ def test_the_sample_keeps_every_kth_trial_and_never_takes_one_back(db_url: str,
     values: dict[int, float] = {}
     held_over_time: list[set[int]] = []
     for _ in range(40):
-        number, _, params = ask_trial(study, storage, SPACE)
+        number, _, params = ask_trial(study, SPACE)
         values[number] = _value(params)
         study.tell(number, values[number])
-        held_over_time.append({t.number for t in asking._mirrors[study].window.trials()})
-    window = asking._mirrors[study].window
+        held_over_time.append({t.number for t in _window(study).trials()})
+    window = _window(study)
     window.sync()
     held = {t.number for t in window.trials()}
     best = set(sorted(values, key=lambda n: -values[n])[:2])
