@@ -8,7 +8,7 @@ service's method is `workers.schedulers.Asha`, the code the workers run, not a c
 docs/benchmarks/schedulers.md; the environment: benchmarks/requirements-lcbench.txt (it needs numpy < 2 for
 syne-tune 0.13, so never the service's venv).
 
-    python -m benchmarks.lcbench --quick            # 2 tasks, 2 seeds, under a minute
+    python -m benchmarks.lcbench --quick            # 2 tasks, 2 seeds, about 35 s of CPU
     python -m benchmarks.lcbench --seeds 10          # all 34 tasks: tuning (first 17 ids) and held-out (last 17)
 """
 
@@ -287,8 +287,9 @@ class OptunaHyperband:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # a fixed name: HyperbandPruner assigns brackets by a hash of the study's name and the trial number
         self.study = optuna.create_study(
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+            study_name=f"lcbench-{seed}", direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
             pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=MAX_EPOCHS, reduction_factor=3))
         self.trials: dict[int, Any] = {}
 
