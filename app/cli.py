@@ -101,13 +101,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: --fuse takes auto or an integer of at least 1; got {args.fuse!r}", file=sys.stderr)
         return 2
     from app.core.db import Database, end_frozen_transactions
-    from workers.supervisor import Supervisor
+    from workers.supervisor import Supervisor, database_pool_size
 
     end_frozen_transactions(settings.lease_grace_s)
     per_device = args.per_device or default_per_device(devices)  # the documented rule of workers.devices
     if args.slots:
         devices, per_device = _spread(devices, args.slots)
-    supervisor = Supervisor(Database(settings.database_url, pool_size=2), settings, devices=devices,
+    db = Database(settings.database_url, pool_size=database_pool_size(len(devices) * per_device))
+    supervisor = Supervisor(db, settings, devices=devices,
                             per_device=per_device, shutdown_grace_s=args.shutdown_grace, fuse=fuse)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stop())

@@ -37,6 +37,12 @@ POLL_INTERVAL_S = 0.5
 SHUTDOWN_GRACE_S = 30.0
 
 
+def database_pool_size(slots: int) -> int:
+    """Connections a supervisor of `slots` trial slots keeps: one per slot's thread, which writes every epoch,
+    plus the heartbeat and the reaper, so no slot waits on another's connection."""
+    return slots + 2
+
+
 class Supervisor:
     def __init__(self, db: Database, settings: Settings, *, devices: list[str], per_device: int = 1,
                  worker_id: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
