@@ -677,3 +677,38 @@ def asking_alone(db: Database, study_id: str) -> Iterator[None]:
         session.execute(text("SET LOCAL idle_in_transaction_session_timeout = '5min'"))
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield
+
+
+@retrying
+def retry_in_place(db: Database, lease: Lease, *, params: dict[str, Any], note: str) -> Lease | None:
+    """Start the held trial's next attempt on this same lease with changed parameters (an out-of-memory retry
+    at a smaller batch); `note` stands as its error until it ends. None when the lease was lost meanwhile."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        if trial is None:
+            return None
+        trial.attempt += 1
+        trial.params = params
+        trial.error, trial.failure = note, FailureKind.OUT_OF_MEMORY.value
+        trial.heartbeat_at = utcnow()
+    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt + 1, lease.number,
+                 lease.optuna_trial_id, params, lease.source)
+
+
+@retrying
+def requeue_attempt(db: Database, lease: Lease, *, reason: str, failure: FailureKind) -> Reaped | None:
+    """End this attempt and put the trial back in line under its next attempt number, whatever attempts remain:
+    for a failure that is not the trial's own (its fused group ran out of memory or died). It runs solo then,
+    so this happens once per trial. A study that has ended retries nothing. None when the lease was lost."""
+    with db.session() as session:
+        trial = _held_in_tx(session, lease)
+        if trial is None:
+            return None
+        study = session.get(Study, trial.study_id)
+        if study is None or StudyStatus(study.status).is_finished():
+            _end_in_tx(session, trial, utcnow(), f"stopped: the study ended ({reason})", FailureKind.CANCELLED)
+            return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, False, trial.error or reason)
+        _back_in_line_in_tx(trial)
+        trial.attempt += 1
+        trial.error, trial.failure = f"attempt {trial.attempt - 1}: {reason}", failure.value
+        return Reaped(trial.study_id, trial.number, trial.optuna_trial_id, True, reason)
