@@ -682,15 +682,19 @@ def asking_alone(db: Database, study_id: str) -> Iterator[None]:
 @retrying
 def retry_in_place(db: Database, lease: Lease, *, params: dict[str, Any], note: str) -> Lease | None:
     """Start the held trial's next attempt on this same lease with changed parameters (an out-of-memory retry
-    at a smaller batch); `note` stands as its error until it ends. None when the lease was lost meanwhile."""
+    at a smaller batch); `note` stands as its error until it ends. The attempt starts now, with the whole time
+    an attempt has, as a claimed one does. None when the lease was lost meanwhile."""
     with db.session() as session:
         trial = _held_in_tx(session, lease)
         if trial is None:
             return None
+        now = utcnow()
+        if trial.deadline_at is not None and trial.started_at is not None:
+            trial.deadline_at = now + (trial.deadline_at - trial.started_at)
+        trial.started_at = trial.heartbeat_at = now
         trial.attempt += 1
         trial.params = params
         trial.error, trial.failure = note, FailureKind.OUT_OF_MEMORY.value
-        trial.heartbeat_at = utcnow()
     return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt + 1, lease.number,
                  lease.optuna_trial_id, params, lease.source)
 

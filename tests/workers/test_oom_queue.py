@@ -3,11 +3,14 @@ smaller batch, and a fused group's member back in line whatever attempts remain.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy import update
 
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import FailureKind, Study, Trial, TrialState
+from app.models.base import utcnow
 from tests.factories import create_study_via_service
 from workers import queue
 
@@ -31,11 +34,18 @@ def test_a_retry_in_place_runs_the_next_attempt_on_the_same_lease_with_its_new_p
         db: Database, settings: Settings) -> None:
     create_study_via_service(db, settings, budget={"n_trials": 1, "max_attempts": 1})
     first = _bound(db)
+    then = utcnow()
+    with db.session() as session:  # the first attempt has run for 500 of its 600 s
+        session.execute(update(Trial).where(Trial.id == first.trial_id).values(
+            started_at=then - timedelta(seconds=500), deadline_at=then + timedelta(seconds=100)))
     second = queue.retry_in_place(db, first, params={"units": 8, "batch_size": 32}, note="out of memory at 64")
     assert second is not None and (second.attempt, second.params) == (2, {"units": 8, "batch_size": 32})
     row = _row(db, first.trial_id)
     assert (row.state, row.attempt, row.worker_id, row.params["batch_size"]) == ("running", 2, "w1", 32)
     assert (row.error, row.failure) == ("out of memory at 64", FailureKind.OUT_OF_MEMORY.value)
+    # The retry starts now, with the whole 600 s an attempt has.
+    assert row.started_at and row.deadline_at and row.started_at >= then
+    assert row.deadline_at - row.started_at == timedelta(seconds=600)
     # The first attempt's lease no longer holds: only the retry records.
     assert queue.finish_trial(db, first, state=TrialState.COMPLETE, value=1.0) is None
     assert queue.retry_in_place(db, first, params={"batch_size": 16}, note="again") is None
