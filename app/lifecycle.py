@@ -225,6 +225,17 @@ def after_failed_attempt(trial: TrialFacts, *, study_ended: bool, max_attempts: 
     return Verdict(Fate.FAIL, f"{reason}; {max_attempts} attempt(s) used" if retry else reason, failure)
 
 
+def after_group_failure(trial: TrialFacts, *, study_ended: bool, reason: str, failure: FailureKind) -> Verdict:
+    """A fused group's runner ran out of memory or died with this member still open, none of its members to
+    blame: back in line under its next attempt whatever attempts remain (it runs solo then, so this happens
+    once per trial), unless the study has ended. A group is never failed wholesale."""
+    if not trial.configured:
+        return Verdict(Fate.DROP)
+    if study_ended:
+        return when_study_ended(trial, f"stopped: the study ended ({reason})")
+    return Verdict(Fate.RETRY, f"attempt {trial.attempt}: {reason}", failure)
+
+
 def after_hand_back(trial: TrialFacts, *, study_ended: bool) -> Verdict:
     """A worker hands a running trial back unrun (graceful shutdown): it waits for another worker under the
     same attempt, unless its study has ended."""

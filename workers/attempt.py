@@ -4,6 +4,11 @@ same loop (`supervise`) follows a fused runner, trial by trial (`workers.group`)
 
 Every outcome is recorded on one path: the service's row and the study's stop criteria in one transaction,
 then one write to Optuna.
+
+A solo trial that runs out of memory gets one more attempt at once, in the same slot, at half its batch size
+(`retry_smaller`): its row's parameters and error say so. Its Optuna trial keeps the sampler's proposal (half of
+a categorical batch size may not be among the choices): the sampler learns what the proposal gave as this service
+could run it, and the fresh Optuna trial of the retry carries the batch size run as its `oom_retry` attribute.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
 from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
 from workers.publishing import discard, final_stem, publish, staged_stem
-from workers.runner import RunnerJob, RunnerTrial, runner_main
+from workers.runner import OUT_OF_MEMORY, RunnerJob, RunnerTrial, runner_main
 from workers.tensorboard import TrialBoard, board_dir
+from workers.trainer import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger("hpsearch.worker")
 PIPE_POLL_S = 0.2
@@ -82,7 +88,50 @@ def _run(slot: Slot, lease: leasing.Lease, p: PreparedStudy, device: str) -> Non
     if bound is None:
         log.warning("lease of study %s lost before its trial started", lease.study_id)
         return
-    supervise(slot, p, [bound], device, on_death=_fail_died)
+    for m in supervise(slot, p, [bound], device, on_death=_fail_died):
+        retry_smaller(slot, p, m, device)
+
+
+def retry_smaller(slot: Slot, p: PreparedStudy, m: Member, device: str) -> None:
+    """A solo trial ran out of memory: run it once more at half its batch size (at least 1), on the same
+    lease under its next attempt number; out of memory again, or with no batch to halve, it fails for good."""
+    params = dict(m.lease.params or {})
+    batch = _batch_size(p, params)
+    if batch is None or batch <= 1:
+        record(slot, _out_of_memory(OUT_OF_MEMORY), m.lease, p, m.tlog)
+        return
+    half = batch // 2
+    note = f"attempt {m.lease.attempt}: {OUT_OF_MEMORY} at batch size {batch}; retried at batch size {half}"
+    retried = leasing.retry_in_place(slot.db, m.lease, params={**params, "batch_size": half}, note=note)
+    if retried is None:
+        m.tlog.warning("lease lost (reaped or study deleted); result dropped")
+        return
+    storage = optuna_storage(slot.db.url)
+    optuna_sync.tell(storage, fail_all([m.lease.optuna_trial_id]))  # that attempt is over; the retry runs anew
+    bound = rebind(slot, retried, p)
+    if bound is None:
+        m.tlog.warning("lease lost (reaped, or the study ended) before the retry started")
+        return
+    m.tlog.warning("trial ran out of memory at batch size %d; retrying at %d", batch, half)
+    assert bound.optuna_trial_id is not None
+    retry_on_disconnect(storage.set_trial_user_attr, bound.optuna_trial_id, "oom_retry",
+                        {"batch_size": half, "out_of_memory_at": batch})
+    for again in supervise(slot, p, [bound], device, on_death=_fail_died, note=note):
+        record(slot, _out_of_memory(f"{OUT_OF_MEMORY} at batch size {half}, after a retry at half of {batch}"),
+               again.lease, p, again.tlog)
+
+
+def _batch_size(p: PreparedStudy, params: dict[str, Any]) -> int | None:
+    """The trial's batch size; None for a model plugin's own loop that takes none."""
+    from workers import plugin_runner
+
+    if "batch_size" not in params and plugin_runner.own_loop(p.model_spec(params)) is not None:
+        return None
+    return int(params.get("batch_size", DEFAULT_BATCH_SIZE))
+
+
+def _out_of_memory(reason: str) -> Ending:
+    return Ending(Outcome.FAILED, failure=FailureKind.OUT_OF_MEMORY, reason=reason)
 
 
 def bind(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease | None:
@@ -154,14 +203,19 @@ class Member:
     board: TrialBoard | None = None
     stopping: Ending | None = None  # why the supervisor said stop, once it has
     ended: bool = False
+    note: str | None = None  # kept as the error of an attempt that does not fail (why it ran as it did)
 
 
 OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
 
 
-def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device: str, on_death: OnDeath) -> None:
+def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device: str, on_death: OnDeath,
+              note: str | None = None) -> list[Member]:
     """Fork the runner of bound `leases` (`runner_job`), relay its messages trial by trial and record each
-    trial as it ends; `on_death(slot, p, proc, members)` ends those still open when the runner dies."""
+    trial as it ends; `on_death(slot, p, proc, members)` ends those still open when the runner dies.
+
+    Returns the members that ran out of memory, unrecorded: their caller retries them (`retry_smaller`, or
+    solo after a fused group). `note` stays as the error of each attempt that does not fail."""
     assert slot.settings.artifact_dir is not None
     timeout = p.spec.trial_timeout_s(slot.settings.trial_deadline_s)
     members: dict[int, Member] = {}
@@ -169,7 +223,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
         assert lease.number is not None and lease.params is not None
         # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
         trial = retry_on_disconnect(pruning.trial, p.optuna_study, lease.optuna_trial_id)
-        members[lease.trial_id] = Member(lease, trial, time.monotonic() + timeout)
+        members[lease.trial_id] = Member(lease, trial, time.monotonic() + timeout, note=note)
     proc, conn = _spawn(slot, runner_job(slot, leases, p, device))
     for m in members.values():
         lease = m.lease
@@ -183,7 +237,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
         if p.spec.tensorboard:
             m.board = TrialBoard(board_dir(slot.settings.artifact_dir, lease.study_id, lease.number, lease.attempt))
     try:
-        _relay(slot, p, proc, conn, members, on_death)
+        return _relay(slot, p, proc, conn, members, on_death)
     finally:
         conn.close()
         if proc.is_alive():
@@ -205,13 +259,14 @@ def _spawn(slot: Slot, job: RunnerJob) -> tuple[Any, Connection]:
 
 
 def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: dict[int, Member],
-           on_death: OnDeath) -> None:
+           on_death: OnDeath) -> list[Member]:
     """Relay every member's messages until each has ended: stop one when pruned, lost, cancelled or late,
-    all when shutting down; the runner's death ends those still open."""
+    all when shutting down; the runner's death ends those still open. Returns those out of memory, unrecorded."""
+    out_of_memory: list[Member] = []
 
     def end(m: Member, ending: Ending) -> None:
         m.ended = True
-        record(slot, ending, m.lease, p, m.tlog)
+        record(slot, ending, m.lease, p, m.tlog, note=m.note)
 
     def stop(trial_id: int) -> None:
         try:
@@ -225,11 +280,11 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
     while True:
         open_members = [m for m in members.values() if not m.ended]
         if not open_members:
-            return
+            return out_of_memory
         if slot.drain_over():
             for m in open_members:
                 end(m, Ending(Outcome.RELEASED))
-            return
+            return out_of_memory
         now = time.monotonic()
         for m in open_members:
             if now > m.deadline:
@@ -238,14 +293,14 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
         if not conn.poll(PIPE_POLL_S):
             if not proc.is_alive() and not conn.poll(0):
                 died()
-                return
+                return out_of_memory
             continue
         try:
             msg: Message = conn.recv()
         except (EOFError, OSError):  # killed with bytes unread, the pipe reads as reset rather than closed
             proc.join(1)
             died()
-            return
+            return out_of_memory
         m = members.get(msg.trial)
         assert m is not None, f"a runner spoke of trial {msg.trial}, which it does not hold"
         if isinstance(msg, Epoch):
@@ -275,6 +330,9 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
             end(m, ending)
         elif isinstance(msg, Done):
             end(m, Ending(Outcome.COMPLETE, msg.result))
+        elif isinstance(msg, Failed) and msg.failure is FailureKind.OUT_OF_MEMORY and not m.stopping:
+            m.ended = True
+            out_of_memory.append(m)
         elif isinstance(msg, Failed):
             end(m, Ending(Outcome.FAILED, failure=msg.failure, reason=msg.reason))
 
@@ -307,8 +365,10 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: o
     return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
 
 
-def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, tlog: Any) -> None:
-    """Write how the attempt ended: our row and stop criteria in one transaction, then Optuna once."""
+def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, tlog: Any,
+           note: str | None = None) -> None:
+    """Write how the attempt ended: our row and stop criteria in one transaction, then Optuna once. `note`
+    stays as the error of a complete or pruned attempt (why it ran as it did: a smaller batch, say)."""
     if ending.outcome is Outcome.LOST:
         tlog.warning("lease lost (reaped or study deleted); result dropped")
         return
@@ -327,13 +387,13 @@ def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, t
         state, result = TrialState.COMPLETE, ending.result
         finished = leasing.finish_trial(slot.db, lease, state=state, value=values[0], values=values,
                                         metrics=result["metrics"], epochs_run=result["epochs_run"],
-                                        best_epoch=result["best_epoch"], artifact=str(final),
+                                        best_epoch=result["best_epoch"], artifact=str(final), error=note,
                                         while_held=lambda: _publish(staged, final, tlog))
     elif ending.outcome is Outcome.PRUNED:
         state, values = TrialState.PRUNED, None
         finished = leasing.finish_trial(slot.db, lease, state=state,
                                         value=(ending.result.get("metrics") or {}).get(p.spec.primary.metric),
-                                        epochs_run=ending.result.get("epoch", 0))  # epochs count from 1
+                                        epochs_run=ending.result.get("epoch", 0), error=note)  # epochs from 1
     else:
         state, values = TrialState.FAIL, None
         finished = leasing.finish_trial(slot.db, lease, state=state, error=ending.reason, failure=ending.failure)

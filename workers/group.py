@@ -3,8 +3,10 @@ runner per group, and supervise its members through `attempt.supervise`, as a so
 
 Each member keeps its own lease, Optuna trial, curve, pruning decision, deadline, cancellation and outcome,
 recorded on the same path as a solo trial's (`attempt.record`). Stopping one member (pruned, cancelled,
-late, lost) sends that member a STOP and leaves the others training. A runner that dies fails the current
-attempt of each member it still held; each goes back in line while attempts remain, and runs solo then.
+late, lost) sends that member a STOP and leaves the others training. A runner that runs out of memory or dies
+ends the current attempt of each member it still held, none of them to blame: each goes back in line under its
+next attempt, whatever attempts remain, and runs solo then (where out of memory, it is retried at half its batch
+size, as any solo trial). A group is never failed wholesale.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from workers.fused import can_fuse, max_waste, plan_groups
 from workers.fused.layers import member_params
 from workers.fusing import fuse_size
 from workers.prepared import PreparedStudy
+from workers.runner import OUT_OF_MEMORY
 from workers.trainer import DEFAULT_BATCH_SIZE
 
 
@@ -56,15 +59,19 @@ def _bound(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease 
 def run_group(slot: Slot, leases: list[leasing.Lease], device: str) -> None:
     """Train bound leases of one study as one fused runner; record each member's outcome as it ends."""
     p = slot.studies.get(leases[0].study_id)
-    supervise(slot, p, leases, device, on_death=_retry_members)
+    out_of_memory = supervise(slot, p, leases, device, on_death=_retry_members)
+    _requeue(slot, out_of_memory, f"{OUT_OF_MEMORY} in a fused group of {len(leases)}", FailureKind.OUT_OF_MEMORY)
 
 
 def _retry_members(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -> None:
-    """A fused runner that died fails the current attempt of each member still open, none of them to blame:
-    each is retried (solo) while attempts remain."""
-    reason = f"fused trial process died (exit code {proc.exitcode})"
+    """A fused runner that died (the kernel's OOM killer, say) took each member still open with it."""
+    _requeue(slot, members, f"fused trial process died (exit code {proc.exitcode})", FailureKind.PROCESS_DIED)
+
+
+def _requeue(slot: Slot, members: list[Member], reason: str, failure: FailureKind) -> None:
+    """Each member back in line to run solo, under its next attempt (`retries.requeue_attempt`)."""
     for m in members:
-        reaped = retries.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED)
+        reaped = retries.requeue_attempt(slot.db, m.lease, reason=reason, failure=failure)
         if reaped is None:
             m.tlog.warning("lease lost (reaped or study deleted); result dropped")
         elif reaped.requeued:

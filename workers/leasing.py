@@ -1,4 +1,5 @@
-"""Trial leases in SQL: claim, bind to an Optuna trial, record epochs, finish, hand back and renew.
+"""Trial leases in SQL: claim, bind to an Optuna trial, retry in place, record epochs, finish, hand back and
+renew.
 
 Claims lock the study row (PostgreSQL `FOR UPDATE SKIP LOCKED`) or the whole database (SQLite
 `BEGIN IMMEDIATE`), so limits hold across any number of workers: never more than n_trials
@@ -226,6 +227,28 @@ def rebind_trial(db: Database, lease: Lease, *, optuna_trial_id: int) -> Lease |
         trial.optuna_trial_id = optuna_trial_id
     return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, lease.number, optuna_trial_id,
                  lease.params, lease.source)
+
+
+@retrying
+def retry_in_place(db: Database, lease: Lease, *, params: dict[str, Any], note: str) -> Lease | None:
+    """Start the held trial's next attempt on this same lease with changed parameters (an out-of-memory retry
+    at a smaller batch); `note` stands as its error until it ends. The attempt starts now, with the whole time
+    an attempt has, as a claimed one does. None when the lease was lost meanwhile. The returned lease still
+    names the last attempt's Optuna trial: the caller rebinds it to a fresh one (`rebind_trial`)."""
+    with db.session() as session:
+        study = share_study_in_tx(session, lease.study_id)
+        trial = held_in_tx(session, lease) if study is not None else None
+        if trial is None:
+            return None
+        now = utcnow()
+        if trial.deadline_at is not None and trial.started_at is not None:
+            trial.deadline_at = now + (trial.deadline_at - trial.started_at)
+        trial.started_at = trial.heartbeat_at = now
+        trial.attempt += 1
+        trial.params = params
+        trial.error, trial.failure = note, FailureKind.OUT_OF_MEMORY.value
+    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt + 1, lease.number,
+                 lease.optuna_trial_id, params, lease.source)
 
 
 class EpochStatus(enum.StrEnum):

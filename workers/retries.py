@@ -1,6 +1,6 @@
-"""Attempts that failed outside their trial's own verdict, in SQL: reap stale leases, and fail or retry an
-attempt its worker could not run. Whether one retries is app.lifecycle's call; this module stores it and
-returns what Optuna must be told."""
+"""Attempts that failed outside their trial's own verdict, in SQL: reap stale leases, fail or retry an
+attempt its worker could not run, and put a failed fused group's members back in line. Whether one retries
+is app.lifecycle's call; this module stores it and returns what Optuna must be told."""
 
 from __future__ import annotations
 
@@ -74,6 +74,24 @@ def retry_attempt(db: Database, lease: Lease, *, reason: str, failure: FailureKi
     """End this attempt as failed with `failure`, back in line while attempts remain (a fused runner's crash:
     no one member is to blame, so each gets its next attempt). None when the lease was lost meanwhile."""
     return _fail_held(db, lease, reason, failure)
+
+
+@retrying
+def requeue_attempt(db: Database, lease: Lease, *, reason: str, failure: FailureKind) -> Reaped | None:
+    """End this attempt and put the trial back in line under its next attempt, whatever attempts remain: its
+    fused group ran out of memory or died (`lifecycle.after_group_failure`). None when the lease was lost."""
+    with db.session() as session:
+        study = share_study_in_tx(session, lease.study_id)
+        trial = held_in_tx(session, lease)
+        if trial is None:
+            return None
+        verdict = lifecycle.after_group_failure(facts_of(trial), study_ended=has_ended(study), reason=reason,
+                                                failure=failure)
+        study_id, number, optuna_trial_id = trial.study_id, trial.number, trial.optuna_trial_id
+        tells = apply_in_tx(session, trial, verdict, utcnow())
+        requeued = verdict.fate is Fate.RETRY
+        return Reaped(study_id, number, optuna_trial_id, requeued, reason if requeued else (verdict.error or reason),
+                      tells)
 
 
 def _fail_held(db: Database, lease: Lease, reason: str, failure: FailureKind) -> Reaped | None:

@@ -131,6 +131,19 @@ def test_a_deadline_fails_at_once_and_an_ended_study_retries_nothing() -> None:
                                           failure=FailureKind.LOST).fate is Fate.DROP
 
 
+def test_a_fused_group_failure_puts_each_member_back_in_line_whatever_attempts_remain() -> None:
+    kw = {"study_ended": False, "reason": "out_of_memory in a fused group of 2",
+          "failure": FailureKind.OUT_OF_MEMORY}
+    last = TrialFacts(configured=True, began=True, attempt=3)  # past any max_attempts: not the member's failure
+    assert lifecycle.after_group_failure(last, **kw) == Verdict(
+        Fate.RETRY, "attempt 3: out_of_memory in a fused group of 2", FailureKind.OUT_OF_MEMORY)
+    assert lifecycle.after_group_failure(SLOT, **kw) == Verdict(Fate.DROP)
+    ended = lifecycle.after_group_failure(RAN, study_ended=True, reason="fused trial process died (exit code -9)",
+                                          failure=FailureKind.PROCESS_DIED)
+    assert ended == Verdict(Fate.FAIL, "stopped: the study ended (fused trial process died (exit code -9))",
+                            FailureKind.CANCELLED)
+
+
 def test_a_hand_back_keeps_the_attempt_unless_the_study_ended() -> None:
     assert lifecycle.after_hand_back(RAN, study_ended=False) == Verdict(Fate.HAND_BACK)
     assert lifecycle.after_hand_back(SLOT, study_ended=False) == Verdict(Fate.DROP)

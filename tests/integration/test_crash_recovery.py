@@ -179,7 +179,7 @@ def test_a_non_finite_loss_fails_that_trial_with_its_reason_and_the_study_contin
     db.dispose()
 
 
-def test_a_trial_over_the_memory_limit_fails_out_of_memory_once_and_the_next_starts_clean(
+def test_a_trial_over_the_memory_limit_fails_out_of_memory_after_one_smaller_retry_and_the_next_starts_clean(
         sqlite_url: str, tmp_path: Path) -> None:
     db, client, settings = _setup(sqlite_url, tmp_path, trial_memory_mb=300)
     spec = study_spec(budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "max_attempts": 3},
@@ -193,7 +193,10 @@ def test_a_trial_over_the_memory_limit_fails_out_of_memory_once_and_the_next_sta
         study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=60)
     assert study["status"] == "completed"
     big, small = sorted(assert_study_settled(db, sid, 2), key=lambda r: r.number)
-    assert (big.state, big.error, big.attempt) == (TrialState.FAIL.value, "out_of_memory", 1)  # not retried
+    # Retried once at half its batch size (its weights alone are over the limit), then failed for good.
+    batch = big.params["batch_size"]
+    assert (big.state, big.failure, big.attempt) == (TrialState.FAIL.value, "out_of_memory", 2)
+    assert big.error == f"out_of_memory at batch size {batch}, after a retry at half of {batch * 2}"
     assert small.state == TrialState.COMPLETE.value and small.worker_id == big.worker_id
     db.dispose()
 
