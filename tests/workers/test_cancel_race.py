@@ -106,7 +106,7 @@ def test_a_worker_that_dies_between_the_ask_and_the_bind_leaves_nothing_running_
 
 
 def _ask(db: Database, p: PreparedStudy) -> int:
-    _, trial_id, _ = asking.ask_trial(p.optuna_study, optuna_storage(db.url), p.resolved, None, p.spec.sampler.seed)
+    _, trial_id, _ = asking.ask_trial(p.optuna_study, p.resolved, None)
     return trial_id
 
 
