@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -218,6 +218,21 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
             if m.board is not None:
                 m.board.close()
             discard(staged_stem(slot.settings.artifact_dir, m.lease))  # published or refused: nothing to keep
+            _drop_checkpoints_if_ended(slot, m.lease)
+
+
+def _drop_checkpoints_if_ended(slot: Slot, lease: leasing.Lease) -> None:
+    """A trial that ended for good keeps no checkpoint; one back in line (resumed, handed back, reaped) keeps
+    them for its next attempt."""
+    assert slot.settings.artifact_dir is not None
+    if not retry_on_disconnect(leasing.trial_ended, slot.db, lease.trial_id):
+        return
+    folder = checkpoint_dir(slot.settings.artifact_dir, lease)
+    shutil.rmtree(folder, ignore_errors=True)
+    if lease.checkpoint is not None:
+        shutil.rmtree((slot.settings.artifact_dir / lease.checkpoint).parent, ignore_errors=True)
+    with suppress(OSError):  # the study's checkpoint folder goes with its last trial's (a write makes it again)
+        folder.parent.rmdir()
 
 
 def _spawn(slot: Slot, job: RunnerJob) -> tuple[Any, Connection]:

@@ -287,6 +287,13 @@ def note_trial(db: Database, lease: Lease, note: str) -> bool:
         return True
 
 
+def trial_ended(db: Database, trial_id: int) -> bool:
+    """Whether the trial ended for good (or is gone): nothing will resume it."""
+    with db.read_session() as session:
+        state = session.scalar(select(Trial.state).where(Trial.id == trial_id))
+    return state is None or TrialState(state).is_finished()
+
+
 @dataclass(frozen=True)
 class Finished:
     """A recorded outcome; stop_reason names the stop criterion it made fire, if any."""
@@ -321,6 +328,7 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
         trial.error = error if error is not None else trial.error  # a note of this attempt stays
         trial.failure = failure.value if failure is not None else None
         trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
+        trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # its files go with it
         trial.finished_at = now
         trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
         session.flush()
