@@ -179,6 +179,7 @@ class Fate(enum.StrEnum):
 
     DROP = "drop"  # the row goes: it never had a configuration, or never began in a study that ended
     RETRY = "retry"  # back in line with the same parameters, as the next attempt
+    RESUME = "resume"  # back in line as the next attempt, to continue from its checkpoint on its Optuna trial
     HAND_BACK = "hand_back"  # back in line as the same attempt (a shutdown is not the trial's failure)
     FAIL = "fail"  # ends FAIL for good
 
@@ -197,6 +198,10 @@ class TrialFacts:
     configured: bool  # it holds a configuration (a number, or enqueued parameters)
     began: bool  # an Optuna trial was bound to it: it has run, or is running, an attempt
     attempt: int = 1
+    checkpointed: bool = False  # a checkpoint of it is recorded: a death need not start it over
+
+
+DEATHS = frozenset({FailureKind.LOST, FailureKind.PROCESS_DIED})  # the process died, not the training
 
 
 def when_study_ended(trial: TrialFacts, reason: str) -> Verdict:
@@ -211,6 +216,7 @@ def after_failed_attempt(trial: TrialFacts, *, study_ended: bool, max_attempts: 
                          failure: FailureKind, retry: bool = True) -> Verdict:
     """An attempt failed outside its trial's own verdict (its worker was lost, it ran past its deadline, its
     runner died): back in line with the same parameters while attempts remain and `retry` allows, else FAIL.
+    A death (`DEATHS`) of a checkpointed trial resumes it from its checkpoint; any other failure starts over.
 
     A sampler's slot that never got a configuration is dropped (another claim makes it again); anything else
     comes back under a new attempt number, an enqueued configuration not yet bound included: the slot that
@@ -221,6 +227,8 @@ def after_failed_attempt(trial: TrialFacts, *, study_ended: bool, max_attempts: 
     if study_ended:
         return when_study_ended(trial, f"stopped: the study ended ({reason})")
     if retry and trial.attempt < max_attempts:
+        if trial.checkpointed and failure in DEATHS:
+            return Verdict(Fate.RESUME, f"attempt {trial.attempt}: {reason}; resumed from its checkpoint", failure)
         return Verdict(Fate.RETRY, f"attempt {trial.attempt}: {reason}", failure)
     return Verdict(Fate.FAIL, f"{reason}; {max_attempts} attempt(s) used" if retry else reason, failure)
 

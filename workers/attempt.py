@@ -16,11 +16,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -31,12 +33,12 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
-from workers import ask_lock, asking, leasing, optuna_sync, pruning
+from workers import ask_lock, asking, leasing, optuna_sync, pruning, retries
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
-from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
-from workers.publishing import discard, final_stem, publish, staged_stem
+from workers.protocol import Checkpointed, Decision, Done, Epoch, Failed, Message, Resumed, Stopped, Verdict
+from workers.publishing import checkpoint_dir, discard, final_stem, publish, staged_stem
 from workers.runner import OUT_OF_MEMORY, RunnerJob, RunnerTrial, runner_main
 from workers.tensorboard import TrialBoard, board_dir
 from workers.trainer import DEFAULT_BATCH_SIZE
@@ -84,7 +86,10 @@ def run_attempt(slot: Slot, lease: leasing.Lease, device: str) -> None:
 
 
 def _run(slot: Slot, lease: leasing.Lease, p: PreparedStudy, device: str) -> None:
-    bound = bind(slot, lease, p) if lease.number is None else rebind(slot, lease, p)
+    if lease.number is None:
+        bound = bind(slot, lease, p)
+    else:
+        bound = resume(slot, lease) if lease.resumes else rebind(slot, lease, p)
     if bound is None:
         log.warning("lease of study %s lost before its trial started", lease.study_id)
         return
@@ -171,6 +176,17 @@ def rebind(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease 
     return bound
 
 
+def resume(slot: Slot, lease: leasing.Lease) -> leasing.Lease | None:
+    """A trial that continues from its checkpoint keeps its Optuna trial (still running there): each epoch is
+    reported to it once, the resumed run's after the recorded ones. Its Optuna trial ends FAIL when the study
+    ended meanwhile."""
+    assert lease.optuna_trial_id is not None
+    bound = leasing.rebind_trial(slot.db, lease, optuna_trial_id=lease.optuna_trial_id)
+    if bound is None:
+        optuna_sync.tell(optuna_storage(slot.db.url), fail_all([lease.optuna_trial_id]))
+    return bound
+
+
 def release(slot: Slot, lease: leasing.Lease) -> None:
     """Hand a lease back unrun; its Optuna trial, if bound, ends (a re-run asks for a fresh one)."""
     optuna_sync.tell(optuna_storage(slot.db.url), leasing.release_trial(slot.db, lease) or [])
@@ -184,12 +200,20 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
                           seed=spec.seed + (lease.number or 0),
                           artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)))
               for lease in leases]
+    if len(leases) == 1:  # a solo trial checkpoints (fused members do not yet) and resumes
+        t, lease = trials[0], leases[0]
+        t.checkpoint_dir = str(checkpoint_dir(slot.settings.artifact_dir, lease))
+        if lease.resumes:
+            assert lease.checkpoint is not None
+            t.resume_from = str(slot.settings.artifact_dir / lease.checkpoint)
+            t.resume_epoch = lease.checkpoint_epoch or 0
     return RunnerJob(trials=trials, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,
                      y_val=splits.y_val, epochs=spec.budget.epochs, patience=spec.budget.patience,
                      objective=spec.primary.metric, direction=str(spec.primary.direction), device=device,
                      threads=slot.cpu_threads if device == "cpu" else 1,
                      precision=resolve_precision(spec.precision, spec.task, device),
-                     memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None)
+                     memory_limit_mb=slot.settings.trial_memory_mb, image=p.dataset.image_shape is not None,
+                     checkpoint_every=spec.checkpoint_every)
 
 
 @dataclass
@@ -204,6 +228,7 @@ class Member:
     stopping: Ending | None = None  # why the supervisor said stop, once it has
     ended: bool = False
     note: str | None = None  # kept as the error of an attempt that does not fail (why it ran as it did)
+    checkpointed: bool = False  # a checkpoint of this attempt was recorded
 
 
 OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
@@ -247,6 +272,21 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
             if m.board is not None:
                 m.board.close()
             discard(staged_stem(slot.settings.artifact_dir, m.lease))  # published or refused: nothing to keep
+            _drop_checkpoints_if_ended(slot, m.lease)
+
+
+def _drop_checkpoints_if_ended(slot: Slot, lease: leasing.Lease) -> None:
+    """A trial that ended for good keeps no checkpoint; one back in line (resumed, handed back, reaped) keeps
+    them for its next attempt."""
+    assert slot.settings.artifact_dir is not None
+    if not retry_on_disconnect(leasing.trial_ended, slot.db, lease.trial_id):
+        return
+    folder = checkpoint_dir(slot.settings.artifact_dir, lease)
+    shutil.rmtree(folder, ignore_errors=True)
+    if lease.checkpoint is not None:
+        shutil.rmtree((slot.settings.artifact_dir / lease.checkpoint).parent, ignore_errors=True)
+    with suppress(OSError):  # the study's checkpoint folder goes with its last trial's (a write makes it again)
+        folder.parent.rmdir()
 
 
 def _spawn(slot: Slot, job: RunnerJob) -> tuple[Any, Connection]:
@@ -324,6 +364,10 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
                 stop(msg.trial)
         elif m.ended:
             continue
+        elif isinstance(msg, Checkpointed | Resumed):
+            if not _on_checkpoint(slot, msg, m):
+                end(m, Ending(Outcome.LOST))
+                stop(msg.trial)
         elif isinstance(msg, Stopped):
             ending = m.stopping or Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
             ending.result = msg.last or {}
@@ -337,11 +381,38 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
             end(m, Ending(Outcome.FAILED, failure=msg.failure, reason=msg.reason))
 
 
+def _on_checkpoint(slot: Slot, msg: Checkpointed | Resumed, m: Member) -> bool:
+    """Record a checkpoint on disk, or where a resumed trial continues; False when the lease was lost."""
+    assert slot.settings.artifact_dir is not None
+    if isinstance(msg, Resumed):
+        if msg.skipped:
+            m.tlog.warning("resumed after epoch %d: %s", msg.epoch, "; ".join(msg.skipped))
+            start = f"resumed after epoch {msg.epoch}" if msg.epoch else "started over"
+            return leasing.note_trial(slot.db, m.lease, f"{start}: " + "; ".join(msg.skipped))
+        m.tlog.info("resumed after epoch %d", msg.epoch)
+        return True
+    path = str(Path(msg.path).relative_to(slot.settings.artifact_dir))
+    if not leasing.record_checkpoint(slot.db, m.lease, path=path, epoch=msg.epoch, size=msg.size):
+        return False
+    resumed_from = (slot.settings.artifact_dir / m.lease.checkpoint).parent if m.lease.checkpoint else None
+    if not m.checkpointed and resumed_from is not None and resumed_from != Path(msg.path).parent:
+        shutil.rmtree(resumed_from, ignore_errors=True)  # the last attempt's checkpoints are superseded
+    m.checkpointed = True
+    return True
+
+
 def _fail_died(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -> None:
-    """A solo runner that died took its one trial with it: that attempt fails, blamed on the trial."""
+    """A solo runner that died took its one trial with it: that attempt fails, blamed on the trial, unless a
+    checkpoint of the trial is recorded: then, while attempts remain, it resumes from there."""
+    reason = f"trial process died (exit code {proc.exitcode})"
     for m in members:
-        record(slot, Ending(Outcome.FAILED, failure=FailureKind.PROCESS_DIED,
-                            reason=f"trial process died (exit code {proc.exitcode})"), m.lease, p, m.tlog)
+        if m.checkpointed or m.lease.checkpoint is not None:
+            retried = retries.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED)
+            if retried is not None:
+                optuna_sync.tell(optuna_storage(slot.db.url), retried.tells, p.optuna_study)
+                m.tlog.warning("%s; %s", reason, "back in line" if retried.requeued else retried.reason)
+            continue
+        record(slot, Ending(Outcome.FAILED, failure=FailureKind.PROCESS_DIED, reason=reason), m.lease, p, m.tlog)
 
 
 def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: optuna.Trial,

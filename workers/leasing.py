@@ -45,6 +45,13 @@ class Lease:
     optuna_trial_id: int | None
     params: dict[str, Any] | None
     source: str
+    checkpoint: str | None = None  # to resume from: the recorded checkpoint, relative to the artifact dir
+    checkpoint_epoch: int | None = None
+
+    @property
+    def resumes(self) -> bool:
+        """Whether this attempt continues its trial from a checkpoint, on the trial's Optuna trial."""
+        return self.checkpoint is not None and self.optuna_trial_id is not None
 
 
 # ---- the study's side, read under its lock ------------------------------------------------------------------
@@ -172,7 +179,7 @@ def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: st
         study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
     session.flush()
     return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id, trial.params,
-                 trial.source)
+                 trial.source, trial.checkpoint_path, trial.checkpoint_epoch)
 
 
 # ---- a held lease --------------------------------------------------------------------------------------------
@@ -213,7 +220,7 @@ def bind_trial(db: Database, lease: Lease, *, number: int, optuna_trial_id: int,
             return None
         trial.number, trial.optuna_trial_id, trial.params = number, optuna_trial_id, params
     return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, number, optuna_trial_id, params,
-                 lease.source)
+                 lease.source, lease.checkpoint, lease.checkpoint_epoch)
 
 
 @retrying
@@ -226,7 +233,7 @@ def rebind_trial(db: Database, lease: Lease, *, optuna_trial_id: int) -> Lease |
             return None
         trial.optuna_trial_id = optuna_trial_id
     return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, lease.number, optuna_trial_id,
-                 lease.params, lease.source)
+                 lease.params, lease.source, lease.checkpoint, lease.checkpoint_epoch)
 
 
 @retrying
@@ -247,6 +254,8 @@ def retry_in_place(db: Database, lease: Lease, *, params: dict[str, Any], note: 
         trial.attempt += 1
         trial.params = params
         trial.error, trial.failure = note, FailureKind.OUT_OF_MEMORY.value
+        # Another batch size trains afresh: a checkpoint of the old one would resume a loop these params never ran.
+        trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None
     return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt + 1, lease.number,
                  lease.optuna_trial_id, params, lease.source)
 
@@ -276,6 +285,38 @@ def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | 
         goes_on = lifecycle.keeps_running(StudyStatus(study.status), budget_of(study), utcnow(),
                                           cancels_running=study.config.cancels_running_trials)
         return EpochStatus.OK if goes_on else EpochStatus.STOP
+
+
+@retrying
+def record_checkpoint(db: Database, lease: Lease, *, path: str, epoch: int, size: int) -> bool:
+    """Record the trial's latest checkpoint, already on disk (`path` relative to the artifact dir), and renew
+    the lease; False when the lease no longer holds (nothing recorded)."""
+    with db.session() as session:
+        trial = held_in_tx(session, lease)
+        if trial is None:
+            return False
+        trial.heartbeat_at = utcnow()
+        trial.checkpoint_path, trial.checkpoint_epoch, trial.checkpoint_bytes = path, epoch, size
+        return True
+
+
+@retrying
+def note_trial(db: Database, lease: Lease, note: str) -> bool:
+    """Record why a held trial did not go as planned (a checkpoint it could not resume from) in its error
+    field; an outcome without an error of its own keeps it. False when the lease no longer holds."""
+    with db.session() as session:
+        trial = held_in_tx(session, lease)
+        if trial is None:
+            return False
+        trial.error = note[:2000]
+        return True
+
+
+def trial_ended(db: Database, trial_id: int) -> bool:
+    """Whether the trial ended for good (or is gone): nothing will resume it."""
+    with db.read_session() as session:
+        state = session.scalar(select(Trial.state).where(Trial.id == trial_id))
+    return state is None or TrialState(state).is_finished()
 
 
 @dataclass(frozen=True)
@@ -309,8 +350,10 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
             while_held()
         trial.state = state.value
         trial.value, trial.values, trial.metrics = value, values, metrics
-        trial.error, trial.failure = error, (failure.value if failure is not None else None)
+        trial.error = error if error is not None else trial.error  # a note of this attempt stays
+        trial.failure = failure.value if failure is not None else None
         trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
+        trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # its files go with it
         trial.finished_at = now
         trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
         session.flush()
@@ -321,7 +364,7 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
 def _finished_by_in_tx(session: Session, lease: Lease, state: TrialState, error: str | None) -> bool:
     """True when this lease's own outcome is already recorded (and not, say, a reaper's verdict)."""
     trial = session.get(Trial, lease.trial_id)
-    return trial is not None and trial.state == state.value and trial.error == error \
+    return trial is not None and trial.state == state.value and (error is None or trial.error == error) \
         and trial.worker_id == lease.worker_id and trial.attempt == lease.attempt
 
 

@@ -3,7 +3,9 @@
 Every message names the trial it is about (the service's trial row id), so one runner may train several
 trials at once and the supervisor records, prunes and stops each of them on its own. Runner to supervisor:
 Epoch after each epoch (answered by a Decision while the next epoch trains), then one of Done, Failed or
-Stopped per trial. Messages travel between a supervisor and the child it forked, never from a client.
+Stopped per trial. A checkpointing trial also sends Checkpointed once each checkpoint is on disk, and a
+resumed one Resumed before its first epoch. Messages travel between a supervisor and the child it forked,
+never from a client.
 """
 
 from __future__ import annotations
@@ -49,9 +51,28 @@ class Stopped:
 
 
 @dataclass(frozen=True)
+class Checkpointed:
+    """A checkpoint of the trial is on disk (written, fsynced, renamed): the supervisor records it."""
+
+    trial: int
+    path: str  # absolute, on the runner's machine
+    epoch: int
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where the trial continues: after `epoch` (0: from scratch), and each newer checkpoint passed over, why."""
+
+    trial: int
+    epoch: int
+    skipped: list[str]
+
+
+@dataclass(frozen=True)
 class Decision:
     trial: int
     verdict: Verdict
 
 
-Message = Epoch | Done | Failed | Stopped
+Message = Epoch | Done | Failed | Stopped | Checkpointed | Resumed

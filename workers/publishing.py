@@ -10,11 +10,18 @@ from app.ml.artifacts import trial_files
 from workers.leasing import Lease
 
 STAGING_DIR = ".staging"  # per-attempt weights, under a study's artifact folder
+CHECKPOINTS_DIR = "checkpoints"  # per-attempt checkpoint folders, under a study's artifact folder
 
 
 def staged_stem(artifact_dir: Path, lease: Lease) -> Path:
     """Where one attempt's runner writes its weights (suffixes .safetensors and .json are added)."""
     return artifact_dir / lease.study_id / STAGING_DIR / f"trial-{lease.number}-{lease.attempt}"
+
+
+def checkpoint_dir(artifact_dir: Path, lease: Lease) -> Path:
+    """Where one attempt's runner writes its trial's checkpoints: its own folder, so a runner whose lease was
+    lost never prunes the files of the attempt that resumed from it."""
+    return artifact_dir / lease.study_id / CHECKPOINTS_DIR / f"trial-{lease.number}-{lease.attempt}"
 
 
 def final_stem(artifact_dir: Path, study_id: str, number: int) -> Path:

@@ -26,7 +26,7 @@ from app.ml.artifacts import ModelSpec, build_module, save_trial
 from app.models import FailureKind
 from workers.devices import use_device
 from workers.precision import apply_precision
-from workers.protocol import Decision, Done, Epoch, Failed, Stopped, Verdict
+from workers.protocol import Checkpointed, Decision, Done, Epoch, Failed, Resumed, Stopped, Verdict
 
 OUT_OF_MEMORY = "out_of_memory"
 NON_FINITE = "non_finite_loss"
@@ -42,6 +42,9 @@ class RunnerTrial:
     spec: ModelSpec
     seed: int
     artifact_path: str  # without extension: .safetensors and .json are written
+    checkpoint_dir: str | None = None  # where this attempt writes its checkpoints (None: it writes none)
+    resume_from: str | None = None  # the recorded checkpoint to continue from (None: from scratch)
+    resume_epoch: int = 0  # its epoch
 
 
 @dataclass
@@ -62,6 +65,7 @@ class RunnerJob:
     precision: str = "fp32"  # workers.precision, resolved for the device
     memory_limit_mb: int = 0  # per trial
     image: bool = False
+    checkpoint_every: int = 1  # epochs between checkpoints of a trial with a checkpoint_dir
 
     @property
     def spec(self) -> ModelSpec:  # task and input shape, shared by every trial of a fused job (`can_fuse`)
@@ -231,6 +235,13 @@ class Reporter:
         self.conn.send(message)
         self.ended.add(trial)
 
+    def checkpointed(self, trial: int, written: Any) -> None:
+        """A checkpoint (a workers.checkpoints.CheckpointFile) is on disk: the supervisor records it."""
+        self.conn.send(Checkpointed(trial, str(written.path), written.epoch, written.bytes))
+
+    def resumed(self, trial: int, epoch: int, skipped: list[str]) -> None:
+        self.conn.send(Resumed(trial, epoch, skipped))
+
     def alone(self, trial: int) -> _Alone:
         return _Alone(self, trial)
 
@@ -310,10 +321,35 @@ def _train_alone(job: RunnerJob, t: RunnerTrial, data: Any, amp: Any, reporter: 
         module, result = plugin_runner.run_own_loop(plugin, job, data, alone)
     else:
         module = build_module(t.spec).to(job.device)
+        hook, resume = _checkpointing(job, t, module, reporter)
         result = train(module, data, t.spec.params, epochs=job.epochs, objective=job.objective,
                        direction=job.direction, patience=job.patience, seed=t.seed, callbacks=[alone],
-                       amp_dtype=amp, stop_signal=alone.stop_requested)
+                       amp_dtype=amp, stop_signal=alone.stop_requested, checkpoint=hook, resume_from=resume)
+        if hook is not None:
+            hook.wait()  # the last write in flight, recorded before the trial's end
     reporter.on_member_end(t.trial, result, module)
+
+
+def _checkpointing(job: RunnerJob, t: RunnerTrial, module: Any, reporter: Reporter) -> tuple[Any, Any]:
+    """The trial's checkpoint hook, and the state to resume from: the recorded checkpoint, else the newest
+    older one that reads and fits this model, else none (from scratch); the supervisor hears which, and why
+    any newer one was passed over."""
+    from workers.checkpoints import EpochCheckpointer
+    from workers.checkpoints.files import latest_usable
+
+    if t.checkpoint_dir is None:
+        return None, None
+    state = None
+    if t.resume_from is not None:
+        recorded = Path(t.resume_from)
+        state, skipped = latest_usable(recorded.parent, module=module, newest=t.resume_epoch)
+        reasons = [f"checkpoint of epoch {c.epoch} unusable ({e})" for c, e in skipped]
+        if not recorded.is_file():
+            reasons.insert(0, f"checkpoint of epoch {t.resume_epoch} unusable (missing: {recorded} does not exist)")
+        reporter.resumed(t.trial, state.epoch if state is not None else 0, reasons)
+    hook = EpochCheckpointer(Path(t.checkpoint_dir), every=job.checkpoint_every,
+                             on_written=lambda written: reporter.checkpointed(t.trial, written))
+    return hook, state
 
 
 def _train_fused(job: RunnerJob, data: Any, amp: Any, reporter: Reporter) -> None:

@@ -4,7 +4,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, UTCDateTime, utcnow
@@ -150,6 +150,11 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text)
     failure: Mapped[str | None] = mapped_column(String(16))  # a FailureKind, set with error
     artifact: Mapped[str | None] = mapped_column(String(500))
+    # The latest checkpoint on disk (relative to the artifact dir), recorded by its runner while the lease
+    # held: a death resumes from it. Cleared when an attempt starts over.
+    checkpoint_path: Mapped[str | None] = mapped_column(String(500))
+    checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)
+    checkpoint_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

@@ -120,6 +120,20 @@ def test_a_failed_attempt_retries_while_attempts_remain_then_fails() -> None:
     assert lifecycle.after_failed_attempt(SLOT, **kw) == Verdict(Fate.DROP)
 
 
+def test_a_death_of_a_checkpointed_trial_resumes_it_any_other_failure_starts_over() -> None:
+    saved = TrialFacts(configured=True, began=True, attempt=1, checkpointed=True)
+    kw = {"study_ended": False, "max_attempts": 2, "reason": "trial process died"}
+    for death in (FailureKind.LOST, FailureKind.PROCESS_DIED):
+        assert lifecycle.after_failed_attempt(saved, failure=death, **kw) == Verdict(
+            Fate.RESUME, "attempt 1: trial process died; resumed from its checkpoint", death)
+    assert lifecycle.after_failed_attempt(saved, failure=FailureKind.WORKER_ERROR, **kw).fate is Fate.RETRY
+    assert lifecycle.after_failed_attempt(RAN, failure=FailureKind.PROCESS_DIED, **kw).fate is Fate.RETRY
+    last = TrialFacts(configured=True, began=True, attempt=2, checkpointed=True)  # no crash loop
+    assert lifecycle.after_failed_attempt(last, failure=FailureKind.LOST, **kw).fate is Fate.FAIL
+    assert lifecycle.after_failed_attempt(saved, failure=FailureKind.LOST, study_ended=True, max_attempts=2,
+                                          reason="x").fate is Fate.FAIL
+
+
 def test_a_deadline_fails_at_once_and_an_ended_study_retries_nothing() -> None:
     late = lifecycle.after_failed_attempt(RAN, study_ended=False, max_attempts=3, reason="deadline exceeded",
                                           failure=FailureKind.DEADLINE, retry=False)

@@ -67,6 +67,7 @@ def test_a_worker_frozen_past_the_grace_has_its_late_result_refused_and_survives
     db = Database(db_url)
     client = client_for(settings, db)
     spec = training_spec(20, n_trials=3, max_parallel=2, max_attempts=2)
+    spec["checkpoint_every"] = 1000  # never: a reaped trial without a checkpoint starts over (test_resume.py)
     sid = create_study_via_api(client, spec)
     logs = [tmp_path / "frozen.log", tmp_path / "other.log"]
     with processes() as procs:

@@ -170,12 +170,15 @@ def list_checkpoints(directory: Path) -> list[CheckpointFile]:
 
 
 def latest_usable(directory: Path, *, module: nn.Module | None = None,
-                  identity: Mapping[str, str] | None = None
+                  identity: Mapping[str, str] | None = None, newest: int | None = None
                   ) -> tuple[LoopState | None, list[tuple[CheckpointFile, CheckpointUnusable]]]:
     """The newest checkpoint that reads and fits, falling back epoch by epoch; None to start over. Also
-    every newer one that was passed over, with why (to record on the trial)."""
+    every newer one that was passed over, with why (to record on the trial). `newest`: no checkpoint of a
+    later epoch (one written but never recorded: the recorded curve ends before it)."""
     skipped: list[tuple[CheckpointFile, CheckpointUnusable]] = []
     for ckpt in reversed(list_checkpoints(directory)):
+        if newest is not None and ckpt.epoch > newest:
+            continue
         try:
             return read_checkpoint(ckpt.path, module=module, identity=identity), skipped
         except CheckpointUnusable as e:
