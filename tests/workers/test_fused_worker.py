@@ -69,7 +69,11 @@ def fused_supervisor(settings: Settings, db: Database, *, fuse: int, grace_s: fl
 def _spec(n_trials: int, epochs: int, max_attempts: int = 2, **extra: Any) -> dict[str, Any]:
     spec = study_spec(budget={"n_trials": n_trials, "epochs": epochs, "patience": None, "max_parallel": 4,
                               "max_attempts": max_attempts}, **extra)
-    spec["search_space"] = {**spec["search_space"], "n_layers": 1, "batch_size": 16,
+    # Only the learning rate decides how fast a member learns: the rest is fixed, or a sampled N(0, 1)
+    # initialization or sigmoid could make a good learning rate fall below the median at epoch 1.
+    spec["search_space"] = {**spec["search_space"], "n_layers": 1, "batch_size": 16, "activation": "relu",
+                            "weight_init": "he_normal", "batch_norm": "none", "dropout": 0.0,
+                            "weight_decay": 1e-6, "lr_schedule": "constant", "layer_shape": "constant",
                             "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True}}
     return spec
 
