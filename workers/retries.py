@@ -87,11 +87,7 @@ def requeue_attempt(db: Database, lease: Lease, *, reason: str, failure: Failure
             return None
         verdict = lifecycle.after_group_failure(facts_of(trial), study_ended=has_ended(study), reason=reason,
                                                 failure=failure)
-        study_id, number, optuna_trial_id = trial.study_id, trial.number, trial.optuna_trial_id
-        tells = apply_in_tx(session, trial, verdict, utcnow())
-        requeued = verdict.fate is Fate.RETRY
-        return Reaped(study_id, number, optuna_trial_id, requeued, reason if requeued else (verdict.error or reason),
-                      tells)
+        return _store_in_tx(session, study, trial, verdict, reason, utcnow())
 
 
 def _fail_held(db: Database, lease: Lease, reason: str, failure: FailureKind) -> Reaped | None:
@@ -107,9 +103,15 @@ def _retry_or_fail_in_tx(session: Session, study: Study | None, trial: Trial, no
     max_attempts = study.config.budget.max_attempts if study is not None else 1
     verdict = lifecycle.after_failed_attempt(facts_of(trial), study_ended=has_ended(study),
                                              max_attempts=max_attempts, reason=reason, failure=failure, retry=retry)
+    return _store_in_tx(session, study, trial, verdict, reason, now)
+
+
+def _store_in_tx(session: Session, study: Study | None, trial: Trial, verdict: lifecycle.Verdict, reason: str,
+                 now: datetime) -> Reaped:
+    """Store a verdict on a failed attempt: what the caller logs and tells Optuna."""
     study_id, number, optuna_trial_id = trial.study_id, trial.number, trial.optuna_trial_id
     tells = apply_in_tx(session, trial, verdict, now)
     if verdict.fate is Fate.DROP:  # a sampler's slot: another claim makes it again
         return Reaped(study_id, number, optuna_trial_id, not has_ended(study), reason, tells)
-    return Reaped(study_id, number, optuna_trial_id, verdict.fate is Fate.RETRY,
-                  reason if verdict.fate is Fate.RETRY else (verdict.error or reason), tells)
+    back = verdict.fate in (Fate.RETRY, Fate.RESUME)  # in line again: to start over, or from its checkpoint
+    return Reaped(study_id, number, optuna_trial_id, back, reason if back else (verdict.error or reason), tells)

@@ -59,6 +59,19 @@ def test_a_lost_lease_cannot_finish(db: Database, settings: Settings) -> None:
                                 learning_rate=0.1, seconds=0.1) == "lost"
 
 
+def test_a_reaped_trial_with_a_checkpoint_is_back_in_line_to_resume(db: Database, settings: Settings) -> None:
+    create_study_via_service(db, settings, budget={"n_trials": 3, "max_attempts": 2})
+    lease = _bind(db, _claim(db), 0)  # type: ignore[arg-type]
+    assert leasing.record_checkpoint(db, lease, path="s/checkpoints/trial-0-1/epoch-000002.safetensors",
+                                     epoch=2, size=10)
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == lease.trial_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    assert [(r.number, r.requeued) for r in retries.reap(db, grace_s=5)] == [(0, True)]
+    resumed = _claim(db, "w2")
+    assert resumed is not None and resumed.resumes and resumed.checkpoint_epoch == 2 and resumed.attempt == 2
+
+
 def test_reaper_requeues_with_the_same_params_then_fails_after_max_attempts(db: Database,
                                                                              settings: Settings) -> None:
     create_study_via_service(db, settings, budget={"n_trials": 3, "max_attempts": 2})
