@@ -407,12 +407,22 @@ def _fail_died(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member]) -
     reason = f"trial process died (exit code {proc.exitcode})"
     for m in members:
         if m.checkpointed or m.lease.checkpoint is not None:
-            retried = retries.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED)
-            if retried is not None:
-                optuna_sync.tell(optuna_storage(slot.db.url), retried.tells, p.optuna_study)
-                m.tlog.warning("%s; %s", reason, "back in line" if retried.requeued else retried.reason)
+            settle(slot, m, retries.retry_attempt(slot.db, m.lease, reason=reason, failure=FailureKind.PROCESS_DIED),
+                   reason)
             continue
         record(slot, Ending(Outcome.FAILED, failure=FailureKind.PROCESS_DIED, reason=reason), m.lease, p, m.tlog)
+
+
+def settle(slot: Slot, m: Member, stored: retries.Reaped | None, reason: str) -> None:
+    """Log how a failed attempt was stored (back in line, or over) and tell Optuna what it must know."""
+    if stored is None:
+        m.tlog.warning("lease lost (reaped or study deleted); result dropped")
+        return
+    if stored.requeued:
+        m.tlog.warning("trial attempt failed: %s; back in line", reason)
+    else:
+        m.tlog.warning("trial failed: %s", stored.reason)
+    optuna_sync.tell(optuna_storage(slot.db.url), stored.tells)  # a retry runs as a fresh Optuna trial
 
 
 def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: optuna.Trial,

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from app.core.optuna_store import optuna_storage
 from app.models import FailureKind
-from workers import leasing, optuna_sync, retries
-from workers.attempt import Member, Slot, bind, supervise
+from workers import leasing, retries
+from workers.attempt import Member, Slot, bind, settle, supervise
 from workers.fused import can_fuse, max_waste, plan_groups
 from workers.fused.layers import member_params
 from workers.fusing import fuse_size
@@ -71,12 +70,4 @@ def _retry_members(slot: Slot, p: PreparedStudy, proc: Any, members: list[Member
 def _requeue(slot: Slot, members: list[Member], reason: str, failure: FailureKind) -> None:
     """Each member back in line to run solo, under its next attempt (`retries.requeue_attempt`)."""
     for m in members:
-        reaped = retries.requeue_attempt(slot.db, m.lease, reason=reason, failure=failure)
-        if reaped is None:
-            m.tlog.warning("lease lost (reaped or study deleted); result dropped")
-        elif reaped.requeued:
-            m.tlog.warning("trial attempt failed: %s; back in line", reason)
-        else:
-            m.tlog.warning("trial failed: %s", reaped.reason)
-        if reaped is not None:  # over either way: a retry runs as a fresh Optuna trial
-            optuna_sync.tell(optuna_storage(slot.db.url), reaped.tells)
+        settle(slot, m, retries.requeue_attempt(slot.db, m.lease, reason=reason, failure=failure), reason)
