@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,20 @@ def _checkpointed_mid_run(db: Database, sid: str) -> Trial | None:
     return rows[0] if rows and rows[0].checkpoint_epoch < EPOCHS else None
 
 
+def _kill_after_a_checkpoint(db: Database, settings: Settings, sid: str, procs: list[subprocess.Popen[bytes]],
+                             tmp_path: Path, kill: str) -> Trial:
+    """Start a worker on the study and SIGKILL its runner (`kill="runner"`) or the whole worker, with its
+    orphaned runner gone too, once a checkpoint is recorded mid-run; the trial as it was then."""
+    procs.append(start_worker(settings, tmp_path / "w0.log"))
+    before = wait_until(lambda: _checkpointed_mid_run(db, sid), 120, "a checkpoint recorded mid-run")
+    (runner,) = children_of(procs[0].pid)
+    os.kill(procs[0].pid if kill == "worker" else runner, signal.SIGKILL)
+    if kill == "worker":
+        procs[0].wait(10)
+        wait_until(lambda: not alive(runner), 10, "the orphaned runner to die")
+    return before
+
+
 def _curve(db: Database, row: Trial) -> list[tuple[int, float, float, float]]:
     with db.read_session() as session:
         return [(e.epoch, e.train_loss, e.val_loss, e.val_metric) for e in session.scalars(
@@ -112,13 +127,8 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:
-        procs.append(start_worker(settings, tmp_path / "w0.log"))
-        before = wait_until(lambda: _checkpointed_mid_run(db, sid), 120, "a checkpoint recorded mid-run")
-        (runner,) = children_of(procs[0].pid)
-        os.kill(procs[0].pid if kill == "worker" else runner, signal.SIGKILL)
+        before = _kill_after_a_checkpoint(db, settings, sid, procs, tmp_path, kill)
         if kill == "worker":
-            procs[0].wait(10)
-            wait_until(lambda: not alive(runner), 10, "the orphaned runner to die")
             procs.append(start_worker(settings, tmp_path / "w1.log"))
         wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 180, "the study to end")
 
@@ -136,12 +146,7 @@ def test_a_truncated_checkpoint_is_passed_over_with_the_reason_recorded(db_url: 
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:
-        procs.append(start_worker(settings, tmp_path / "w0.log"))
-        before = wait_until(lambda: _checkpointed_mid_run(db, sid), 120, "a checkpoint recorded mid-run")
-        (runner,) = children_of(procs[0].pid)
-        procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait(10)
-        wait_until(lambda: not alive(runner), 10, "the orphaned runner to die")
+        before = _kill_after_a_checkpoint(db, settings, sid, procs, tmp_path, "worker")
         recorded = _only_trial(db, sid)  # the last one recorded before the kill
         assert settings.artifact_dir is not None and recorded.checkpoint_path is not None
         path = settings.artifact_dir / recorded.checkpoint_path
