@@ -372,12 +372,21 @@ def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_pause(args: argparse.Namespace, client: Client) -> int:
+    if args.trial is not None:
+        trial = client.trials.pause(args.id, args.trial)
+        when = "at its next epoch boundary" if trial.state == "running" else "now"
+        print(f"trial {trial.number} pauses {when} (`hpsearch resume {args.id} {trial.number}` goes on)")
+        return 0
     study = client.studies.pause(args.id)
     print(f"study {study.id} {study.status} (`hpsearch resume {study.id[:8]}` goes on)")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace, client: Client) -> int:
+    if args.trial is not None:
+        trial = client.trials.resume(args.id, args.trial)
+        print(f"trial {trial.number} {'back in line' if trial.state == 'waiting' else trial.state}")
+        return 0
     study = client.studies.resume(args.id)
     print(f"study {study.id} {study.status}")
     return 0
@@ -592,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help=_ID_HELP)
     p.add_argument("--limit", type=int, default=50, help="how many trials")
     p.add_argument("--sort", choices=["number", "value", "duration"], default="number", help="order of the rows")
-    p.add_argument("--state", choices=["waiting", "running", "complete", "pruned", "fail"], default=None,
+    p.add_argument("--state", choices=["waiting", "running", "paused", "complete", "pruned", "fail"], default=None,
                    help="only trials in this state (default: all)")
     p.add_argument("--columns", default=None, metavar="NAMES",
                    help="the parameter columns, comma separated: --columns learning_rate,optimizer "
@@ -600,12 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_non_negative, default=None,
                    help="how many parameter columns without --columns (default: every searched one, at least 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per trial and line, for scripts")
-    for name, func, text in (("pause", cmd_pause, "pause a study: no new trials until resumed"),
-                             ("resume", cmd_resume, "resume a paused study"),
+    for name, func, text in (("pause", cmd_pause, "pause a study (no new trials until resumed), or one trial of "
+                                                  "it: checkpointed at its next epoch boundary, its slot freed"),
+                             ("resume", cmd_resume, "resume a paused study, or a paused trial from its checkpoint"),
                              ("cancel", cmd_cancel, "cancel a queued, running or paused study"),
                              ("delete", cmd_delete, "delete a study, its trials and their files")):
         p = _client_command(sub, name, text, func)
         p.add_argument("id", help=_ID_HELP)
+        if name in ("pause", "resume"):
+            p.add_argument("trial", nargs="?", type=_non_negative, default=None,
+                           help=f"a trial's number: {name} that trial only")
     _client_command(sub, "workers", "live workers and your trials on them", cmd_workers)
     p = _client_command(sub, "export", "write a study's best model and its ensemble into a folder", cmd_export)
     p.add_argument("id", help=_ID_HELP)

@@ -344,6 +344,15 @@ class Trials(_Part):
         """One trial with its per-epoch curve, worker, device, attempts and error."""
         return TrialDetail.model_validate(self._c.json("GET", self._study(study_id, f"/trials/{number}")))
 
+    def pause(self, study_id: str, number: int) -> TrialDetail:
+        """Pause a trial: a running one at its next epoch boundary, after a checkpoint of it, which frees its
+        slot; a waiting one at once (Conflict once it has ended)."""
+        return TrialDetail.model_validate(self._c.json("POST", self._study(study_id, f"/trials/{number}/pause")))
+
+    def resume(self, study_id: str, number: int) -> TrialDetail:
+        """Put a paused trial back in line, to continue from its checkpoint (Conflict when it is not paused)."""
+        return TrialDetail.model_validate(self._c.json("POST", self._study(study_id, f"/trials/{number}/resume")))
+
     def enqueue(self, study_id: str, params: Mapping[str, Any], *, allow_duplicate: bool = False
                 ) -> EnqueuedPublic:
         """Queue a configuration ahead of the sampled ones (validated against the study's space)."""

@@ -5,6 +5,7 @@ SQL modules store what these functions decide (workers.leasing, workers.retries,
 app.services.studies, through app.services.fates); no database and no Optuna here, so
 tests/app/test_lifecycle.py checks every rule with plain values.
 Status: queued -> running -> (paused <-> running) -> completed | cancelled | failed.
+A trial: waiting -> running -> (paused -> waiting -> running) -> complete | pruned | fail.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Counts:
     waiting: int
     running: int
     finished: int
+    paused: int = 0  # hold their place in n_trials, not in max_parallel
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,12 @@ class NextTrial(enum.Enum):
 
 def next_trial(budget: Budget, counts: Counts, now: datetime) -> NextTrial | None:
     """What a claim may lease now: never more than max_parallel running, never more than n_trials
-    running + finished + waiting, nothing once the budget is spent."""
+    running + finished + waiting + paused, nothing once the budget is spent."""
     if counts.running >= budget.max_parallel or budget_spent(budget, counts, now):
         return None
     if counts.waiting:
         return NextTrial.WAITING
-    if counts.running + counts.finished + counts.waiting >= budget.n_trials:
+    if counts.running + counts.finished + counts.waiting + counts.paused >= budget.n_trials:
         return None
     return NextTrial.NEW_SLOT
 
@@ -181,6 +183,8 @@ class Fate(enum.StrEnum):
     RETRY = "retry"  # back in line with the same parameters, as the next attempt
     RESUME = "resume"  # back in line as the next attempt, to continue from its checkpoint on its Optuna trial
     HAND_BACK = "hand_back"  # back in line as the same attempt (a shutdown is not the trial's failure)
+    PAUSE = "pause"  # waits paused as the same attempt, until a client resumes it
+    PRUNE = "prune"  # ends PRUNED with its last recorded value (paused when its study ended)
     FAIL = "fail"  # ends FAIL for good
 
 
@@ -254,6 +258,16 @@ def after_hand_back(trial: TrialFacts, *, study_ended: bool) -> Verdict:
     return Verdict(Fate.HAND_BACK)
 
 
+def after_pause(trial: TrialFacts, *, study_ended: bool) -> Verdict:
+    """A running trial stopped at an epoch boundary because a client paused it: it waits paused under the same
+    attempt, with the checkpoint of that boundary (a trial that keeps none starts over when resumed)."""
+    if not trial.configured:
+        return Verdict(Fate.DROP)
+    if study_ended:
+        return when_study_ended(trial, "stopped: the study ended")
+    return Verdict(Fate.PAUSE)
+
+
 def running_at_failure(trial: TrialFacts, error: str) -> Verdict:
     """A trial running when its study fails for good (it can never run): it fails with the study's error,
     blamed on the worker side; its worker finds the study ended at its next epoch."""
@@ -262,7 +276,46 @@ def running_at_failure(trial: TrialFacts, error: str) -> Verdict:
     return Verdict(Fate.FAIL, error, FailureKind.WORKER_ERROR)
 
 
-def waiting_at_end(trial: TrialFacts, end: StudyStatus) -> Verdict:
-    """A trial still waiting when its study ends (cancelled, completed or failed)."""
+def waiting_at_end(trial: TrialFacts, end: StudyStatus, *, paused: bool = False) -> Verdict:
+    """A trial still waiting or paused when its study ends (cancelled, completed or failed). A paused trial
+    that has run ends pruned with its last value: it stopped early, and its curve so far is real."""
+    if paused and trial.began:
+        return Verdict(Fate.PRUNE, "paused when the study ended")
     reason = "cancelled" if end is StudyStatus.CANCELLED else "the study ended"
     return when_study_ended(trial, f"{reason} before its next attempt")
+
+
+# ---- a client's control of one trial ------------------------------------------------------------------------
+
+
+class TrialAction(enum.StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+class TrialControl(enum.Enum):
+    """What a client's pause or resume does to a trial row."""
+
+    PARK = "park"  # a waiting trial is paused at once
+    REQUEST = "request"  # a running trial: its worker pauses it at the next epoch boundary
+    UNPARK = "unpark"  # a paused trial goes back in line, to continue from its checkpoint
+    WITHDRAW = "withdraw"  # a pause requested but not carried out yet is called off
+    NOTHING = "nothing"  # already as asked
+
+
+def after_trial_action(state: TrialState, action: TrialAction, *, pause_requested: bool,
+                       study: StudyStatus) -> TrialControl:
+    """What pausing or resuming a trial does; BadTransition (saying why) when its state does not allow it."""
+    if state.is_finished():
+        raise BadTransition(f"cannot {action} a {state} trial: it has ended")
+    if study.is_finished():
+        raise BadTransition(f"cannot {action} a trial of a {study} study")
+    if action is TrialAction.PAUSE:
+        if state is TrialState.PAUSED or (state is TrialState.RUNNING and pause_requested):
+            return TrialControl.NOTHING
+        return TrialControl.PARK if state is TrialState.WAITING else TrialControl.REQUEST
+    if state is TrialState.PAUSED:
+        return TrialControl.UNPARK
+    if state is TrialState.RUNNING and pause_requested:
+        return TrialControl.WITHDRAW
+    raise BadTransition(f"cannot resume a {state} trial: it is not paused")

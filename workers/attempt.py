@@ -55,6 +55,7 @@ class Outcome(enum.Enum):
     PRUNED = "pruned"
     FAILED = "failed"
     RELEASED = "released"  # handed back at shutdown, no attempt spent
+    PAUSED = "paused"  # stopped at an epoch boundary for a client's pause, no attempt spent
     LOST = "lost"  # the lease was taken away (reaped, re-queued, study deleted): nothing to record
 
 
@@ -77,6 +78,7 @@ class Slot:
     mp_context: Any
     cpu_threads: int
     drain_over: Any  # () -> bool: shutting down and past the grace period
+    shutting_down: Any = lambda: False  # () -> bool: checkpoint running trials at their next boundary, hand back
 
 
 def run_attempt(slot: Slot, lease: leasing.Lease, device: str) -> None:
@@ -229,6 +231,7 @@ class Member:
     ended: bool = False
     note: str | None = None  # kept as the error of an attempt that does not fail (why it ran as it did)
     checkpointed: bool = False  # a checkpoint of this attempt was recorded
+    checkpoints: bool = False  # its runner writes checkpoints: it can pause at an epoch boundary
 
 
 OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
@@ -249,7 +252,10 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
         # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
         trial = retry_on_disconnect(pruning.trial, p.optuna_study, lease.optuna_trial_id)
         members[lease.trial_id] = Member(lease, trial, time.monotonic() + timeout, note=note)
-    proc, conn = _spawn(slot, runner_job(slot, leases, p, device))
+    job = runner_job(slot, leases, p, device)
+    for t in job.trials:
+        members[t.trial].checkpoints = t.checkpoint_dir is not None
+    proc, conn = _spawn(slot, job)
     for m in members.values():
         lease = m.lease
         m.tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": lease.study_id,
@@ -308,9 +314,9 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
         m.ended = True
         record(slot, ending, m.lease, p, m.tlog, note=m.note)
 
-    def stop(trial_id: int) -> None:
+    def tell_runner(trial_id: int, verdict: Verdict = Verdict.STOP, answers_epoch: bool = True) -> None:
         try:
-            conn.send(Decision(trial_id, Verdict.STOP))
+            conn.send(Decision(trial_id, verdict, answers_epoch))
         except OSError:  # the runner is gone: its death is noticed below
             pass
 
@@ -325,11 +331,16 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
             for m in open_members:
                 end(m, Ending(Outcome.RELEASED))
             return out_of_memory
+        if slot.shutting_down():  # checkpoint at the next boundary and hand back; the rest run on to the grace
+            for m in open_members:
+                if m.checkpoints and m.stopping is None:
+                    m.stopping = Ending(Outcome.RELEASED)
+                    tell_runner(m.lease.trial_id, Verdict.PAUSE, answers_epoch=False)
         now = time.monotonic()
         for m in open_members:
             if now > m.deadline:
                 end(m, Ending(Outcome.FAILED, failure=FailureKind.DEADLINE, reason="deadline exceeded"))
-                stop(m.lease.trial_id)
+                tell_runner(m.lease.trial_id)
         if not conn.poll(PIPE_POLL_S):
             if not proc.is_alive() and not conn.poll(0):
                 died()
@@ -345,29 +356,30 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
         assert m is not None, f"a runner spoke of trial {msg.trial}, which it does not hold"
         if isinstance(msg, Epoch):
             if m.ended:  # ended here already (late, lost): let the runner drop it
-                stop(msg.trial)
+                tell_runner(msg.trial)
                 continue
             if m.board is not None:
                 m.board.epoch(msg.report)
             verdict = _on_epoch(slot, msg.report, m.lease, m.trial, p)
             if verdict is not None and verdict.outcome is Outcome.LOST:
                 end(m, verdict)
-                stop(msg.trial)
+                tell_runner(msg.trial)
                 continue
+            if verdict is not None and verdict.outcome is Outcome.PAUSED and m.stopping is not None:
+                verdict = None  # pausing already (a shutdown's hand-back): let it reach its boundary
             m.stopping = m.stopping or verdict
             if verdict is None:
-                try:
-                    conn.send(Decision(msg.trial, Verdict.GO))
-                except OSError:  # the runner is gone: its death is noticed above
-                    pass
+                tell_runner(msg.trial, Verdict.GO)
+            elif verdict.outcome is Outcome.PAUSED:  # one that keeps no checkpoint stops at once, to start over
+                tell_runner(msg.trial, Verdict.PAUSE if m.checkpoints else Verdict.STOP)
             else:
-                stop(msg.trial)
+                tell_runner(msg.trial)
         elif m.ended:
             continue
         elif isinstance(msg, Checkpointed | Resumed):
             if not _on_checkpoint(slot, msg, m):
                 end(m, Ending(Outcome.LOST))
-                stop(msg.trial)
+                tell_runner(msg.trial)
         elif isinstance(msg, Stopped):
             ending = m.stopping or Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
             ending.result = msg.last or {}
@@ -435,14 +447,17 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: o
     if status is leasing.EpochStatus.LOST:
         return Ending(Outcome.LOST)
     stop = status is leasing.EpochStatus.STOP
+    pause = Ending(Outcome.PAUSED) if status is leasing.EpochStatus.PAUSE else None
     if p.spec.is_multi_objective or metric is None:
-        return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE) if stop else None
+        return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE) if stop else pause
     try:  # an epoch the service recorded reaches Optuna too, also the last one before a cancel
         retry_on_disconnect(trial.report, float(metric), step=report["epoch"])
     except UpdateFinishedTrialError:  # the reaper ended this attempt's Optuna trial meanwhile
         return Ending(Outcome.LOST)
     if stop:
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
+    if pause is not None:  # a client's pause outranks the pruner: it asked to look at this trial later
+        return pause
     return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
 
 
@@ -456,6 +471,14 @@ def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, t
     if ending.outcome is Outcome.RELEASED:
         release(slot, lease)
         tlog.info("trial handed back at shutdown")
+        return
+    if ending.outcome is Outcome.PAUSED:
+        tells = leasing.pause_trial(slot.db, lease)
+        if tells is None:
+            tlog.warning("lease lost (reaped or study deleted); pause dropped")
+            return
+        optuna_sync.tell(optuna_storage(slot.db.url), tells)
+        tlog.info("trial paused after epoch %s", ending.result.get("epoch", 0))
         return
     assert lease.number is not None and slot.settings.artifact_dir is not None
     if ending.outcome is Outcome.COMPLETE:

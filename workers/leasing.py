@@ -61,7 +61,8 @@ def counts_in_tx(session: Session, study_id: str) -> lifecycle.Counts:
     by_state = dict(session.execute(select(Trial.state, func.count()).where(Trial.study_id == study_id)
                                     .group_by(Trial.state)).all())
     finished = sum(by_state.get(s.value, 0) for s in TrialState if s.is_finished())
-    return lifecycle.Counts(by_state.get("waiting", 0), by_state.get("running", 0), finished)
+    return lifecycle.Counts(by_state.get(TrialState.WAITING.value, 0), by_state.get(TrialState.RUNNING.value, 0),
+                            finished, by_state.get(TrialState.PAUSED.value, 0))
 
 
 def budget_of(study: Study) -> lifecycle.Budget:
@@ -266,6 +267,7 @@ class EpochStatus(enum.StrEnum):
     OK = "ok"
     LOST = "lost"  # the lease is gone (reaped, re-queued, study deleted): drop the attempt's result
     STOP = "stop"  # the study no longer runs this trial (cancelled, or a stop criterion that cancels)
+    PAUSE = "pause"  # a client asked to pause the trial: checkpoint it at the next epoch boundary
 
 
 @retrying
@@ -284,7 +286,9 @@ def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | 
         assert study is not None  # the trial row cascades with it
         goes_on = lifecycle.keeps_running(StudyStatus(study.status), budget_of(study), utcnow(),
                                           cancels_running=study.config.cancels_running_trials)
-        return EpochStatus.OK if goes_on else EpochStatus.STOP
+        if not goes_on:
+            return EpochStatus.STOP
+        return EpochStatus.OK if trial.pause_requested_at is None else EpochStatus.PAUSE
 
 
 @retrying
@@ -354,6 +358,7 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
         trial.failure = failure.value if failure is not None else None
         trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
         trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # its files go with it
+        trial.pause_requested_at = None  # ended before it could pause
         trial.finished_at = now
         trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
         session.flush()
@@ -397,6 +402,23 @@ def release_trial(db: Database, lease: Lease) -> list[OptunaTell] | None:
         if trial is None:
             return None
         verdict = lifecycle.after_hand_back(facts_of(trial), study_ended=has_ended(study))
+        return apply_in_tx(session, trial, verdict, utcnow())
+
+
+@retrying
+def pause_trial(db: Database, lease: Lease) -> list[OptunaTell] | None:
+    """Park a running trial that stopped at an epoch boundary for a client's pause: it waits `paused` under
+    the same attempt, with the checkpoint recorded at that boundary, until a client resumes it.
+
+    None when the lease no longer held; else what Optuna must be told (nothing while it has a checkpoint: it
+    continues on its Optuna trial; without one, that trial is over and a resume starts afresh).
+    """
+    with db.session() as session:
+        study = share_study_in_tx(session, lease.study_id)
+        trial = held_in_tx(session, lease) if study is not None else None
+        if trial is None:
+            return None
+        verdict = lifecycle.after_pause(facts_of(trial), study_ended=has_ended(study))
         return apply_in_tx(session, trial, verdict, utcnow())
 
 

@@ -31,15 +31,15 @@ def tell(storage: BaseStorage, tells: Iterable[OptunaTell], study: optuna.Study 
 
     COMPLETE and PRUNED reach the study's sampler through `study.tell` (`asking.tell`);
     FAIL is written to `storage` alone: a failed trial teaches no sampler anything, and most are of trials
-    that will never report again. By id: a retried row points at its latest Optuna trial, whose number is
+    that will never report again. Without `study` (it has ended: no sampler left to teach) every state is
+    written to the storage. By id: a retried row points at its latest Optuna trial, whose number is
     not the row's number.
     """
     for t in tells:
         try:
-            if t.state is TrialState.FAIL:
-                retry_on_disconnect(storage.set_trial_state_values, t.trial_id, OptunaState.FAIL)
+            if t.state is TrialState.FAIL or study is None:  # no study: it has ended, no sampler to teach
+                retry_on_disconnect(storage.set_trial_state_values, t.trial_id, OPTUNA_STATE[t.state], t.values)
             else:
-                assert study is not None, "a finished outcome is told through its study"
                 retry_on_disconnect(asking.tell, study, t.trial_id, OPTUNA_STATE[t.state], t.values)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass

@@ -4,8 +4,8 @@ Every message names the trial it is about (the service's trial row id), so one r
 trials at once and the supervisor records, prunes and stops each of them on its own. Runner to supervisor:
 Epoch after each epoch (answered by a Decision while the next epoch trains), then one of Done, Failed or
 Stopped per trial. A checkpointing trial also sends Checkpointed once each checkpoint is on disk, and a
-resumed one Resumed before its first epoch. Messages travel between a supervisor and the child it forked,
-never from a client.
+resumed one Resumed before its first epoch. A Decision may also come unasked (a pause at shutdown).
+Messages travel between a supervisor and the child it forked, never from a client.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from app.models import FailureKind
 
 class Verdict(enum.StrEnum):
     GO = "go"
-    STOP = "stop"
+    STOP = "stop"  # at once, mid-epoch if need be
+    PAUSE = "pause"  # at the next epoch boundary, after a checkpoint of it is on disk (Checkpointed, Stopped)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Resumed:
 class Decision:
     trial: int
     verdict: Verdict
+    answers_epoch: bool = True  # False: sent unasked, it settles no epoch
 
 
 Message = Epoch | Done | Failed | Stopped | Checkpointed | Resumed

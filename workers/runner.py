@@ -15,6 +15,7 @@ import resource
 import signal
 import time
 import traceback
+from collections import deque
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -188,13 +189,26 @@ class Reporter:
         self.last: dict[int, dict[str, Any]] = {}  # each trial's last report sent
         self.pending: dict[int, int] = {t.trial: 0 for t in job.trials}
         self.stop: set[int] = set()
+        self.pausing: set[int] = set()  # told to pause at their next epoch boundary
+        self.pause_at: dict[int, int] = {}  # the boundary each pausing trial was checkpointed at
         self.ended: set[int] = set()  # trials whose end was told
+        # The supervisor handles a runner's messages in order, so its answer to an epoch means every checkpoint
+        # sent before that epoch is recorded: each epoch sent waits with the newest checkpoint sent so far.
+        self.checkpoint_sent: dict[int, int] = {}
+        self.acks: dict[int, deque[int | None]] = {t.trial: deque() for t in job.trials}
+        self.recorded: dict[int, int] = {}  # the newest checkpoint of each trial known recorded
 
     def _take(self) -> None:
         decision: Decision = self.conn.recv()
-        self.pending[decision.trial] = max(0, self.pending[decision.trial] - 1)
-        if decision.verdict is Verdict.STOP:
+        if decision.verdict is Verdict.PAUSE:
+            self.pausing.add(decision.trial)
+        elif decision.verdict is Verdict.STOP:
             self.stop.add(decision.trial)
+        if decision.answers_epoch:
+            self.pending[decision.trial] = max(0, self.pending[decision.trial] - 1)
+            acked = self.acks[decision.trial].popleft() if self.acks[decision.trial] else None
+            if acked is not None:
+                self.recorded[decision.trial] = max(acked, self.recorded.get(decision.trial, 0))
 
     def _drain(self) -> None:
         while self.conn.poll():
@@ -212,14 +226,25 @@ class Reporter:
         return self.stop - self.ended
 
     def on_epoch_end(self, trial: int, report: Any) -> bool:
-        """Send the epoch; True when the supervisor had already said stop (the epoch is then not sent)."""
+        """Send the epoch; True when the supervisor had already said stop (the epoch is then not sent), or the
+        trial pauses at this boundary (sent, checkpointed: `pauses_at`)."""
         self._drain()
         if self.settle(trial):
             return True
         self.last[trial] = asdict(report)
         self.conn.send(Epoch(trial, self.last[trial]))
         self.pending[trial] += 1
-        return False
+        self.acks[trial].append(self.checkpoint_sent.get(trial))
+        return self.pause_at.get(trial) == report.epoch
+
+    def pauses_at(self, trial: int, epoch: int) -> bool:
+        """Whether the trial pauses at this epoch boundary (asked by its checkpoint hook, which then writes
+        it): once told to pause, at the first boundary that is not its last epoch anyway."""
+        self._drain()
+        if trial not in self.pausing or epoch >= self.job.epochs:
+            return False
+        self.pause_at.setdefault(trial, epoch)
+        return self.pause_at[trial] == epoch
 
     def on_member_end(self, trial: int, result: Any, module: Any = None) -> None:
         """Tell how the trial ended; a completed trial's best weights are saved first. A stop verdict outranks
@@ -238,6 +263,12 @@ class Reporter:
     def checkpointed(self, trial: int, written: Any) -> None:
         """A checkpoint (a workers.checkpoints.CheckpointFile) is on disk: the supervisor records it."""
         self.conn.send(Checkpointed(trial, str(written.path), written.epoch, written.bytes))
+        self.checkpoint_sent[trial] = written.epoch
+
+    def recorded_checkpoint(self, trial: int) -> int | None:
+        """The newest checkpoint of the trial the supervisor has recorded, as far as its answers tell."""
+        self._drain()
+        return self.recorded.get(trial)
 
     def resumed(self, trial: int, epoch: int, skipped: list[str]) -> None:
         self.conn.send(Resumed(trial, epoch, skipped))
@@ -348,7 +379,9 @@ def _checkpointing(job: RunnerJob, t: RunnerTrial, module: Any, reporter: Report
             reasons.insert(0, f"checkpoint of epoch {t.resume_epoch} unusable (missing: {recorded} does not exist)")
         reporter.resumed(t.trial, state.epoch if state is not None else 0, reasons)
     hook = EpochCheckpointer(Path(t.checkpoint_dir), every=job.checkpoint_every,
-                             on_written=lambda written: reporter.checkpointed(t.trial, written))
+                             on_written=lambda written: reporter.checkpointed(t.trial, written),
+                             also_at=lambda epoch: reporter.pauses_at(t.trial, epoch),
+                             recorded=lambda: reporter.recorded_checkpoint(t.trial))
     return hook, state
 
 

@@ -22,6 +22,7 @@ from app import plugins
 from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
+from app.services.fates import remove_checkpoints
 from app.services.studies import settle_optuna_trials
 from workers import closing, group, leasing, optuna_sync, registry, retries
 from workers.attempt import Slot, release, run_attempt
@@ -70,7 +71,7 @@ class Supervisor:
         self._log = logging.LoggerAdapter(log, {"worker_id": self.worker_id})
         prepared = PreparedStudies(db, settings, idle_limit=len(self.slots))
         self.slot = Slot(db, settings, self.worker_id, prepared, mp.get_context("fork"), self.cpu_threads,
-                         self._drain_over)
+                         self._drain_over, self.stop_event.is_set)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -240,7 +241,10 @@ class Supervisor:
     def _fail_study(self, study_id: str, reason: str) -> None:
         """No retry can mend it: end the study failed at once instead of claiming and failing forever."""
         self._log.error("study %s cannot run: %s", study_id, reason)
-        optuna_sync.tell(optuna_storage(self.db.url), closing.fail_study(self.db, study_id, reason))
+        dropped: list[str] = []
+        optuna_sync.tell(optuna_storage(self.db.url), closing.fail_study(self.db, study_id, reason, dropped))
+        assert self.settings.artifact_dir is not None
+        remove_checkpoints(self.settings.artifact_dir, dropped)
         settle_optuna_trials(self.db, study_id)  # and any an ask in flight or a crash left running there
         self.slot.studies.forget(study_id)
 

@@ -96,10 +96,12 @@ def _trial_counters(session: Session) -> list[Metric]:
                                    labels=["state"])
     waiting = GaugeMetricFamily("hpsearch_trials_waiting", "Enqueued or re-queued trials awaiting a worker")
     waiting.add_metric([], by_state.get(TrialState.WAITING.value, 0))
+    paused = GaugeMetricFamily("hpsearch_trials_paused", "Trials paused by a client, awaiting a resume")
+    paused.add_metric([], by_state.get(TrialState.PAUSED.value, 0))
     for state in TrialState:
         if state.is_finished():
             finished.add_metric([state.value], by_state.get(state.value, 0))
-    return [started, finished, waiting]
+    return [started, finished, waiting, paused]
 
 
 def _queue_depth(session: Session) -> Metric:

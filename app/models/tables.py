@@ -30,6 +30,7 @@ class StudyStatus(enum.StrEnum):
 class TrialState(enum.StrEnum):
     WAITING = "waiting"  # enqueued or handed back for another attempt
     RUNNING = "running"
+    PAUSED = "paused"  # stopped at an epoch boundary by a client, its checkpoint kept; waits for a resume
     COMPLETE = "complete"
     PRUNED = "pruned"
     FAIL = "fail"
@@ -155,6 +156,8 @@ class Trial(Base):
     checkpoint_path: Mapped[str | None] = mapped_column(String(500))
     checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)
     checkpoint_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # A client asked to pause the running trial: its worker checkpoints it at the next epoch boundary.
+    pause_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

@@ -345,6 +345,7 @@ class Progress(Public):
     n_trials: int
     waiting: int = 0
     running: int = 0
+    paused: int = 0
     complete: int = 0
     pruned: int = 0
     fail: int = 0

@@ -39,6 +39,8 @@ class TrialPublic(Public):
     error: str | None
     failure: str | None = Field(None, description="Why the last attempt failed: lost, deadline, non_finite, "
                                 "out_of_memory, process_died, error, worker_error or cancelled")
+    pause_requested_at: datetime | None = Field(None, description="When a client asked to pause this running "
+                                                "trial; its worker pauses it at the next epoch boundary")
 
 
 class TrialDetail(TrialPublic):

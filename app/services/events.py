@@ -39,7 +39,7 @@ RETRY_MS = 2000
 _ID = re.compile(r"^(\d{17})-([0-2])-(\d{11})-(\d{3})-(\d{5})$")
 _EPOCH_US = datetime(1970, 1, 1, tzinfo=UTC)
 STARTED, EPOCH, FINISHED = 0, 1, 2
-_UNFINISHED = (TrialState.RUNNING.value, TrialState.WAITING.value)
+_UNFINISHED = (TrialState.RUNNING.value, TrialState.WAITING.value, TrialState.PAUSED.value)
 _FINISHED = tuple(s.value for s in TrialState if s.is_finished())
 
 

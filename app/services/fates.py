@@ -3,7 +3,10 @@ workers' leases, retries and closing write a trial's fate here, and each returns
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable, Iterable
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -26,17 +29,24 @@ def has_ended(study: Study | None) -> bool:
 
 def apply_in_tx(session: Session, trial: Trial, verdict: Verdict, now: datetime) -> list[OptunaTell]:
     """Store `verdict` on `trial`; returns what Optuna must be told: the row's Optuna trial is over, except
-    when the trial continues from its checkpoint (a resume, or a checkpointed hand-back), on the same one."""
-    continues = verdict.fate is Fate.RESUME or (verdict.fate is Fate.HAND_BACK and trial.checkpoint_path is not None)
+    when the trial continues from its checkpoint (a resume, or a checkpointed hand-back or pause), on the
+    same one."""
+    parks = verdict.fate in (Fate.HAND_BACK, Fate.PAUSE)
+    continues = verdict.fate is Fate.RESUME or (parks and trial.checkpoint_path is not None)
+    # A pause a client asked for is carried out wherever the trial stops: it waits paused, not in line.
+    paused = verdict.fate is Fate.PAUSE or trial.pause_requested_at is not None
+    trial.pause_requested_at = None
+    if verdict.fate is Fate.PRUNE:
+        return _prune_paused(session, trial, verdict, now)
     tells = [] if continues else lifecycle.fail_all([trial.optuna_trial_id])
     if verdict.fate is Fate.DROP:
         session.delete(trial)
         return tells
-    if verdict.fate in (Fate.RETRY, Fate.RESUME, Fate.HAND_BACK):
-        trial.state = TrialState.WAITING.value
+    if verdict.fate in (Fate.RETRY, Fate.RESUME, Fate.HAND_BACK, Fate.PAUSE):
+        trial.state = (TrialState.PAUSED if paused else TrialState.WAITING).value
         trial.worker_id = trial.device = trial.heartbeat_at = trial.deadline_at = None
         before = trial.attempt
-        if verdict.fate is not Fate.HAND_BACK:
+        if not parks:
             trial.attempt += 1
             trial.error, trial.failure = verdict.error, (verdict.failure.value if verdict.failure else None)
         if continues:
@@ -54,6 +64,26 @@ def apply_in_tx(session: Session, trial: Trial, verdict: Verdict, now: datetime)
     return tells
 
 
+def _prune_paused(session: Session, trial: Trial, verdict: Verdict, now: datetime) -> list[OptunaTell]:
+    """A paused trial whose study ended: PRUNED with its last recorded epoch's value, as a pruner leaves one;
+    its checkpoint goes (the caller deletes the files). Optuna's trial ends PRUNED with that value; one that
+    the pause already ended (no checkpoint: a resume would have started over) stays as it is."""
+    last = session.execute(select(TrialEpoch.epoch, TrialEpoch.val_metric).where(
+        TrialEpoch.trial_id == trial.id, TrialEpoch.attempt == trial.attempt)
+        .order_by(TrialEpoch.epoch.desc()).limit(1)).first()
+    continued = trial.checkpoint_path is not None
+    trial.state = TrialState.PRUNED.value
+    trial.value = last.val_metric if last is not None else None
+    trial.epochs_run = last.epoch if last is not None else 0
+    trial.error, trial.failure = verdict.error, None
+    trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None
+    trial.finished_at = now
+    if trial.optuna_trial_id is None or not continued:
+        return []
+    values = [trial.value] if trial.value is not None else None
+    return [OptunaTell(trial.optuna_trial_id, TrialState.PRUNED, values)]
+
+
 def _keep_curve_to_checkpoint(session: Session, trial: Trial, attempt: int) -> None:
     """A trial that continues from its checkpoint keeps one curve: attempt `attempt`'s epochs up to the
     checkpoint move to the trial's current attempt; those after it go, the resumed run records them again."""
@@ -63,13 +93,25 @@ def _keep_curve_to_checkpoint(session: Session, trial: Trial, attempt: int) -> N
         session.execute(update(TrialEpoch).where(epochs).values(attempt=trial.attempt))
 
 
-def end_waiting_in_tx(session: Session, study_id: str, end: StudyStatus, now: datetime) -> list[OptunaTell]:
-    """The study has just ended `end`: each trial still waiting is dropped or ends FAIL (app.lifecycle's one
-    rule for every end), its earlier error kept in the message."""
+def remove_checkpoints(artifact_dir: Path, paths: Iterable[str]) -> None:
+    """Delete the checkpoint folders of recorded checkpoints (paths relative to the artifact dir) that no trial
+    keeps any more; after the commit that let go of them."""
+    for path in paths:
+        shutil.rmtree((artifact_dir / path).parent, ignore_errors=True)
+
+
+def end_waiting_in_tx(session: Session, study_id: str, end: StudyStatus, now: datetime,
+                      drop_checkpoint: Callable[[str], None] | None = None) -> list[OptunaTell]:
+    """The study has just ended `end`: each trial still waiting is dropped or ends FAIL, each paused one that
+    ran ends PRUNED (app.lifecycle's one rule for every end), its earlier error kept in the message.
+    `drop_checkpoint(path)` hears each checkpoint those trials no longer keep (the caller deletes it once
+    committed)."""
     tells: list[OptunaTell] = []
-    for trial in session.scalars(select(Trial).where(Trial.study_id == study_id,
-                                                     Trial.state == TrialState.WAITING.value)).all():
-        verdict = lifecycle.waiting_at_end(facts_of(trial), end)
+    for trial in session.scalars(select(Trial).where(
+            Trial.study_id == study_id, Trial.state.in_([TrialState.WAITING.value, TrialState.PAUSED.value]))).all():
+        verdict = lifecycle.waiting_at_end(facts_of(trial), end, paused=trial.state == TrialState.PAUSED.value)
+        if trial.checkpoint_path is not None and drop_checkpoint is not None:
+            drop_checkpoint(trial.checkpoint_path)
         if verdict.error and trial.error:
             verdict = lifecycle.Verdict(verdict.fate, f"{verdict.error} ({trial.error})", verdict.failure)
         tells += apply_in_tx(session, trial, verdict, now)

@@ -29,7 +29,7 @@ MAX_POINTS = 4000
 MAX_TOP = 2000
 CACHED_STUDIES = 16
 BANDS = 16  # bands of value in the downsampling grid
-_OPEN = (TrialState.RUNNING.value, TrialState.WAITING.value)
+_OPEN = (TrialState.RUNNING.value, TrialState.WAITING.value, TrialState.PAUSED.value)
 _PLOTTED = (TrialState.COMPLETE.value, TrialState.PRUNED.value)
 # A text query: the scan reads 100,000 rows, and Core's per-column result processing would cost more than it.
 _SCAN = text(f"SELECT number, state, value FROM {Trial.__tablename__} WHERE study_id = :study_id "

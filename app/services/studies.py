@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -22,7 +23,7 @@ from app.models.base import utcnow
 from app.schemas.study import BestTrial, Progress, StudiesPublic, StudyPublic, StudySpec
 from app.services.enqueue import add_history, add_warm_configurations_in_tx, plan_warm_start
 from app.services.errors import Conflict
-from app.services.fates import end_waiting_in_tx
+from app.services.fates import end_waiting_in_tx, remove_checkpoints
 from app.services.ownership import best_trial_in_tx, own_study
 from app.services.paging import decode_cursor, encode_cursor
 from app.services.validation import validate_spec
@@ -147,8 +148,11 @@ def _stopped_at(study: Study) -> datetime | None:
 # ---- state changes ---------------------------------------------------------------------------------------
 
 
-def change_state(db: Database, *, owner: str, study_id: str, action: str) -> StudyPublic:
-    """pause, resume or cancel (app.lifecycle decides); Conflict when the study's status does not allow it."""
+def change_state(db: Database, *, owner: str, study_id: str, action: str,
+                 artifact_dir: Path | None = None) -> StudyPublic:
+    """pause, resume or cancel (app.lifecycle decides); Conflict when the study's status does not allow it.
+    A cancel ends the study's paused trials, whose checkpoints then go from `artifact_dir`."""
+    dropped: list[str] = []
     with db.session() as session:
         study = own_study(session, owner=owner, study_id=study_id, for_update=True)
         try:
@@ -161,11 +165,13 @@ def change_state(db: Database, *, owner: str, study_id: str, action: str) -> Stu
             study.finished_at = now = utcnow()
             study.stop_reason = "cancelled"
             # Waiting trials end here; running ones are stopped by their workers at their next epoch.
-            end_waiting_in_tx(session, study.id, target, now)
+            end_waiting_in_tx(session, study.id, target, now, dropped.append)
         session.flush()
         public = _public(session, study)
     if target is StudyStatus.CANCELLED:
         settle_optuna_trials(db, study_id)
+        if artifact_dir is not None:
+            remove_checkpoints(artifact_dir, dropped)
     return public
 
 

@@ -15,6 +15,7 @@ from app import cli
 from app.client import Client
 from app.core.db import Database
 from app.main import create_app
+from app.models import Trial
 from app.services import keys
 from tests.conftest import make_settings
 from tests.factories import flower_csv, npz_bytes, small_idx, study_spec
@@ -69,6 +70,41 @@ def test_pause_resume_and_delete(hps: Client, capsys: pytest.CaptureFixture[str]
     status, out, _ = run(capsys, "delete", study.id[:8])
     assert status == 0 and out == f"deleted study {study.id}, its trials and their files\n"
     assert [s.id for s in hps.studies.list().data] == []
+
+
+def _trial_row(hps: Client, db_url: str, state: str) -> tuple[str, int]:
+    """A study with one numbered trial in `state`, as a worker would have left it."""
+    study = hps.studies.create(study_spec())
+    db = Database(db_url)
+    with db.session() as session:
+        session.add(Trial(study_id=study.id, number=0, state=state, attempt=1, params={"lr": 0.01}))
+    db.dispose()
+    return study.id, 0
+
+
+def test_pause_and_resume_one_trial(hps: Client, sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sid, number = _trial_row(hps, sqlite_url, "running")
+    status, out, err = run(capsys, "pause", sid[:8], str(number))
+    assert status == 0, err
+    assert out == f"trial 0 pauses at its next epoch boundary (`hpsearch resume {sid[:8]} 0` goes on)\n"
+    trial = hps.trials.get(sid, number)
+    assert trial.state == "running" and trial.pause_requested_at is not None
+    status, out, _ = run(capsys, "resume", sid[:8], "0")  # before its worker carried it out: called off
+    assert status == 0 and out == "trial 0 running\n"
+    assert hps.trials.get(sid, number).pause_requested_at is None
+    status, _, err = run(capsys, "resume", sid[:8], "0")
+    assert status == 1 and "cannot resume a running trial: it is not paused" in err
+
+    waiting, _ = _trial_row(hps, sqlite_url, "waiting")
+    assert hps.trials.pause(waiting, 0).state == "paused"  # not running: paused at once
+    status, out, _ = run(capsys, "resume", waiting[:8], "0")
+    assert status == 0 and out == "trial 0 back in line\n"
+
+    done, _ = _trial_row(hps, sqlite_url, "complete")
+    status, _, err = run(capsys, "pause", done[:8], "0")
+    assert status == 1 and "trial 0: cannot pause a complete trial: it has ended" in err
+    status, _, err = run(capsys, "pause", done[:8], "7")
+    assert status == 1 and "trial not found" in err
 
 
 def test_upload_csv_npz_and_idx(hps: Client, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -181,3 +181,51 @@ def test_a_study_that_fails_for_good_fails_its_running_trials_on_the_worker_side
 
 def test_optuna_is_told_to_fail_only_trials_that_exist() -> None:
     assert lifecycle.fail_all([3, None, 5]) == [OptunaTell(3, TrialState.FAIL), OptunaTell(5, TrialState.FAIL)]
+
+
+# ---- a client's pause and resume of one trial --------------------------------------------------------------
+
+T = TrialState
+TA, TC = lifecycle.TrialAction, lifecycle.TrialControl
+
+
+@pytest.mark.parametrize("state,requested,action,control", [
+    (T.WAITING, False, TA.PAUSE, TC.PARK),  # not running: paused at once
+    (T.RUNNING, False, TA.PAUSE, TC.REQUEST),  # its worker pauses it at the next boundary
+    (T.RUNNING, True, TA.PAUSE, TC.NOTHING),
+    (T.PAUSED, False, TA.PAUSE, TC.NOTHING),
+    (T.PAUSED, False, TA.RESUME, TC.UNPARK),
+    (T.RUNNING, True, TA.RESUME, TC.WITHDRAW),  # a pause not carried out yet is called off
+])
+def test_pausing_and_resuming_a_trial(state: TrialState, requested: bool, action: lifecycle.TrialAction,
+                                      control: lifecycle.TrialControl) -> None:
+    assert lifecycle.after_trial_action(state, action, pause_requested=requested, study=S.RUNNING) is control
+
+
+@pytest.mark.parametrize("state,action,study,why", [
+    (T.COMPLETE, TA.PAUSE, S.RUNNING, "cannot pause a complete trial: it has ended"),
+    (T.PRUNED, TA.RESUME, S.RUNNING, "cannot resume a pruned trial: it has ended"),
+    (T.RUNNING, TA.RESUME, S.RUNNING, "cannot resume a running trial: it is not paused"),
+    (T.WAITING, TA.RESUME, S.RUNNING, "cannot resume a waiting trial: it is not paused"),
+    (T.PAUSED, TA.RESUME, S.CANCELLED, "cannot resume a trial of a cancelled study"),
+])
+def test_a_trial_action_its_state_does_not_allow_says_why(state: TrialState, action: lifecycle.TrialAction,
+                                                          study: StudyStatus, why: str) -> None:
+    with pytest.raises(BadTransition, match=why):
+        lifecycle.after_trial_action(state, action, pause_requested=False, study=study)
+
+
+def test_a_paused_trial_holds_its_place_in_the_budget_but_not_a_slot() -> None:
+    budget = Budget(n_trials=3, max_parallel=1)
+    assert lifecycle.next_trial(budget, Counts(waiting=0, running=0, finished=2, paused=1), NOW) is None
+    assert lifecycle.next_trial(budget, Counts(waiting=0, running=0, finished=1, paused=1), NOW) \
+        is NextTrial.NEW_SLOT
+
+
+def test_a_paused_trial_that_ran_ends_pruned_when_its_study_ends() -> None:
+    ran, never_ran = TrialFacts(configured=True, began=True), TrialFacts(configured=True, began=False)
+    for end in (S.COMPLETED, S.CANCELLED, S.FAILED):
+        assert lifecycle.waiting_at_end(ran, end, paused=True).fate is Fate.PRUNE
+        assert lifecycle.waiting_at_end(never_ran, end, paused=True).fate is Fate.DROP
+    assert lifecycle.after_pause(ran, study_ended=False) == Verdict(Fate.PAUSE)
+    assert lifecycle.after_pause(ran, study_ended=True).fate is Fate.FAIL

@@ -99,6 +99,23 @@ def _assert_gpu_metrics_follow_nvml(scrape: Scrape) -> None:
     assert {"hpsearch_gpu_memory_used_bytes", "hpsearch_gpu_utilization_ratio"} <= gpu_families
 
 
+def test_a_trial_whose_pause_was_asked_waits_paused_wherever_it_stops(settings: Settings, db: Database) -> None:
+    """Its worker died before the next epoch boundary: the reaper parks it paused, not back in line."""
+    client = _fresh_client(settings, db)
+    sid = create_study_via_api(client, budget={"n_trials": 2, "max_attempts": 2})
+    claimed = leasing.claim_trial(db, worker_id="w-lost", device="cpu", trial_deadline_s=3600)
+    assert claimed is not None
+    leasing.bind_trial(db, claimed, number=0, optuna_trial_id=claimed.trial_id, params={})
+    assert client.post(f"/api/v1/studies/{sid}/trials/0/pause").json()["state"] == "running"
+    assert [r.requeued for r in retries.reap(db, grace_s=-1.0)] == [True]
+    trial = client.get(f"/api/v1/studies/{sid}/trials/0").json()
+    assert (trial["state"], trial["pause_requested_at"], trial["attempt"]) == ("paused", None, 2)
+    scrape = Scrape(client)
+    assert (scrape.value("hpsearch_trials_paused"), scrape.value("hpsearch_trials_waiting")) == (1, 0)
+    following = leasing.claim_trial(db, worker_id="w2", device="cpu", trial_deadline_s=3600)
+    assert following is not None and following.trial_id != claimed.trial_id  # a new trial, not the paused one
+
+
 def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Database) -> None:
     """Leases taken back by the reaper, through the real queue functions the supervisors use."""
     client = _fresh_client(settings, db)

@@ -24,6 +24,7 @@ from tests.browser import Browser, find_chromium
 from tests.conftest import ROOT, make_settings
 from tests.factories import API, client_for, study_spec
 from tests.study_rows import finalize, write_trials
+from workers import leasing
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -231,6 +232,30 @@ def test_study_page_axes_best_trial_and_pause_resume_cancel(server: tuple[str, S
 
     ARTIFACTS.mkdir(exist_ok=True)
     browser.screenshot(ARTIFACTS / "dashboard-controls.png")
+
+
+def test_the_trial_panel_pauses_and_resumes_a_running_trial(server: tuple[str, Settings, Database],
+                                                            browser: Browser) -> None:
+    base, settings, db = server
+    client = client_for(settings, db)
+    study = client.post("/api/v1/studies", json=study_spec(name="trial controls")).json()
+    write_trials(db, settings, study_id=study["id"], n=2)
+    lease = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)  # a trial mid-run
+    assert lease is not None
+    leasing.bind_trial(db, lease, number=2, optuna_trial_id=10**6, params={"learning_rate": 0.01})
+    key = keys.create_key(db, owner="alice")
+    browser.open(f"{base}/studies/{study['id']}#trial=2&key={key}")
+    browser.wait_for("document.getElementById('detail').dataset.number === '2'")
+    browser.wait_for("!document.getElementById('trial-pause').classList.contains('hidden')")
+    assert browser.js("document.getElementById('trial-resume').classList.contains('hidden')")
+
+    browser.js("document.getElementById('trial-pause').click()")  # asked: its worker pauses it at a boundary
+    browser.wait_for("document.getElementById('detail-info').textContent.includes('pausing at its next epoch')")
+    assert client.get(f"/api/v1/studies/{study['id']}/trials/2").json()["pause_requested_at"] is not None
+    assert browser.js("document.getElementById('trial-pause').classList.contains('hidden')")
+    browser.js("document.getElementById('trial-resume').click()")  # called off before it happened
+    browser.wait_for("!document.getElementById('trial-pause').classList.contains('hidden')")
+    assert client.get(f"/api/v1/studies/{study['id']}/trials/2").json()["pause_requested_at"] is None
 
 
 def test_study_list_tells_studies_apart_and_says_when_a_key_is_rejected(

@@ -11,20 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from fastapi.testclient import TestClient
-from safetensors.torch import load_file
-from sqlalchemy import select
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.models import Trial, TrialEpoch, TrialState
-from tests.conftest import make_settings
-from tests.factories import GRACE_S, HEARTBEAT_S, client_for, create_study_via_api
+from app.models import Trial, TrialState
+from tests.factories import create_study_via_api
 from tests.integration.processes import (
     alive,
     children_of,
-    optuna_trials,
     processes,
     start_worker,
     study_status,
@@ -32,29 +26,16 @@ from tests.integration.processes import (
     trials_of,
     wait_until,
 )
+from tests.integration.resumes import assert_same_trial_as, only_trial, resume_env, run_to_end
 
 EPOCHS = 12
 EVERY = 3  # checkpoint_every
-
-
-def _setup(db_url: str, tmp_path: Path) -> tuple[Database, TestClient, Settings]:
-    settings = make_settings(db_url, tmp_path / "home").model_copy(
-        update={"heartbeat_interval_s": HEARTBEAT_S, "lease_grace_s": GRACE_S})
-    db = Database(db_url)
-    return db, client_for(settings, db), settings
 
 
 def _spec() -> dict[str, object]:
     spec = training_spec(EPOCHS, n_trials=1, max_parallel=1, max_attempts=2)
     spec["checkpoint_every"] = EVERY
     return spec
-
-
-def _run_to_end(db: Database, settings: Settings, sid: str, log: Path) -> None:
-    with processes() as procs:
-        procs.append(start_worker(settings, log))
-        wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 180, "the study to end")
-    assert study_status(db, sid) == "completed"
 
 
 def _checkpointed_mid_run(db: Database, sid: str) -> Trial | None:
@@ -77,38 +58,6 @@ def _kill_after_a_checkpoint(db: Database, settings: Settings, sid: str, procs: 
     return before
 
 
-def _curve(db: Database, row: Trial) -> list[tuple[int, float, float, float]]:
-    with db.read_session() as session:
-        return [(e.epoch, e.train_loss, e.val_loss, e.val_metric) for e in session.scalars(
-            select(TrialEpoch).where(TrialEpoch.trial_id == row.id, TrialEpoch.attempt == row.attempt)
-            .order_by(TrialEpoch.epoch))]
-
-
-def _only_trial(db: Database, sid: str) -> Trial:
-    rows = trials_of(db, sid)
-    assert len(rows) == 1, rows
-    return rows[0]
-
-
-def _assert_same_trial_as(db: Database, resumed: Trial, reference: Trial, optuna_trial_id: int | None) -> None:
-    """Same parameters, curve and final weights as the uninterrupted run; one Optuna trial, each epoch once."""
-    assert resumed.state == reference.state == TrialState.COMPLETE.value
-    assert resumed.params == reference.params
-    got, want = _curve(db, resumed), _curve(db, reference)
-    assert [e[0] for e in got] == list(range(1, EPOCHS + 1))
-    assert [v for e in got for v in e] == pytest.approx([v for e in want for v in e], abs=1e-6)
-    assert resumed.value == pytest.approx(reference.value, abs=1e-6)
-    weights, expected = (load_file(f"{r.artifact}.safetensors") for r in (resumed, reference))
-    assert weights.keys() == expected.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6)
-    (theirs,) = optuna_trials(db, resumed.study_id)  # no fresh Optuna trial for the resumed attempt
-    assert theirs._trial_id == resumed.optuna_trial_id == optuna_trial_id
-    assert theirs.state.name.lower() == TrialState.COMPLETE.value
-    assert sorted(theirs.intermediate_values) == list(range(1, EPOCHS + 1))
-    assert [theirs.intermediate_values[e[0]] for e in got] == pytest.approx([e[3] for e in got], abs=1e-6)
-
-
 def _assert_no_checkpoint_left(settings: Settings, ended: Trial) -> None:
     """An ended trial keeps no checkpoint: not on its row, not on disk (neither attempt's folder)."""
     assert settings.artifact_dir is not None
@@ -121,9 +70,9 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
         db_url: str, tmp_path: Path, kill: str) -> None:
     """`runner`: the trial's process dies, its worker lives and puts it back in line; `worker`: the whole
     worker dies, the reaper of another worker process re-queues the trial, which resumes there."""
-    db, client, settings = _setup(db_url, tmp_path)
+    db, client, settings = resume_env(db_url, tmp_path)
     reference_id = create_study_via_api(client, _spec())
-    _run_to_end(db, settings, reference_id, tmp_path / "reference.log")
+    run_to_end(db, settings, reference_id, tmp_path / "reference.log")
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:
@@ -132,32 +81,32 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
             procs.append(start_worker(settings, tmp_path / "w1.log"))
         wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 180, "the study to end")
 
-    resumed = _only_trial(db, sid)
+    resumed = only_trial(db, sid)
     assert before.attempt == 1 and resumed.attempt == 2, resumed.error
     assert resumed.number == before.number
-    _assert_same_trial_as(db, resumed, _only_trial(db, reference_id), before.optuna_trial_id)
+    assert_same_trial_as(db, resumed, only_trial(db, reference_id), before.optuna_trial_id, EPOCHS)
     _assert_no_checkpoint_left(settings, resumed)
 
 
 def test_a_truncated_checkpoint_is_passed_over_with_the_reason_recorded(db_url: str, tmp_path: Path) -> None:
-    db, client, settings = _setup(db_url, tmp_path)
+    db, client, settings = resume_env(db_url, tmp_path)
     reference_id = create_study_via_api(client, _spec())
-    _run_to_end(db, settings, reference_id, tmp_path / "reference.log")
+    run_to_end(db, settings, reference_id, tmp_path / "reference.log")
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:
         before = _kill_after_a_checkpoint(db, settings, sid, procs, tmp_path, "worker")
-        recorded = _only_trial(db, sid)  # the last one recorded before the kill
+        recorded = only_trial(db, sid)  # the last one recorded before the kill
         assert settings.artifact_dir is not None and recorded.checkpoint_path is not None
         path = settings.artifact_dir / recorded.checkpoint_path
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         procs.append(start_worker(settings, tmp_path / "w1.log"))
         wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 180, "the study to end")
 
-    resumed = _only_trial(db, sid)
+    resumed = only_trial(db, sid)
     assert resumed.attempt == 2
     assert resumed.error is not None and \
         f"checkpoint of epoch {recorded.checkpoint_epoch} unusable (corrupt" in resumed.error, resumed.error
     # An older checkpoint or none (from scratch): the same trial either way, each epoch recorded once.
-    _assert_same_trial_as(db, resumed, _only_trial(db, reference_id), before.optuna_trial_id)
+    assert_same_trial_as(db, resumed, only_trial(db, reference_id), before.optuna_trial_id, EPOCHS)
     _assert_no_checkpoint_left(settings, resumed)

@@ -386,6 +386,30 @@ def test_hook_writes_every_n_epochs_records_then_drops_older(tmp_path: Path) -> 
     assert [c.epoch for c in hook.written] == [2, 4, 6]
 
 
+def test_hook_deletes_a_checkpoint_only_once_a_newer_one_is_known_recorded(tmp_path: Path) -> None:
+    """In a runner, `Checkpointed` is only sent: until the supervisor's answer to a later epoch says a newer
+    one was recorded, the database may still name the older file, which must stay. Here the supervisor's
+    answers run one checkpoint behind."""
+    data = blobs()
+    params = {"n_layers": 1, "units": 8}
+    sent: list[int] = []
+
+    def acknowledged() -> int | None:
+        return sent[-2] if len(sent) > 1 else None
+
+    def send(written: Any) -> None:
+        known = acknowledged()
+        assert known is None or known in [c.epoch for c in list_checkpoints(tmp_path)]
+        sent.append(written.epoch)
+
+    hook = EpochCheckpointer(tmp_path, on_written=send, recorded=acknowledged)
+    train(model_for(data, params), data, params, epochs=4, objective="val_loss", direction="minimize",
+          patience=None, checkpoint=hook)
+    hook.wait()
+    assert sent == [1, 2, 3, 4]
+    assert [c.epoch for c in list_checkpoints(tmp_path)] == [3, 4]  # 3 is the one known recorded
+
+
 def test_hook_keeps_the_old_checkpoint_when_recording_fails(tmp_path: Path) -> None:
     data = blobs()
     params = {"n_layers": 1, "units": 8}

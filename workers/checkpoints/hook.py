@@ -2,9 +2,10 @@
 
 The snapshot is taken at the epoch boundary (CPU copies, a millisecond for an MNIST MLP); the write and its
 fsyncs, which cost tens of milliseconds on a network disk, overlap the next epoch. One write is in flight at
-a time: the next boundary (or `wait`) finishes it, hands it to `on_written` on the training thread (to
-record it in the database), and only then deletes the older checkpoint, so the recorded one always exists
-and a death mid-write falls back to it.
+a time: the next boundary (or `wait`) finishes it and hands it to `on_written` on the training thread (to
+have it recorded in the database). Older checkpoints are deleted only once a newer one is known recorded
+(`recorded()`: in a runner, the supervisor has answered an epoch sent after the checkpoint), so the one the
+database names always exists and a death mid-write, or before the record, falls back to it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from workers.checkpoints.files import CheckpointFile, list_checkpoints, write_checkpoint
-from workers.checkpoints.retention import Retention, TrialCheckpoints, TrialPhase, to_delete
 from workers.loop_state import LoopState
 from workers.trainer import EpochReport
 
@@ -24,22 +24,28 @@ class EpochCheckpointer:
     training to finish and record the last write."""
 
     def __init__(self, directory: Path, *, every: int = 1, identity: Mapping[str, str] | None = None,
-                 on_written: Callable[[CheckpointFile], None] | None = None) -> None:
+                 on_written: Callable[[CheckpointFile], None] | None = None,
+                 also_at: Callable[[int], bool] | None = None,
+                 recorded: Callable[[], int | None] | None = None) -> None:
         if every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {every}")
         self.directory, self.every, self.identity = directory, every, dict(identity or {})
         self.on_written = on_written
+        self.also_at = also_at  # (epoch) -> True: checkpoint this boundary too (the trial pauses here)
+        # The newest epoch known recorded; None: `on_written` returning is the record.
+        self.recorded = recorded
         self.written: list[CheckpointFile] = []  # recorded, in order
         self._writer: _Write | None = None
 
     def on_epoch_state(self, report: EpochReport, state: Callable[[], LoopState]) -> None:
-        if report.epoch % self.every:
+        pauses = self.also_at is not None and self.also_at(report.epoch)  # asked at every boundary
+        if report.epoch % self.every and not pauses:
             return
         self.wait()
         self._writer = _Write(self.directory, state(), self.identity)
 
     def wait(self) -> CheckpointFile | None:
-        """Finish the write in flight, record it, delete the older checkpoints; the newest recorded one.
+        """Finish the write in flight, hand it on, delete what the recorded one supersedes; the newest written.
 
         Raises what the write or `on_written` raised; the older checkpoints stay then.
         """
@@ -49,10 +55,10 @@ class EpochCheckpointer:
             if self.on_written is not None:
                 self.on_written(written)
             self.written.append(written)
-            running = TrialCheckpoints(trial=0, phase=TrialPhase.RUNNING, files=list_checkpoints(self.directory),
-                                       recorded_epoch=written.epoch)
-            for old in to_delete([running], Retention()):
-                old.path.unlink(missing_ok=True)
+            recorded = written.epoch if self.recorded is None else self.recorded()
+            for old in list_checkpoints(self.directory):  # the recorded one and any newer stay
+                if recorded is not None and old.epoch < recorded:
+                    old.path.unlink(missing_ok=True)
         return self.written[-1] if self.written else None
 
 

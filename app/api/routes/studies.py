@@ -46,8 +46,9 @@ def resume_study(study_id: str, owner: CurrentOwner, db: DbDep) -> StudyPublic:
 
 
 @router.post("/{study_id}/cancel", response_model=StudyPublic)
-def cancel_study(study_id: str, owner: CurrentOwner, db: DbDep) -> StudyPublic:
-    return studies.change_state(db, owner=owner, study_id=study_id, action="cancel")
+def cancel_study(study_id: str, owner: CurrentOwner, db: DbDep, settings: SettingsDep) -> StudyPublic:
+    return studies.change_state(db, owner=owner, study_id=study_id, action="cancel",
+                                 artifact_dir=settings.artifact_dir)
 
 
 @router.delete("/{study_id}", status_code=204)

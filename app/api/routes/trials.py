@@ -6,10 +6,10 @@ from fastapi import APIRouter, Query, Response
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep, TrialNumber
 from app.schemas.trial import EnqueuedPublic, TrialDetail, TrialEnqueue, TrialsPublic
-from app.services import enqueue, trials
+from app.services import enqueue, trial_control, trials
 
 router = APIRouter(prefix="/studies/{study_id}/trials", tags=["trials"])
-TrialStateFilter = Literal["waiting", "running", "complete", "pruned", "fail"]
+TrialStateFilter = Literal["waiting", "running", "paused", "complete", "pruned", "fail"]
 
 
 @router.get("", response_model=TrialsPublic)
@@ -26,6 +26,20 @@ def list_trials(study_id: str, owner: CurrentOwner, db: DbDep, limit: Annotated[
 @router.get("/{number}", response_model=TrialDetail)
 def get_trial(study_id: str, number: TrialNumber, owner: CurrentOwner, db: DbDep) -> TrialDetail:
     return trials.get_trial(db, owner=owner, study_id=study_id, number=number)
+
+
+@router.post("/{number}/pause", response_model=TrialDetail)
+def pause_trial(study_id: str, number: TrialNumber, owner: CurrentOwner, db: DbDep) -> TrialDetail:
+    """Pause a waiting trial at once, or a running one at its next epoch boundary, after a checkpoint of it;
+    409 for a trial that has ended."""
+    return trial_control.control_trial(db, owner=owner, study_id=study_id, number=number, action="pause")
+
+
+@router.post("/{number}/resume", response_model=TrialDetail)
+def resume_trial(study_id: str, number: TrialNumber, owner: CurrentOwner, db: DbDep) -> TrialDetail:
+    """Put a paused trial back in line, to continue from its checkpoint (or call off a pause not carried out
+    yet); 409 for a trial that is not paused."""
+    return trial_control.control_trial(db, owner=owner, study_id=study_id, number=number, action="resume")
 
 
 @router.post("", status_code=201, response_model=EnqueuedPublic)

@@ -106,7 +106,8 @@ function renderSummary(study) {
   run.style.left = done.style.width;
   run.style.width = `${(100 * p.running) / total}%`;
   $("progress-counts").textContent = `${p.finished}/${p.n_trials} finished · ${p.complete} complete · ${p.pruned} pruned · ${p.fail} failed` +
-    (p.running ? ` · ${p.running} running` : "") + (p.waiting ? ` · ${p.waiting} waiting` : "");
+    (p.running ? ` · ${p.running} running` : "") + (p.waiting ? ` · ${p.waiting} waiting` : "") +
+    (p.paused ? ` · ${p.paused} paused` : "");
   $("study-meta").textContent = [study.elapsed_s !== null ? formatDuration(study.elapsed_s) : null,
                                  study.stop_reason ? `stopped: ${study.stop_reason}` : null].filter(Boolean).join(" · ");
   renderBest(study.best_trial);
@@ -479,8 +480,10 @@ async function selectTrial(number, { link = true } = {}) {
     $("detail").dataset.number = String(trial.number);
     chart("detail-chart").resize();
     chart("detail-chart").setOption(trialOption(trial.curve, state), { notMerge: true });
+    renderTrialControls(trial);
     kv($("detail-info"), [
-      ["state", trial.state], ["value", formatValue(trial.value)],
+      ["state", trial.pause_requested_at ? `${trial.state} (pausing at its next epoch)` : trial.state],
+      ["value", formatValue(trial.value)],
       ["duration", formatDuration(trial.duration_s)], ["epochs", `${trial.epochs_run ?? "—"} (best ${trial.best_epoch ?? "—"})`],
       ["attempt", String(trial.attempt)], ["worker", `${trial.worker_id ?? "—"} · ${trial.device ?? "—"}`],
       ["source", trial.source],
@@ -493,6 +496,27 @@ async function selectTrial(number, { link = true } = {}) {
     else drawCurves();
   } catch (error) {
     failed(error);
+  }
+}
+
+/** Pause a waiting or running trial; resume a paused one, or call off a pause not carried out yet. */
+function renderTrialControls(trial) {
+  const pausing = Boolean(trial.pause_requested_at);
+  $("trial-pause").classList.toggle("hidden", pausing || !["waiting", "running"].includes(trial.state));
+  $("trial-resume").classList.toggle("hidden", !pausing && trial.state !== "paused");
+}
+
+async function controlTrial(action) {
+  const number = Number($("detail").dataset.number);
+  for (const id of ["trial-pause", "trial-resume"]) $(id).disabled = true;
+  try {
+    renderTrialControls(await postJSON(`${BASE}/trials/${number}/${action}`));
+    await selectTrial(number);
+    refreshTable();
+  } catch (error) {
+    notice(`Could not ${action} trial ${number}: ${error.message}`, true);
+  } finally {
+    for (const id of ["trial-pause", "trial-resume"]) $(id).disabled = false;
   }
 }
 
@@ -612,6 +636,8 @@ $("prev").addEventListener("click", () => {
   loadTable().catch(failed);
 });
 $("pause").addEventListener("click", () => changeState("pause"));
+$("trial-pause").addEventListener("click", () => controlTrial("pause"));
+$("trial-resume").addEventListener("click", () => controlTrial("resume"));
 $("resume").addEventListener("click", () => changeState("resume"));
 $("cancel").addEventListener("click", () => $("cancel-confirm").classList.remove("hidden"));
 $("cancel-no").addEventListener("click", () => $("cancel-confirm").classList.add("hidden"));
