@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -33,7 +33,7 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
-from workers import ask_lock, asking, leasing, optuna_sync, pruning, retries
+from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
@@ -276,17 +276,13 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
 
 
 def _drop_checkpoints_if_ended(slot: Slot, lease: leasing.Lease) -> None:
-    """A trial that ended for good keeps no checkpoint; one back in line (resumed, handed back, reaped) keeps
-    them for its next attempt."""
+    """A trial that ended for good keeps at most the checkpoint its row still names (a completed trial that
+    the study's keep_checkpoints keeps), and completed trials its end pushed out of the best k lose theirs;
+    one back in line (resumed, handed back, reaped) keeps them for its next attempt."""
     assert slot.settings.artifact_dir is not None
     if not retry_on_disconnect(leasing.trial_ended, slot.db, lease.trial_id):
         return
-    folder = checkpoint_dir(slot.settings.artifact_dir, lease)
-    shutil.rmtree(folder, ignore_errors=True)
-    if lease.checkpoint is not None:
-        shutil.rmtree((slot.settings.artifact_dir / lease.checkpoint).parent, ignore_errors=True)
-    with suppress(OSError):  # the study's checkpoint folder goes with its last trial's (a write makes it again)
-        folder.parent.rmdir()
+    checkpoint_sweep.sweep(slot.db, slot.settings.artifact_dir, lease.study_id, lease.number)
 
 
 def _spawn(slot: Slot, job: RunnerJob) -> tuple[Any, Connection]:

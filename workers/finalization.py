@@ -9,7 +9,7 @@ from typing import Any
 
 from app.core.optuna_store import optuna_storage
 from app.ml.artifacts import ModelSpec, has_model, prune_study_dir, read_config, trial_files, trial_stem
-from workers import closing, final_evaluation, optuna_sync
+from workers import checkpoint_sweep, closing, final_evaluation, optuna_sync
 from workers.attempt import Slot
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudy
@@ -56,6 +56,8 @@ def _finalize(slot: Slot, job: closing.FinalizeJob, p: PreparedStudy, device: st
             tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id,
                                            test_metrics=result["test_metrics"], ensemble=result["ensemble"])
     optuna_sync.tell(optuna_storage(slot.db.url), tells)
+    # Every trial has ended: checkpoints that crashed or reaped attempts left behind go, the kept ones stay.
+    checkpoint_sweep.sweep(slot.db, slot.settings.artifact_dir, job.study_id)
     flog.info("study finalized (%s)", job.reason)
 
 

@@ -9,6 +9,10 @@ budget, stop criteria, retry or fail) is decided by app.lifecycle; this module s
 
 Every public function is one short transaction that is safe to repeat, and repeats itself with backoff
 when the connection drops (`@retrying`): a killed connection or a busy database costs a retry, not a trial.
+
+A trial's row names the checkpoint it holds, and its bytes: a running trial's latest (`record_checkpoint`);
+at its end, a completed trial's as long as the study's keep_checkpoints keeps it, pruned and failed trials'
+none (`finish_trial`). The files follow the rows after the commit (`workers.checkpoint_sweep`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import enum
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -337,6 +342,10 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
     None (and nothing written) when the lease was lost meanwhile. `while_held` runs once the lease is known
     to hold, before the commit: a complete trial's weights take its name there, so no reaper can take the
     lease between publishing and recording, and no finalization sees the row without its weights.
+
+    A complete trial's row keeps naming its newest checkpoint if the study's keep_checkpoints keeps it, and
+    the completed trials it pushes out of the best k lose theirs (`_keep_checkpoints_in_tx`); a pruned or
+    failed trial keeps none. Their files go after the commit (`workers.checkpoint_sweep`).
     """
     with db.session() as session:
         # The study first, as every writer that locks both does: deleting a study locks it, then its trials.
@@ -353,12 +362,40 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
         trial.error = error if error is not None else trial.error  # a note of this attempt stays
         trial.failure = failure.value if failure is not None else None
         trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
-        trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # its files go with it
         trial.finished_at = now
         trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
-        session.flush()
         assert study is not None
+        if state is TrialState.COMPLETE and trial.checkpoint_path is not None:
+            _keep_checkpoints_in_tx(session, study, trial)
+        else:
+            trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # its files go
+        session.flush()
         return Finished(_apply_stop_criteria_in_tx(session, study, now))
+
+
+def _keep_checkpoints_in_tx(session: Session, study: Study, trial: Trial) -> None:
+    """`trial` has just completed holding a checkpoint (its newest: the runner records the last one before it
+    says Done). Apply the study's keep_checkpoints (`workers.checkpoints.retention`) and clear the checkpoint
+    of each completed trial that keeps none now, this one included. Only best_k weighs completed trials
+    against each other: under all and none the others keep what they hold. The caller holds the study's
+    lock, so completions of one study are ranked one at a time."""
+    from workers.checkpoints.files import CheckpointFile  # torch: workers only, never the API's reaper
+    from workers.checkpoints.retention import KeepCheckpoints, TrialCheckpoints, TrialPhase, retained, retention_of
+
+    retention = retention_of(study.config)
+    holders = [trial]
+    if retention.policy is KeepCheckpoints.BEST_K:
+        holders += session.scalars(select(Trial).where(
+            Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value, Trial.id != trial.id,
+            Trial.number.is_not(None), Trial.checkpoint_path.is_not(None))).all()
+    by_number = {t.number: t for t in holders}
+    kept = retained([TrialCheckpoints(
+        trial=number, phase=TrialPhase.COMPLETED, recorded_epoch=t.checkpoint_epoch, value=t.value,
+        files=[CheckpointFile(Path(t.checkpoint_path or ""), t.checkpoint_epoch or 0, t.checkpoint_bytes or 0)])
+        for number, t in by_number.items() if number is not None], retention)
+    for number, t in by_number.items():
+        if number not in kept:
+            t.checkpoint_path = t.checkpoint_epoch = t.checkpoint_bytes = None
 
 
 def _finished_by_in_tx(session: Session, lease: Lease, state: TrialState, error: str | None) -> bool:

@@ -151,7 +151,8 @@ class Trial(Base):
     failure: Mapped[str | None] = mapped_column(String(16))  # a FailureKind, set with error
     artifact: Mapped[str | None] = mapped_column(String(500))
     # The latest checkpoint on disk (relative to the artifact dir), recorded by its runner while the lease
-    # held: a death resumes from it. Cleared when an attempt starts over.
+    # held: a death resumes from it. Cleared when an attempt starts over and when the trial ends, except for
+    # a completed trial that the study's keep_checkpoints keeps (workers.leasing.finish_trial).
     checkpoint_path: Mapped[str | None] = mapped_column(String(500))
     checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)
     checkpoint_bytes: Mapped[int | None] = mapped_column(BigInteger)
