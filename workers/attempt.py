@@ -378,7 +378,8 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
 
 
 def _on_checkpoint(slot: Slot, msg: Checkpointed | Resumed, m: Member) -> bool:
-    """Record a checkpoint on disk, or where a resumed trial continues; False when the lease was lost."""
+    """Record a checkpoint on disk, or where a resumed trial continues; False when the lease was lost. A
+    checkpoint past its owner's quota fails the trial for good and ends the member."""
     assert slot.settings.artifact_dir is not None
     if isinstance(msg, Resumed):
         if msg.skipped:
@@ -388,7 +389,17 @@ def _on_checkpoint(slot: Slot, msg: Checkpointed | Resumed, m: Member) -> bool:
         m.tlog.info("resumed after epoch %d", msg.epoch)
         return True
     path = str(Path(msg.path).relative_to(slot.settings.artifact_dir))
-    if not leasing.record_checkpoint(slot.db, m.lease, path=path, epoch=msg.epoch, size=msg.size):
+    recorded = leasing.record_checkpoint(slot.db, m.lease, path=path, epoch=msg.epoch, size=msg.size,
+                                         quota_bytes=slot.settings.checkpoint_quota_bytes)
+    if recorded.refused is not None:  # past the owner's checkpoint quota: the trial fails for good, here
+        if leasing.finish_trial(slot.db, m.lease, state=TrialState.FAIL, error=recorded.refused,
+                                failure=FailureKind.CHECKPOINT_QUOTA) is None:
+            return False
+        optuna_sync.tell(optuna_storage(slot.db.url), fail_all([m.lease.optuna_trial_id]))
+        m.tlog.warning("trial failed: %s", recorded.refused)
+        m.ended = True  # followed no more: its runner is stopped, then its files go (_drop_checkpoints_if_ended)
+        return True
+    if not recorded.held:
         return False
     resumed_from = (slot.settings.artifact_dir / m.lease.checkpoint).parent if m.lease.checkpoint else None
     if not m.checkpointed and resumed_from is not None and resumed_from != Path(msg.path).parent:

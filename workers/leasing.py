@@ -10,21 +10,23 @@ budget, stop criteria, retry or fail) is decided by app.lifecycle; this module s
 Every public function is one short transaction that is safe to repeat, and repeats itself with backoff
 when the connection drops (`@retrying`): a killed connection or a busy database costs a retry, not a trial.
 
-A trial's row names the checkpoint it holds, and its bytes: a running trial's latest (`record_checkpoint`);
-at its end, a completed trial's as long as the study's keep_checkpoints keeps it, pruned and failed trials'
-none (`finish_trial`). The files follow the rows after the commit (`workers.checkpoint_sweep`).
+A trial's row names the checkpoint it holds, and its bytes: a running trial's latest, within its owner's
+checkpoint quota (`record_checkpoint`); at its end, a completed trial's as long as the study's
+keep_checkpoints keeps it, pruned and failed trials' none (`finish_trial`). The files follow the rows after
+the commit (`workers.checkpoint_sweep`).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app import lifecycle
@@ -292,17 +294,72 @@ def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | 
         return EpochStatus.OK if goes_on else EpochStatus.STOP
 
 
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What recording a checkpoint did. `held`: the lease still holds (else nothing was recorded); `refused`:
+    why the checkpoint was not recorded although the lease holds (it would take the trial's owner past the
+    checkpoint quota): the caller fails the trial for good."""
+
+    held: bool
+    refused: str | None = None
+
+    @property
+    def recorded(self) -> bool:
+        return self.held and self.refused is None
+
+
 @retrying
-def record_checkpoint(db: Database, lease: Lease, *, path: str, epoch: int, size: int) -> bool:
+def record_checkpoint(db: Database, lease: Lease, *, path: str, epoch: int, size: int,
+                      quota_bytes: int = 0) -> CheckpointRecord:
     """Record the trial's latest checkpoint, already on disk (`path` relative to the artifact dir), and renew
-    the lease; False when the lease no longer holds (nothing recorded)."""
+    the lease.
+
+    With a quota (`quota_bytes` > 0), the checkpoint is refused when the bytes the owner's trial rows would then
+    hold together (this trial's new file replacing the one its row names) go beyond it. Checks of one owner
+    run one at a time (SQLite: every write does), so concurrent trials cannot pass it together.
+    """
     with db.session() as session:
+        owner = _lock_owner_quota_in_tx(session, db, lease.study_id) if quota_bytes > 0 else None
         trial = held_in_tx(session, lease)
         if trial is None:
-            return False
+            return CheckpointRecord(held=False)
         trial.heartbeat_at = utcnow()
+        if owner is not None:
+            refused = _over_quota_in_tx(session, owner, trial, size, quota_bytes)
+            if refused is not None:
+                return CheckpointRecord(held=True, refused=refused)
         trial.checkpoint_path, trial.checkpoint_epoch, trial.checkpoint_bytes = path, epoch, size
-        return True
+        return CheckpointRecord(held=True)
+
+
+def _lock_owner_quota_in_tx(session: Session, db: Database, study_id: str) -> str | None:
+    """The study's owner, holding the owner's quota lock until the commit (PostgreSQL: an advisory lock keyed by
+    the owner; SQLite: writes are serialized already). None when the study is gone."""
+    owner = session.scalar(select(Study.owner).where(Study.id == study_id))
+    if owner is not None and not db.is_sqlite:
+        key = int.from_bytes(hashlib.sha256(f"checkpoint-quota:{owner}".encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    return owner
+
+
+def _over_quota_in_tx(session: Session, owner: str, trial: Trial, size: int, quota_bytes: int) -> str | None:
+    """Why a checkpoint of `size` bytes would take the owner past the quota, or None when it fits."""
+    held = session.scalar(select(func.coalesce(func.sum(Trial.checkpoint_bytes), 0))
+                          .join(Study, Study.id == Trial.study_id).where(Study.owner == owner)) or 0
+    total = held - (trial.checkpoint_bytes or 0) + size
+    if total <= quota_bytes:
+        return None
+    return (f"checkpoint quota exceeded: owner {owner} would hold {human_bytes(total)} of checkpoints, "
+            f"HPSEARCH_CHECKPOINT_QUOTA_MB allows {human_bytes(quota_bytes)}")
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in decimal units, as the quota counts them: 4.4 MB, 1.2 GB."""
+    value, unit = float(n), 0
+    units = ("B", "kB", "MB", "GB", "TB")
+    while value >= 1000 and unit < len(units) - 1:
+        value, unit = value / 1000, unit + 1
+    return f"{n} B" if unit == 0 else f"{value:.{1 if value < 10 else 0}f} {units[unit]}"
 
 
 @retrying

@@ -52,6 +52,7 @@ class FailureKind(enum.StrEnum):
     ERROR = "error"  # the training code raised
     WORKER_ERROR = "worker_error"  # the supervisor failed around the trial (a fork, the data)
     CANCELLED = "cancelled"  # the study was cancelled or a stop criterion ended it
+    CHECKPOINT_QUOTA = "checkpoint_quota"  # its checkpoint would take its owner past HPSEARCH_CHECKPOINT_QUOTA_MB
 
 
 class ApiKey(Base):

@@ -38,7 +38,7 @@ class TrialPublic(Public):
     best_epoch: int | None
     error: str | None
     failure: str | None = Field(None, description="Why the last attempt failed: lost, deadline, non_finite, "
-                                "out_of_memory, process_died, error, worker_error or cancelled")
+                                "out_of_memory, process_died, error, worker_error, cancelled or checkpoint_quota")
 
 
 class TrialDetail(TrialPublic):

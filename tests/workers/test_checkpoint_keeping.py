@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 from sqlalchemy import update
 
 from app.core.config import Settings
 from app.core.db import Database
+from app.core.optuna_store import optuna_storage
 from app.ml.artifacts import build_module, save_trial
-from app.models import FailureKind, Trial
+from app.models import FailureKind, Trial, TrialState
 from app.models.base import utcnow
 from app.services import studies
-from tests.factories import create_study_via_service
+from tests.factories import API, client_for, create_study_via_service, running_supervisor, study_spec, wait_for_status
 from tests.workers.test_checkpoints import blobs, model_for
 from workers import attempt, checkpoint_sweep, leasing, retries
 from workers.checkpoints import CheckpointFile, EpochCheckpointer, read_checkpoint
@@ -226,6 +228,100 @@ def test_a_trial_back_in_line_keeps_its_checkpoint(db: Database, settings: Setti
     other.train()
     other.complete(0.5)  # its sweep leaves the waiting trial's files alone
     assert _kept(db, settings, sid) == {trial.lease.number: EPOCHS, other.lease.number: EPOCHS}
+
+
+def _checkpoint_bytes(db: Database, settings: Settings) -> int:
+    """The size of one checkpoint of PARAMS' network, written by the production hook."""
+    slot = _slot(db, settings)
+    sid = _study(db, settings, owner="sizer", n_trials=1)
+    trial = Running(slot, sid)
+    trial.train(epochs=1)
+    size = _rows(db, sid)[trial.lease.number][2]  # type: ignore[index]
+    assert size
+    return size
+
+
+@pytest.fixture
+def size(db: Database, settings: Settings) -> int:
+    return _checkpoint_bytes(db, settings)
+
+
+def test_a_checkpoint_past_the_owners_quota_fails_the_trial_and_deletes_its_file(
+        db: Database, settings: Settings, size: int) -> None:
+    # Room for two checkpoints and a half (a later epoch's is a little larger: its header holds more history).
+    quota = settings.model_copy(update={"checkpoint_quota_mb": 2.5 * size / 1e6})
+    slot = _slot(db, quota)
+    first = _study(db, settings, n_trials=1)
+    kept = _run(slot, first, 0.5)  # each epoch's checkpoint replaces the last one: never counted twice
+    assert _kept(db, settings, first) == {kept.lease.number: EPOCHS}
+    running = Running(slot, _study(db, settings, n_trials=1))
+    running.train(epochs=2)  # a running trial in another study of hers fits too: two checkpoints now
+    assert running.recorded == [True, True]
+
+    second = _study(db, settings, n_trials=1)
+    over = Running(slot, second)
+    over.train(epochs=1)
+    over.ended()
+    assert over.recorded == [True] and over.member.ended  # the member ended here: its runner is stopped
+    with db.read_session() as session:
+        row = session.get(Trial, over.lease.trial_id)
+        assert row is not None and row.state == TrialState.FAIL.value
+        assert row.failure == FailureKind.CHECKPOINT_QUOTA.value
+        would_hold = kept.sizes[-1] + running.sizes[-1] + over.sizes[0]
+        assert row.error == (f"checkpoint quota exceeded: owner alice would hold {leasing.human_bytes(would_hold)} "
+                             f"of checkpoints, HPSEARCH_CHECKPOINT_QUOTA_MB allows "
+                             f"{leasing.human_bytes(int(2.5 * size))}")
+        assert (row.checkpoint_path, row.checkpoint_bytes) == (None, None)
+    assert _on_disk(settings, second) == set()  # its file is deleted
+    assert over.lease.optuna_trial_id is not None
+    assert optuna_storage(db.url).get_trial(over.lease.optuna_trial_id).state is optuna.trial.TrialState.FAIL
+    assert _kept(db, settings, first) == {kept.lease.number: EPOCHS}  # what she had is untouched
+
+    bob = Running(_slot(db, quota), _study(db, settings, owner="bob", n_trials=1))  # another owner has his own quota
+    bob.train(epochs=1)
+    assert bob.recorded == [True]
+
+
+def test_a_worker_fails_each_trial_past_the_quota_and_goes_on(db: Database, settings: Settings) -> None:
+    """A real supervisor and forked runners: the quota's failure stops the runner and the study goes on."""
+    tiny = settings.model_copy(update={"checkpoint_quota_mb": 0.001})  # 1 kB: below any checkpoint
+    client = client_for(tiny, db)
+    sid = client.post(f"{API}/studies", json=study_spec(budget={"n_trials": 2, "epochs": 3, "max_parallel": 1},
+                                                        checkpoint_every=1)).json()["id"]
+    with running_supervisor(tiny, db, slots=1):
+        study = wait_for_status(client, sid, {"completed", "failed"})
+    assert study["progress"]["fail"] == 2, study
+    for trial in client.get(f"{API}/studies/{sid}/trials").json()["data"]:
+        detail = client.get(f"{API}/studies/{sid}/trials/{trial['number']}").json()
+        assert detail["failure"] == "checkpoint_quota", detail
+        assert detail["error"].startswith("checkpoint quota exceeded: owner alice would hold ")
+        assert [e["epoch"] for e in detail["curve"]] == [1]  # stopped at its first checkpoint
+    assert _on_disk(settings, sid) == set()
+
+
+def test_the_quota_counts_what_rows_hold_and_a_row_s_own_checkpoint_once(db: Database, settings: Settings) -> None:
+    sid = _study(db, settings, n_trials=1)
+    lease = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    assert lease is not None
+    lease = leasing.bind_trial(db, lease, number=0, optuna_trial_id=1000, params={})
+    assert lease is not None
+    record = leasing.record_checkpoint(db, lease, path=f"{sid}/checkpoints/trial-0-1/epoch-000001.safetensors",
+                                       epoch=1, size=600, quota_bytes=1000)
+    assert record.recorded
+    again = leasing.record_checkpoint(db, lease, path=f"{sid}/checkpoints/trial-0-1/epoch-000002.safetensors",
+                                      epoch=2, size=1000, quota_bytes=1000)
+    assert again.recorded  # 1000 bytes at most at once: the new file replaces the row's 600
+    refused = leasing.record_checkpoint(db, lease, path=f"{sid}/checkpoints/trial-0-1/epoch-000003.safetensors",
+                                        epoch=3, size=1001, quota_bytes=1000)
+    assert refused.held and refused.refused == ("checkpoint quota exceeded: owner alice would hold 1.0 kB of "
+                                                "checkpoints, HPSEARCH_CHECKPOINT_QUOTA_MB allows 1.0 kB")
+    assert _rows(db, sid)[0] == (f"{sid}/checkpoints/trial-0-1/epoch-000002.safetensors", 2, 1000)  # unchanged
+    assert leasing.record_checkpoint(db, lease, path="x", epoch=3, size=10**9).recorded  # no quota: no limit
+
+
+def test_bytes_read_as_people_read_them() -> None:
+    assert [leasing.human_bytes(n) for n in (0, 999, 1000, 4_400_000, 12_345_678, 1_200_000_000)] == [
+        "0 B", "999 B", "1.0 kB", "4.4 MB", "12 MB", "1.2 GB"]
 
 
 def test_checkpoint_folders_are_found_by_trial_number(tmp_path: Path) -> None:
