@@ -39,6 +39,10 @@ class TrialPublic(Public):
     error: str | None
     failure: str | None = Field(None, description="Why the last attempt failed: lost, deadline, non_finite, "
                                 "out_of_memory, process_died, error, worker_error, cancelled or checkpoint_quota")
+    checkpoint_epoch: int | None = Field(None, description="The epoch of the checkpoint the trial holds: a running "
+                                         "trial's latest, a completed one's when the study's keep_checkpoints "
+                                         "keeps it; null when it holds none")
+    checkpoint_bytes: int | None = Field(None, description="The size of that checkpoint file")
 
 
 class TrialDetail(TrialPublic):

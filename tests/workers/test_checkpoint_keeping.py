@@ -155,6 +155,8 @@ def test_best_k_of_one_the_better_trial_takes_the_checkpoint_from_the_first(db: 
     path, epoch, _ = _rows(db, sid)[second.lease.number]  # type: ignore[index]
     state = read_checkpoint(settings.artifact_dir / str(path))  # whole, with the best-so-far weights to extend
     assert state.epoch == epoch == EPOCHS and state.best_model
+    trial = client_for(settings, db).get(f"{API}/studies/{sid}/trials/{second.lease.number}").json()
+    assert (trial["checkpoint_epoch"], trial["checkpoint_bytes"]) == (EPOCHS, _rows(db, sid)[second.lease.number][2])
 
 
 def test_best_k_ranks_by_the_direction_and_keeps_k(db: Database, settings: Settings) -> None:
@@ -290,7 +292,7 @@ def test_a_worker_fails_each_trial_past_the_quota_and_goes_on(db: Database, sett
                                                         checkpoint_every=1)).json()["id"]
     with running_supervisor(tiny, db, slots=1):
         study = wait_for_status(client, sid, {"completed", "failed"})
-    assert study["progress"]["fail"] == 2, study
+    assert study["progress"]["fail"] == 2 and study["checkpoint_bytes"] == 0, study
     for trial in client.get(f"{API}/studies/{sid}/trials").json()["data"]:
         detail = client.get(f"{API}/studies/{sid}/trials/{trial['number']}").json()
         assert detail["failure"] == "checkpoint_quota", detail
@@ -317,6 +319,26 @@ def test_the_quota_counts_what_rows_hold_and_a_row_s_own_checkpoint_once(db: Dat
                                                 "checkpoints, HPSEARCH_CHECKPOINT_QUOTA_MB allows 1.0 kB")
     assert _rows(db, sid)[0] == (f"{sid}/checkpoints/trial-0-1/epoch-000002.safetensors", 2, 1000)  # unchanged
     assert leasing.record_checkpoint(db, lease, path="x", epoch=3, size=10**9).recorded  # no quota: no limit
+
+
+def test_get_study_shows_the_checkpoint_bytes_its_trials_hold(db: Database, settings: Settings) -> None:
+    client = client_for(settings, db)
+    sid = _study(db, settings, keep_checkpoints="all", n_trials=2)
+    other = _study(db, settings, n_trials=1)
+    sizes = {}
+    for study_id, size in ((sid, 1_500_000), (sid, 2_900_000), (other, 7)):
+        lease = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+        assert lease is not None and lease.study_id == study_id
+        lease = leasing.bind_trial(db, lease, number=len(sizes), optuna_trial_id=1000 + len(sizes), params={})
+        assert lease is not None
+        assert leasing.record_checkpoint(db, lease, path=f"{study_id}/checkpoints/c{size}", epoch=1, size=size).held
+        sizes[lease.number] = size
+    study = client.get(f"{API}/studies/{sid}").json()
+    assert study["checkpoint_bytes"] == 4_400_000
+    listed = {s["id"]: s["checkpoint_bytes"] for s in client.get(f"{API}/studies").json()["data"]}
+    assert listed == {sid: 4_400_000, other: 7}
+    trials = client.get(f"{API}/studies/{sid}/trials").json()["data"]
+    assert [(t["checkpoint_epoch"], t["checkpoint_bytes"]) for t in trials] == [(1, 1_500_000), (1, 2_900_000)]
 
 
 def test_bytes_read_as_people_read_them() -> None:
