@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -33,7 +33,7 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
-from workers import ask_lock, asking, leasing, optuna_sync, pruning, retries
+from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
@@ -282,17 +282,13 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
 
 
 def _drop_checkpoints_if_ended(slot: Slot, lease: leasing.Lease) -> None:
-    """A trial that ended for good keeps no checkpoint; one back in line (resumed, handed back, reaped) keeps
-    them for its next attempt."""
+    """A trial that ended for good keeps at most the checkpoint its row still names (a completed trial that
+    the study's keep_checkpoints keeps), and completed trials its end pushed out of the best k lose theirs;
+    one back in line (resumed, handed back, reaped) keeps them for its next attempt."""
     assert slot.settings.artifact_dir is not None
     if not retry_on_disconnect(leasing.trial_ended, slot.db, lease.trial_id):
         return
-    folder = checkpoint_dir(slot.settings.artifact_dir, lease)
-    shutil.rmtree(folder, ignore_errors=True)
-    if lease.checkpoint is not None:
-        shutil.rmtree((slot.settings.artifact_dir / lease.checkpoint).parent, ignore_errors=True)
-    with suppress(OSError):  # the study's checkpoint folder goes with its last trial's (a write makes it again)
-        folder.parent.rmdir()
+    checkpoint_sweep.sweep(slot.db, slot.settings.artifact_dir, lease.study_id, lease.number)
 
 
 def _spawn(slot: Slot, job: RunnerJob) -> tuple[Any, Connection]:
@@ -394,7 +390,8 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
 
 
 def _on_checkpoint(slot: Slot, msg: Checkpointed | Resumed, m: Member) -> bool:
-    """Record a checkpoint on disk, or where a resumed trial continues; False when the lease was lost."""
+    """Record a checkpoint on disk, or where a resumed trial continues; False when the lease was lost. A
+    checkpoint past its owner's quota fails the trial for good and ends the member."""
     assert slot.settings.artifact_dir is not None
     if isinstance(msg, Resumed):
         if msg.skipped:
@@ -404,7 +401,17 @@ def _on_checkpoint(slot: Slot, msg: Checkpointed | Resumed, m: Member) -> bool:
         m.tlog.info("resumed after epoch %d", msg.epoch)
         return True
     path = str(Path(msg.path).relative_to(slot.settings.artifact_dir))
-    if not leasing.record_checkpoint(slot.db, m.lease, path=path, epoch=msg.epoch, size=msg.size):
+    recorded = leasing.record_checkpoint(slot.db, m.lease, path=path, epoch=msg.epoch, size=msg.size,
+                                         quota_bytes=slot.settings.checkpoint_quota_bytes)
+    if recorded.refused is not None:  # past the owner's checkpoint quota: the trial fails for good, here
+        if leasing.finish_trial(slot.db, m.lease, state=TrialState.FAIL, error=recorded.refused,
+                                failure=FailureKind.CHECKPOINT_QUOTA) is None:
+            return False
+        optuna_sync.tell(optuna_storage(slot.db.url), fail_all([m.lease.optuna_trial_id]))
+        m.tlog.warning("trial failed: %s", recorded.refused)
+        m.ended = True  # followed no more: its runner is stopped, then its files go (_drop_checkpoints_if_ended)
+        return True
+    if not recorded.held:
         return False
     resumed_from = (slot.settings.artifact_dir / m.lease.checkpoint).parent if m.lease.checkpoint else None
     if not m.checkpointed and resumed_from is not None and resumed_from != Path(msg.path).parent:

@@ -74,19 +74,16 @@ def release_finalization(db: Database, job: FinalizeJob, *, worker_id: str) -> N
 
 @retrying
 def complete_study(db: Database, job: FinalizeJob, *, worker_id: str, test_metrics: dict[str, Any] | None,
-                   error: str | None = None, ensemble: dict[str, Any] | None = None,
-                   dropped: list[str] | None = None) -> list[OptunaTell]:
-    """Mark the study completed (or failed with error); returns what Optuna must be told. `dropped` receives
-    the checkpoints that trials still paused no longer keep (app.services.fates.remove_checkpoints)."""
+                   error: str | None = None, ensemble: dict[str, Any] | None = None) -> list[OptunaTell]:
+    """Mark the study completed (or failed with error); returns what Optuna must be told. The checkpoints of
+    trials still paused, which end pruned, go at the sweep after it (workers.checkpoint_sweep)."""
     now = utcnow()
     with db.session() as session:
         study = session.get(Study, job.study_id, with_for_update=True)
         if study is None or study.finalize_worker != worker_id or study.status != StudyStatus.RUNNING.value:
             return []
         end = lifecycle.after_closing(error)
-        if dropped is not None:
-            dropped.clear()  # a retried transaction starts over
-        tells = end_waiting_in_tx(session, study.id, end, now, None if dropped is None else dropped.append)
+        tells = end_waiting_in_tx(session, study.id, end, now)
         study.status = end.value
         study.error = error
         study.test_metrics = test_metrics
@@ -98,19 +95,16 @@ def complete_study(db: Database, job: FinalizeJob, *, worker_id: str, test_metri
 
 
 @retrying
-def fail_study(db: Database, study_id: str, error: str, dropped: list[str] | None = None) -> list[OptunaTell]:
+def fail_study(db: Database, study_id: str, error: str) -> list[OptunaTell]:
     """End a study that can never run `failed` with the reason: waiting and paused trials end as at every
     end, running ones fail (their workers find the study ended at their next epoch). Returns what Optuna must
-    be told; `dropped` receives the checkpoints no trial keeps any more."""
+    be told."""
     now = utcnow()
     with db.session() as session:
         study = session.get(Study, study_id, with_for_update=True)
         if study is None or not lifecycle.may_fail(StudyStatus(study.status)):
             return []
-        if dropped is not None:
-            dropped.clear()
-        tells = end_waiting_in_tx(session, study.id, StudyStatus.FAILED, now,
-                                  None if dropped is None else dropped.append)
+        tells = end_waiting_in_tx(session, study.id, StudyStatus.FAILED, now)
         for trial in session.scalars(select(Trial).where(Trial.study_id == study.id,
                                                          Trial.state == TrialState.RUNNING.value)).all():
             tells += apply_in_tx(session, trial, lifecycle.running_at_failure(facts_of(trial), error), now)

@@ -9,8 +9,7 @@ from typing import Any
 
 from app.core.optuna_store import optuna_storage
 from app.ml.artifacts import ModelSpec, has_model, prune_study_dir, read_config, trial_files, trial_stem
-from app.services.fates import remove_checkpoints
-from workers import closing, final_evaluation, optuna_sync
+from workers import checkpoint_sweep, closing, final_evaluation, optuna_sync
 from workers.attempt import Slot
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudy
@@ -38,9 +37,8 @@ def _finalize(slot: Slot, job: closing.FinalizeJob, p: PreparedStudy, device: st
     for path in prune_study_dir(study_dir, keep=complete):  # pruned, failed or half-written trials
         flog.info("removed artifact %s of a trial that did not complete", path.name)
     top = [n for n in top if has_model(trial_stem(study_dir, n))]
-    dropped: list[str] = []  # checkpoints of trials still paused, which end pruned with the study
     if not top:
-        tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id, dropped=dropped, test_metrics=None,
+        tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id, test_metrics=None,
                                        error="no trial completed")
     else:
         try:
@@ -52,13 +50,14 @@ def _finalize(slot: Slot, job: closing.FinalizeJob, p: PreparedStudy, device: st
         except final_evaluation.EvaluationError as exc:
             # Retrying would fail the same way forever; every trial's result stays readable.
             flog.error("final evaluation failed: %s", exc)
-            tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id, dropped=dropped, test_metrics=None,
+            tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id, test_metrics=None,
                                            error=f"final evaluation failed: {str(exc)[:400]}")
         else:
-            tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id, dropped=dropped,
+            tells = closing.complete_study(slot.db, job, worker_id=slot.worker_id,
                                            test_metrics=result["test_metrics"], ensemble=result["ensemble"])
-    remove_checkpoints(slot.settings.artifact_dir, dropped)
     optuna_sync.tell(optuna_storage(slot.db.url), tells)
+    # Every trial has ended: checkpoints that crashed or reaped attempts left behind go, the kept ones stay.
+    checkpoint_sweep.sweep(slot.db, slot.settings.artifact_dir, job.study_id)
     flog.info("study finalized (%s)", job.reason)
 
 

@@ -9,17 +9,24 @@ budget, stop criteria, retry or fail) is decided by app.lifecycle; this module s
 
 Every public function is one short transaction that is safe to repeat, and repeats itself with backoff
 when the connection drops (`@retrying`): a killed connection or a busy database costs a retry, not a trial.
+
+A trial's row names the checkpoint it holds, and its bytes: a running trial's latest, within its owner's
+checkpoint quota (`record_checkpoint`); at its end, a completed trial's as long as the study's
+keep_checkpoints keeps it, pruned and failed trials' none (`finish_trial`). The files follow the rows after
+the commit (`workers.checkpoint_sweep`).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app import lifecycle
@@ -291,17 +298,72 @@ def record_epoch(db: Database, lease: Lease, *, epoch: int, train_loss: float | 
         return EpochStatus.OK if trial.pause_requested_at is None else EpochStatus.PAUSE
 
 
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What recording a checkpoint did. `held`: the lease still holds (else nothing was recorded); `refused`:
+    why the checkpoint was not recorded although the lease holds (it would take the trial's owner past the
+    checkpoint quota): the caller fails the trial for good."""
+
+    held: bool
+    refused: str | None = None
+
+    @property
+    def recorded(self) -> bool:
+        return self.held and self.refused is None
+
+
 @retrying
-def record_checkpoint(db: Database, lease: Lease, *, path: str, epoch: int, size: int) -> bool:
+def record_checkpoint(db: Database, lease: Lease, *, path: str, epoch: int, size: int,
+                      quota_bytes: int = 0) -> CheckpointRecord:
     """Record the trial's latest checkpoint, already on disk (`path` relative to the artifact dir), and renew
-    the lease; False when the lease no longer holds (nothing recorded)."""
+    the lease.
+
+    With a quota (`quota_bytes` > 0), the checkpoint is refused when the bytes the owner's trial rows would then
+    hold together (this trial's new file replacing the one its row names) go beyond it. Checks of one owner
+    run one at a time (SQLite: every write does), so concurrent trials cannot pass it together.
+    """
     with db.session() as session:
+        owner = _lock_owner_quota_in_tx(session, db, lease.study_id) if quota_bytes > 0 else None
         trial = held_in_tx(session, lease)
         if trial is None:
-            return False
+            return CheckpointRecord(held=False)
         trial.heartbeat_at = utcnow()
+        if owner is not None:
+            refused = _over_quota_in_tx(session, owner, trial, size, quota_bytes)
+            if refused is not None:
+                return CheckpointRecord(held=True, refused=refused)
         trial.checkpoint_path, trial.checkpoint_epoch, trial.checkpoint_bytes = path, epoch, size
-        return True
+        return CheckpointRecord(held=True)
+
+
+def _lock_owner_quota_in_tx(session: Session, db: Database, study_id: str) -> str | None:
+    """The study's owner, holding the owner's quota lock until the commit (PostgreSQL: an advisory lock keyed by
+    the owner; SQLite: writes are serialized already). None when the study is gone."""
+    owner = session.scalar(select(Study.owner).where(Study.id == study_id))
+    if owner is not None and not db.is_sqlite:
+        key = int.from_bytes(hashlib.sha256(f"checkpoint-quota:{owner}".encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    return owner
+
+
+def _over_quota_in_tx(session: Session, owner: str, trial: Trial, size: int, quota_bytes: int) -> str | None:
+    """Why a checkpoint of `size` bytes would take the owner past the quota, or None when it fits."""
+    held = session.scalar(select(func.coalesce(func.sum(Trial.checkpoint_bytes), 0))
+                          .join(Study, Study.id == Trial.study_id).where(Study.owner == owner)) or 0
+    total = held - (trial.checkpoint_bytes or 0) + size
+    if total <= quota_bytes:
+        return None
+    return (f"checkpoint quota exceeded: owner {owner} would hold {human_bytes(total)} of checkpoints, "
+            f"HPSEARCH_CHECKPOINT_QUOTA_MB allows {human_bytes(quota_bytes)}")
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in decimal units, as the quota counts them: 4.4 MB, 1.2 GB."""
+    value, unit = float(n), 0
+    units = ("B", "kB", "MB", "GB", "TB")
+    while value >= 1000 and unit < len(units) - 1:
+        value, unit = value / 1000, unit + 1
+    return f"{n} B" if unit == 0 else f"{value:.{1 if value < 10 else 0}f} {units[unit]}"
 
 
 @retrying
@@ -341,6 +403,10 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
     None (and nothing written) when the lease was lost meanwhile. `while_held` runs once the lease is known
     to hold, before the commit: a complete trial's weights take its name there, so no reaper can take the
     lease between publishing and recording, and no finalization sees the row without its weights.
+
+    A complete trial's row keeps naming its newest checkpoint if the study's keep_checkpoints keeps it, and
+    the completed trials it pushes out of the best k lose theirs (`_keep_checkpoints_in_tx`); a pruned or
+    failed trial keeps none. Their files go after the commit (`workers.checkpoint_sweep`).
     """
     with db.session() as session:
         # The study first, as every writer that locks both does: deleting a study locks it, then its trials.
@@ -357,13 +423,41 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
         trial.error = error if error is not None else trial.error  # a note of this attempt stays
         trial.failure = failure.value if failure is not None else None
         trial.epochs_run, trial.best_epoch, trial.artifact = epochs_run, best_epoch, artifact
-        trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # its files go with it
         trial.pause_requested_at = None  # ended before it could pause
         trial.finished_at = now
         trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
-        session.flush()
         assert study is not None
+        if state is TrialState.COMPLETE and trial.checkpoint_path is not None:
+            _keep_checkpoints_in_tx(session, study, trial)
+        else:
+            trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # its files go
+        session.flush()
         return Finished(_apply_stop_criteria_in_tx(session, study, now))
+
+
+def _keep_checkpoints_in_tx(session: Session, study: Study, trial: Trial) -> None:
+    """`trial` has just completed holding a checkpoint (its newest: the runner records the last one before it
+    says Done). Apply the study's keep_checkpoints (`workers.checkpoints.retention`) and clear the checkpoint
+    of each completed trial that keeps none now, this one included. Only best_k weighs completed trials
+    against each other: under all and none the others keep what they hold. The caller holds the study's
+    lock, so completions of one study are ranked one at a time."""
+    from workers.checkpoints.files import CheckpointFile  # torch: workers only, never the API's reaper
+    from workers.checkpoints.retention import KeepCheckpoints, TrialCheckpoints, TrialPhase, retained, retention_of
+
+    retention = retention_of(study.config)
+    holders = [trial]
+    if retention.policy is KeepCheckpoints.BEST_K:
+        holders += session.scalars(select(Trial).where(
+            Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value, Trial.id != trial.id,
+            Trial.number.is_not(None), Trial.checkpoint_path.is_not(None))).all()
+    by_number = {t.number: t for t in holders}
+    kept = retained([TrialCheckpoints(
+        trial=number, phase=TrialPhase.COMPLETED, recorded_epoch=t.checkpoint_epoch, value=t.value,
+        files=[CheckpointFile(Path(t.checkpoint_path or ""), t.checkpoint_epoch or 0, t.checkpoint_bytes or 0)])
+        for number, t in by_number.items() if number is not None], retention)
+    for number, t in by_number.items():
+        if number not in kept:
+            t.checkpoint_path = t.checkpoint_epoch = t.checkpoint_bytes = None
 
 
 def _finished_by_in_tx(session: Session, lease: Lease, state: TrialState, error: str | None) -> bool:

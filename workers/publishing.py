@@ -4,6 +4,7 @@ only while its result is being recorded, so a runner whose lease was lost never 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from app.ml.artifacts import trial_files
@@ -11,6 +12,7 @@ from workers.leasing import Lease
 
 STAGING_DIR = ".staging"  # per-attempt weights, under a study's artifact folder
 CHECKPOINTS_DIR = "checkpoints"  # per-attempt checkpoint folders, under a study's artifact folder
+_CHECKPOINT_FOLDER = re.compile(r"^trial-(\d+)-(\d+)$")  # checkpoint_dir's name: trial-<number>-<attempt>
 
 
 def staged_stem(artifact_dir: Path, lease: Lease) -> Path:
@@ -22,6 +24,19 @@ def checkpoint_dir(artifact_dir: Path, lease: Lease) -> Path:
     """Where one attempt's runner writes its trial's checkpoints: its own folder, so a runner whose lease was
     lost never prunes the files of the attempt that resumed from it."""
     return artifact_dir / lease.study_id / CHECKPOINTS_DIR / f"trial-{lease.number}-{lease.attempt}"
+
+
+def checkpoint_folders(artifact_dir: Path, study_id: str) -> dict[int, list[Path]]:
+    """The study's checkpoint folders on disk (`checkpoint_dir`'s), by trial number: one per attempt that
+    wrote one and whose folder is still there."""
+    root = artifact_dir / study_id / CHECKPOINTS_DIR
+    found: dict[int, list[Path]] = {}
+    if root.is_dir():
+        for entry in os.scandir(root):
+            m = _CHECKPOINT_FOLDER.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False):
+                found.setdefault(int(m.group(1)), []).append(Path(entry.path))
+    return found
 
 
 def final_stem(artifact_dir: Path, study_id: str, number: int) -> Path:

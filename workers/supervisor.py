@@ -22,9 +22,8 @@ from app import plugins
 from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
-from app.services.fates import remove_checkpoints
 from app.services.studies import settle_optuna_trials
-from workers import closing, group, leasing, optuna_sync, registry, retries
+from workers import checkpoint_sweep, closing, group, leasing, optuna_sync, registry, retries
 from workers.attempt import Slot, release, run_attempt
 from workers.devices import CudaBeforeFork, check_fork_safe, pin_device_order, threads_per_slot, watching_cuda
 from workers.finalization import finalize
@@ -241,10 +240,9 @@ class Supervisor:
     def _fail_study(self, study_id: str, reason: str) -> None:
         """No retry can mend it: end the study failed at once instead of claiming and failing forever."""
         self._log.error("study %s cannot run: %s", study_id, reason)
-        dropped: list[str] = []
-        optuna_sync.tell(optuna_storage(self.db.url), closing.fail_study(self.db, study_id, reason, dropped))
+        optuna_sync.tell(optuna_storage(self.db.url), closing.fail_study(self.db, study_id, reason))
         assert self.settings.artifact_dir is not None
-        remove_checkpoints(self.settings.artifact_dir, dropped)
+        checkpoint_sweep.sweep(self.db, self.settings.artifact_dir, study_id)  # its paused trials' too
         settle_optuna_trials(self.db, study_id)  # and any an ask in flight or a crash left running there
         self.slot.studies.forget(study_id)
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     trial_deadline_s: float = Field(3600.0, gt=0, description="Wall-clock limit of one trial attempt.")
     trial_memory_mb: int = Field(0, ge=0, description="Address space (MiB) a CPU trial process may add to what "
                                  "it inherits from its worker; beyond it the trial fails out_of_memory (0: none).")
+    checkpoint_quota_mb: float = Field(0.0, ge=0, description="Checkpoint bytes (MB, 10^6 bytes) the trial rows "
+                                       "of one owner's studies may hold together; a trial whose next checkpoint "
+                                       "would go beyond it fails (checkpoint_quota) and its files go (0: no limit).")
     log_json: bool | None = Field(None, description="JSON logs; default when stderr is not a terminal.")
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Model and dataset plugins (entry points hpsearch.models, "
@@ -52,6 +55,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def checkpoint_quota_bytes(self) -> int:
+        """`checkpoint_quota_mb` in bytes; 0: no limit."""
+        return int(self.checkpoint_quota_mb * 1_000_000)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

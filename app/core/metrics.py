@@ -128,11 +128,11 @@ def _running(session: Session) -> Metric:
 
 def _leases(session: Session) -> list[Metric]:
     """Attempts handed to another worker (every retry raises `attempt`), and trials failed for good because
-    their worker was lost or their deadline passed."""
+    their worker was lost, their deadline passed or a checkpoint would have gone past their owner's quota."""
     requeued = session.scalar(select(func.coalesce(func.sum(Trial.attempt - 1), 0))) or 0
+    kinds = [FailureKind.LOST, FailureKind.DEADLINE, FailureKind.CHECKPOINT_QUOTA]
     by_failure = dict(session.execute(select(Trial.failure, func.count()).where(
-        Trial.state == TrialState.FAIL.value, Trial.failure.in_([FailureKind.LOST, FailureKind.DEADLINE]))
-        .group_by(Trial.failure)).all())
+        Trial.state == TrialState.FAIL.value, Trial.failure.in_(kinds)).group_by(Trial.failure)).all())
     failed, late = by_failure.get(FailureKind.LOST, 0), by_failure.get(FailureKind.DEADLINE, 0)
     reaped = CounterMetricFamily("hpsearch_leases_reaped",
                                  "Leases reaped after their worker stopped beating, by the trial's fate",
@@ -142,7 +142,11 @@ def _leases(session: Session) -> list[Metric]:
     deadline = CounterMetricFamily("hpsearch_trials_deadline_exceeded",
                                    "Trials failed because an attempt ran past its wall-clock deadline")
     deadline.add_metric([], late)
-    return [reaped, deadline]
+    quota = CounterMetricFamily("hpsearch_trials_checkpoint_quota_exceeded",
+                                "Trials failed because a checkpoint would have taken their owner past "
+                                "HPSEARCH_CHECKPOINT_QUOTA_MB")
+    quota.add_metric([], by_failure.get(FailureKind.CHECKPOINT_QUOTA, 0))
+    return [reaped, deadline, quota]
 
 
 def _workers(session: Session) -> list[Metric]:

@@ -53,6 +53,7 @@ class FailureKind(enum.StrEnum):
     ERROR = "error"  # the training code raised
     WORKER_ERROR = "worker_error"  # the supervisor failed around the trial (a fork, the data)
     CANCELLED = "cancelled"  # the study was cancelled or a stop criterion ended it
+    CHECKPOINT_QUOTA = "checkpoint_quota"  # its checkpoint would take its owner past HPSEARCH_CHECKPOINT_QUOTA_MB
 
 
 class ApiKey(Base):
@@ -152,7 +153,8 @@ class Trial(Base):
     failure: Mapped[str | None] = mapped_column(String(16))  # a FailureKind, set with error
     artifact: Mapped[str | None] = mapped_column(String(500))
     # The latest checkpoint on disk (relative to the artifact dir), recorded by its runner while the lease
-    # held: a death resumes from it. Cleared when an attempt starts over.
+    # held: a death resumes from it. Cleared when an attempt starts over and when the trial ends, except for
+    # a completed trial that the study's keep_checkpoints keeps (workers.leasing.finish_trial).
     checkpoint_path: Mapped[str | None] = mapped_column(String(500))
     checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)
     checkpoint_bytes: Mapped[int | None] = mapped_column(BigInteger)

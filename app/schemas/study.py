@@ -376,6 +376,8 @@ class StudyPublic(Public):
     progress: Progress
     best_trial: BestTrial | None
     test_metrics: dict[str, Any] | None
+    checkpoint_bytes: int = Field(0, description="Bytes of the checkpoints the study's trials hold: each running "
+                                  "trial's latest and the completed trials' that keep_checkpoints keeps.")
     spec: dict[str, Any]
 
 

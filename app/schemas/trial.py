@@ -38,7 +38,11 @@ class TrialPublic(Public):
     best_epoch: int | None
     error: str | None
     failure: str | None = Field(None, description="Why the last attempt failed: lost, deadline, non_finite, "
-                                "out_of_memory, process_died, error, worker_error or cancelled")
+                                "out_of_memory, process_died, error, worker_error, cancelled or checkpoint_quota")
+    checkpoint_epoch: int | None = Field(None, description="The epoch of the checkpoint the trial holds: a running "
+                                         "trial's latest, a completed one's when the study's keep_checkpoints "
+                                         "keeps it; null when it holds none")
+    checkpoint_bytes: int | None = Field(None, description="The size of that checkpoint file")
     pause_requested_at: datetime | None = Field(None, description="When a client asked to pause this running "
                                                 "trial; its worker pauses it at the next epoch boundary")
 

@@ -59,6 +59,7 @@ def apply_in_tx(session: Session, trial: Trial, verdict: Verdict, now: datetime)
         return tells
     trial.state = TrialState.FAIL.value
     trial.error, trial.failure = verdict.error, (verdict.failure.value if verdict.failure else None)
+    trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None  # a failed trial keeps none
     trial.finished_at = now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
     return tells

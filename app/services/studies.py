@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -101,26 +102,38 @@ def list_studies(db: Database, *, owner: str, limit: int = 50, cursor: str | Non
             stmt = stmt.where(tuple_(Study.created_at, Study.id) < (created, sid))
         rows = session.scalars(stmt.order_by(Study.created_at.desc(), Study.id.desc()).limit(limit + 1)).all()
         page = rows[:limit]
-        counts = _progress_counts(session, [r.id for r in page])
-        data = [_public(session, r, counts.get(r.id, {})) for r in page]
+        tallies = _tallies(session, [r.id for r in page])
+        data = [_public(session, r, tallies.get(r.id, _Tally())) for r in page]
         next_cursor = encode_cursor([page[-1].created_at.isoformat(), page[-1].id]) if len(rows) > limit else None
         return StudiesPublic(data=data, count=session.scalar(count_stmt) or 0, next_cursor=next_cursor)
 
 
-def _progress_counts(session: Session, study_ids: list[str]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
+@dataclass
+class _Tally:
+    """A study's trials by state, and the checkpoint bytes its trial rows hold."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    checkpoint_bytes: int = 0
+
+
+def _tallies(session: Session, study_ids: list[str]) -> dict[str, _Tally]:
+    """One grouped read for every study of a page: the counts and the checkpoint bytes together."""
+    out: dict[str, _Tally] = {}
     if not study_ids:
         return out
-    rows = session.execute(select(Trial.study_id, Trial.state, func.count()).where(
-        Trial.study_id.in_(study_ids)).group_by(Trial.study_id, Trial.state))
-    for sid, state, n in rows:
-        out.setdefault(sid, {})[state] = n
+    rows = session.execute(select(Trial.study_id, Trial.state, func.count(), func.sum(Trial.checkpoint_bytes))
+                           .where(Trial.study_id.in_(study_ids)).group_by(Trial.study_id, Trial.state))
+    for sid, state, n, size in rows:
+        tally = out.setdefault(sid, _Tally())
+        tally.counts[state] = n
+        tally.checkpoint_bytes += int(size or 0)
     return out
 
 
-def _public(session: Session, study: Study, counts: dict[str, int] | None = None) -> StudyPublic:
-    if counts is None:
-        counts = _progress_counts(session, [study.id]).get(study.id, {})
+def _public(session: Session, study: Study, tally: _Tally | None = None) -> StudyPublic:
+    if tally is None:
+        tally = _tallies(session, [study.id]).get(study.id, _Tally())
+    counts = tally.counts
     finished = sum(counts.get(s.value, 0) for s in TrialState if s.is_finished())
     best = best_trial_in_tx(session, study)
     end = study.finished_at or utcnow()
@@ -133,7 +146,7 @@ def _public(session: Session, study: Study, counts: dict[str, int] | None = None
         progress=Progress(n_trials=study.n_trials, finished=finished, **counts),
         best_trial=BestTrial(number=best.number, value=best.value, values=best.values, params=best.params or {})
         if best is not None and best.number is not None else None,
-        test_metrics=study.test_metrics, spec=study.spec,
+        test_metrics=study.test_metrics, checkpoint_bytes=tally.checkpoint_bytes, spec=study.spec,
     )
 
 

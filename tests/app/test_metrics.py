@@ -12,7 +12,7 @@ from sqlalchemy import event, update
 from app.core import metrics
 from app.core.config import Settings
 from app.core.db import Database
-from app.models import Trial
+from app.models import FailureKind, Trial, TrialState
 from app.models.base import utcnow
 from tests.factories import API, client_for, create_study_via_api, running_supervisor, wait_for_status
 from workers import leasing, retries
@@ -148,6 +148,26 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
     assert scrape.value("hpsearch_trials_deadline_exceeded", "hpsearch_trials_deadline_exceeded_total") == 1
     assert scrape.value("hpsearch_trials_finished", "hpsearch_trials_finished_total", state="fail") == 2
     assert scrape.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 2
+
+
+def test_trials_failed_by_the_checkpoint_quota_are_counted(settings: Settings, db: Database) -> None:
+    """As a supervisor fails a trial whose checkpoint the quota refused (workers.attempt._on_checkpoint)."""
+    client = _fresh_client(settings, db)
+    create_study_via_api(client)
+    family, total = "hpsearch_trials_checkpoint_quota_exceeded", "hpsearch_trials_checkpoint_quota_exceeded_total"
+    assert Scrape(client).value(family, total) == 0
+    claimed = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    assert claimed is not None
+    lease = leasing.bind_trial(db, claimed, number=0, optuna_trial_id=claimed.trial_id, params={})
+    assert lease is not None
+    record = leasing.record_checkpoint(db, lease, path="s/checkpoints/trial-0-1/epoch-000001.safetensors",
+                                       epoch=1, size=2_000_000, quota_bytes=1_000_000)
+    assert record.refused is not None
+    assert leasing.finish_trial(db, lease, state=TrialState.FAIL, error=record.refused,
+                                failure=FailureKind.CHECKPOINT_QUOTA)
+    scrape = Scrape(client)
+    assert scrape.value(family, total) == 1
+    assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="failed") == 0
 
 
 def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: Database) -> None:

@@ -15,8 +15,8 @@ def test_create_then_get_shows_queued_study(settings: Settings, db: Database) ->
     client = client_for(settings, db)
     study = post_study(client, name="first")
     assert study["status"] == "queued"
-    assert study["progress"] == {"n_trials": 3, "waiting": 0, "running": 0, "paused": 0, "complete": 0, "pruned": 0, "fail": 0,
-                                 "finished": 0}
+    assert study["progress"] == {"n_trials": 3, "waiting": 0, "running": 0, "paused": 0, "complete": 0,
+                                 "pruned": 0, "fail": 0, "finished": 0}
     got = client.get(f"{API}/studies/{study['id']}").json()
     assert got["name"] == "first" and got["best_trial"] is None and got["test_metrics"] is None
 

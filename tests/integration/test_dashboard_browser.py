@@ -119,6 +119,7 @@ def test_sign_in_watch_a_study_live_then_read_it_finished(server: tuple[str, Set
         assert browser.js(f"document.querySelector('#{chart}[data-drawn] canvas') !== null"), chart
     assert browser.js("document.getElementById('best-value').dataset.value") == str(best["value"])
     assert browser.js("document.getElementById('study-name').textContent") == "browser-study"
+    assert "checkpoints0 B" in browser.js("document.getElementById('study-info').textContent")  # none kept
     browser.wait_for("document.getElementById('detail').dataset.number === '3'")
     detail = browser.js("document.getElementById('detail-info').textContent")
     assert "pruned" in detail and browser.js("document.querySelector('#detail-chart canvas') !== null")

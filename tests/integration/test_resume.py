@@ -58,11 +58,17 @@ def _kill_after_a_checkpoint(db: Database, settings: Settings, sid: str, procs: 
     return before
 
 
-def _assert_no_checkpoint_left(settings: Settings, ended: Trial) -> None:
-    """An ended trial keeps no checkpoint: not on its row, not on disk (neither attempt's folder)."""
+def _assert_keeps_only_its_newest_checkpoint(settings: Settings, ended: Trial) -> None:
+    """A completed trial (kept by the default keep_checkpoints, best_k) keeps its last checkpoint, that of its
+    last epoch, written by its last attempt: on its row and on disk, and nothing else (no older epoch, not the
+    first attempt's folder)."""
     assert settings.artifact_dir is not None
-    assert (ended.checkpoint_path, ended.checkpoint_epoch, ended.checkpoint_bytes) == (None, None, None)
-    assert not (settings.artifact_dir / ended.study_id / "checkpoints").exists()
+    assert ended.checkpoint_epoch == EPOCHS
+    assert ended.checkpoint_path == f"{ended.study_id}/checkpoints/trial-{ended.number}-{ended.attempt}/" \
+                                    f"epoch-{EPOCHS:06d}.safetensors"
+    files = [p for p in (settings.artifact_dir / ended.study_id / "checkpoints").rglob("*") if p.is_file()]
+    assert files == [settings.artifact_dir / ended.checkpoint_path]
+    assert files[0].stat().st_size == ended.checkpoint_bytes
 
 
 @pytest.mark.parametrize("kill", ["runner", "worker"])
@@ -85,7 +91,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
     assert before.attempt == 1 and resumed.attempt == 2, resumed.error
     assert resumed.number == before.number
     assert_same_trial_as(db, resumed, only_trial(db, reference_id), before.optuna_trial_id, EPOCHS)
-    _assert_no_checkpoint_left(settings, resumed)
+    _assert_keeps_only_its_newest_checkpoint(settings, resumed)
 
 
 def test_a_truncated_checkpoint_is_passed_over_with_the_reason_recorded(db_url: str, tmp_path: Path) -> None:
@@ -109,4 +115,4 @@ def test_a_truncated_checkpoint_is_passed_over_with_the_reason_recorded(db_url: 
         f"checkpoint of epoch {recorded.checkpoint_epoch} unusable (corrupt" in resumed.error, resumed.error
     # An older checkpoint or none (from scratch): the same trial either way, each epoch recorded once.
     assert_same_trial_as(db, resumed, only_trial(db, reference_id), before.optuna_trial_id, EPOCHS)
-    _assert_no_checkpoint_left(settings, resumed)
+    _assert_keeps_only_its_newest_checkpoint(settings, resumed)

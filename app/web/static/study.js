@@ -2,8 +2,8 @@
 // incremental polling when streaming is not possible). With 10,000 trials the page loads the compact
 // history once, curves only for a few trials, and the table one server-side page at a time.
 /* global echarts */
-import { ApiError, EventStream, apiKey, download, el, formatDuration, formatValue, fragment, getJSON, mountSignIn,
-         postJSON, takeKeyFromFragment, throttle } from "./api.js";
+import { ApiError, EventStream, apiKey, download, el, formatBytes, formatDuration, formatValue, fragment, getJSON,
+         mountSignIn, postJSON, takeKeyFromFragment, throttle } from "./api.js";
 import { bestComplete, chooseAxes, chooseColumns, curvesOption, historyData, historyOption, importanceOption, parallelOption,
          trialOption, varyingParams } from "./charts.js";
 
@@ -117,8 +117,8 @@ function renderSummary(study) {
       ["objective", objectives.map((o) => `${o.direction} ${o.metric}`).join(", ")],
       ["dataset", `${study.dataset} (${spec.task})`], ["model", study.model],
       ["sampler", spec.sampler ? spec.sampler.name : "—"], ["pruner", spec.pruner ? spec.pruner.name : "—"],
-      ["epochs", String(state.epochs)], ["created", new Date(study.created_at).toLocaleString()],
-      ["id", study.id],
+      ["epochs", String(state.epochs)], ["checkpoints", formatBytes(study.checkpoint_bytes)],
+      ["created", new Date(study.created_at).toLocaleString()], ["id", study.id],
     ]);
   }
   if (study.error) notice(`Study failed: ${study.error}`, true);
