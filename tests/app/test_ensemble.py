@@ -263,6 +263,7 @@ def test_a_completed_study_has_an_ensemble_scored_once_on_test(settings: Setting
 
 def test_pruned_and_half_written_trials_keep_no_artifacts(sqlite_url: str, tmp_path: Path) -> None:
     from tests.conftest import make_settings
+    from workers.publishing import checkpoint_folders
 
     settings = make_settings(sqlite_url, tmp_path / "home")
     db = Database(sqlite_url)
@@ -282,8 +283,10 @@ def test_pruned_and_half_written_trials_keep_no_artifacts(sqlite_url: str, tmp_p
         trials = client.get(f"{API}/studies/{sid}/trials").json()["data"]
         complete = {t["number"] for t in trials if t["state"] == "complete"}
         assert study["progress"]["pruned"] >= 1 and complete
-        kept = {p.name for p in folder.iterdir()}
+        kept = {p.name for p in folder.iterdir() if p.is_file()}
         assert kept == {f"trial-{n}.{ext}" for n in complete for ext in ("safetensors", "json")}
+        # Checkpoints too: only completed trials keep theirs (keep_checkpoints: best_k).
+        assert set(checkpoint_folders(settings.artifact_dir, sid)) <= complete
         pruned = next(t["number"] for t in trials if t["state"] == "pruned")
         assert client.get(f"{API}/studies/{sid}/trials/{pruned}/model").status_code == 404
     finally:

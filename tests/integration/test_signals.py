@@ -1,4 +1,4 @@
-"""Real signals to real worker processes: a frozen worker's late result is refused, SIGTERM drains."""
+"""Real signals to real worker processes: a frozen worker's late result is refused, SIGTERM hands trials back at a checkpoint."""
 
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def test_sigterm_hands_running_trials_back_without_counting_an_attempt(db_url: s
     db.dispose()
 
 
-def test_sigterm_lets_running_trials_finish_within_the_grace(sqlite_url: str, tmp_path: Path) -> None:
+def test_sigterm_hands_every_running_trial_back_at_its_next_checkpoint_within_the_grace(
+        sqlite_url: str, tmp_path: Path) -> None:
     settings = make_settings(sqlite_url, tmp_path / "home")
     db = Database(sqlite_url)
     client = client_for(settings, db)
@@ -136,9 +137,11 @@ def test_sigterm_lets_running_trials_finish_within_the_grace(sqlite_url: str, tm
         assert worker.wait(30) == 0
     rows = trials_of(db, sid)
     assert sorted(r.id for r in rows) == sorted(r.id for r in running)  # no claim after SIGTERM
-    assert [r.state for r in rows] == [TrialState.COMPLETE.value] * 2
-    assert [r.attempt for r in rows] == [1, 1]
-    assert {t.number: t.state.name for t in optuna_trials(db, sid)} == {r.number: "COMPLETE" for r in rows}
-    assert study_status(db, sid) == "running"  # four trials left for the next worker
+    # Neither trial ran to its end nor starts over: each waits at a checkpoint of its last recorded epoch,
+    # with no attempt spent, and its Optuna trial still runs for the worker that resumes it.
+    assert [(r.state, r.attempt, r.worker_id) for r in rows] == [(TrialState.WAITING.value, 1, None)] * 2
+    assert all(r.checkpoint_epoch is not None and 2 <= r.checkpoint_epoch < 15 for r in rows)
+    assert {t.number: t.state.name for t in optuna_trials(db, sid)} == {r.number: "RUNNING" for r in rows}
+    assert study_status(db, sid) == "running"
     db.dispose()
 
