@@ -1,9 +1,9 @@
 """hpsearch: a hyperparameter search service for PyTorch.
 
 `hpsearch serve` runs the service on this machine: the API, the dashboard and trial workers, on SQLite by
-default. `upload`, `submit`, `follow`, `status`, `trials`, `pause`, `resume`, `cancel`, `delete`, `workers` and
-`export` talk to a running service over its REST API (HPSEARCH_API_URL, HPSEARCH_API_KEY); a study is named
-by its id or any unique prefix of it. `worker`, `db` and `keys` are for whoever runs the service.
+default. `upload`, `submit`, `follow`, `status`, `trials`, `pause`, `resume`, `extend`, `cancel`, `delete`,
+`workers` and `export` talk to a running service over its REST API (HPSEARCH_API_URL, HPSEARCH_API_KEY); a
+study is named by its id or any unique prefix of it. `worker`, `db` and `keys` are for whoever runs the service.
 """
 
 from __future__ import annotations
@@ -392,6 +392,13 @@ def cmd_resume(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_extend(args: argparse.Namespace, client: Client) -> int:
+    trial = client.trials.extend(args.id, args.trial, args.epochs)
+    print(f"trial {trial.number} continues from epoch {trial.checkpoint_epoch} to {trial.epochs_target} "
+          f"(`hpsearch follow {args.id}` watches it)")
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace, client: Client) -> int:
     study_id = client.full_id(args.id)
     client.studies.delete(study_id)
@@ -472,6 +479,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -619,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("pause", "resume"):
             p.add_argument("trial", nargs="?", type=_non_negative, default=None,
                            help=f"a trial's number: {name} that trial only")
+    p = _client_command(sub, "extend", "train a complete trial more epochs, on from its checkpoint", cmd_extend)
+    p.add_argument("id", help=_ID_HELP)
+    p.add_argument("trial", type=_non_negative, help="the trial's number")
+    p.add_argument("--epochs", type=_positive, required=True, help="how many more epochs")
     _client_command(sub, "workers", "live workers and your trials on them", cmd_workers)
     p = _client_command(sub, "export", "write a study's best model and its ensemble into a folder", cmd_export)
     p.add_argument("id", help=_ID_HELP)

@@ -353,6 +353,12 @@ class Trials(_Part):
         """Put a paused trial back in line, to continue from its checkpoint (Conflict when it is not paused)."""
         return TrialDetail.model_validate(self._c.json("POST", self._study(study_id, f"/trials/{number}/resume")))
 
+    def extend(self, study_id: str, number: int, epochs: int) -> TrialDetail:
+        """Train a complete trial `epochs` more, on from its checkpoint (Conflict when it is not complete or
+        keeps no checkpoint); a completed study runs again and is evaluated on test once more afterwards."""
+        return TrialDetail.model_validate(self._c.json("POST", self._study(study_id, f"/trials/{number}/extend"),
+                                                       json={"epochs": epochs}))
+
     def enqueue(self, study_id: str, params: Mapping[str, Any], *, allow_duplicate: bool = False
                 ) -> EnqueuedPublic:
         """Queue a configuration ahead of the sampled ones (validated against the study's space)."""

@@ -5,7 +5,9 @@ SQL modules store what these functions decide (workers.leasing, workers.retries,
 app.services.studies, through app.services.fates); no database and no Optuna here, so
 tests/app/test_lifecycle.py checks every rule with plain values.
 Status: queued -> running -> (paused <-> running) -> completed | cancelled | failed.
-A trial: waiting -> running -> (paused -> waiting -> running) -> complete | pruned | fail.
+A trial: waiting -> running -> (paused -> waiting -> running) -> complete | pruned | fail; a complete one a
+client extends: complete -> waiting -> running -> complete (an extension that does not complete leaves the
+trial complete as it was).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Counts:
     running: int
     finished: int
     paused: int = 0  # hold their place in n_trials, not in max_parallel
+    extensions: int = 0  # completed trials waiting to be extended (not in `waiting`, nor in `finished`)
 
 
 @dataclass(frozen=True)
@@ -122,18 +125,24 @@ def budget_spent(budget: Budget, counts: Counts, now: datetime) -> str | None:
 class NextTrial(enum.Enum):
     """Which trial a claim leases."""
 
+    EXTENSION = "extension"  # a completed trial a client extended: whatever the budget, first
     WAITING = "waiting"  # a waiting one, in line first
     NEW_SLOT = "new_slot"  # a new slot, its configuration asked of the sampler once leased
 
 
 def next_trial(budget: Budget, counts: Counts, now: datetime) -> NextTrial | None:
     """What a claim may lease now: never more than max_parallel running, never more than n_trials
-    running + finished + waiting + paused, nothing once the budget is spent."""
-    if counts.running >= budget.max_parallel or budget_spent(budget, counts, now):
+    running + finished + waiting + paused + extensions, nothing once the budget is spent but the extensions
+    a client asked for (the budget bounds the search, not the training of what it found)."""
+    if counts.running >= budget.max_parallel:
+        return None
+    if counts.extensions:
+        return NextTrial.EXTENSION
+    if budget_spent(budget, counts, now):
         return None
     if counts.waiting:
         return NextTrial.WAITING
-    if counts.running + counts.finished + counts.waiting + counts.paused >= budget.n_trials:
+    if counts.running + counts.finished + counts.waiting + counts.paused + counts.extensions >= budget.n_trials:
         return None
     return NextTrial.NEW_SLOT
 
@@ -301,6 +310,20 @@ class TrialControl(enum.Enum):
     UNPARK = "unpark"  # a paused trial goes back in line, to continue from its checkpoint
     WITHDRAW = "withdraw"  # a pause requested but not carried out yet is called off
     NOTHING = "nothing"  # already as asked
+
+
+def extension_target(state: TrialState, *, checkpoint_epoch: int | None, epochs: int,
+                     study: StudyStatus) -> int:
+    """The epoch a client's extension of a trial by `epochs` trains it to: on from its checkpoint, which only a
+    complete trial whose study keeps it has. BadTransition (saying why) otherwise."""
+    if study in (StudyStatus.CANCELLED, StudyStatus.FAILED):
+        raise BadTransition(f"cannot extend a trial of a {study} study")
+    if state is not TrialState.COMPLETE:
+        raise BadTransition(f"cannot extend a {state} trial: only a complete trial continues")
+    if checkpoint_epoch is None:
+        raise BadTransition("cannot extend it: the trial keeps no checkpoint (the study's keep_checkpoints "
+                            "let it go, or it ran without one)")
+    return checkpoint_epoch + epochs
 
 
 def after_trial_action(state: TrialState, action: TrialAction, *, pause_requested: bool,

@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState as OptunaState
 
 from app.ml.space import sample_params, sampled_distributions
@@ -129,6 +129,20 @@ def retry_trial(study: optuna.Study, failed_trial_id: int) -> int:
                                          distributions=old.distributions, user_attrs=old.user_attrs,
                                          system_attrs=attrs)
     return storage.create_new_trial(storage.get_study_id_from_name(study.study_name), template_trial=template)
+
+
+def extended_trial(storage: BaseStorage, study_name: str, extended_trial_id: int, values: list[float],
+                   curve: dict[int, float], epochs: int) -> int:
+    """A COMPLETE Optuna trial for a completed trial a client extended: the old one's parameters and
+    attributes, the extended run's values and whole curve, and `extends_trial` (the old one's number) with
+    `epochs`. A finished Optuna trial takes no new value, so the extended result is a trial of its own; the old
+    one stays as the sampler saw it."""
+    old = storage.get_trial(extended_trial_id)
+    template = optuna.trial.create_trial(
+        state=OptunaState.COMPLETE, params=old.params, distributions=old.distributions, values=values,
+        intermediate_values=curve, user_attrs={**old.user_attrs, "extends_trial": old.number, "epochs": epochs},
+        system_attrs=old.system_attrs)
+    return storage.create_new_trial(storage.get_study_id_from_name(study_name), template_trial=template)
 
 
 def tell(study: optuna.Study, trial_id: int, state: OptunaState, values: list[float] | None) -> None:

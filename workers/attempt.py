@@ -104,7 +104,7 @@ def retry_smaller(slot: Slot, p: PreparedStudy, m: Member, device: str) -> None:
     lease under its next attempt number; out of memory again, or with no batch to halve, it fails for good."""
     params = dict(m.lease.params or {})
     batch = _batch_size(p, params)
-    if batch is None or batch <= 1:
+    if batch is None or batch <= 1 or m.lease.extends:  # an extension continues its checkpoint's batch or none
         record(slot, _out_of_memory(OUT_OF_MEMORY), m.lease, p, m.tlog)
         return
     half = batch // 2
@@ -198,6 +198,7 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
     """What the runner of bound `leases` trains: one trial alone, or several fused."""
     spec, splits = p.spec, p.splits
     assert slot.settings.artifact_dir is not None
+    epochs, patience = spec.budget.epochs, spec.budget.patience
     trials = [RunnerTrial(trial=lease.trial_id, spec=p.model_spec(lease.params or {}),
                           seed=spec.seed + (lease.number or 0),
                           artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)))
@@ -209,8 +210,10 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
             assert lease.checkpoint is not None
             t.resume_from = str(slot.settings.artifact_dir / lease.checkpoint)
             t.resume_epoch = lease.checkpoint_epoch or 0
+        if lease.epochs_target is not None:  # an extension trains on to its target, however the best moves
+            epochs, patience = lease.epochs_target, None
     return RunnerJob(trials=trials, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,
-                     y_val=splits.y_val, epochs=spec.budget.epochs, patience=spec.budget.patience,
+                     y_val=splits.y_val, epochs=epochs, patience=patience,
                      objective=spec.primary.metric, direction=str(spec.primary.direction), device=device,
                      threads=slot.cpu_threads if device == "cpu" else 1,
                      precision=resolve_precision(spec.precision, spec.task, device),
@@ -223,7 +226,7 @@ class Member:
     """A trial its runner holds, as the supervisor follows it (a solo runner holds one, a fused one several)."""
 
     lease: leasing.Lease
-    trial: optuna.Trial
+    trial: optuna.Trial | None  # None for an extension: its Optuna trial is over, the pruner not asked
     deadline: float
     tlog: Any = None
     board: TrialBoard | None = None
@@ -250,7 +253,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
     for lease in leases:
         assert lease.number is not None and lease.params is not None
         # optuna.Trial reads the storage: open it before spawning, through the same reconnecting retries.
-        trial = retry_on_disconnect(pruning.trial, p.optuna_study, lease.optuna_trial_id)
+        trial = None if lease.extends else retry_on_disconnect(pruning.trial, p.optuna_study, lease.optuna_trial_id)
         members[lease.trial_id] = Member(lease, trial, time.monotonic() + timeout, note=note)
     job = runner_job(slot, leases, p, device)
     for t in job.trials:
@@ -444,9 +447,10 @@ def settle(slot: Slot, m: Member, stored: retries.Reaped | None, reason: str) ->
     optuna_sync.tell(optuna_storage(slot.db.url), stored.tells)  # a retry runs as a fresh Optuna trial
 
 
-def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: optuna.Trial,
+def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: optuna.Trial | None,
               p: PreparedStudy) -> Ending | None:
-    """Record one epoch; None to go on, else why this attempt stops here."""
+    """Record one epoch; None to go on, else why this attempt stops here. Without `trial` (an extension)
+    Optuna hears nothing until the end."""
     metric = report["metrics"].get(p.spec.primary.metric)
     status = leasing.record_epoch(slot.db, lease, epoch=report["epoch"], train_loss=report["train_loss"],
                                   val_loss=report["val_loss"], val_metric=metric,
@@ -455,7 +459,7 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: o
         return Ending(Outcome.LOST)
     stop = status is leasing.EpochStatus.STOP
     pause = Ending(Outcome.PAUSED) if status is leasing.EpochStatus.PAUSE else None
-    if p.spec.is_multi_objective or metric is None:
+    if p.spec.is_multi_objective or metric is None or trial is None:
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE) if stop else pause
     try:  # an epoch the service recorded reaches Optuna too, also the last one before a cancel
         retry_on_disconnect(trial.report, float(metric), step=report["epoch"])
@@ -512,6 +516,14 @@ def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, t
         tlog.warning("lease lost (reaped or study deleted); late result refused")
         return
     assert lease.optuna_trial_id is not None
+    if lease.extends:
+        if state is TrialState.COMPLETE:
+            assert values is not None
+            optuna_sync.record_extension(slot.db, lease, values)
+            tlog.info("trial extension complete: %s after %s epochs", values[0], ending.result["epochs_run"])
+        else:  # the trial stays complete as it was (finish_trial), its Optuna trial too
+            tlog.warning("trial extension ended without completing: %s", ending.reason or state.value)
+        return
     optuna_sync.tell(optuna_storage(slot.db.url), [OptunaTell(lease.optuna_trial_id, state, values)], p.optuna_study)
     tlog.log(logging.WARNING if state is TrialState.FAIL else logging.INFO, "trial %s%s", state.value,
              f": {values[0] if values else ending.reason}" if values or ending.reason else "")

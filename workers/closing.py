@@ -56,7 +56,7 @@ def claim_finalization(db: Database, *, worker_id: str,
                 continue
             counts = counts_in_tx(session, study.id)
             reason = lifecycle.budget_spent(budget_of(study), counts, now)
-            if reason is None or counts.running:
+            if reason is None or counts.running or counts.extensions:  # an extension finishes first
                 continue
             study.finalize_worker = worker_id
             study.finalize_until = now + timedelta(seconds=FINALIZE_LEASE_S)
@@ -76,11 +76,15 @@ def release_finalization(db: Database, job: FinalizeJob, *, worker_id: str) -> N
 def complete_study(db: Database, job: FinalizeJob, *, worker_id: str, test_metrics: dict[str, Any] | None,
                    error: str | None = None, ensemble: dict[str, Any] | None = None) -> list[OptunaTell]:
     """Mark the study completed (or failed with error); returns what Optuna must be told. The checkpoints of
-    trials still paused, which end pruned, go at the sweep after it (workers.checkpoint_sweep)."""
+    trials still paused, which end pruned, go at the sweep after it (workers.checkpoint_sweep). A trial
+    extended since the evaluation began leaves the study running: it is evaluated again after the extension."""
     now = utcnow()
     with db.session() as session:
         study = session.get(Study, job.study_id, with_for_update=True)
         if study is None or study.finalize_worker != worker_id or study.status != StudyStatus.RUNNING.value:
+            return []
+        if counts_in_tx(session, study.id).extensions:  # extended meanwhile: evaluated again once it is done
+            study.finalize_worker = study.finalize_until = None
             return []
         end = lifecycle.after_closing(error)
         tells = end_waiting_in_tx(session, study.id, end, now)

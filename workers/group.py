@@ -31,7 +31,8 @@ def plan_claim(slot: Slot, first: leasing.Lease, device: str, fuse: int | str,
     one lease runs solo (`attempt.run_attempt`), a longer one as a fused group (`run_group`).
 
     A retried attempt runs solo, beside the others: if its last runner was a group that crashed, no member can
-    crash the others twice. A lease lost before it got its trial is left out (its Optuna trial is failed by `bind`).
+    crash the others twice. So does a resumed or extended one: it continues from its checkpoint, which fused
+    members do not keep. A lease lost before it got its trial is left out (its Optuna trial is failed by `bind`).
     """
     p = slot.studies.get(first.study_id)
     lead = _bound(slot, first, p)
@@ -44,8 +45,8 @@ def plan_claim(slot: Slot, first: leasing.Lease, device: str, fuse: int | str,
     leases = [lead]
     if k > 1:
         leases += [b for lease in claim_more(k - 1) if (b := _bound(slot, lease, p)) is not None]
-    runs: list[list[leasing.Lease]] = [[lease] for lease in leases if lease.attempt > 1]
-    fresh = [lease for lease in leases if lease.attempt == 1]
+    runs: list[list[leasing.Lease]] = [[lease] for lease in leases if lease.attempt > 1 or lease.resumes]
+    fresh = [lease for lease in leases if lease.attempt == 1 and not lease.resumes]
     specs = [p.model_spec(lease.params or {}) for lease in fresh]
     runs += [[fresh[i] for i in g] for g in plan_groups(specs, max_members=max(1, k), max_waste=max_waste(device))]
     return runs

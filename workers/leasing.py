@@ -18,6 +18,7 @@ the commit (`workers.checkpoint_sweep`).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from collections.abc import Callable, Collection
@@ -36,7 +37,7 @@ from app.models import FailureKind, Study, StudyStatus, Trial, TrialEpoch, Trial
 from app.models.base import utcnow
 from app.models.tables import FINISHED_TRIAL_STATES
 from app.schemas.study import StudySpec
-from app.services.fates import apply_in_tx, facts_of, has_ended
+from app.services.fates import apply_in_tx, end_extension_in_tx, facts_of, has_ended
 
 FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
 CANDIDATES = 200  # studies a claim looks at, oldest first, among those that can take what it claims
@@ -54,22 +55,32 @@ class Lease:
     source: str
     checkpoint: str | None = None  # to resume from: the recorded checkpoint, relative to the artifact dir
     checkpoint_epoch: int | None = None
+    epochs_target: int | None = None  # an extension's: the epoch a completed trial continues to
 
     @property
     def resumes(self) -> bool:
         """Whether this attempt continues its trial from a checkpoint, on the trial's Optuna trial."""
         return self.checkpoint is not None and self.optuna_trial_id is not None
 
+    @property
+    def extends(self) -> bool:
+        """Whether this attempt extends a completed trial: its Optuna trial is over and is not reported to."""
+        return self.epochs_target is not None
+
 
 # ---- the study's side, read under its lock ------------------------------------------------------------------
 
 
 def counts_in_tx(session: Session, study_id: str) -> lifecycle.Counts:
+    extension = Trial.epochs_target.is_not(None)
     by_state = dict(session.execute(select(Trial.state, func.count()).where(Trial.study_id == study_id)
                                     .group_by(Trial.state)).all())
+    extensions = session.scalar(select(func.count()).where(
+        Trial.study_id == study_id, Trial.state == TrialState.WAITING.value, extension)) or 0
     finished = sum(by_state.get(s.value, 0) for s in TrialState if s.is_finished())
-    return lifecycle.Counts(by_state.get(TrialState.WAITING.value, 0), by_state.get(TrialState.RUNNING.value, 0),
-                            finished, by_state.get(TrialState.PAUSED.value, 0))
+    return lifecycle.Counts(by_state.get(TrialState.WAITING.value, 0) - extensions,
+                            by_state.get(TrialState.RUNNING.value, 0), finished,
+                            by_state.get(TrialState.PAUSED.value, 0), extensions)
 
 
 def budget_of(study: Study) -> lifecycle.Budget:
@@ -104,6 +115,13 @@ def finished_trials() -> Any:
         Trial.study_id == Study.id, Trial.state.in_(FINISHED_TRIAL_STATES)).scalar_subquery()
 
 
+def waiting_extensions() -> Any:
+    """A correlated count of the candidate study's completed trials waiting to be extended."""
+    return select(func.count()).select_from(Trial).where(
+        Trial.study_id == Study.id, Trial.state == TrialState.WAITING.value,
+        Trial.epochs_target.is_not(None)).scalar_subquery()
+
+
 # ---- claims --------------------------------------------------------------------------------------------------
 
 
@@ -111,11 +129,10 @@ def _candidate_study_ids(session: Session, statuses: tuple[str, ...], now: datet
     """Studies that can start a trial now, oldest first: full ones are filtered out in SQL, so a page of
     busy old studies never hides a newer one with room (the lock and app.lifecycle.next_trial decide)."""
     running, waiting = trials_in(TrialState.RUNNING), trials_in(TrialState.WAITING)
+    within_budget = Study.stop_requested_at.is_(None) & (Study.deadline_at.is_(None) | (Study.deadline_at > now)) \
+        & (finished_trials() < Study.n_trials) & ((waiting > 0) | (trials_in() < Study.n_trials))
     return list(session.scalars(select(Study.id).where(
-        Study.status.in_(statuses), Study.stop_requested_at.is_(None),
-        Study.deadline_at.is_(None) | (Study.deadline_at > now),
-        running < Study.max_parallel, finished_trials() < Study.n_trials,
-        (waiting > 0) | (trials_in() < Study.n_trials))
+        Study.status.in_(statuses), running < Study.max_parallel, within_budget | (waiting_extensions() > 0))
         .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
 
 
@@ -167,10 +184,11 @@ def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: st
     which = lifecycle.next_trial(budget_of(study), counts_in_tx(session, study.id), now)
     if which is None:
         return None
-    if which is lifecycle.NextTrial.WAITING:
-        trial = session.scalars(select(Trial).where(Trial.study_id == study.id,
-                                                    Trial.state == TrialState.WAITING.value)
-                                .order_by(Trial.id).limit(1)).one()
+    if which is not lifecycle.NextTrial.NEW_SLOT:
+        extension = Trial.epochs_target.is_not(None)
+        trial = session.scalars(select(Trial).where(
+            Trial.study_id == study.id, Trial.state == TrialState.WAITING.value,
+            extension if which is lifecycle.NextTrial.EXTENSION else ~extension).order_by(Trial.id).limit(1)).one()
     else:
         trial = Trial(study_id=study.id, state=TrialState.RUNNING.value, attempt=1)
         session.add(trial)
@@ -187,7 +205,7 @@ def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: st
         study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
     session.flush()
     return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id, trial.params,
-                 trial.source, trial.checkpoint_path, trial.checkpoint_epoch)
+                 trial.source, trial.checkpoint_path, trial.checkpoint_epoch, trial.epochs_target)
 
 
 # ---- a held lease --------------------------------------------------------------------------------------------
@@ -227,8 +245,7 @@ def bind_trial(db: Database, lease: Lease, *, number: int, optuna_trial_id: int,
         if trial is None:
             return None
         trial.number, trial.optuna_trial_id, trial.params = number, optuna_trial_id, params
-    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, number, optuna_trial_id, params,
-                 lease.source, lease.checkpoint, lease.checkpoint_epoch)
+    return dataclasses.replace(lease, number=number, optuna_trial_id=optuna_trial_id, params=params)
 
 
 @retrying
@@ -240,8 +257,7 @@ def rebind_trial(db: Database, lease: Lease, *, optuna_trial_id: int) -> Lease |
         if trial is None:
             return None
         trial.optuna_trial_id = optuna_trial_id
-    return Lease(lease.trial_id, lease.study_id, lease.worker_id, lease.attempt, lease.number, optuna_trial_id,
-                 lease.params, lease.source, lease.checkpoint, lease.checkpoint_epoch)
+    return dataclasses.replace(lease, optuna_trial_id=optuna_trial_id)
 
 
 @retrying
@@ -416,9 +432,13 @@ def finish_trial(db: Database, lease: Lease, *, state: TrialState, value: float 
         if trial is None:
             # A retry after a commit whose reply was lost finds its own outcome already there.
             return Finished(None) if _finished_by_in_tx(session, lease, state, error) else None
+        if trial.epochs_target is not None and state is not TrialState.COMPLETE:
+            end_extension_in_tx(session, trial, error or state.value, now)
+            return Finished(None)
         if while_held is not None:
             while_held()
         trial.state = state.value
+        trial.epochs_target = None
         trial.value, trial.values, trial.metrics = value, values, metrics
         trial.error = error if error is not None else trial.error  # a note of this attempt stays
         trial.failure = failure.value if failure is not None else None
@@ -481,6 +501,14 @@ def _apply_stop_criteria_in_tx(session: Session, study: Study, now: datetime) ->
     if reason is not None:
         study.stop_requested_at, study.stop_reason = now, reason
     return reason
+
+
+@retrying
+def link_optuna_trial(db: Database, trial_id: int, *, optuna_trial_id: int) -> None:
+    """Point a completed trial's row at the Optuna trial that records its extended result."""
+    with db.session() as session:
+        session.execute(update(Trial).where(Trial.id == trial_id, Trial.state == TrialState.COMPLETE.value)
+                        .values(optuna_trial_id=optuna_trial_id))
 
 
 @retrying

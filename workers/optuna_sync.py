@@ -18,7 +18,7 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell
 from app.models import TrialState
-from workers import asking, study_reads
+from workers import asking, leasing, study_reads
 
 log = logging.getLogger("hpsearch.worker")
 
@@ -45,6 +45,21 @@ def tell(storage: BaseStorage, tells: Iterable[OptunaTell], study: optuna.Study 
             pass
         except Exception:  # noqa: BLE001 - our row is the record; Optuna's copy is repaired before finalization
             log.exception("could not tell Optuna about trial id %s", t.trial_id)
+
+
+def record_extension(db: Database, lease: leasing.Lease, values: list[float]) -> None:
+    """A completed trial's extension has just completed (our row is recorded): its result becomes an Optuna
+    trial of its own (`asking.extended_trial`), and our row points at it. Logged, not raised, as `tell`."""
+    assert lease.optuna_trial_id is not None and lease.epochs_target is not None
+    try:
+        storage = optuna_storage(db.url)
+        _, optuna_name = study_reads.study_config(db, lease.study_id)
+        curve = study_reads.curve_values(db, lease.trial_id)
+        new_id = retry_on_disconnect(asking.extended_trial, storage, optuna_name, lease.optuna_trial_id, values,
+                                     curve, max(curve, default=lease.epochs_target))
+        leasing.link_optuna_trial(db, lease.trial_id, optuna_trial_id=new_id)
+    except Exception:  # noqa: BLE001 - our row is the record
+        log.exception("could not record the extension of trial %s in Optuna", lease.number)
 
 
 def repair(db: Database, study_id: str, study: optuna.Study) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from app.core.db import Database, retrying
-from app.models import Study, StudyStatus, Trial, TrialState
+from app.models import Study, StudyStatus, Trial, TrialEpoch, TrialState
 from app.schemas.study import StudySpec
 
 
@@ -43,3 +43,13 @@ def still_running(db: Database, study_ids: list[str]) -> set[str]:
     with db.read_session() as session:
         return set(session.scalars(select(Study.id).where(Study.id.in_(study_ids), Study.status.in_(
             (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value)))))
+
+
+@retrying
+def curve_values(db: Database, trial_id: int) -> dict[int, float]:
+    """The trial's objective by epoch, as recorded (a trial that continued from a checkpoint has one curve)."""
+    with db.read_session() as session:
+        rows = session.execute(select(TrialEpoch.epoch, TrialEpoch.val_metric).where(
+            TrialEpoch.trial_id == trial_id, TrialEpoch.val_metric.is_not(None))
+            .order_by(TrialEpoch.attempt, TrialEpoch.epoch)).all()
+    return {epoch: value for epoch, value in rows}

@@ -160,6 +160,9 @@ class Trial(Base):
     checkpoint_bytes: Mapped[int | None] = mapped_column(BigInteger)
     # A client asked to pause the running trial: its worker checkpoints it at the next epoch boundary.
     pause_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A client extended the completed trial: it continues from its checkpoint up to this epoch, its complete
+    # result standing until the extension completes (or ends otherwise and leaves it as it was).
+    epochs_target: Mapped[int | None] = mapped_column(Integer)
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

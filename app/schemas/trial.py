@@ -45,6 +45,9 @@ class TrialPublic(Public):
     checkpoint_bytes: int | None = Field(None, description="The size of that checkpoint file")
     pause_requested_at: datetime | None = Field(None, description="When a client asked to pause this running "
                                                 "trial; its worker pauses it at the next epoch boundary")
+    epochs_target: int | None = Field(None, description="While a client's extension of this completed trial "
+                                      "waits or runs: the epoch it continues to; its complete result stands "
+                                      "until the extension completes")
 
 
 class TrialDetail(TrialPublic):
@@ -55,6 +58,10 @@ class TrialsPublic(Public):
     data: list[TrialPublic]
     count: int
     next_cursor: str | None
+
+
+class TrialExtend(Strict):
+    epochs: int = Field(ge=1, le=10_000, description="More epochs to train, on from the trial's checkpoint")
 
 
 class TrialEnqueue(Strict):

@@ -36,6 +36,9 @@ def apply_in_tx(session: Session, trial: Trial, verdict: Verdict, now: datetime)
     # A pause a client asked for is carried out wherever the trial stops: it waits paused, not in line.
     paused = verdict.fate is Fate.PAUSE or trial.pause_requested_at is not None
     trial.pause_requested_at = None
+    if trial.epochs_target is not None and verdict.fate not in (Fate.RESUME, Fate.HAND_BACK, Fate.PAUSE):
+        end_extension_in_tx(session, trial, verdict.error or "ended", now)
+        return []
     if verdict.fate is Fate.PRUNE:
         return _prune_paused(session, trial, verdict, now)
     tells = [] if continues else lifecycle.fail_all([trial.optuna_trial_id])
@@ -85,6 +88,21 @@ def _prune_paused(session: Session, trial: Trial, verdict: Verdict, now: datetim
     return [OptunaTell(trial.optuna_trial_id, TrialState.PRUNED, values)]
 
 
+def end_extension_in_tx(session: Session, trial: Trial, reason: str, now: datetime) -> None:
+    """An extension that did not complete (it failed, or its study ended first) leaves the trial complete as
+    it was: its result, weights and Optuna trial were never replaced; the epochs the extension recorded go,
+    and so does a checkpoint newer than the result (the next extension starts from the result again)."""
+    trial.state = TrialState.COMPLETE.value
+    trial.epochs_target = None
+    trial.worker_id = trial.device = trial.heartbeat_at = trial.deadline_at = None
+    trial.error = f"extension ended without completing: {reason}"[:2000]
+    trial.finished_at = trial.finished_at or now
+    session.execute(delete(TrialEpoch).where(TrialEpoch.trial_id == trial.id,
+                                             TrialEpoch.epoch > (trial.epochs_run or 0)))
+    if trial.checkpoint_epoch is not None and trial.checkpoint_epoch > (trial.epochs_run or 0):
+        trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None
+
+
 def _keep_curve_to_checkpoint(session: Session, trial: Trial, attempt: int) -> None:
     """A trial that continues from its checkpoint keeps one curve: attempt `attempt`'s epochs up to the
     checkpoint move to the trial's current attempt; those after it go, the resumed run records them again."""
@@ -111,9 +129,10 @@ def end_waiting_in_tx(session: Session, study_id: str, end: StudyStatus, now: da
     for trial in session.scalars(select(Trial).where(
             Trial.study_id == study_id, Trial.state.in_([TrialState.WAITING.value, TrialState.PAUSED.value]))).all():
         verdict = lifecycle.waiting_at_end(facts_of(trial), end, paused=trial.state == TrialState.PAUSED.value)
-        if trial.checkpoint_path is not None and drop_checkpoint is not None:
-            drop_checkpoint(trial.checkpoint_path)
         if verdict.error and trial.error:
             verdict = lifecycle.Verdict(verdict.fate, f"{verdict.error} ({trial.error})", verdict.failure)
+        held = trial.checkpoint_path
         tells += apply_in_tx(session, trial, verdict, now)
+        if held is not None and drop_checkpoint is not None and trial.checkpoint_path != held:
+            drop_checkpoint(held)  # not a complete trial's whose extension never ran: that one keeps it
     return tells

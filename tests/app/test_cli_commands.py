@@ -1,5 +1,5 @@
 """The CLI's client commands through the real parser against the real app (FastAPI's TestClient as the
-transport): short ids, pause, resume, delete, upload and the trial table's columns."""
+transport): short ids, pause, resume, extend, delete, upload and the trial table's columns."""
 
 from __future__ import annotations
 
@@ -72,12 +72,12 @@ def test_pause_resume_and_delete(hps: Client, capsys: pytest.CaptureFixture[str]
     assert [s.id for s in hps.studies.list().data] == []
 
 
-def _trial_row(hps: Client, db_url: str, state: str) -> tuple[str, int]:
+def _trial_row(hps: Client, db_url: str, state: str, **columns: Any) -> tuple[str, int]:
     """A study with one numbered trial in `state`, as a worker would have left it."""
     study = hps.studies.create(study_spec())
     db = Database(db_url)
     with db.session() as session:
-        session.add(Trial(study_id=study.id, number=0, state=state, attempt=1, params={"lr": 0.01}))
+        session.add(Trial(study_id=study.id, number=0, state=state, attempt=1, params={"lr": 0.01}, **columns))
     db.dispose()
     return study.id, 0
 
@@ -105,6 +105,25 @@ def test_pause_and_resume_one_trial(hps: Client, sqlite_url: str, capsys: pytest
     assert status == 1 and "trial 0: cannot pause a complete trial: it has ended" in err
     status, _, err = run(capsys, "pause", done[:8], "7")
     assert status == 1 and "trial not found" in err
+
+
+def test_extend_one_trial(hps: Client, sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sid, _ = _trial_row(hps, sqlite_url, "complete", value=0.9, epochs_run=3, checkpoint_epoch=3,
+                        checkpoint_path="x/checkpoints/trial-0-1/epoch-000003.safetensors")
+    status, out, err = run(capsys, "extend", sid[:8], "0", "--epochs", "4")
+    assert status == 0, err
+    assert out == f"trial 0 continues from epoch 3 to 7 (`hpsearch follow {sid[:8]}` watches it)\n"
+    trial = hps.trials.get(sid, 0)
+    assert (trial.state, trial.epochs_target, trial.value) == ("waiting", 7, 0.9)
+    status, _, err = run(capsys, "extend", sid[:8], "0", "--epochs", "1")
+    assert status == 1 and "cannot extend a waiting trial: only a complete trial continues" in err
+    with pytest.raises(SystemExit):
+        run(capsys, "extend", sid[:8], "0", "--epochs", "0")
+    assert "must be at least 1" in capsys.readouterr().err
+
+    bare, _ = _trial_row(hps, sqlite_url, "complete", value=0.9, epochs_run=3)
+    status, _, err = run(capsys, "extend", bare[:8], "0", "--epochs", "2")
+    assert status == 1 and "keeps no checkpoint" in err
 
 
 def test_upload_csv_npz_and_idx(hps: Client, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

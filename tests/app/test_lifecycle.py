@@ -71,6 +71,32 @@ def test_a_claim_takes_a_waiting_trial_first_within_max_parallel_and_n_trials() 
     assert lifecycle.next_trial(Budget(4, 2, NOW), Counts(1, 0, 0), NOW) is None  # timed out
 
 
+def test_an_extension_runs_first_whatever_the_budget_but_within_max_parallel() -> None:
+    spent = Budget(2, 1, deadline_at=NOW, stop_requested_at=NOW)
+    assert lifecycle.next_trial(spent, Counts(0, 0, 1, extensions=1), NOW) is NextTrial.EXTENSION
+    assert lifecycle.next_trial(spent, Counts(0, 1, 1, extensions=1), NOW) is None  # max_parallel running
+    room = Budget(n_trials=3, max_parallel=2)
+    assert lifecycle.next_trial(room, Counts(1, 0, 1, extensions=1), NOW) is NextTrial.EXTENSION
+    # It holds its place in n_trials while it waits: no new slot for it.
+    assert lifecycle.next_trial(room, Counts(0, 1, 1, extensions=1), NOW) is NextTrial.EXTENSION
+    assert lifecycle.next_trial(room, Counts(0, 1, 1, paused=0, extensions=0), NOW) is NextTrial.NEW_SLOT
+    assert lifecycle.next_trial(Budget(2, 2), Counts(0, 0, 1, extensions=0), NOW) is NextTrial.NEW_SLOT
+    assert lifecycle.next_trial(Budget(3, 3), Counts(0, 1, 1, extensions=1), NOW) is NextTrial.EXTENSION
+
+
+@pytest.mark.parametrize("state,checkpoint,study,why", [
+    (TrialState.PRUNED, None, S.RUNNING, "cannot extend a pruned trial: only a complete trial continues"),
+    (TrialState.RUNNING, 3, S.RUNNING, "cannot extend a running trial: only a complete trial continues"),
+    (TrialState.COMPLETE, None, S.COMPLETED, "cannot extend it: the trial keeps no checkpoint"),
+    (TrialState.COMPLETE, 3, S.CANCELLED, "cannot extend a trial of a cancelled study"),
+])
+def test_only_a_complete_trial_with_a_checkpoint_is_extended(state: TrialState, checkpoint: int | None,
+                                                              study: StudyStatus, why: str) -> None:
+    with pytest.raises(BadTransition, match=why):
+        lifecycle.extension_target(state, checkpoint_epoch=checkpoint, epochs=2, study=study)
+    assert lifecycle.extension_target(TrialState.COMPLETE, checkpoint_epoch=3, epochs=2, study=S.COMPLETED) == 5
+
+
 @pytest.mark.parametrize("status,stopped,cancels,goes_on", [
     (S.RUNNING, False, True, True), (S.PAUSED, False, False, True),  # a pause lets running trials finish
     (S.CANCELLED, False, False, False), (S.FAILED, False, False, False),

@@ -46,9 +46,9 @@ def only_trial(db: Database, sid: str) -> Trial:
     return rows[0]
 
 
-def assert_same_trial_as(db: Database, resumed: Trial, reference: Trial, optuna_trial_id: int | None,
-                         epochs: int) -> None:
-    """Same parameters, curve and final weights as the uninterrupted run; one Optuna trial, each epoch once."""
+def assert_same_weights_and_curve(db: Database, resumed: Trial, reference: Trial,
+                                  epochs: int) -> list[tuple[int, float, float, float]]:
+    """Same parameters, value, curve (returned) and final weights as the uninterrupted run, to 1e-6."""
     assert resumed.state == reference.state == TrialState.COMPLETE.value
     assert resumed.params == reference.params
     got, want = curve(db, resumed), curve(db, reference)
@@ -59,6 +59,13 @@ def assert_same_trial_as(db: Database, resumed: Trial, reference: Trial, optuna_
     assert weights.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6)
+    return got
+
+
+def assert_same_trial_as(db: Database, resumed: Trial, reference: Trial, optuna_trial_id: int | None,
+                         epochs: int) -> None:
+    """Same parameters, curve and final weights as the uninterrupted run; one Optuna trial, each epoch once."""
+    got = assert_same_weights_and_curve(db, resumed, reference, epochs)
     (theirs,) = optuna_trials(db, resumed.study_id)  # no fresh Optuna trial for the resumed attempt
     assert theirs._trial_id == resumed.optuna_trial_id == optuna_trial_id
     assert theirs.state.name.lower() == TrialState.COMPLETE.value

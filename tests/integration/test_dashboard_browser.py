@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from sqlalchemy import update
 
 from app.core.config import Settings
 from app.core.db import Database
 from app.main import create_app
+from app.models import Trial
 from app.services import keys
 from tests.browser import Browser, find_chromium
 from tests.conftest import ROOT, make_settings
@@ -257,6 +259,30 @@ def test_the_trial_panel_pauses_and_resumes_a_running_trial(server: tuple[str, S
     browser.js("document.getElementById('trial-resume').click()")  # called off before it happened
     browser.wait_for("!document.getElementById('trial-pause').classList.contains('hidden')")
     assert client.get(f"/api/v1/studies/{study['id']}/trials/2").json()["pause_requested_at"] is None
+
+
+def test_the_trial_panel_extends_a_complete_trial_that_keeps_its_checkpoint(
+        server: tuple[str, Settings, Database], browser: Browser) -> None:
+    base, settings, db = server
+    client = client_for(settings, db)
+    study = client.post("/api/v1/studies", json=study_spec(name="extend")).json()
+    bare, kept = write_trials(db, settings, study_id=study["id"], n=2)
+    with db.session() as session:  # as a worker leaves a completed trial whose checkpoint is kept
+        session.execute(update(Trial).where(Trial.study_id == study["id"], Trial.number == kept).values(
+            checkpoint_epoch=3, checkpoint_path="checkpoints/trial-1-1/epoch-000003.safetensors"))
+    key = keys.create_key(db, owner="alice")
+    browser.open(f"{base}/studies/{study['id']}#trial={bare}&key={key}")
+    browser.wait_for(f"document.getElementById('detail').dataset.number === '{bare}'")
+    assert browser.js("document.getElementById('trial-extend-box').classList.contains('hidden')")  # none kept
+
+    browser.open(f"{base}/studies/{study['id']}#trial={kept}&key={key}")
+    browser.wait_for("!document.getElementById('trial-extend-box').classList.contains('hidden')")
+    browser.js("document.getElementById('trial-extend-epochs').value = '4'")
+    browser.js("document.getElementById('trial-extend').click()")
+    browser.wait_for("document.getElementById('detail-info').textContent.includes('extending to epoch 7')")
+    trial = client.get(f"/api/v1/studies/{study['id']}/trials/{kept}").json()
+    assert (trial["state"], trial["epochs_target"]) == ("waiting", 7)
+    assert browser.js("document.getElementById('trial-extend-box').classList.contains('hidden')")
 
 
 def test_study_list_tells_studies_apart_and_says_when_a_key_is_rejected(

@@ -1,4 +1,5 @@
-"""Real signals to real worker processes: a frozen worker's late result is refused, SIGTERM hands trials back at a checkpoint."""
+"""Real signals to real worker processes: a frozen worker's late result is refused, SIGTERM hands trials
+back at a checkpoint."""
 
 from __future__ import annotations
 

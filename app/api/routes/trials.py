@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep, TrialNumber
-from app.schemas.trial import EnqueuedPublic, TrialDetail, TrialEnqueue, TrialsPublic
+from app.schemas.trial import EnqueuedPublic, TrialDetail, TrialEnqueue, TrialExtend, TrialsPublic
 from app.services import enqueue, trial_control, trials
 
 router = APIRouter(prefix="/studies/{study_id}/trials", tags=["trials"])
@@ -40,6 +40,15 @@ def resume_trial(study_id: str, number: TrialNumber, owner: CurrentOwner, db: Db
     """Put a paused trial back in line, to continue from its checkpoint (or call off a pause not carried out
     yet); 409 for a trial that is not paused."""
     return trial_control.control_trial(db, owner=owner, study_id=study_id, number=number, action="resume")
+
+
+@router.post("/{number}/extend", response_model=TrialDetail)
+def extend_trial(study_id: str, number: TrialNumber, body: TrialExtend, owner: CurrentOwner,
+                 db: DbDep) -> TrialDetail:
+    """Train a complete trial `epochs` more, on from its checkpoint: its curve, weights and value follow, a
+    completed study runs again and is evaluated on test once more afterwards. 409 for a trial that is not
+    complete or keeps no checkpoint, or a study cancelled or failed."""
+    return trial_control.extend_trial(db, owner=owner, study_id=study_id, number=number, epochs=body.epochs)
 
 
 @router.post("", status_code=201, response_model=EnqueuedPublic)

@@ -62,8 +62,10 @@ export async function getJSON(path, { signal } = {}) {
   return response.json();
 }
 
-export async function postJSON(path) {
-  const response = await fetch(API + path, { method: "POST", headers: headers() });
+export async function postJSON(path, body = undefined) {
+  const init = body === undefined ? { method: "POST", headers: headers() }
+    : { method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body) };
+  const response = await fetch(API + path, init);
   if (!response.ok) {
     noteRejected(response.status);
     throw new ApiError(response.status, (await response.json().catch(() => ({}))).detail);

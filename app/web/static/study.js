@@ -482,7 +482,7 @@ async function selectTrial(number, { link = true } = {}) {
     chart("detail-chart").setOption(trialOption(trial.curve, state), { notMerge: true });
     renderTrialControls(trial);
     kv($("detail-info"), [
-      ["state", trial.pause_requested_at ? `${trial.state} (pausing at its next epoch)` : trial.state],
+      ["state", trialState(trial)],
       ["value", formatValue(trial.value)],
       ["duration", formatDuration(trial.duration_s)], ["epochs", `${trial.epochs_run ?? "—"} (best ${trial.best_epoch ?? "—"})`],
       ["attempt", String(trial.attempt)], ["worker", `${trial.worker_id ?? "—"} · ${trial.device ?? "—"}`],
@@ -499,24 +499,35 @@ async function selectTrial(number, { link = true } = {}) {
   }
 }
 
-/** Pause a waiting or running trial; resume a paused one, or call off a pause not carried out yet. */
+function trialState(trial) {
+  if (trial.pause_requested_at) return `${trial.state} (pausing at its next epoch)`;
+  if (trial.epochs_target) return `${trial.state} (extending to epoch ${trial.epochs_target})`;
+  return trial.state;
+}
+
+/** Pause a waiting or running trial; resume a paused one, or call off a pause not carried out yet; extend a
+ * complete one that keeps its checkpoint. */
 function renderTrialControls(trial) {
   const pausing = Boolean(trial.pause_requested_at);
   $("trial-pause").classList.toggle("hidden", pausing || !["waiting", "running"].includes(trial.state));
   $("trial-resume").classList.toggle("hidden", !pausing && trial.state !== "paused");
+  $("trial-extend-box").classList.toggle("hidden", trial.state !== "complete" || trial.checkpoint_epoch == null);
 }
 
-async function controlTrial(action) {
+const TRIAL_BUTTONS = ["trial-pause", "trial-resume", "trial-extend"];
+
+async function controlTrial(action, body = undefined) {
   const number = Number($("detail").dataset.number);
-  for (const id of ["trial-pause", "trial-resume"]) $(id).disabled = true;
+  for (const id of TRIAL_BUTTONS) $(id).disabled = true;
   try {
-    renderTrialControls(await postJSON(`${BASE}/trials/${number}/${action}`));
+    renderTrialControls(await postJSON(`${BASE}/trials/${number}/${action}`, body));
     await selectTrial(number);
     refreshTable();
+    if (action === "extend") load();  // a completed study runs again: stream it anew
   } catch (error) {
     notice(`Could not ${action} trial ${number}: ${error.message}`, true);
   } finally {
-    for (const id of ["trial-pause", "trial-resume"]) $(id).disabled = false;
+    for (const id of TRIAL_BUTTONS) $(id).disabled = false;
   }
 }
 
@@ -638,6 +649,8 @@ $("prev").addEventListener("click", () => {
 $("pause").addEventListener("click", () => changeState("pause"));
 $("trial-pause").addEventListener("click", () => controlTrial("pause"));
 $("trial-resume").addEventListener("click", () => controlTrial("resume"));
+$("trial-extend").addEventListener("click",
+  () => controlTrial("extend", { epochs: Number($("trial-extend-epochs").value) }));
 $("resume").addEventListener("click", () => changeState("resume"));
 $("cancel").addEventListener("click", () => $("cancel-confirm").classList.remove("hidden"));
 $("cancel-no").addEventListener("click", () => $("cancel-confirm").classList.add("hidden"));
