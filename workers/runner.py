@@ -13,6 +13,7 @@ import ctypes
 import os
 import resource
 import signal
+import threading
 import time
 import traceback
 from collections import deque
@@ -104,6 +105,19 @@ def warm_imports() -> None:
     torch.set_num_threads(1)
 
 
+def _settle_inherited_stacks() -> None:
+    """Let glibc free the stacks of the parent's threads now, before the base is measured.
+
+    A forked child keeps every other thread's stack in its stack cache and unmaps all but 40 MB of them at
+    its second thread's exit: measured before that, a parent with many threads (a busy supervisor, a test
+    process) would hand the trial that much more room than its limit says. Two short threads settle it.
+    """
+    for _ in range(2):
+        t = threading.Thread(target=lambda: None, name="settle-stacks")
+        t.start()
+        t.join()
+
+
 def _limit_memory(megabytes: int, device: str) -> None:
     """Let this trial map at most `megabytes` more than the process it was forked from (RLIMIT_AS).
 
@@ -113,6 +127,7 @@ def _limit_memory(megabytes: int, device: str) -> None:
     """
     if megabytes <= 0 or not device.startswith("cpu"):
         return
+    _settle_inherited_stacks()
     try:
         base = _address_space_bytes()
     except OSError:  # no /proc: an absolute limit is the best available

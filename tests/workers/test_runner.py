@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,3 +113,39 @@ def test_a_stop_verdict_ends_only_its_trial_and_leaves_no_files(tmp_path: Path) 
             assert isinstance(done, Done) and done.result["epochs_run"] == EPOCHS
             assert all(path.exists() for path in trial_files(Path(t.artifact_path)))
         assert not any(isinstance(m, Failed) for ms in messages.values() for m in ms)
+
+
+def _allocate_under_the_limit(megabytes: int, allocate_mb: int) -> None:
+    from workers.runner import _limit_memory
+
+    _limit_memory(megabytes, "cpu")
+    for _ in range(2):  # as a runner's own threads come and go (a checkpoint write, say)
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()
+    try:
+        np.ones(allocate_mb * 2**20, dtype=np.uint8)
+    except MemoryError:
+        os._exit(3)
+    os._exit(0)
+
+
+def test_a_parent_with_many_threads_gives_its_runner_no_more_memory_than_the_limit() -> None:
+    """A forked child unmaps most of its parent's thread stacks at its second thread's exit. Measured before
+    that, the limit's base was 8 MB too high per thread of the parent beyond 40 MB of them: here 30 idle
+    threads would have let 150 MB through a 100 MB limit."""
+    release = threading.Event()
+    idle = [threading.Thread(target=release.wait, daemon=True) for _ in range(30)]
+    for t in idle:
+        t.start()
+    try:
+        child = mp.get_context("fork").Process(target=_allocate_under_the_limit, args=(100, 150))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 3  # MemoryError: the limit held
+        fits = mp.get_context("fork").Process(target=_allocate_under_the_limit, args=(100, 50))
+        fits.start()
+        fits.join(60)
+        assert fits.exitcode == 0
+    finally:
+        release.set()
