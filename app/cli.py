@@ -343,10 +343,11 @@ def _param_columns(client: Client, study_id: str, trials: list[TrialPublic], n: 
 
 
 def trials_table(trials: list[TrialPublic], names: list[str]) -> str:
-    """Aligned columns: number, state, value, seconds, then one column per parameter in `names`."""
+    """Aligned columns: number, state (and the rung a scheduler paused it at), value, seconds, then one column
+    per parameter in `names`."""
     header = ["#", "state", "value", "secs", *names]
-    rows = [[_cell(t.number), t.state, _cell(t.value), _cell(t.duration_s, ".1f"),
-             *(_cell((t.params or {}).get(name)) for name in names)] for t in trials]
+    rows = [[_cell(t.number), f"{t.state} (rung {t.rung})" if t.rung else t.state, _cell(t.value),
+             _cell(t.duration_s, ".1f"), *(_cell((t.params or {}).get(name)) for name in names)] for t in trials]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:

@@ -98,6 +98,8 @@ class Counts:
     finished: int
     paused: int = 0  # hold their place in n_trials, not in max_parallel
     extensions: int = 0  # completed trials waiting to be extended (not in `waiting`, nor in `finished`)
+    at_rungs: int = 0  # of the paused: paused by the study's scheduler at a rung, not by a client
+    promotable: bool = False  # the scheduler would promote one of those now
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class NextTrial(enum.Enum):
 
     EXTENSION = "extension"  # a completed trial a client extended: whatever the budget, first
     WAITING = "waiting"  # a waiting one, in line first
+    PROMOTION = "promotion"  # one paused at a rung that its scheduler promotes, before any new trial
     NEW_SLOT = "new_slot"  # a new slot, its configuration asked of the sampler once leased
 
 
@@ -142,9 +145,20 @@ def next_trial(budget: Budget, counts: Counts, now: datetime) -> NextTrial | Non
         return None
     if counts.waiting:
         return NextTrial.WAITING
+    if counts.promotable:
+        return NextTrial.PROMOTION
     if counts.running + counts.finished + counts.waiting + counts.paused + counts.extensions >= budget.n_trials:
         return None
     return NextTrial.NEW_SLOT
+
+
+def schedule_exhausted(budget: Budget, counts: Counts) -> bool:
+    """A scheduler's study whose every trial has started and that has nothing left to run: none runs, waits,
+    or earns a promotion, and only its scheduler holds any paused (a client's pause holds the study open).
+    Its trials still paused at rungs end pruned with the study."""
+    started = counts.running + counts.finished + counts.waiting + counts.paused + counts.extensions
+    return started >= budget.n_trials and not (counts.running or counts.waiting or counts.extensions
+                                               or counts.promotable) and counts.paused == counts.at_rungs
 
 
 def keeps_running(status: StudyStatus, budget: Budget, now: datetime, *, cancels_running: bool) -> bool:

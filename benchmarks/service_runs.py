@@ -15,7 +15,7 @@ from typing import Any
 from benchmarks.common import EPOCHS, SEED, SearchResult, write_json
 from benchmarks.harness import running_service
 
-VARIANTS = ("tpe_hyperband", "tpe", "random")
+VARIANTS = ("tpe_hyperband", "tpe_asha", "tpe", "random")
 DEFAULT_SLOTS = 2
 DEFAULT_PATIENCE = 3
 
@@ -24,6 +24,7 @@ def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | Non
     """The documented MLP space (no entry narrowed) on builtin:mnist, 8 epochs, the budget as timeout_s."""
     sampler = "random" if variant == "random" else "tpe"
     pruner = "hyperband" if variant == "tpe_hyperband" else "none"
+    asha = {"name": "asha", "min_epochs": 1, "reduction_factor": 3, "max_epochs": EPOCHS}  # rungs at 1 and 3
     return {
         "name": f"bench-{variant}",
         "dataset": "builtin:mnist",
@@ -33,6 +34,7 @@ def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | Non
         "pruner": {"name": pruner},
         "budget": {"n_trials": 10_000, "timeout_s": budget_s, "max_parallel": slots, "epochs": EPOCHS,
                    "patience": patience, "max_attempts": 1},
+        **({"scheduler": asha} if variant == "tpe_asha" else {}),
     }
 
 

@@ -131,6 +131,19 @@ def retry_trial(study: optuna.Study, failed_trial_id: int) -> int:
     return storage.create_new_trial(storage.get_study_id_from_name(study.study_name), template_trial=template)
 
 
+def promoted_trial(study: optuna.Study, paused_trial_id: int, from_epoch: int) -> int:
+    """A fresh RUNNING Optuna trial for a trial its scheduler promotes from a rung: the paused one's
+    parameters, attributes and curve up to `from_epoch` (the pruner judges the whole curve), and
+    `promoted_from` (its number). The paused one ended PRUNED at the rung, and stays so."""
+    storage = storage_of(study)
+    old = storage.get_trial(paused_trial_id)
+    template = optuna.trial.create_trial(
+        state=OptunaState.RUNNING, params=old.params, distributions=old.distributions, user_attrs=old.user_attrs,
+        system_attrs={**old.system_attrs, "promoted_from": old.number},
+        intermediate_values={step: v for step, v in old.intermediate_values.items() if step <= from_epoch})
+    return storage.create_new_trial(storage.get_study_id_from_name(study.study_name), template_trial=template)
+
+
 def extended_trial(storage: BaseStorage, study_name: str, extended_trial_id: int, values: list[float],
                    curve: dict[int, float], epochs: int) -> int:
     """A COMPLETE Optuna trial for a completed trial a client extended: the old one's parameters and

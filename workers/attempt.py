@@ -33,7 +33,7 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
-from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries
+from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries, scheduling
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
@@ -56,6 +56,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     RELEASED = "released"  # handed back at shutdown, no attempt spent
     PAUSED = "paused"  # stopped at an epoch boundary for a client's pause, no attempt spent
+    RUNG = "rung"  # paused by its study's scheduler at a rung, checkpointed, until a free slot promotes it
     LOST = "lost"  # the lease was taken away (reaped, re-queued, study deleted): nothing to record
 
 
@@ -90,6 +91,8 @@ def run_attempt(slot: Slot, lease: leasing.Lease, device: str) -> None:
 def _run(slot: Slot, lease: leasing.Lease, p: PreparedStudy, device: str) -> None:
     if lease.number is None:
         bound = bind(slot, lease, p)
+    elif lease.promoted_from is not None and lease.resumes:
+        bound = promote(slot, lease, p)
     else:
         bound = resume(slot, lease) if lease.resumes else rebind(slot, lease, p)
     if bound is None:
@@ -189,6 +192,21 @@ def resume(slot: Slot, lease: leasing.Lease) -> leasing.Lease | None:
     return bound
 
 
+def promote(slot: Slot, lease: leasing.Lease, p: PreparedStudy) -> leasing.Lease | None:
+    """A trial its scheduler promotes from a rung continues from its checkpoint on a fresh Optuna trial: the
+    one it paused on ended pruned at the rung, so the sampler learned from it then
+    (`asking.promoted_trial`)."""
+    assert lease.optuna_trial_id is not None and lease.checkpoint_epoch is not None
+    storage = optuna_storage(slot.db.url)
+    with p.lock:
+        trial_id = retry_on_disconnect(asking.promoted_trial, p.optuna_study, lease.optuna_trial_id,
+                                       lease.checkpoint_epoch)
+        bound = leasing.rebind_trial(slot.db, lease, optuna_trial_id=trial_id)
+        if bound is None:
+            optuna_sync.tell(storage, fail_all([trial_id]))
+    return bound
+
+
 def release(slot: Slot, lease: leasing.Lease) -> None:
     """Hand a lease back unrun; its Optuna trial, if bound, ends (a re-run asks for a fresh one)."""
     optuna_sync.tell(optuna_storage(slot.db.url), leasing.release_trial(slot.db, lease) or [])
@@ -210,6 +228,8 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
             assert lease.checkpoint is not None
             t.resume_from = str(slot.settings.artifact_dir / lease.checkpoint)
             t.resume_epoch = lease.checkpoint_epoch or 0
+        if not lease.extends:
+            t.pause_at = scheduling.next_rung(spec, t.resume_epoch)
         if lease.epochs_target is not None:  # an extension trains on to its target, however the best moves
             epochs, patience = lease.epochs_target, None
     return RunnerJob(trials=trials, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,
@@ -235,6 +255,7 @@ class Member:
     note: str | None = None  # kept as the error of an attempt that does not fail (why it ran as it did)
     checkpointed: bool = False  # a checkpoint of this attempt was recorded
     checkpoints: bool = False  # its runner writes checkpoints: it can pause at an epoch boundary
+    pause_at: int | None = None  # the rung its runner pauses it at, for its scheduler
 
 
 OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
@@ -258,6 +279,7 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
     job = runner_job(slot, leases, p, device)
     for t in job.trials:
         members[t.trial].checkpoints = t.checkpoint_dir is not None
+        members[t.trial].pause_at = t.pause_at
     proc, conn = _spawn(slot, job)
     for m in members.values():
         lease = m.lease
@@ -364,12 +386,14 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
                 end(m, verdict)
                 tell_runner(msg.trial)
                 continue
-            if verdict is not None and verdict.outcome is Outcome.PAUSED and m.stopping is not None:
+            if verdict is None and msg.report["epoch"] == m.pause_at:  # its runner pauses here by itself
+                verdict = Ending(Outcome.RUNG)
+            if verdict is not None and verdict.outcome in (Outcome.PAUSED, Outcome.RUNG) and m.stopping is not None:
                 verdict = None  # pausing already (a shutdown's hand-back): let it reach its boundary
             m.stopping = m.stopping or verdict
             if verdict is None:
                 tell_runner(msg.trial, Verdict.GO)
-            elif verdict.outcome is Outcome.PAUSED:  # one that keeps no checkpoint stops at once, to start over
+            elif verdict.outcome in (Outcome.PAUSED, Outcome.RUNG):  # without a checkpoint: stop, to start over
                 tell_runner(msg.trial, Verdict.PAUSE if m.checkpoints else Verdict.STOP)
             else:
                 tell_runner(msg.trial)
@@ -381,6 +405,8 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
                 tell_runner(msg.trial)
         elif isinstance(msg, Stopped):
             ending = m.stopping or Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
+            if ending.outcome is Outcome.RELEASED and (msg.last or {}).get("epoch") == m.pause_at:
+                ending = Ending(Outcome.RUNG)  # a shutdown met it at its rung: its scheduler decides what next
             ending.result = msg.last or {}
             end(m, ending)
         elif isinstance(msg, Done):
@@ -483,13 +509,14 @@ def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, t
         release(slot, lease)
         tlog.info("trial handed back at shutdown")
         return
-    if ending.outcome is Outcome.PAUSED:
-        tells = leasing.pause_trial(slot.db, lease)
+    if ending.outcome in (Outcome.PAUSED, Outcome.RUNG):
+        rung = ending.result.get("epoch", 0) if ending.outcome is Outcome.RUNG else None
+        tells = leasing.pause_trial(slot.db, lease, rung=rung)
         if tells is None:
             tlog.warning("lease lost (reaped or study deleted); pause dropped")
             return
-        optuna_sync.tell(optuna_storage(slot.db.url), tells)
-        tlog.info("trial paused after epoch %s", ending.result.get("epoch", 0))
+        optuna_sync.tell(optuna_storage(slot.db.url), tells, p.optuna_study)
+        tlog.info("trial paused after epoch %s%s", ending.result.get("epoch", 0), " (its rung)" if rung else "")
         return
     assert lease.number is not None and slot.settings.artifact_dir is not None
     if ending.outcome is Outcome.COMPLETE:

@@ -30,10 +30,10 @@ class FinalizeJob:
 
 
 def _finalizable_study_ids(session: Session, now: datetime) -> list[str]:
-    """Running studies whose budget is spent, nothing runs and no live finalization holds them (a prefilter:
-    the lock and app.lifecycle.budget_spent decide)."""
+    """Running studies whose budget is spent (or whose scheduler holds paused trials), nothing runs and no live
+    finalization holds them (a prefilter: the lock, app.lifecycle.budget_spent and schedule_exhausted decide)."""
     spent = Study.stop_requested_at.is_not(None) | (Study.deadline_at <= now) \
-        | (leasing.finished_trials() >= Study.n_trials)
+        | (leasing.finished_trials() >= Study.n_trials) | (leasing.paused_at_rungs() > 0)
     return list(session.scalars(select(Study.id).where(
         Study.status == StudyStatus.RUNNING.value, spent, leasing.trials_in(TrialState.RUNNING) == 0,
         Study.finalize_until.is_(None) | (Study.finalize_until <= now))
@@ -54,8 +54,11 @@ def claim_finalization(db: Database, *, worker_id: str,
                 continue
             if study.finalize_until is not None and study.finalize_until > now:
                 continue
-            counts = counts_in_tx(session, study.id)
+            counts, _ = leasing.scheduled_counts_in_tx(session, study)
             reason = lifecycle.budget_spent(budget_of(study), counts, now)
+            if reason is None and study.config.scheduler is not None \
+                    and lifecycle.schedule_exhausted(budget_of(study), counts):
+                reason = "n_trials"  # every trial started, and its scheduler promotes none of those it paused
             if reason is None or counts.running or counts.extensions:  # an extension finishes first
                 continue
             study.finalize_worker = worker_id

@@ -39,7 +39,7 @@ def plan_claim(slot: Slot, first: leasing.Lease, device: str, fuse: int | str,
     if lead is None:
         return []
     spec = p.model_spec(lead.params or {})
-    if not can_fuse([spec])[0]:
+    if not can_fuse([spec])[0] or p.spec.scheduler is not None:  # a scheduler pauses trials at checkpoints
         return [[lead]]
     k = fuse_size(fuse, device, spec, int(member_params(spec).get("batch_size", DEFAULT_BATCH_SIZE)))
     leases = [lead]

@@ -38,6 +38,7 @@ from app.models.base import utcnow
 from app.models.tables import FINISHED_TRIAL_STATES
 from app.schemas.study import StudySpec
 from app.services.fates import apply_in_tx, end_extension_in_tx, facts_of, has_ended
+from workers import scheduling
 
 FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
 CANDIDATES = 200  # studies a claim looks at, oldest first, among those that can take what it claims
@@ -56,6 +57,7 @@ class Lease:
     checkpoint: str | None = None  # to resume from: the recorded checkpoint, relative to the artifact dir
     checkpoint_epoch: int | None = None
     epochs_target: int | None = None  # an extension's: the epoch a completed trial continues to
+    promoted_from: int | None = None  # a promotion's: the rung its scheduler resumes it from
 
     @property
     def resumes(self) -> bool:
@@ -77,10 +79,23 @@ def counts_in_tx(session: Session, study_id: str) -> lifecycle.Counts:
                                     .group_by(Trial.state)).all())
     extensions = session.scalar(select(func.count()).where(
         Trial.study_id == study_id, Trial.state == TrialState.WAITING.value, extension)) or 0
+    at_rungs = session.scalar(select(func.count()).where(
+        Trial.study_id == study_id, Trial.state == TrialState.PAUSED.value, Trial.rung.is_not(None))) or 0
     finished = sum(by_state.get(s.value, 0) for s in TrialState if s.is_finished())
     return lifecycle.Counts(by_state.get(TrialState.WAITING.value, 0) - extensions,
                             by_state.get(TrialState.RUNNING.value, 0), finished,
-                            by_state.get(TrialState.PAUSED.value, 0), extensions)
+                            by_state.get(TrialState.PAUSED.value, 0), extensions, at_rungs)
+
+
+def scheduled_counts_in_tx(session: Session, study: Study) -> tuple[lifecycle.Counts, int | None]:
+    """The study's counts, knowing whether its scheduler promotes a paused trial now (and which number)."""
+    counts = counts_in_tx(session, study.id)
+    if not counts.at_rungs or counts.running >= study.max_parallel:
+        return counts, None
+    started = counts.running + counts.finished + counts.waiting + counts.paused + counts.extensions
+    idle = started >= study.n_trials and not (counts.running or counts.waiting or counts.extensions)
+    promote = scheduling.promotion_in_tx(session, study, idle=idle)
+    return dataclasses.replace(counts, promotable=promote is not None), promote
 
 
 def budget_of(study: Study) -> lifecycle.Budget:
@@ -115,6 +130,12 @@ def finished_trials() -> Any:
         Trial.study_id == Study.id, Trial.state.in_(FINISHED_TRIAL_STATES)).scalar_subquery()
 
 
+def paused_at_rungs() -> Any:
+    """A correlated count of the candidate study's trials its scheduler paused at a rung."""
+    return select(func.count()).select_from(Trial).where(
+        Trial.study_id == Study.id, Trial.state == TrialState.PAUSED.value, Trial.rung.is_not(None)).scalar_subquery()
+
+
 def waiting_extensions() -> Any:
     """A correlated count of the candidate study's completed trials waiting to be extended."""
     return select(func.count()).select_from(Trial).where(
@@ -130,7 +151,8 @@ def _candidate_study_ids(session: Session, statuses: tuple[str, ...], now: datet
     busy old studies never hides a newer one with room (the lock and app.lifecycle.next_trial decide)."""
     running, waiting = trials_in(TrialState.RUNNING), trials_in(TrialState.WAITING)
     within_budget = Study.stop_requested_at.is_(None) & (Study.deadline_at.is_(None) | (Study.deadline_at > now)) \
-        & (finished_trials() < Study.n_trials) & ((waiting > 0) | (trials_in() < Study.n_trials))
+        & (finished_trials() < Study.n_trials) \
+        & ((waiting > 0) | (trials_in() < Study.n_trials) | (paused_at_rungs() > 0))
     return list(session.scalars(select(Study.id).where(
         Study.status.in_(statuses), running < Study.max_parallel, within_budget | (waiting_extensions() > 0))
         .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
@@ -181,10 +203,15 @@ def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: st
                       trial_deadline_s: float) -> Lease | None:
     """Lease the study's next trial if its limits allow; the caller holds the study's lock."""
     now = utcnow()  # after the lock: a stamp older than its commit by a lock wait would hide the event
-    which = lifecycle.next_trial(budget_of(study), counts_in_tx(session, study.id), now)
+    counts, promote = scheduled_counts_in_tx(session, study)
+    which = lifecycle.next_trial(budget_of(study), counts, now)
     if which is None:
         return None
-    if which is not lifecycle.NextTrial.NEW_SLOT:
+    promoted_from = None
+    if which is lifecycle.NextTrial.PROMOTION:
+        trial = session.scalars(select(Trial).where(Trial.study_id == study.id, Trial.number == promote)).one()
+        promoted_from, trial.rung = trial.rung, None
+    elif which is not lifecycle.NextTrial.NEW_SLOT:
         extension = Trial.epochs_target.is_not(None)
         trial = session.scalars(select(Trial).where(
             Trial.study_id == study.id, Trial.state == TrialState.WAITING.value,
@@ -205,7 +232,7 @@ def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: st
         study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
     session.flush()
     return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id, trial.params,
-                 trial.source, trial.checkpoint_path, trial.checkpoint_epoch, trial.epochs_target)
+                 trial.source, trial.checkpoint_path, trial.checkpoint_epoch, trial.epochs_target, promoted_from)
 
 
 # ---- a held lease --------------------------------------------------------------------------------------------
@@ -528,7 +555,7 @@ def release_trial(db: Database, lease: Lease) -> list[OptunaTell] | None:
 
 
 @retrying
-def pause_trial(db: Database, lease: Lease) -> list[OptunaTell] | None:
+def pause_trial(db: Database, lease: Lease, *, rung: int | None = None) -> list[OptunaTell] | None:
     """Park a running trial that stopped at an epoch boundary for a client's pause: it waits `paused` under
     the same attempt, with the checkpoint recorded at that boundary, until a client resumes it.
 
@@ -541,7 +568,15 @@ def pause_trial(db: Database, lease: Lease) -> list[OptunaTell] | None:
         if trial is None:
             return None
         verdict = lifecycle.after_pause(facts_of(trial), study_ended=has_ended(study))
-        return apply_in_tx(session, trial, verdict, utcnow())
+        tells = apply_in_tx(session, trial, verdict, utcnow())
+        if rung is None or trial.state != TrialState.PAUSED.value:
+            return tells
+        # Paused by its scheduler: Optuna's trial ends pruned at the rung now, so the sampler learns from it
+        # at once; a promotion continues on a fresh Optuna trial (workers.attempt.promote).
+        trial.rung = rung
+        if tells or trial.optuna_trial_id is None:  # no checkpoint: its Optuna trial was failed already
+            return tells
+        return [OptunaTell(trial.optuna_trial_id, TrialState.PRUNED)]
 
 
 @retrying

@@ -47,6 +47,7 @@ class RunnerTrial:
     checkpoint_dir: str | None = None  # where this attempt writes its checkpoints (None: it writes none)
     resume_from: str | None = None  # the recorded checkpoint to continue from (None: from scratch)
     resume_epoch: int = 0  # its epoch
+    pause_at: int | None = None  # the rung its scheduler pauses it at: checkpointed there, then it stops
 
 
 @dataclass
@@ -212,6 +213,10 @@ class Reporter:
         self.checkpoint_sent: dict[int, int] = {}
         self.acks: dict[int, deque[int | None]] = {t.trial: deque() for t in job.trials}
         self.recorded: dict[int, int] = {}  # the newest checkpoint of each trial known recorded
+        for t in job.trials:  # a rung: paused there as if told so, without waiting to be
+            if t.pause_at is not None and t.checkpoint_dir is not None:
+                self.pausing.add(t.trial)
+                self.pause_at[t.trial] = t.pause_at
 
     def _take(self) -> None:
         decision: Decision = self.conn.recv()

@@ -163,6 +163,8 @@ class Trial(Base):
     # A client extended the completed trial: it continues from its checkpoint up to this epoch, its complete
     # result standing until the extension completes (or ends otherwise and leaves it as it was).
     epochs_target: Mapped[int | None] = mapped_column(Integer)
+    # Paused by the study's scheduler at this rung (an epoch): a free slot may promote it (workers.scheduling).
+    rung: Mapped[int | None] = mapped_column(Integer)
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from app.schemas.common import Public, Strict, did_you_mean
+from app.schemas.scheduler import PbtConfig, SchedulerConfig
 
 if TYPE_CHECKING:
     from app.ml.space import Hyperparameter, SpaceError
@@ -199,6 +200,11 @@ class StudySpec(Strict):
         "best_k", description="Which completed trials keep their last checkpoint (to extend them later): the "
         "keep_best_k best by the objective, all, or none. Running and paused trials always keep their latest.")
     keep_best_k: int | None = Field(None, ge=1, le=1000, description=f"{KEEP_BEST_K} when not given.")
+    scheduler: SchedulerConfig | None = Field(
+        None, description="asha: asynchronous successive halving with promotion: trials pause with their "
+        "checkpoint at rungs of min_epochs * reduction_factor^k epochs, and a free slot resumes one in the top "
+        "1/reduction_factor of its rung before it starts a new trial; max_epochs must be budget.epochs. "
+        "(pbt is validated but not run yet.)")
 
     @field_validator("keep_best_k")
     @classmethod
@@ -324,6 +330,21 @@ class StudySpec(Strict):
         if pruner.n_warmup_steps is not None and pruner.n_warmup_steps >= epochs:
             out.append(SpecRuleError(("pruner", "n_warmup_steps"), f"with budget.epochs {epochs} a warm-up of "
                                      f"{pruner.n_warmup_steps} steps leaves only the last epoch to prune at"))
+        return out + self.scheduler_errors()
+
+    def scheduler_errors(self) -> list[SpecRuleError]:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return []
+        if isinstance(scheduler, PbtConfig):
+            return [SpecRuleError(("scheduler", "name"), "pbt is not run by the workers yet: use asha, or no "
+                                  "scheduler")]
+        out = []
+        if scheduler.max_epochs != self.budget.epochs:
+            out.append(SpecRuleError(("scheduler", "max_epochs"), f"max_epochs ({scheduler.max_epochs}) must be "
+                                     f"budget.epochs ({self.budget.epochs}): the epochs of a fully trained trial"))
+        if len(self.objectives) > 1:
+            out.append(SpecRuleError(("scheduler", "name"), "asha ranks trials by one objective: give one"))
         return out
 
     def space_errors(self, description: dict[str, Any],

@@ -45,6 +45,8 @@ class TrialPublic(Public):
     checkpoint_bytes: int | None = Field(None, description="The size of that checkpoint file")
     pause_requested_at: datetime | None = Field(None, description="When a client asked to pause this running "
                                                 "trial; its worker pauses it at the next epoch boundary")
+    rung: int | None = Field(None, description="Paused by the study's scheduler (asha) at this rung, an epoch: "
+                             "a free slot resumes it if it ranks in the top 1/reduction_factor there")
     epochs_target: int | None = Field(None, description="While a client's extension of this completed trial "
                                       "waits or runs: the epoch it continues to; its complete result stands "
                                       "until the extension completes")

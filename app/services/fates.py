@@ -80,6 +80,9 @@ def _prune_paused(session: Session, trial: Trial, verdict: Verdict, now: datetim
     trial.value = last.val_metric if last is not None else None
     trial.epochs_run = last.epoch if last is not None else 0
     trial.error, trial.failure = verdict.error, None
+    if trial.rung is not None:
+        trial.error = f"paused at rung {trial.rung} by the scheduler, not promoted before the study ended"
+        trial.rung = None
     trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None
     trial.finished_at = now
     if trial.optuna_trial_id is None or not continued:

@@ -48,8 +48,8 @@ def control_trial(db: Database, *, owner: str, study_id: str, number: int, actio
             trial.state = TrialState.PAUSED.value
         elif control is TrialControl.REQUEST:
             trial.pause_requested_at = utcnow()
-        elif control is TrialControl.UNPARK:
-            trial.state = TrialState.WAITING.value
+        elif control is TrialControl.UNPARK:  # a trial its scheduler paused at a rung goes on, as if promoted
+            trial.state, trial.rung = TrialState.WAITING.value, None
         elif control is TrialControl.WITHDRAW:
             trial.pause_requested_at = None
     return get_trial(db, owner=owner, study_id=study_id, number=number)

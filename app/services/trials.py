@@ -24,6 +24,7 @@ _JSON_FIELDS = ("params", "values", "metrics")
 _PAGE_COLUMNS = (Trial.id, Trial.number, Trial.state, Trial.source, Trial.value, Trial.attempt, Trial.worker_id,
                  Trial.device, Trial.started_at, Trial.finished_at, Trial.duration_s, Trial.epochs_run,
                  Trial.best_epoch, Trial.error, Trial.checkpoint_epoch, Trial.checkpoint_bytes, Trial.epochs_target,
+                 Trial.rung,
                  *(cast(getattr(Trial, f), Text).label(f) for f in _JSON_FIELDS))
 
 

@@ -126,6 +126,15 @@ def test_extend_one_trial(hps: Client, sqlite_url: str, capsys: pytest.CaptureFi
     assert status == 1 and "keeps no checkpoint" in err
 
 
+def test_the_trial_table_shows_the_rung_a_scheduler_paused_a_trial_at(hps: Client, sqlite_url: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    sid, _ = _trial_row(hps, sqlite_url, "paused", rung=3, epochs_run=3)
+    status, out, err = run(capsys, "trials", sid[:8], "--columns", "lr")
+    assert status == 0, err
+    assert out.splitlines()[1].split()[:4] == ["0", "paused", "(rung", "3)"]
+    assert hps.trials.get(sid, 0).rung == 3
+
+
 def test_upload_csv_npz_and_idx(hps: Client, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     csv = tmp_path / "flowers.csv"
     csv.write_bytes(flower_csv(30))

@@ -84,6 +84,25 @@ def test_an_extension_runs_first_whatever_the_budget_but_within_max_parallel() -
     assert lifecycle.next_trial(Budget(3, 3), Counts(0, 1, 1, extensions=1), NOW) is NextTrial.EXTENSION
 
 
+def test_a_promotion_comes_after_waiting_trials_and_before_a_new_one_even_when_every_slot_is_taken() -> None:
+    budget = Budget(n_trials=3, max_parallel=2)
+    assert lifecycle.next_trial(budget, Counts(0, 0, 1, paused=2, at_rungs=2, promotable=True), NOW) \
+        is NextTrial.PROMOTION
+    assert lifecycle.next_trial(budget, Counts(1, 0, 0, paused=2, at_rungs=2, promotable=True), NOW) \
+        is NextTrial.WAITING
+    assert lifecycle.next_trial(budget, Counts(0, 0, 1, paused=2, at_rungs=2), NOW) is None  # all started
+    assert lifecycle.next_trial(budget, Counts(0, 2, 0, paused=1, at_rungs=1, promotable=True), NOW) is None
+
+
+def test_a_scheduled_study_is_exhausted_once_all_started_and_nothing_runs_waits_or_earns_a_promotion() -> None:
+    budget = Budget(n_trials=3, max_parallel=2)
+    assert lifecycle.schedule_exhausted(budget, Counts(0, 0, 1, paused=2, at_rungs=2))
+    assert not lifecycle.schedule_exhausted(budget, Counts(0, 0, 1, paused=2, at_rungs=2, promotable=True))
+    assert not lifecycle.schedule_exhausted(budget, Counts(0, 1, 1, paused=1, at_rungs=1))  # one runs
+    assert not lifecycle.schedule_exhausted(budget, Counts(0, 0, 1, paused=1, at_rungs=1))  # one to start
+    assert not lifecycle.schedule_exhausted(budget, Counts(0, 0, 1, paused=2, at_rungs=1))  # a client's pause
+
+
 @pytest.mark.parametrize("state,checkpoint,study,why", [
     (TrialState.PRUNED, None, S.RUNNING, "cannot extend a pruned trial: only a complete trial continues"),
     (TrialState.RUNNING, 3, S.RUNNING, "cannot extend a running trial: only a complete trial continues"),

@@ -70,3 +70,19 @@ def test_an_unknown_hyperparameter_lists_only_the_models_own(client: TestClient)
 def test_a_plugin_that_is_not_enabled_names_the_setting_that_enables_it(client: TestClient) -> None:
     assert "HPSEARCH_PLUGINS" in _errors(client, study_spec(dataset="plugin:blobs"))["dataset"]
     assert "HPSEARCH_PLUGINS" in _errors(client, study_spec(model="resnet"))["model"]
+
+
+def test_a_scheduler_that_cannot_run_the_spec_says_which_field_to_change(client: TestClient) -> None:
+    asha = {"name": "asha", "min_epochs": 1, "max_epochs": 9}
+    errors = _errors(client, study_spec(scheduler=asha))  # budget.epochs is 3
+    assert errors["scheduler.max_epochs"] == "max_epochs (9) must be budget.epochs (3): the epochs of a fully " \
+                                             "trained trial"
+    two = [{"metric": "val_accuracy"}, {"metric": "val_loss", "direction": "minimize"}]
+    errors = _errors(client, study_spec(scheduler={**asha, "max_epochs": 3}, objective=two, pruner={"name": "none"}))
+    assert errors["scheduler.name"] == "asha ranks trials by one objective: give one"
+    pbt = {"name": "pbt", "population": 4, "interval_epochs": 1}
+    assert "pbt is not run by the workers yet" in _errors(client, study_spec(scheduler=pbt))["scheduler.name"]
+    assert "min_epochs (3) must be below max_epochs (3)" in str(_errors(client, study_spec(
+        scheduler={**asha, "min_epochs": 3, "max_epochs": 3})))
+    created = client.post(f"{API}/studies", json=study_spec(scheduler={**asha, "max_epochs": 3}))
+    assert created.status_code == 201 and created.json()["spec"]["scheduler"]["reduction_factor"] == 3

@@ -7,8 +7,8 @@ decisions against a simulated clock.
 
 from __future__ import annotations
 
+from app.schemas.scheduler import MUTABLE, AshaConfig, PbtConfig, SchedulerConfig
 from workers.schedulers.asha import Asha, EpochDecision, Job, NewTrial, Promote, TrialFacts
-from workers.schedulers.config import MUTABLE, AshaConfig, PbtConfig, SchedulerConfig
 from workers.schedulers.pbt import Exploit, Keep, Member, Pbt, Range, schedules
 
 __all__ = ["MUTABLE", "Asha", "AshaConfig", "EpochDecision", "Exploit", "Job", "Keep", "Member", "NewTrial",

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from workers.schedulers.config import AshaConfig
+from app.schemas.scheduler import AshaConfig
 from workers.schedulers.ranking import ranked
 
 
@@ -85,6 +85,19 @@ class Asha:
                 to_epoch = self.rungs[index + 1] if index + 1 < len(self.rungs) else self.config.max_epochs
                 return Promote(waiting[0].number, rung, to_epoch)
         return NewTrial(self.rungs[0])
+
+    def best_paused(self, trials: Iterable[TrialFacts]) -> Promote | None:
+        """The best paused trial of the highest rung any waits at, promoted whatever its rank: what a study
+        whose every trial has started and that has none fully trained does, so that one is (a budget too small
+        for the top 1/eta of a rung to hold anyone would otherwise end without one)."""
+        trials = list(trials)
+        for index in range(len(self.rungs) - 1, -1, -1):
+            rung = self.rungs[index]
+            waiting = [t for t in self._ranked(trials, rung) if t.paused_at == rung]
+            if waiting:
+                to_epoch = self.rungs[index + 1] if index + 1 < len(self.rungs) else self.config.max_epochs
+                return Promote(waiting[0].number, rung, to_epoch)
+        return None
 
     def at_study_end(self, trials: Iterable[TrialFacts]) -> dict[int, float]:
         """Paused trials never promoted: each ends pruned with its last (highest rung's) value."""

@@ -15,7 +15,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from workers.schedulers.config import PbtConfig
+from app.schemas.scheduler import PbtConfig
 from workers.schedulers.ranking import ranked
 
 

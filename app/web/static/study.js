@@ -501,6 +501,7 @@ async function selectTrial(number, { link = true } = {}) {
 
 function trialState(trial) {
   if (trial.pause_requested_at) return `${trial.state} (pausing at its next epoch)`;
+  if (trial.rung) return `${trial.state} (at rung ${trial.rung}, until its scheduler promotes it)`;
   if (trial.epochs_target) return `${trial.state} (extending to epoch ${trial.epochs_target})`;
   return trial.state;
 }
