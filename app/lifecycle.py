@@ -228,7 +228,8 @@ class TrialFacts:
     checkpointed: bool = False  # a checkpoint of it is recorded: a death need not start it over
 
 
-DEATHS = frozenset({FailureKind.LOST, FailureKind.PROCESS_DIED})  # the process died, not the training
+# The process died or hung, not the training: a checkpointed trial continues from its checkpoint.
+DEATHS = frozenset({FailureKind.LOST, FailureKind.PROCESS_DIED, FailureKind.DEADLINE})
 
 
 def when_study_ended(trial: TrialFacts, reason: str) -> Verdict:
@@ -243,7 +244,9 @@ def after_failed_attempt(trial: TrialFacts, *, study_ended: bool, max_attempts: 
                          failure: FailureKind, retry: bool = True) -> Verdict:
     """An attempt failed outside its trial's own verdict (its worker was lost, it ran past its deadline, its
     runner died): back in line with the same parameters while attempts remain and `retry` allows, else FAIL.
-    A death (`DEATHS`) of a checkpointed trial resumes it from its checkpoint; any other failure starts over.
+    A death (`DEATHS`, a deadline included) of a checkpointed trial resumes it from its checkpoint while
+    attempts remain, even where `retry` says no (a deadline's: a trial that hangs keeps what it trained, one
+    without a checkpoint fails at once); any other failure starts over.
 
     A sampler's slot that never got a configuration is dropped (another claim makes it again); anything else
     comes back under a new attempt number, an enqueued configuration not yet bound included: the slot that
@@ -253,9 +256,9 @@ def after_failed_attempt(trial: TrialFacts, *, study_ended: bool, max_attempts: 
         return Verdict(Fate.DROP)
     if study_ended:
         return when_study_ended(trial, f"stopped: the study ended ({reason})")
+    if trial.attempt < max_attempts and trial.checkpointed and failure in DEATHS:
+        return Verdict(Fate.RESUME, f"attempt {trial.attempt}: {reason}; resumed from its checkpoint", failure)
     if retry and trial.attempt < max_attempts:
-        if trial.checkpointed and failure in DEATHS:
-            return Verdict(Fate.RESUME, f"attempt {trial.attempt}: {reason}; resumed from its checkpoint", failure)
         return Verdict(Fate.RETRY, f"attempt {trial.attempt}: {reason}", failure)
     return Verdict(Fate.FAIL, f"{reason}; {max_attempts} attempt(s) used" if retry else reason, failure)
 

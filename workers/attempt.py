@@ -359,7 +359,12 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
                     tell_runner(m.lease.trial_id, Verdict.PAUSE, answers_epoch=False)
         now = time.monotonic()
         for m in open_members:
-            if now > m.deadline:
+            if now > m.deadline and (m.checkpointed or m.lease.checkpoint is not None):
+                m.ended = True  # hung, or slow: it continues from its checkpoint under its next attempt
+                tell_runner(m.lease.trial_id)
+                settle(slot, m, retries.retry_attempt(slot.db, m.lease, reason="deadline exceeded",
+                                                      failure=FailureKind.DEADLINE), "deadline exceeded")
+            elif now > m.deadline:
                 end(m, Ending(Outcome.FAILED, failure=FailureKind.DEADLINE, reason="deadline exceeded"))
                 tell_runner(m.lease.trial_id)
         if not conn.poll(PIPE_POLL_S):

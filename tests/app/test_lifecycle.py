@@ -168,9 +168,12 @@ def test_a_failed_attempt_retries_while_attempts_remain_then_fails() -> None:
 def test_a_death_of_a_checkpointed_trial_resumes_it_any_other_failure_starts_over() -> None:
     saved = TrialFacts(configured=True, began=True, attempt=1, checkpointed=True)
     kw = {"study_ended": False, "max_attempts": 2, "reason": "trial process died"}
-    for death in (FailureKind.LOST, FailureKind.PROCESS_DIED):
+    for death in (FailureKind.LOST, FailureKind.PROCESS_DIED, FailureKind.DEADLINE):
         assert lifecycle.after_failed_attempt(saved, failure=death, **kw) == Verdict(
             Fate.RESUME, "attempt 1: trial process died; resumed from its checkpoint", death)
+    # A hung runner's deadline resumes a checkpointed trial although a deadline retries nothing else.
+    assert lifecycle.after_failed_attempt(saved, failure=FailureKind.DEADLINE, retry=False, **kw).fate \
+        is Fate.RESUME
     assert lifecycle.after_failed_attempt(saved, failure=FailureKind.WORKER_ERROR, **kw).fate is Fate.RETRY
     assert lifecycle.after_failed_attempt(RAN, failure=FailureKind.PROCESS_DIED, **kw).fate is Fate.RETRY
     last = TrialFacts(configured=True, began=True, attempt=2, checkpointed=True)  # no crash loop

@@ -44,6 +44,7 @@ from tests.integration.processes import (
     trials_of,
     wait_until,
 )
+from tests.integration.resumes import curve
 from workers import leasing, registry
 
 
@@ -125,7 +126,7 @@ def test_leases_left_by_a_worker_that_died_before_its_first_heartbeat_are_recove
     db.dispose()
 
 
-def test_a_hung_trial_is_killed_at_its_deadline_although_its_heartbeat_goes_on(sqlite_url: str,
+def test_a_hung_trial_is_stopped_at_its_deadline_and_resumes_from_its_checkpoint(sqlite_url: str,
                                                                                  tmp_path: Path) -> None:
     db, client, settings = _setup(sqlite_url, tmp_path)
     # Epochs enough that the trial seen mid-training is still training when its runner is stopped (an epoch
@@ -136,7 +137,8 @@ def test_a_hung_trial_is_killed_at_its_deadline_although_its_heartbeat_goes_on(s
     with processes() as procs:
         worker = start_worker(settings, tmp_path / "w.log")
         procs.append(worker)
-        hung = wait_until(lambda: running_with_epochs(db, sid, 1), 60, "a trial mid-training")[0]
+        hung = wait_until(lambda: [t for t in running_with_epochs(db, sid, 1) if t.checkpoint_epoch], 60,
+                          "a trial mid-training with a checkpoint recorded")[0]
         runner = wait_until(lambda: children_of(worker.pid), 5, "the trial's runner")[0]
         os.kill(runner, signal.SIGSTOP)  # the runner hangs; its supervisor goes on beating for it
         beat = hung.heartbeat_at
@@ -147,9 +149,10 @@ def test_a_hung_trial_is_killed_at_its_deadline_although_its_heartbeat_goes_on(s
         assert worker.poll() is None
     rows = assert_study_settled(db, sid, 2)
     killed = next(r for r in rows if r.id == hung.id)
-    assert (killed.state, killed.error, killed.attempt) == (TrialState.FAIL.value, "deadline exceeded", 1)
+    # It had checkpoints: stopped at its deadline, it continued from the last one under its next attempt.
+    assert (killed.state, killed.attempt) == (TrialState.COMPLETE.value, 2), killed.error
+    assert [e[0] for e in curve(db, killed)] == list(range(1, (killed.epochs_run or 0) + 1))  # one curve
     assert [r.state for r in rows if r.id != hung.id] == [TrialState.COMPLETE.value]
-    assert killed.duration_s is not None and 5 <= killed.duration_s < 15
     db.dispose()
 
 
