@@ -10,6 +10,7 @@ training loop (`workers.plugin_runner`).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import resource
 import signal
@@ -128,6 +129,7 @@ def _limit_memory(megabytes: int, device: str) -> None:
     """
     if megabytes <= 0 or not device.startswith("cpu"):
         return
+    gc.collect()  # the parent's garbage not yet collected: freed here, its memory would be the trial's too
     _settle_inherited_stacks()
     try:
         base = _address_space_bytes()
