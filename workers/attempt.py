@@ -431,7 +431,8 @@ def _on_checkpoint(slot: Slot, msg: Checkpointed | Resumed, m: Member) -> bool:
         if msg.skipped:
             m.tlog.warning("resumed after epoch %d: %s", msg.epoch, "; ".join(msg.skipped))
             start = f"resumed after epoch {msg.epoch}" if msg.epoch else "started over"
-            return leasing.note_trial(slot.db, m.lease, f"{start}: " + "; ".join(msg.skipped))
+            return leasing.note_trial(slot.db, m.lease, f"{start}: " + "; ".join(msg.skipped),
+                                      unusable_checkpoints=len(msg.skipped))
         m.tlog.info("resumed after epoch %d", msg.epoch)
         return True
     path = str(Path(msg.path).relative_to(slot.settings.artifact_dir))

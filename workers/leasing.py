@@ -410,14 +410,16 @@ def human_bytes(n: int) -> str:
 
 
 @retrying
-def note_trial(db: Database, lease: Lease, note: str) -> bool:
+def note_trial(db: Database, lease: Lease, note: str, *, unusable_checkpoints: int = 0) -> bool:
     """Record why a held trial did not go as planned (a checkpoint it could not resume from) in its error
-    field; an outcome without an error of its own keeps it. False when the lease no longer holds."""
+    field; an outcome without an error of its own keeps it. `unusable_checkpoints`: how many checkpoints it
+    passed over, added to the trial's count. False when the lease no longer holds."""
     with db.session() as session:
         trial = held_in_tx(session, lease)
         if trial is None:
             return False
         trial.error = note[:2000]
+        trial.unusable_checkpoints = (trial.unusable_checkpoints or 0) + unusable_checkpoints
         return True
 
 

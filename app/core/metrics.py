@@ -146,7 +146,11 @@ def _leases(session: Session) -> list[Metric]:
                                 "Trials failed because a checkpoint would have taken their owner past "
                                 "HPSEARCH_CHECKPOINT_QUOTA_MB")
     quota.add_metric([], by_failure.get(FailureKind.CHECKPOINT_QUOTA, 0))
-    return [reaped, deadline, quota]
+    unusable = CounterMetricFamily("hpsearch_checkpoints_unusable",
+                                   "Checkpoints a resuming trial could not use (truncated, mismatched, missing) and "
+                                   "passed over for an older one or a start from scratch")
+    unusable.add_metric([], session.scalar(select(func.coalesce(func.sum(Trial.unusable_checkpoints), 0))) or 0)
+    return [reaped, deadline, quota, unusable]
 
 
 def _workers(session: Session) -> list[Metric]:

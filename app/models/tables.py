@@ -165,6 +165,8 @@ class Trial(Base):
     epochs_target: Mapped[int | None] = mapped_column(Integer)
     # Paused by the study's scheduler at this rung (an epoch): a free slot may promote it (workers.scheduling).
     rung: Mapped[int | None] = mapped_column(Integer)
+    # Checkpoints a resuming attempt could not use and passed over (the reason is in `error`): /metrics sums them.
+    unusable_checkpoints: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

@@ -150,16 +150,22 @@ def test_reaped_leases_and_deadlines_are_counted(settings: Settings, db: Databas
     assert scrape.value("hpsearch_trials_started", "hpsearch_trials_started_total") == 2
 
 
+def _bound_lease(db: Database) -> leasing.Lease:
+    """The study's next trial, claimed and bound as trial 0 (its Optuna id stands in: no Optuna call here)."""
+    claimed = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
+    assert claimed is not None
+    lease = leasing.bind_trial(db, claimed, number=0, optuna_trial_id=claimed.trial_id, params={})
+    assert lease is not None
+    return lease
+
+
 def test_trials_failed_by_the_checkpoint_quota_are_counted(settings: Settings, db: Database) -> None:
     """As a supervisor fails a trial whose checkpoint the quota refused (workers.attempt._on_checkpoint)."""
     client = _fresh_client(settings, db)
     create_study_via_api(client)
     family, total = "hpsearch_trials_checkpoint_quota_exceeded", "hpsearch_trials_checkpoint_quota_exceeded_total"
     assert Scrape(client).value(family, total) == 0
-    claimed = leasing.claim_trial(db, worker_id="w1", device="cpu", trial_deadline_s=600)
-    assert claimed is not None
-    lease = leasing.bind_trial(db, claimed, number=0, optuna_trial_id=claimed.trial_id, params={})
-    assert lease is not None
+    lease = _bound_lease(db)
     record = leasing.record_checkpoint(db, lease, path="s/checkpoints/trial-0-1/epoch-000001.safetensors",
                                        epoch=1, size=2_000_000, quota_bytes=1_000_000)
     assert record.refused is not None
@@ -168,6 +174,18 @@ def test_trials_failed_by_the_checkpoint_quota_are_counted(settings: Settings, d
     scrape = Scrape(client)
     assert scrape.value(family, total) == 1
     assert scrape.value("hpsearch_leases_reaped", "hpsearch_leases_reaped_total", outcome="failed") == 0
+
+
+def test_checkpoints_a_resuming_trial_passed_over_are_counted(settings: Settings, db: Database) -> None:
+    """As a supervisor hears from a resuming runner which checkpoints it could not use (workers.attempt)."""
+    client = _fresh_client(settings, db)
+    create_study_via_api(client)
+    family, total = "hpsearch_checkpoints_unusable", "hpsearch_checkpoints_unusable_total"
+    assert Scrape(client).value(family, total) == 0
+    lease = _bound_lease(db)
+    skipped = ["checkpoint of epoch 6 unusable (corrupt: truncated)", "checkpoint of epoch 3 unusable (missing)"]
+    assert leasing.note_trial(db, lease, "started over: " + "; ".join(skipped), unusable_checkpoints=2)
+    assert Scrape(client).value(family, total) == 2
 
 
 def test_queue_depth_counts_trials_that_may_still_start(settings: Settings, db: Database) -> None:

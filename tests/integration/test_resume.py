@@ -113,6 +113,7 @@ def test_a_truncated_checkpoint_is_passed_over_with_the_reason_recorded(db_url: 
     assert resumed.attempt == 2
     assert resumed.error is not None and \
         f"checkpoint of epoch {recorded.checkpoint_epoch} unusable (corrupt" in resumed.error, resumed.error
+    assert resumed.unusable_checkpoints >= 1  # counted in /metrics (hpsearch_checkpoints_unusable)
     # An older checkpoint or none (from scratch): the same trial either way, each epoch recorded once.
     assert_same_trial_as(db, resumed, only_trial(db, reference_id), before.optuna_trial_id, EPOCHS)
     _assert_keeps_only_its_newest_checkpoint(settings, resumed)
