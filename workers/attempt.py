@@ -33,6 +33,7 @@ from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
+from app.schemas.scheduler import PbtConfig
 from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries, scheduling
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
@@ -186,9 +187,12 @@ def resume(slot: Slot, lease: leasing.Lease) -> leasing.Lease | None:
     reported to it once, the resumed run's after the recorded ones. Its Optuna trial ends FAIL when the study
     ended meanwhile."""
     assert lease.optuna_trial_id is not None
+    storage = optuna_storage(slot.db.url)
     bound = leasing.rebind_trial(slot.db, lease, optuna_trial_id=lease.optuna_trial_id)
     if bound is None:
-        optuna_sync.tell(optuna_storage(slot.db.url), fail_all([lease.optuna_trial_id]))
+        optuna_sync.tell(storage, fail_all([lease.optuna_trial_id]))
+    elif lease.schedule:  # a PBT member that continued from another's checkpoint: Optuna's copy says how
+        retry_on_disconnect(storage.set_trial_user_attr, lease.optuna_trial_id, "pbt_schedule", lease.schedule)
     return bound
 
 
@@ -216,8 +220,9 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
     """What the runner of bound `leases` trains: one trial alone, or several fused."""
     spec, splits = p.spec, p.splits
     assert slot.settings.artifact_dir is not None
-    epochs, patience = spec.budget.epochs, spec.budget.patience
-    trials = [RunnerTrial(trial=lease.trial_id, spec=p.model_spec(lease.params or {}),
+    # A PBT member trains every epoch: its scheduler, not patience, decides what becomes of a poor one.
+    epochs, patience = spec.budget.epochs, None if isinstance(spec.scheduler, PbtConfig) else spec.budget.patience
+    trials = [RunnerTrial(trial=lease.trial_id, spec=p.model_spec(lease.params or {}, lease.schedule),
                           seed=spec.seed + (lease.number or 0),
                           artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)))
               for lease in leases]
@@ -229,7 +234,7 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
             t.resume_from = str(slot.settings.artifact_dir / lease.checkpoint)
             t.resume_epoch = lease.checkpoint_epoch or 0
         if not lease.extends:
-            t.pause_at = scheduling.next_rung(spec, t.resume_epoch)
+            t.pause_at = scheduling.next_pause(spec, t.resume_epoch)
         if lease.epochs_target is not None:  # an extension trains on to its target, however the best moves
             epochs, patience = lease.epochs_target, None
     return RunnerJob(trials=trials, x_train=splits.x_train, y_train=splits.y_train, x_val=splits.x_val,

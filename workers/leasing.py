@@ -36,9 +36,10 @@ from app.lifecycle import OptunaTell
 from app.models import FailureKind, Study, StudyStatus, Trial, TrialEpoch, TrialState, Worker
 from app.models.base import utcnow
 from app.models.tables import FINISHED_TRIAL_STATES
+from app.schemas.scheduler import PbtConfig
 from app.schemas.study import StudySpec
 from app.services.fates import apply_in_tx, end_extension_in_tx, facts_of, has_ended
-from workers import scheduling
+from workers import population, scheduling
 
 FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
 CANDIDATES = 200  # studies a claim looks at, oldest first, among those that can take what it claims
@@ -58,6 +59,7 @@ class Lease:
     checkpoint_epoch: int | None = None
     epochs_target: int | None = None  # an extension's: the epoch a completed trial continues to
     promoted_from: int | None = None  # a promotion's: the rung its scheduler resumes it from
+    schedule: list[dict[str, Any]] | None = None  # a PBT member's hyperparameter schedule (params: in force)
 
     @property
     def resumes(self) -> bool:
@@ -160,10 +162,11 @@ def _candidate_study_ids(session: Session, statuses: tuple[str, ...], now: datet
 
 @retrying
 def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: float,
-                can_run: Callable[[StudySpec], bool] | None = None) -> Lease | None:
+                can_run: Callable[[StudySpec], bool] | None = None, artifact_dir: Path | None = None) -> Lease | None:
     """Lease the next trial of the oldest study with room: a waiting one first, else a new slot.
 
-    can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins).
+    can_run(spec) False skips a study this worker cannot run (it lacks the study's plugins). `artifact_dir`:
+    where PBT's exploit links checkpoints (None: its members keep their own).
     """
     with db.session() as session:
         candidates = _candidate_study_ids(session, (StudyStatus.QUEUED.value, StudyStatus.RUNNING.value), utcnow())
@@ -173,7 +176,7 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
                 continue
             if can_run is not None and not can_run(study.config):
                 continue
-            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s)
+            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s, artifact_dir)
             if lease is not None:
                 return lease
     return None
@@ -181,7 +184,7 @@ def claim_trial(db: Database, *, worker_id: str, device: str, trial_deadline_s: 
 
 @retrying
 def claim_trials(db: Database, *, worker_id: str, device: str, trial_deadline_s: float, study_id: str,
-                 limit: int) -> list[Lease]:
+                 limit: int, artifact_dir: Path | None = None) -> list[Lease]:
     """Lease up to `limit` more trials of one study, within its max_parallel and n_trials (a fused group).
 
     Waiting trials first (in id order), then new slots; none when the study no longer accepts trials.
@@ -192,7 +195,7 @@ def claim_trials(db: Database, *, worker_id: str, device: str, trial_deadline_s:
         if study is None or not StudyStatus(study.status).accepts_trials():
             return out
         while len(out) < limit:
-            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s)
+            lease = _lease_next_in_tx(session, study, worker_id, device, trial_deadline_s, artifact_dir)
             if lease is None:
                 break
             out.append(lease)
@@ -200,7 +203,7 @@ def claim_trials(db: Database, *, worker_id: str, device: str, trial_deadline_s:
 
 
 def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: str,
-                      trial_deadline_s: float) -> Lease | None:
+                      trial_deadline_s: float, artifact_dir: Path | None = None) -> Lease | None:
     """Lease the study's next trial if its limits allow; the caller holds the study's lock."""
     now = utcnow()  # after the lock: a stamp older than its commit by a lock wait would hide the event
     counts, promote = scheduled_counts_in_tx(session, study)
@@ -210,7 +213,10 @@ def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: st
     promoted_from = None
     if which is lifecycle.NextTrial.PROMOTION:
         trial = session.scalars(select(Trial).where(Trial.study_id == study.id, Trial.number == promote)).one()
-        promoted_from, trial.rung = trial.rung, None
+        if isinstance(study.config.scheduler, PbtConfig):  # a generation's members continue on their Optuna trials
+            population.start_generation_in_tx(session, study, artifact_dir)
+        else:
+            promoted_from, trial.rung = trial.rung, None
     elif which is not lifecycle.NextTrial.NEW_SLOT:
         extension = Trial.epochs_target.is_not(None)
         trial = session.scalars(select(Trial).where(
@@ -231,8 +237,9 @@ def _lease_next_in_tx(session: Session, study: Study, worker_id: str, device: st
         timeout_s = study.config.budget.timeout_s
         study.deadline_at = now + timedelta(seconds=timeout_s) if timeout_s else None
     session.flush()
-    return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id, trial.params,
-                 trial.source, trial.checkpoint_path, trial.checkpoint_epoch, trial.epochs_target, promoted_from)
+    return Lease(trial.id, study.id, worker_id, trial.attempt, trial.number, trial.optuna_trial_id,
+                 population.params_in_force(trial), trial.source, trial.checkpoint_path, trial.checkpoint_epoch,
+                 trial.epochs_target, promoted_from, trial.schedule)
 
 
 # ---- a held lease --------------------------------------------------------------------------------------------
@@ -577,6 +584,8 @@ def pause_trial(db: Database, lease: Lease, *, rung: int | None = None) -> list[
         # at once; a promotion continues on a fresh Optuna trial (workers.attempt.promote).
         trial.rung = rung
         if tells or trial.optuna_trial_id is None:  # no checkpoint: its Optuna trial was failed already
+            return tells
+        if isinstance(study.config.scheduler, PbtConfig):  # a PBT member runs on as one Optuna trial
             return tells
         return [OptunaTell(trial.optuna_trial_id, TrialState.PRUNED)]
 

@@ -37,12 +37,12 @@ class PreparedStudy:
     std: list[float]
     lock: threading.Lock = field(default_factory=threading.Lock)  # one ask at a time per study
 
-    def model_spec(self, params: dict[str, Any]) -> ModelSpec:
+    def model_spec(self, params: dict[str, Any], schedule: list[dict[str, Any]] | None = None) -> ModelSpec:
         ds = self.dataset
         groups = list(ds.feature_groups.values()) if ds.feature_groups else None
         return ModelSpec(model=self.spec.model, params=params, task=ds.task, input_shape=tuple(ds.input_shape),
                          n_outputs=ds.n_outputs, feature_groups=groups, classes=ds.classes, mean=self.mean,
-                         std=self.std)
+                         std=self.std, schedule=schedule)
 
 
 class StudyUnrunnable(Exception):

@@ -1,4 +1,5 @@
-"""A study's scheduler run by the workers: ASHA's facts read from the study's rows, under the claim's lock.
+"""A study's scheduler run by the workers: ASHA's facts read from the study's rows, under the claim's lock
+(PBT's generations: `workers.population`).
 
 The decisions are `workers.schedulers.Asha`'s (the offline LCBench benchmark runs the same ones); this
 module only reads what they need: each trial's objective at every rung it reached in its current attempt,
@@ -12,8 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Study, Trial, TrialEpoch, TrialState
-from app.schemas.scheduler import AshaConfig
+from app.schemas.scheduler import AshaConfig, PbtConfig
 from app.schemas.study import StudySpec
+from workers import population
 from workers.schedulers import Asha, Promote, TrialFacts
 
 
@@ -24,8 +26,11 @@ def asha_of(spec: StudySpec) -> Asha | None:
     return Asha(scheduler, maximize=spec.maximize)
 
 
-def next_rung(spec: StudySpec, epoch: int) -> int | None:
-    """The rung a trial that has trained `epoch` epochs pauses at next; None: it trains to the end."""
+def next_pause(spec: StudySpec, epoch: int) -> int | None:
+    """Where a trial that has trained `epoch` epochs pauses next for its scheduler (an ASHA rung, a PBT
+    boundary); None: it trains to the end."""
+    if isinstance(spec.scheduler, PbtConfig):
+        return population.next_boundary(spec.scheduler, spec.budget.epochs, epoch)
     asha = asha_of(spec)
     if asha is None:
         return None
@@ -35,7 +40,10 @@ def next_rung(spec: StudySpec, epoch: int) -> int | None:
 def promotion_in_tx(session: Session, study: Study, *, idle: bool) -> int | None:
     """The number of the paused trial the study's scheduler promotes now, if any. `idle`: every trial has
     started and none runs or waits; then, while no trial has completed, the best paused one goes on anyway
-    (`Asha.best_paused`), so the study ends with a fully trained trial."""
+    (`Asha.best_paused`), so the study ends with a fully trained trial. PBT continues its members only then,
+    a whole generation at once (`population.start_generation_in_tx`)."""
+    if isinstance(study.config.scheduler, PbtConfig):
+        return population.first_due_in_tx(session, study) if idle else None
     asha = asha_of(study.config)
     if asha is None:
         return None

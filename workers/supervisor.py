@@ -140,7 +140,8 @@ class Supervisor:
 
     def _step(self, device: str) -> bool:
         lease = leasing.claim_trial(self.db, worker_id=self.worker_id, device=device,
-                                    trial_deadline_s=self.settings.trial_deadline_s, can_run=self.plugins.can_run)
+                                    trial_deadline_s=self.settings.trial_deadline_s, can_run=self.plugins.can_run,
+                                    artifact_dir=self.settings.artifact_dir)
         if lease is not None:
             if self.stop_event.is_set():  # stop() came while claiming: hand it straight back
                 release(self.slot, lease)
@@ -189,7 +190,7 @@ class Supervisor:
         def claim_more(n: int) -> list[leasing.Lease]:
             more = leasing.claim_trials(self.db, worker_id=self.worker_id, device=device,
                                         study_id=first.study_id, trial_deadline_s=self.settings.trial_deadline_s,
-                                        limit=n)
+                                        limit=n, artifact_dir=self.settings.artifact_dir)
             track(more)
             held.extend(more)
             return more

@@ -137,6 +137,25 @@ def make_scheduler(params: dict[str, Any], optimizer: torch.optim.Optimizer, *,
     raise ValueError(f"unknown lr_schedule {name!r}")
 
 
+def apply_changed(params: dict[str, Any], before: dict[str, Any], optimizer: torch.optim.Optimizer,
+                  scheduler: Scheduler | None) -> None:
+    """Carry hyperparameters changed since a checkpoint (PBT's explore) into the restored optimizer: the
+    learning rate scales with its schedule, as the schedule had started from the new value; weight decay and
+    momentum take their new values. Dropout needs nothing here: the network is built with the new rate."""
+    old_lr, new_lr = before.get("learning_rate"), params.get("learning_rate")
+    factor = float(new_lr) / float(old_lr) if old_lr and new_lr and old_lr != new_lr else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+        if "weight_decay" in params:
+            group["weight_decay"] = float(params["weight_decay"])
+        if "momentum" in params and group.get("momentum"):
+            group["momentum"] = float(params["momentum"])
+    if factor != 1.0 and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+
+
 def step_scheduler(scheduler: Scheduler | None, val_loss: float) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(val_loss)
@@ -277,6 +296,7 @@ def train(module: nn.Module, data: TrainData, params: dict[str, Any], *, epochs:
     reason, done = "completed", 0  # done: epochs finished before this call
     if resume_from is not None:
         restore_loop(resume_from, module=module, optimizer=optimizer, scheduler=scheduler, generator=generator)
+        apply_changed(params, resume_from.params, optimizer, scheduler)
         best.best_epoch, best.best_value = resume_from.best_epoch, resume_from.best_value
         best.best_metrics, best_state = dict(resume_from.best_metrics), resume_from.best_model
         history, done = list(resume_from.history), resume_from.epoch

@@ -47,6 +47,8 @@ class ModelSpec:
     mean: list[float] | None = None  # per-channel (images) or per-feature statistics of the training split
     std: list[float] | None = None
     plugin: dict[str, str] | None = None  # {"name", "version", "distribution"} of a model plugin (app.plugins)
+    # A PBT member's: the hyperparameter schedule that produced these weights (`params` are its last step's).
+    schedule: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelSpec:
@@ -55,7 +57,8 @@ class ModelSpec:
                    input_shape=tuple(int(d) for d in config["input_shape"]),
                    n_outputs=int(config["n_outputs"]),
                    feature_groups=config.get("feature_groups"), classes=config.get("classes"),
-                   mean=config.get("mean"), std=config.get("std"), plugin=config.get("plugin"))
+                   mean=config.get("mean"), std=config.get("std"), plugin=config.get("plugin"),
+                   schedule=config.get("schedule"))
 
 
 # ---- files of a study ------------------------------------------------------------------------------------
@@ -94,6 +97,8 @@ def save_trial(stem: Path, state: dict[str, Any], spec: ModelSpec, *, metrics: d
     weights, config = trial_files(stem)
     _write_atomically(weights, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
     body = {**asdict(spec), "metrics": metrics, "layers": layers}
+    if spec.schedule is None:  # only a PBT member's weights come with a schedule
+        del body["schedule"]
     _write_atomically(config, json.dumps(body, indent=1).encode())
 
 

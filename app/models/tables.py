@@ -167,6 +167,9 @@ class Trial(Base):
     rung: Mapped[int | None] = mapped_column(Integer)
     # Checkpoints a resuming attempt could not use and passed over (the reason is in `error`): /metrics sums them.
     unusable_checkpoints: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A PBT member's hyperparameter schedule, inherited steps first: [{"epoch", "params", "source",
+    # "source_epoch"}]; the last step's params are in force (None: its own `params` since epoch 0).
+    schedule: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

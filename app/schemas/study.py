@@ -203,8 +203,10 @@ class StudySpec(Strict):
     scheduler: SchedulerConfig | None = Field(
         None, description="asha: asynchronous successive halving with promotion: trials pause with their "
         "checkpoint at rungs of min_epochs * reduction_factor^k epochs, and a free slot resumes one in the top "
-        "1/reduction_factor of its rung before it starts a new trial; max_epochs must be budget.epochs. "
-        "(pbt is validated but not run yet.)")
+        "1/reduction_factor of its rung before it starts a new trial; max_epochs must be budget.epochs. pbt: "
+        "population-based training: population (= budget.n_trials) members train side by side; every "
+        "interval_epochs the bottom quantile continues from a top member's checkpoint with perturbed or resampled "
+        "mutable hyperparameters (no pruner, no early stopping).")
 
     @field_validator("keep_best_k")
     @classmethod
@@ -238,8 +240,8 @@ class StudySpec(Strict):
         objs = self.objectives
         if self.budget.max_parallel > self.budget.n_trials:
             self.budget.max_parallel = self.budget.n_trials
-        if len(objs) > 1 and "pruner" not in self.model_fields_set:
-            self.pruner = PrunerSpec(name="none")  # the default pruner cannot prune several objectives
+        if (len(objs) > 1 or isinstance(self.scheduler, PbtConfig)) and "pruner" not in self.model_fields_set:
+            self.pruner = PrunerSpec(name="none")  # the default pruner cannot prune several objectives, nor pbt's
         return self
 
     # ---- derived facts, decided here once: readers never rebuild them from the stored dict ----
@@ -336,15 +338,42 @@ class StudySpec(Strict):
         scheduler = self.scheduler
         if scheduler is None:
             return []
-        if isinstance(scheduler, PbtConfig):
-            return [SpecRuleError(("scheduler", "name"), "pbt is not run by the workers yet: use asha, or no "
-                                  "scheduler")]
         out = []
+        if len(self.objectives) > 1:
+            out.append(SpecRuleError(("scheduler", "name"),
+                                     f"{scheduler.name} ranks trials by one objective: give one"))
+        if isinstance(scheduler, PbtConfig):
+            return out + self._pbt_errors(scheduler)
         if scheduler.max_epochs != self.budget.epochs:
             out.append(SpecRuleError(("scheduler", "max_epochs"), f"max_epochs ({scheduler.max_epochs}) must be "
                                      f"budget.epochs ({self.budget.epochs}): the epochs of a fully trained trial"))
-        if len(self.objectives) > 1:
-            out.append(SpecRuleError(("scheduler", "name"), "asha ranks trials by one objective: give one"))
+        return out
+
+    def _pbt_errors(self, pbt: PbtConfig) -> list[SpecRuleError]:
+        from app.ml.space import MODELS, Context, SpaceError, resolve_space
+
+        out = []
+        if pbt.population != self.budget.n_trials:
+            out.append(SpecRuleError(("scheduler", "population"), f"population ({pbt.population}) must be "
+                                     f"budget.n_trials ({self.budget.n_trials}): each member is one trial"))
+        if pbt.interval_epochs >= self.budget.epochs:
+            out.append(SpecRuleError(("scheduler", "interval_epochs"), f"interval_epochs ({pbt.interval_epochs}) "
+                                     f"must be below budget.epochs ({self.budget.epochs})"))
+        if "pruner" in self.model_fields_set and self.pruner.name != "none":
+            out.append(SpecRuleError(("pruner", "name"), "pbt replaces its worst members instead of stopping "
+                                     "them: set pruner.name to 'none' (the default with pbt)"))
+        if self.model not in MODELS:
+            out.append(SpecRuleError(("scheduler", "name"), f"pbt changes hyperparameters inside hpsearch's "
+                                     f"training loop: use model mlp or cnn, not {self.model!r}"))
+            return out
+        try:
+            space = resolve_space(self.space_entries(), Context(model=self.model))
+        except SpaceError:
+            return out  # the space's own errors are reported with the dataset at hand
+        for i, name in enumerate(pbt.mutable):
+            if not hasattr(space.get(name), "low"):
+                out.append(SpecRuleError(("scheduler", "mutable", i), f"{name} is not searched by this study's "
+                                         "space: pbt explores only hyperparameters with a range"))
         return out
 
     def space_errors(self, description: dict[str, Any],

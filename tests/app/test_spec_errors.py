@@ -80,9 +80,29 @@ def test_a_scheduler_that_cannot_run_the_spec_says_which_field_to_change(client:
     two = [{"metric": "val_accuracy"}, {"metric": "val_loss", "direction": "minimize"}]
     errors = _errors(client, study_spec(scheduler={**asha, "max_epochs": 3}, objective=two, pruner={"name": "none"}))
     assert errors["scheduler.name"] == "asha ranks trials by one objective: give one"
-    pbt = {"name": "pbt", "population": 4, "interval_epochs": 1}
-    assert "pbt is not run by the workers yet" in _errors(client, study_spec(scheduler=pbt))["scheduler.name"]
     assert "min_epochs (3) must be below max_epochs (3)" in str(_errors(client, study_spec(
         scheduler={**asha, "min_epochs": 3, "max_epochs": 3})))
     created = client.post(f"{API}/studies", json=study_spec(scheduler={**asha, "max_epochs": 3}))
     assert created.status_code == 201 and created.json()["spec"]["scheduler"]["reduction_factor"] == 3
+
+
+def test_a_pbt_spec_that_cannot_run_says_which_field_to_change(client: TestClient) -> None:
+    pbt = {"name": "pbt", "population": 3, "interval_epochs": 1}  # study_spec: n_trials 3, epochs 3
+    errors = _errors(client, study_spec(scheduler={**pbt, "population": 4, "interval_epochs": 3,
+                                                   "mutable": ["learning_rate", "dropout"]},
+                                        pruner={"name": "median"}, search_space={"dropout": 0.1}))
+    assert errors == {
+        "scheduler.population": "population (4) must be budget.n_trials (3): each member is one trial",
+        "scheduler.interval_epochs": "interval_epochs (3) must be below budget.epochs (3)",
+        "pruner.name": "pbt replaces its worst members instead of stopping them: set pruner.name to 'none' (the "
+                       "default with pbt)",
+        "scheduler.mutable.1": "dropout is not searched by this study's space: pbt explores only hyperparameters "
+                               "with a range"}
+    assert "units cannot change during training" in str(_errors(client, study_spec(
+        scheduler={**pbt, "mutable": ["units"]})))
+    spec = study_spec(scheduler=pbt)
+    del spec["pruner"]
+    created = client.post(f"{API}/studies", json=spec)
+    assert created.status_code == 201, created.text
+    stored = created.json()["spec"]
+    assert stored["pruner"]["name"] == "none" and stored["scheduler"]["quantile"] == 0.25

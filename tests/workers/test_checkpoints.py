@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from app.ml.networks import build_model
 from tests.conftest import ROOT
+from workers import trainer
 from workers.checkpoints import (
     CheckpointUnusable,
     EpochCheckpointer,
@@ -37,7 +38,7 @@ from workers.checkpoints import (
 )
 from workers.checkpoints.encoding import EncodingError, flatten, unflatten
 from workers.loop_state import LoopState, capture_rng, restore_rng
-from workers.trainer import EpochReport, TrainData, TrainResult, train
+from workers.trainer import EpochReport, TrainData, TrainResult, make_optimizer, train
 
 EPOCHS, STOP_AT = 8, 3
 TOL = 1e-6
@@ -137,6 +138,41 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, data_fn: Callable[[], 
     resumed = train(fresh, data, params, **run, resume_from=state)
 
     assert_same_run(whole, resumed, whole_model, fresh)
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("momentum", "cosine"), ("adamw", "step")])
+def test_a_resume_with_explored_values_trains_on_with_them(tmp_path: Path, optimizer: str, schedule: str) -> None:
+    """PBT's explore: the checkpoint's weights and optimizer state, with the learning rate (scaled along its
+    schedule), weight decay and momentum in force from the next epoch on."""
+    params = {"n_layers": 1, "units": 16, "dropout": 0.2, "batch_size": 16, "optimizer": optimizer,
+              "lr_schedule": schedule, "learning_rate": 0.01, "weight_decay": 1e-4, "momentum": 0.9}
+    data = blobs()
+    run: dict[str, Any] = {"epochs": EPOCHS, "objective": "val_loss", "direction": "minimize", "patience": None,
+                           "seed": 7}
+    whole = train(model_for(data, params), data, params, **run)
+    train(model_for(data, params), data, params, **run, callbacks=[StopAt(STOP_AT)],
+          checkpoint=WriteEveryEpoch(tmp_path))
+    explored = {**params, "learning_rate": 0.03, "weight_decay": 1e-3, "momentum": 0.5, "dropout": 0.1}
+    fresh = model_for(data, explored)
+    state = read_checkpoint(tmp_path / checkpoint_name(STOP_AT), module=fresh)
+    made: list[torch.optim.Optimizer] = []
+
+    def keep(*args: Any) -> torch.optim.Optimizer:
+        made.append(make_optimizer(*args))
+        return made[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "make_optimizer", keep)
+        resumed = train(fresh, data, explored, **run, resume_from=state)
+
+    later = [r for r in resumed.history if r.epoch > STOP_AT]
+    assert [r.epoch for r in later] == list(range(STOP_AT + 1, EPOCHS + 1))
+    for mine, theirs in zip(later, whole.history[STOP_AT:], strict=True):  # 3x the uninterrupted schedule
+        assert mine.learning_rate == pytest.approx(3 * theirs.learning_rate, rel=1e-6)
+    expected_momentum = 0.5 if optimizer == "momentum" else 0.0
+    group = made[0].param_groups[0]
+    assert (group["weight_decay"], group.get("momentum", 0.0)) == (1e-3, expected_momentum)
+    assert [m.p for m in fresh.modules() if isinstance(m, nn.Dropout)] == [0.1]
 
 
 def test_resume_keeps_best_so_far_and_early_stopping_counter(tmp_path: Path) -> None:
