@@ -45,15 +45,27 @@ class TrialPublic(Public):
     checkpoint_bytes: int | None = Field(None, description="The size of that checkpoint file")
     pause_requested_at: datetime | None = Field(None, description="When a client asked to pause this running "
                                                 "trial; its worker pauses it at the next epoch boundary")
-    rung: int | None = Field(None, description="Paused by the study's scheduler (asha) at this rung, an epoch: "
-                             "a free slot resumes it if it ranks in the top 1/reduction_factor there")
+    rung: int | None = Field(None, description="Paused by the study's scheduler at this rung, an epoch: asha "
+                             "resumes it if it ranks in the top 1/reduction_factor there, pbt once every member "
+                             "has reached its boundary")
     epochs_target: int | None = Field(None, description="While a client's extension of this completed trial "
                                       "waits or runs: the epoch it continues to; its complete result stands "
                                       "until the extension completes")
 
 
+class ScheduleStep(Public):
+    epoch: int = Field(description="The epoch after which these values are in force (0: from the start)")
+    params: dict[str, Any]
+    source: int | None = Field(None, description="The member whose checkpoint of source_epoch it continued "
+                                                 "from (pbt's exploit); null for the starting values")
+    source_epoch: int | None = None
+
+
 class TrialDetail(TrialPublic):
     curve: list[EpochPoint]
+    schedule: list[ScheduleStep] | None = Field(None, description="A pbt member's hyperparameter schedule, the "
+                                                "steps inherited with a copied checkpoint first; null when it "
+                                                "trained with its params throughout")
 
 
 class TrialsPublic(Public):

@@ -138,5 +138,6 @@ def get_trial(db: Database, *, owner: str, study_id: str, number: int) -> TrialD
         epochs = session.scalars(select(TrialEpoch).where(
             TrialEpoch.trial_id == trial.id, TrialEpoch.attempt == trial.attempt).order_by(TrialEpoch.epoch)).all()
         curve = [EpochPoint.model_validate(e) for e in epochs]
-        return TrialDetail.model_validate({**TrialPublic.model_validate(trial).model_dump(), "curve": curve})
+        return TrialDetail.model_validate({**TrialPublic.model_validate(trial).model_dump(), "curve": curve,
+                                           "schedule": trial.schedule})
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.models import Study, TrialEpoch
-from tests.factories import create_study_via_api
+from tests.factories import API, create_study_via_api
 from tests.integration.processes import (
     optuna_trials,
     processes,
@@ -66,6 +66,9 @@ def test_pbt_members_copy_the_best_checkpoints_and_train_on_with_explored_values
         t = theirs[r.optuna_trial_id]
         assert t.state.name == "COMPLETE" and sorted(t.intermediate_values) == list(range(1, EPOCHS + 1))
         assert t.user_attrs.get("pbt_schedule") == r.schedule
+    for r in exploited:  # the trial's page lists its schedule
+        assert client.get(f"{API}/studies/{sid}/trials/{r.number}").json()["schedule"] == [
+            {"source": None, "source_epoch": None, **step} for step in r.schedule]
     best = max(rows, key=lambda r: r.value)
     config = json.loads((Path(settings.artifact_dir) / sid / f"trial-{best.number}.json").read_text())
     assert config.get("schedule") == best.schedule

@@ -237,8 +237,11 @@ export function importanceOption(importances) {
 }
 
 /** One trial's curves: the objective on the left axis, losses on the right. */
-export function trialOption(curve, { objective, epochs }) {
+/** A trial's curves; `exploits` (a PBT member's schedule steps taken from another member) mark where its
+ * curve continues from a copied checkpoint. */
+export function trialOption(curve, { objective, epochs }, exploits = []) {
   const at = (ys) => curve.map((p) => [p.epoch, ys(p)]);
+  const jumps = exploits.map((s) => ({ xAxis: s.epoch, label: { formatter: `from #${s.source}` } }));
   return {
     animation: false,
     grid: { left: 50, right: 50, top: 36, bottom: 40 },
@@ -249,7 +252,8 @@ export function trialOption(curve, { objective, epochs }) {
              max: lastEpoch(curve.map((p) => p.epoch), epochs), minInterval: 1 },
     yAxis: [{ type: "value", name: objective, scale: true }, { type: "value", name: "loss", scale: true }],
     series: [
-      { name: objective, type: "line", data: at((p) => p.val_metric), itemStyle: { color: COLORS.complete } },
+      { name: objective, type: "line", data: at((p) => p.val_metric), itemStyle: { color: COLORS.complete },
+        markLine: { symbol: "none", silent: true, lineStyle: { type: "dotted" }, data: jumps } },
       { name: "val loss", type: "line", yAxisIndex: 1, data: at((p) => p.val_loss), itemStyle: { color: COLORS.fail } },
       { name: "train loss", type: "line", yAxisIndex: 1, data: at((p) => p.train_loss),
         lineStyle: { type: "dashed" }, itemStyle: { color: COLORS.pruned } },

@@ -479,7 +479,8 @@ async function selectTrial(number, { link = true } = {}) {
     $("detail-why").textContent = link ? "" : "· the best so far";
     $("detail").dataset.number = String(trial.number);
     chart("detail-chart").resize();
-    chart("detail-chart").setOption(trialOption(trial.curve, state), { notMerge: true });
+    const exploits = (trial.schedule || []).filter((s) => s.source != null);
+    chart("detail-chart").setOption(trialOption(trial.curve, state, exploits), { notMerge: true });
     renderTrialControls(trial);
     kv($("detail-info"), [
       ["state", trialState(trial)],
@@ -488,6 +489,7 @@ async function selectTrial(number, { link = true } = {}) {
       ["attempt", String(trial.attempt)], ["worker", `${trial.worker_id ?? "—"} · ${trial.device ?? "—"}`],
       ["source", trial.source],
       ...Object.entries(trial.params || {}).map(([k, v]) => [k, formatValue(v)]),
+      ...scheduleRows(trial.schedule),
       ...Object.entries(trial.metrics || {}).map(([k, v]) => [k, formatValue(v)]),
     ]);
     $("detail-error").classList.toggle("hidden", !trial.error);
@@ -499,8 +501,21 @@ async function selectTrial(number, { link = true } = {}) {
   }
 }
 
+/** A PBT member's schedule, one row per step after its start: whose checkpoint, and the values that changed. */
+function scheduleRows(schedule) {
+  return (schedule || []).slice(1).map((step, i) => {
+    const before = schedule[i].params;
+    const changed = Object.entries(step.params).filter(([k, v]) => before[k] !== v)
+      .map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
+    return [`after epoch ${step.epoch}`, `#${step.source}'s checkpoint of epoch ${step.source_epoch}; ${changed || "same values"}`];
+  });
+}
+
 function trialState(trial) {
   if (trial.pause_requested_at) return `${trial.state} (pausing at its next epoch)`;
+  if (trial.rung && state.spec?.scheduler?.name === "pbt") {
+    return `${trial.state} (at epoch ${trial.rung}, until every member reaches it)`;
+  }
   if (trial.rung) return `${trial.state} (at rung ${trial.rung}, until its scheduler promotes it)`;
   if (trial.epochs_target) return `${trial.state} (extending to epoch ${trial.epochs_target})`;
   return trial.state;
