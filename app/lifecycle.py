@@ -101,6 +101,11 @@ class Counts:
     at_rungs: int = 0  # of the paused: paused by the study's scheduler at a rung, not by a client
     promotable: bool = False  # the scheduler would promote one of those now
 
+    @property
+    def started(self) -> int:
+        """Trials holding a place in n_trials: running, finished, waiting, paused and extensions alike."""
+        return self.running + self.finished + self.waiting + self.paused + self.extensions
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -147,7 +152,7 @@ def next_trial(budget: Budget, counts: Counts, now: datetime) -> NextTrial | Non
         return NextTrial.WAITING
     if counts.promotable:
         return NextTrial.PROMOTION
-    if counts.running + counts.finished + counts.waiting + counts.paused + counts.extensions >= budget.n_trials:
+    if counts.started >= budget.n_trials:
         return None
     return NextTrial.NEW_SLOT
 
@@ -156,8 +161,7 @@ def schedule_exhausted(budget: Budget, counts: Counts) -> bool:
     """A scheduler's study whose every trial has started and that has nothing left to run: none runs, waits,
     or earns a promotion, and only its scheduler holds any paused (a client's pause holds the study open).
     Its trials still paused at rungs end pruned with the study."""
-    started = counts.running + counts.finished + counts.waiting + counts.paused + counts.extensions
-    return started >= budget.n_trials and not (counts.running or counts.waiting or counts.extensions
+    return counts.started >= budget.n_trials and not (counts.running or counts.waiting or counts.extensions
                                                or counts.promotable) and counts.paused == counts.at_rungs
 
 

@@ -35,7 +35,7 @@ def _finalizable_study_ids(session: Session, now: datetime) -> list[str]:
     spent = Study.stop_requested_at.is_not(None) | (Study.deadline_at <= now) \
         | (leasing.finished_trials() >= Study.n_trials) | (leasing.paused_at_rungs() > 0)
     return list(session.scalars(select(Study.id).where(
-        Study.status == StudyStatus.RUNNING.value, spent, leasing.trials_in(TrialState.RUNNING) == 0,
+        Study.status == StudyStatus.RUNNING.value, spent, leasing.trials_in(leasing.in_state(TrialState.RUNNING)) == 0,
         Study.finalize_until.is_(None) | (Study.finalize_until <= now))
         .order_by(Study.created_at, Study.id).limit(CANDIDATES)))
 

@@ -76,17 +76,20 @@ class Lease:
 
 
 def counts_in_tx(session: Session, study_id: str) -> lifecycle.Counts:
-    extension = Trial.epochs_target.is_not(None)
-    by_state = dict(session.execute(select(Trial.state, func.count()).where(Trial.study_id == study_id)
-                                    .group_by(Trial.state)).all())
-    extensions = session.scalar(select(func.count()).where(
-        Trial.study_id == study_id, Trial.state == TrialState.WAITING.value, extension)) or 0
-    at_rungs = session.scalar(select(func.count()).where(
-        Trial.study_id == study_id, Trial.state == TrialState.PAUSED.value, Trial.rung.is_not(None))) or 0
-    finished = sum(by_state.get(s.value, 0) for s in TrialState if s.is_finished())
-    return lifecycle.Counts(by_state.get(TrialState.WAITING.value, 0) - extensions,
-                            by_state.get(TrialState.RUNNING.value, 0), finished,
-                            by_state.get(TrialState.PAUSED.value, 0), extensions, at_rungs)
+    """The study's trials by state, in one grouped query: waiting ones apart from extensions, and how many of
+    the paused its scheduler parked at a rung."""
+    extension, at_rung = Trial.epochs_target.is_not(None).label("extension"), Trial.rung.is_not(None).label("at_rung")
+    rows = session.execute(select(Trial.state, extension, at_rung, func.count()).where(Trial.study_id == study_id)
+                           .group_by(Trial.state, extension, at_rung)).all()
+
+    def count(state: TrialState, *, extends: bool | None = None, rung: bool | None = None) -> int:
+        return sum(n for s, e, r, n in rows if s == state.value and extends in (None, bool(e))
+                   and rung in (None, bool(r)))
+
+    waiting = TrialState.WAITING
+    return lifecycle.Counts(count(waiting, extends=False), count(TrialState.RUNNING),
+                            sum(count(s) for s in TrialState if s.is_finished()), count(TrialState.PAUSED),
+                            count(waiting, extends=True), count(TrialState.PAUSED, rung=True))
 
 
 def scheduled_counts_in_tx(session: Session, study: Study) -> tuple[lifecycle.Counts, int | None]:
@@ -94,8 +97,7 @@ def scheduled_counts_in_tx(session: Session, study: Study) -> tuple[lifecycle.Co
     counts = counts_in_tx(session, study.id)
     if not counts.at_rungs or counts.running >= study.max_parallel:
         return counts, None
-    started = counts.running + counts.finished + counts.waiting + counts.paused + counts.extensions
-    idle = started >= study.n_trials and not (counts.running or counts.waiting or counts.extensions)
+    idle = counts.started >= study.n_trials and not (counts.running or counts.waiting or counts.extensions)
     promote = scheduling.promotion_in_tx(session, study, idle=idle)
     return dataclasses.replace(counts, promotable=promote is not None), promote
 
@@ -119,30 +121,27 @@ def share_study_in_tx(session: Session, study_id: str) -> Study | None:
     return session.scalars(select(Study).where(Study.id == study_id).with_for_update(read=True)).first()
 
 
-def trials_in(state: TrialState | None = None) -> Any:
-    """A correlated count of the candidate study's trials (in one state, or all)."""
-    stmt = select(func.count()).select_from(Trial).where(Trial.study_id == Study.id)
-    if state is not None:
-        stmt = stmt.where(Trial.state == state.value)
-    return stmt.scalar_subquery()
+def trials_in(*where: Any) -> Any:
+    """A correlated count of the candidate study's trials (those matching `where`, or all)."""
+    return select(func.count()).select_from(Trial).where(Trial.study_id == Study.id, *where).scalar_subquery()
+
+
+def in_state(state: TrialState) -> Any:
+    return Trial.state == state.value
 
 
 def finished_trials() -> Any:
-    return select(func.count()).select_from(Trial).where(
-        Trial.study_id == Study.id, Trial.state.in_(FINISHED_TRIAL_STATES)).scalar_subquery()
+    return trials_in(Trial.state.in_(FINISHED_TRIAL_STATES))
 
 
 def paused_at_rungs() -> Any:
     """A correlated count of the candidate study's trials its scheduler paused at a rung."""
-    return select(func.count()).select_from(Trial).where(
-        Trial.study_id == Study.id, Trial.state == TrialState.PAUSED.value, Trial.rung.is_not(None)).scalar_subquery()
+    return trials_in(in_state(TrialState.PAUSED), Trial.rung.is_not(None))
 
 
 def waiting_extensions() -> Any:
     """A correlated count of the candidate study's completed trials waiting to be extended."""
-    return select(func.count()).select_from(Trial).where(
-        Trial.study_id == Study.id, Trial.state == TrialState.WAITING.value,
-        Trial.epochs_target.is_not(None)).scalar_subquery()
+    return trials_in(in_state(TrialState.WAITING), Trial.epochs_target.is_not(None))
 
 
 # ---- claims --------------------------------------------------------------------------------------------------
@@ -151,7 +150,7 @@ def waiting_extensions() -> Any:
 def _candidate_study_ids(session: Session, statuses: tuple[str, ...], now: datetime) -> list[str]:
     """Studies that can start a trial now, oldest first: full ones are filtered out in SQL, so a page of
     busy old studies never hides a newer one with room (the lock and app.lifecycle.next_trial decide)."""
-    running, waiting = trials_in(TrialState.RUNNING), trials_in(TrialState.WAITING)
+    running, waiting = trials_in(in_state(TrialState.RUNNING)), trials_in(in_state(TrialState.WAITING))
     within_budget = Study.stop_requested_at.is_(None) & (Study.deadline_at.is_(None) | (Study.deadline_at > now)) \
         & (finished_trials() < Study.n_trials) \
         & ((waiting > 0) | (trials_in() < Study.n_trials) | (paused_at_rungs() > 0))
