@@ -1,9 +1,10 @@
-"""ASHA with promotion against stop-based Hyperband and the hand-written loop, by real training on this CPU.
+"""ASHA with promotion and PBT against stop-based Hyperband and the hand-written loop, by real training on this CPU.
 
 One after the other, each with the same budget on MNIST-10k over the documented MLP space: the hand-written
-Optuna TPE + Hyperband loop (`reference_optuna`), and the service with TPE + Hyperband (stop-based) and with
-TPE + ASHA with promotion (`service_runs`). The target is the best validation accuracy the hand-written loop
-ends its budget with; each search's time to a completed trial at that accuracy is compared with the loop's.
+Optuna TPE + Hyperband loop (`reference_optuna`), and the service with TPE + Hyperband (stop-based), with
+TPE + ASHA with promotion, and with PBT (`service_runs`). The target is the best validation accuracy the
+hand-written loop ends its budget with; each search's time to a completed trial at that accuracy is compared
+with the loop's.
 
     python -m benchmarks.schedulers_real --budget 300 --out /tmp/schedulers-real.json
 """
@@ -19,7 +20,7 @@ from benchmarks.common import TARGET_ACCURACY, SearchResult, machine, time_to, w
 
 def run(budget_s: float) -> dict[str, Any]:
     searches: list[SearchResult] = [reference_optuna.run("tpe_hyperband", budget_s)]
-    searches += [service_runs.run(variant, budget_s) for variant in ("tpe_hyperband", "tpe_asha")]
+    searches += [service_runs.run(variant, budget_s) for variant in ("tpe_hyperband", "tpe_asha", "pbt")]
     reference = searches[0].summary()
     target = reference["best"]
     rows = []
