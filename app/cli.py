@@ -315,6 +315,18 @@ def cmd_trials(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_rungs(args: argparse.Namespace, client: Client) -> int:
+    rungs = client.studies.rungs(args.id)
+    if rungs.scheduler is None:
+        print("this study has no scheduler: its trials never pause at rungs")
+        return 0
+    went_on = "promoted" if rungs.scheduler == "asha" else "continued"
+    print(f"{rungs.scheduler}: {'epoch':>5}  {'reached':>7}  {'paused':>6}  {went_on:>9}")
+    for r in rungs.rungs:
+        print(f"{'':{len(rungs.scheduler) + 1}} {r.epoch:>5}  {r.reached:>7}  {r.paused:>6}  {r.promoted:>9}")
+    return 0
+
+
 def _chosen_columns(text: str, trials: list[TrialPublic]) -> list[str]:
     """--columns learning_rate,optimizer: those parameters, in that order; a name no trial has is an error."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -624,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_non_negative, default=None,
                    help="how many parameter columns without --columns (default: every searched one, at least 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per trial and line, for scripts")
+    p = _client_command(sub, "rungs", "where a study's scheduler pauses trials: per rung, how many reached it, "
+                        "wait paused there and went on", cmd_rungs)
+    p.add_argument("id", help=_ID_HELP)
     for name, func, text in (("pause", cmd_pause, "pause a study (no new trials until resumed), or one trial of "
                                                   "it: checkpointed at its next epoch boundary, its slot freed"),
                              ("resume", cmd_resume, "resume a paused study, or a paused trial from its checkpoint"),

@@ -25,7 +25,7 @@ from typing import IO, Any, Literal
 import httpx
 
 from app.schemas.ensemble import EnsemblePublic, PredictionsPublic
-from app.schemas.insights import ImportancePublic
+from app.schemas.insights import ImportancePublic, RungsPublic
 from app.schemas.study import StudiesPublic, StudyPublic, StudySpec
 from app.schemas.trial import EnqueuedPublic, TrialDetail, TrialPublic, TrialsPublic
 
@@ -312,6 +312,10 @@ class Studies(_Part):
     def importance(self, study_id: str) -> ImportancePublic:
         """Parameter importance, most important first (empty, with a reason, before enough trials)."""
         return ImportancePublic.model_validate(self._c.json("GET", self._study(study_id, "/importance")))
+
+    def rungs(self, study_id: str) -> RungsPublic:
+        """Where the study's scheduler pauses trials, and per rung how many reached it, wait there, went on."""
+        return RungsPublic.model_validate(self._c.json("GET", self._study(study_id, "/rungs")))
 
     def ensemble(self, study_id: str) -> EnsemblePublic:
         """The completed study's ensemble: members, weights, validation and test metrics."""

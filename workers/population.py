@@ -45,12 +45,6 @@ def pbt_of(spec: StudySpec) -> Pbt | None:
     return Pbt(config, ranges, maximize=spec.maximize)
 
 
-def next_boundary(config: PbtConfig, epochs: int, epoch: int) -> int | None:
-    """The boundary a member that has trained `epoch` epochs pauses at next; None: it trains to the end."""
-    boundary = (epoch // config.interval_epochs + 1) * config.interval_epochs
-    return boundary if boundary < epochs else None
-
-
 def schedule_of(trial: Trial) -> list[dict[str, Any]]:
     """The trial's schedule, its starting values as the first step when it never changed them."""
     return trial.schedule or [{"epoch": 0, "params": dict(trial.params or {})}]

@@ -29,12 +29,7 @@ def asha_of(spec: StudySpec) -> Asha | None:
 def next_pause(spec: StudySpec, epoch: int) -> int | None:
     """Where a trial that has trained `epoch` epochs pauses next for its scheduler (an ASHA rung, a PBT
     boundary); None: it trains to the end."""
-    if isinstance(spec.scheduler, PbtConfig):
-        return population.next_boundary(spec.scheduler, spec.budget.epochs, epoch)
-    asha = asha_of(spec)
-    if asha is None:
-        return None
-    return next((rung for rung in asha.rungs if rung > epoch), None)
+    return next((pause for pause in spec.scheduler_pauses() if pause > epoch), None)
 
 
 def promotion_in_tx(session: Session, study: Study, *, idle: bool) -> int | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field
+
 from app.schemas.common import Public
 
 
@@ -50,3 +52,17 @@ class CurvePublic(Public):
 class CurvesPublic(Public):
     objective: str
     data: list[CurvePublic]
+
+
+class RungPublic(Public):
+    epoch: int = Field(description="Where the scheduler pauses trials: an ASHA rung, a PBT boundary")
+    reached: int = Field(description="Trials whose current curve reached this epoch")
+    paused: int = Field(description="Trials waiting paused here now")
+    promoted: int = Field(description="Trials that went on past it: promoted (asha) or continued (pbt)")
+
+
+class RungsPublic(Public):
+    """Where a study's scheduler pauses trials, and what became of them there; empty without a scheduler."""
+
+    scheduler: str | None
+    rungs: list[RungPublic]

@@ -334,6 +334,13 @@ class StudySpec(Strict):
                                      f"{pruner.n_warmup_steps} steps leaves only the last epoch to prune at"))
         return out + self.scheduler_errors()
 
+    def scheduler_pauses(self) -> tuple[int, ...]:
+        """The epochs at which the scheduler pauses trials: ASHA's rungs, PBT's interval boundaries; () without."""
+        scheduler = self.scheduler
+        if isinstance(scheduler, PbtConfig):
+            return tuple(range(scheduler.interval_epochs, self.budget.epochs, scheduler.interval_epochs))
+        return scheduler.rungs if scheduler is not None else ()
+
     def scheduler_errors(self) -> list[SpecRuleError]:
         scheduler = self.scheduler
         if scheduler is None:

@@ -15,7 +15,7 @@ from app import cli
 from app.client import Client
 from app.core.db import Database
 from app.main import create_app
-from app.models import Trial
+from app.models import Trial, TrialEpoch
 from app.services import keys
 from tests.conftest import make_settings
 from tests.factories import flower_csv, npz_bytes, small_idx, study_spec
@@ -133,6 +133,26 @@ def test_the_trial_table_shows_the_rung_a_scheduler_paused_a_trial_at(hps: Clien
     assert status == 0, err
     assert out.splitlines()[1].split()[:4] == ["0", "paused", "(rung", "3)"]
     assert hps.trials.get(sid, 0).rung == 3
+
+
+def test_rungs_show_where_a_scheduler_pauses_trials(hps: Client, sqlite_url: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    asha = {"name": "asha", "min_epochs": 1, "reduction_factor": 2, "max_epochs": 3}  # rungs at 1 and 2
+    sid = hps.studies.create(study_spec(scheduler=asha)).id
+    db = Database(sqlite_url)
+    with db.session() as session:
+        for number, state, rung, epochs in ((0, "paused", 1, 1), (1, "complete", None, 3), (2, "pruned", None, 1)):
+            trial = Trial(study_id=sid, number=number, state=state, attempt=1, rung=rung, params={"lr": 0.01})
+            session.add(trial)
+            session.flush()
+            session.add_all(TrialEpoch(trial_id=trial.id, attempt=1, epoch=e) for e in range(1, epochs + 1))
+    db.dispose()
+    status, out, err = run(capsys, "rungs", sid[:8])
+    assert status == 0, err
+    assert [line.split() for line in out.splitlines()] == [
+        ["asha:", "epoch", "reached", "paused", "promoted"], ["1", "3", "1", "1"], ["2", "1", "0", "1"]]
+    status, out, _ = run(capsys, "rungs", hps.studies.create(study_spec()).id[:8])
+    assert status == 0 and out == "this study has no scheduler: its trials never pause at rungs\n"
 
 
 def test_upload_csv_npz_and_idx(hps: Client, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

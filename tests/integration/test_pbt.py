@@ -69,6 +69,8 @@ def test_pbt_members_copy_the_best_checkpoints_and_train_on_with_explored_values
     for r in exploited:  # the trial's page lists its schedule
         assert client.get(f"{API}/studies/{sid}/trials/{r.number}").json()["schedule"] == [
             {"source": None, "source_epoch": None, **step} for step in r.schedule]
+    assert client.get(f"{API}/studies/{sid}/rungs").json() == {"scheduler": "pbt", "rungs": [
+        {"epoch": b, "reached": POPULATION, "paused": 0, "promoted": POPULATION} for b in range(1, EPOCHS)]}
     best = max(rows, key=lambda r: r.value)
     config = json.loads((Path(settings.artifact_dir) / sid / f"trial-{best.number}.json").read_text())
     assert config.get("schedule") == best.schedule

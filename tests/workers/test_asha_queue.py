@@ -12,6 +12,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, TrialState
+from app.services import rungs
 from tests.factories import create_study_via_service, study_spec
 from workers import asking, closing, leasing, optuna_sync
 
@@ -57,6 +58,8 @@ def test_a_claim_promotes_the_top_of_a_rung_first_and_the_study_closes_when_none
     assert promoted is not None and promoted.resumes
     assert (promoted.number, promoted.promoted_from, promoted.checkpoint_epoch, promoted.attempt) == (
         paused[1].number, 1, 1, 1)
+    assert [r.model_dump() for r in rungs.study_rungs(db, owner="alice", study_id=sid).rungs] == [
+        {"epoch": 1, "reached": 3, "paused": 2, "promoted": 1}, {"epoch": 3, "reached": 0, "paused": 0, "promoted": 0}]
     fresh = _claim(db)  # the best of rung 1 is promoted already: a new trial, the fourth and last
     assert fresh is not None and fresh.number is None and fresh.promoted_from is None
     assert _claim(db) is None  # n_trials started; nothing else earns a promotion

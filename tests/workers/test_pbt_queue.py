@@ -15,6 +15,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
 from app.models import Study, Trial, TrialState
+from app.services import rungs
 from tests.factories import create_study_via_service, study_spec
 from workers import asking, leasing
 
@@ -69,6 +70,7 @@ def test_the_barrier_continues_a_generation_its_worst_member_from_the_best_ones_
     for lease, value in zip(members[:3], (0.2, 0.9, 0.5), strict=True):
         _to_boundary(db, lease, artifacts, value)
     assert _claim(db, artifacts) is None  # member 3 still trains: the generation waits for it
+    assert _rungs(db, sid) == [(2, 3, 3, 0), (4, 0, 0, 0)]  # (epoch, reached, paused, continued)
     _to_boundary(db, members[3], artifacts, 0.6)
 
     first = _claim(db, artifacts)  # the barrier: the whole generation goes on
@@ -85,6 +87,7 @@ def test_the_barrier_continues_a_generation_its_worst_member_from_the_best_ones_
     assert first.schedule == [{"epoch": 0, "params": members[1].params},
                               {"epoch": 2, "params": first.params, "source": members[1].number, "source_epoch": 2}]
 
+    assert _rungs(db, sid) == [(2, 4, 0, 4), (4, 0, 0, 0)]
     rest = [_claim(db, artifacts) for _ in range(3)]  # the others wait in line, unchanged
     assert [(r.number, r.schedule, r.params) for r in rest if r is not None] == [
         (m.number, None, m.params) for m in members[1:]]
@@ -106,6 +109,11 @@ def test_a_member_ahead_waits_and_without_the_artifact_store_members_keep_their_
     assert all(lease is not None and lease.schedule is None and lease.checkpoint_epoch == 2 for lease in leased[:3])
     rows = _rows(db, sid)
     assert (rows[members[3].number].state, rows[members[3].number].rung) == (TrialState.PAUSED.value, 4)
+
+
+def _rungs(db: Database, sid: str) -> list[tuple[int, int, int, int]]:
+    found = rungs.study_rungs(db, owner="alice", study_id=sid)
+    return [(r.epoch, r.reached, r.paused, r.promoted) for r in found.rungs]
 
 
 def _optuna_name(db: Database, sid: str) -> str:

@@ -9,9 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import CurrentOwner, DbDep, SettingsDep
 from app.api.streams import HeldStreamingResponse
-from app.schemas.insights import CurvesPublic, HistoryPublic, ImportancePublic
+from app.schemas.insights import CurvesPublic, HistoryPublic, ImportancePublic, RungsPublic
 from app.schemas.overview import HistoryOverviewPublic
-from app.services import events, exports, importance
+from app.services import events, exports, importance, rungs
 from app.services import history as history_overview
 
 router = APIRouter(prefix="/studies/{study_id}", tags=["insights"])
@@ -22,6 +22,13 @@ NUMBERS_PATTERN = r"^\d{1,9}(,\d{1,9}){0,59}$"
 def get_importance(study_id: str, owner: CurrentOwner, db: DbDep, settings: SettingsDep) -> ImportancePublic:
     """Parameter importance (fANOVA; PED-ANOVA past 1,000 complete trials), cached until a trial finishes."""
     return importance.param_importance(db, settings, owner=owner, study_id=study_id)
+
+
+@router.get("/rungs", response_model=RungsPublic)
+def get_rungs(study_id: str, owner: CurrentOwner, db: DbDep) -> RungsPublic:
+    """Where the study's scheduler pauses trials (ASHA's rungs, PBT's boundaries): per epoch, how many trials
+    reached it, wait paused there, and went on past it; an empty list without a scheduler."""
+    return rungs.study_rungs(db, owner=owner, study_id=study_id)
 
 
 @router.get("/events", response_class=StreamingResponse,

@@ -366,6 +366,25 @@ async function loadImportance() {
   markDrawn("importance-chart");
 }
 
+/** Where the study's scheduler pauses trials (ASHA's rungs, PBT's boundaries): who reached each, waits there,
+ * went on. Hidden for a study without a scheduler. */
+async function loadRungs() {
+  try {
+    const result = await getJSON(`${BASE}/rungs`);
+    $("rungs-panel").classList.toggle("hidden", !result.scheduler);
+    if (!result.scheduler) return;
+    const pbt = result.scheduler === "pbt";
+    $("rungs-note").textContent = pbt
+      ? "pbt: members pause at each boundary until all reach it; the worst continue from the best's checkpoints"
+      : "asha: trials pause at each rung; the top 1/eta are promoted from their checkpoints";
+    $("rungs-went-on").textContent = pbt ? "continued" : "promoted";
+    $("rungs-body").replaceChildren(...result.rungs.map((r) => el("tr", {},
+      ...[r.epoch, r.reached, r.paused, r.promoted].map((n) => el("td", { class: "num" }, String(n))))));
+  } catch (error) {
+    $("rungs-note").textContent = `Rungs unavailable: ${error.message}`;
+  }
+}
+
 // ---- the trial table ------------------------------------------------------------------------------------
 
 const COLUMNS = [
@@ -560,6 +579,7 @@ const refreshOverview = throttle(() => loadOverview().then(() => { drawHistory()
 const refreshTable = throttle(() => { if (state.table.index === 0) loadTable().catch(() => {}); }, 3000);
 const refreshImportance = throttle(() => loadImportance(), IMPORTANCE_EVERY_MS);
 const refreshCurves = throttle(() => loadCurves().catch(() => {}), 5000);
+const refreshRungs = throttle(() => loadRungs(), 3000);
 
 function onEvent(kind, data) {
   if (kind === "study_status") {
@@ -568,6 +588,7 @@ function onEvent(kind, data) {
     const known = state.live.get(data.number);
     state.live.set(data.number, { ...(known || { params: {}, value: null }), number: data.number, state: "running" });
     refreshTable();
+    refreshRungs();
   } else if (kind === "epoch") {
     onEpoch(data);
   } else if (kind === "trial_finished") {
@@ -579,6 +600,7 @@ function onEvent(kind, data) {
     refreshTable();
     refreshImportance();
     refreshCurves();
+    refreshRungs();
   }
 }
 
@@ -607,7 +629,7 @@ function startPolling() {
       const before = JSON.stringify([...state.live.values()].map((t) => [t.number, t.state]));
       await loadHistory(pollAfter());
       redrawTrials();
-      if (JSON.stringify([...state.live.values()].map((t) => [t.number, t.state])) !== before) { refreshTable(); refreshImportance(); refreshCurves(); }
+      if (JSON.stringify([...state.live.values()].map((t) => [t.number, t.state])) !== before) { refreshTable(); refreshImportance(); refreshCurves(); refreshRungs(); }
       if (["completed", "cancelled", "failed"].includes(study.status) && !study.progress.running) {
         setLive("finished", false);
         return;
@@ -630,7 +652,7 @@ async function load() {
     // to draw (they need the objective, the epochs and the parameter names).
     let basicsDrawn;
     state.basics = new Promise((resolve) => { basicsDrawn = resolve; });
-    const rest = Promise.all([loadTable(), loadCurves(), loadImportance()]);
+    const rest = Promise.all([loadTable(), loadCurves(), loadImportance(), loadRungs()]);
     const [study] = await Promise.all([getJSON(BASE), loadOverview()]);
     renderSummary(study);
     drawHistory();
