@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app import lifecycle
 from app.lifecycle import Fate, OptunaTell, TrialFacts, Verdict
 from app.models import Study, StudyStatus, Trial, TrialEpoch, TrialState
+from app.schemas.scheduler import PbtConfig
 
 
 def facts_of(trial: Trial) -> TrialFacts:
@@ -54,6 +55,8 @@ def apply_in_tx(session: Session, trial: Trial, verdict: Verdict, now: datetime)
             trial.error, trial.failure = verdict.error, (verdict.failure.value if verdict.failure else None)
         if continues:
             _keep_curve_to_checkpoint(session, trial, before)
+            if verdict.fate is Fate.RESUME and not paused:
+                return _park_at_scheduler_pause(session, trial)
         elif verdict.fate is Fate.RETRY:  # starts over: a checkpoint of an attempt that failed is no start
             trial.checkpoint_path = trial.checkpoint_epoch = trial.checkpoint_bytes = None
         else:  # same attempt number: a shutdown is not the trial's failure, and this slot no longer holds it
@@ -66,6 +69,22 @@ def apply_in_tx(session: Session, trial: Trial, verdict: Verdict, now: datetime)
     trial.finished_at = now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
     return tells
+
+
+def _park_at_scheduler_pause(session: Session, trial: Trial) -> list[OptunaTell]:
+    """A trial that died with its checkpoint at its scheduler's pause (an ASHA rung, a PBT boundary), before
+    the pause was recorded, waits paused there, as its runner would have left it: resumed in line, it would
+    train past the rung without the scheduler's decision. ASHA tells Optuna the rung as a pause does."""
+    study = session.get(Study, trial.study_id)
+    if study is None or trial.epochs_target is not None or trial.checkpoint_epoch is None:
+        return []
+    spec = study.config
+    if trial.checkpoint_epoch not in spec.scheduler_pauses():
+        return []
+    trial.state, trial.rung = TrialState.PAUSED.value, trial.checkpoint_epoch
+    if isinstance(spec.scheduler, PbtConfig) or trial.optuna_trial_id is None:
+        return []  # a PBT member runs on as one Optuna trial
+    return [OptunaTell(trial.optuna_trial_id, TrialState.PRUNED)]
 
 
 def _prune_paused(session: Session, trial: Trial, verdict: Verdict, now: datetime) -> list[OptunaTell]:

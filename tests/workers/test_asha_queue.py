@@ -11,10 +11,10 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.optuna_store import optuna_storage
-from app.models import Study, TrialState
+from app.models import FailureKind, Study, Trial, TrialState
 from app.services import rungs
 from tests.factories import create_study_via_service, study_spec
-from workers import asking, closing, leasing, optuna_sync
+from workers import asking, closing, leasing, optuna_sync, retries
 
 ASHA = {"name": "asha", "min_epochs": 1, "reduction_factor": 3, "max_epochs": 9}  # rungs at 1 and 3
 
@@ -88,3 +88,34 @@ def test_a_claim_promotes_the_top_of_a_rung_first_and_the_study_closes_when_none
     why = "paused at rung 1 by the scheduler, not promoted before the study ended"
     assert ended == {paused[0].number: ("pruned", 0.5, None, why), paused[1].number: ("complete", 0.95, None, None),
                      paused[2].number: ("pruned", 0.7, None, why), asked.number: ("pruned", 0.1, None, why)}
+
+
+def test_a_trial_that_died_at_its_rung_before_pausing_waits_there_for_its_scheduler(
+        db: Database, settings: Settings) -> None:
+    """Its runner wrote the rung's checkpoint and died before the pause was recorded: put back in line, it
+    would train past the rung without a promotion; it waits paused at the rung instead, pruned in Optuna."""
+    sid = create_study_via_service(db, settings, spec=study_spec(
+        budget={"n_trials": 4, "epochs": 9, "max_parallel": 4, "max_attempts": 3}, scheduler=ASHA))
+    with db.read_session() as session:
+        name = session.scalars(select(Study.optuna_name).where(Study.id == sid)).one()
+    ostudy = asking.open_study(optuna_storage(db.url), name, optuna.samplers.RandomSampler(seed=0),
+                               optuna.pruners.NopPruner())
+    claimed = _claim(db)
+    assert claimed is not None
+    asked = ostudy.ask()
+    lease = leasing.bind_trial(db, claimed, number=asked.number, optuna_trial_id=asked._trial_id, params={})
+    assert lease is not None
+    leasing.record_epoch(db, lease, epoch=1, train_loss=1.0, val_loss=1.0, val_metric=0.8, learning_rate=0.1,
+                         seconds=0.1)
+    asked.report(0.8, 1)
+    assert leasing.record_checkpoint(db, lease, path=f"{sid}/checkpoints/trial-0-1/e.safetensors", epoch=1,
+                                     size=1).recorded
+    reaped = retries.retry_attempt(db, lease, reason="runner died", failure=FailureKind.PROCESS_DIED)
+    assert reaped is not None
+    optuna_sync.tell(optuna_storage(db.url), reaped.tells, ostudy)
+
+    with db.read_session() as session:
+        row = session.scalars(select(Trial).where(Trial.study_id == sid)).one()
+    assert (row.state, row.rung, row.attempt, row.checkpoint_epoch) == ("paused", 1, 2, 1)
+    stored = optuna.load_study(study_name=name, storage=optuna_storage(db.url)).trials
+    assert [(t.state, t.value) for t in stored] == [(optuna.trial.TrialState.PRUNED, 0.8)]
