@@ -2,7 +2,8 @@
 
 Both sides train the same trials with the same code (app.ml.artifacts.build_module + workers.trainer.train) on
 the same rows, with TPE (seed 0) over the documented MLP space, and keep Optuna in a SQLite file. The service
-adds REST, its own tables, leases, a forked child per trial, per-epoch curves, artifacts. Trials per minute run
+adds REST, its own tables, leases, a runner child process (one per slot, living across trials; or, for the
+comparison, one forked per trial), per-epoch curves, artifacts. Trials per minute run
 from the REST submit (service) or the first ask (bare loop) to the last trial's end; the service's final test
 evaluation comes after that and is reported apart.
 
@@ -45,9 +46,10 @@ def tiny_spec(dataset_ref: str, n_trials: int, slots: int) -> dict[str, Any]:
                        "max_attempts": 1}}
 
 
-def run_service(n_trials: int, slots: int) -> dict[str, Any]:
+def run_service(n_trials: int, slots: int, runner_trials: int = 50) -> dict[str, Any]:
+    """`runner_trials` 1: a new runner process for every trial, as before runners lived across trials."""
     x, y = tiny_dataset()
-    with running_service(slots=slots) as svc:
+    with running_service(slots=slots, HPSEARCH_RUNNER_TRIALS=str(runner_trials)) as svc:
         ref = svc.upload_npz("digits-781", x, y)
         study_id, submitted = svc.submit(tiny_spec(ref, n_trials, slots))
         start = time.perf_counter()
@@ -56,9 +58,11 @@ def run_service(n_trials: int, slots: int) -> dict[str, Any]:
         result = svc.result("service", study_id, submitted, float("inf"), wall)
     finished = [t for t in result.trials if t.state in ("complete", "pruned", "fail")]
     last = max(t.finished_s for t in finished)
-    return {"name": f"service ({slots} slots)", "trials": len(finished),
+    runners = "a runner per trial" if runner_trials == 1 else f"runners of up to {runner_trials} trials"
+    return {"name": f"service ({slots} slots, {runners})", "trials": len(finished),
             "complete": sum(t.state == "complete" for t in finished), "seconds": round(last, 2),
             "trials_per_min": round(60 * len(finished) / last, 1),
+            "slot_ms_per_trial": round(1000 * last * slots / len(finished), 1),
             "finalize_s": round(wall - last, 1), "status": study["status"]}
 
 
@@ -117,10 +121,13 @@ def run_bare(n_trials: int, threads: int = 1) -> dict[str, Any]:
 
 
 def run(n_trials: int, slots: int = 2, bare_threads: int = 1) -> dict[str, Any]:
+    """The bare loop, the service, and the service forking a runner per trial, side by side."""
     bare = run_bare(n_trials, bare_threads)
     service = run_service(n_trials, slots)
-    return {"bare": bare, "service": service,
-            "ratio": round(service["trials_per_min"] / bare["trials_per_min"], 2)}
+    forking = run_service(n_trials, slots, runner_trials=1)
+    return {"bare": bare, "service": service, "service_forking": forking,
+            "ratio": round(service["trials_per_min"] / bare["trials_per_min"], 2),
+            "slot_gap_saved_ms": round(forking["slot_ms_per_trial"] - service["slot_ms_per_trial"], 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
 from app.schemas.scheduler import PbtConfig
-from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries, scheduling
+from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries, scheduling, warm_runners
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
@@ -261,6 +261,7 @@ class Member:
     checkpointed: bool = False  # a checkpoint of this attempt was recorded
     checkpoints: bool = False  # its runner writes checkpoints: it can pause at an epoch boundary
     pause_at: int | None = None  # the rung its runner pauses it at, for its scheduler
+    told_end: bool = False  # its runner told how it ended (Done, Stopped, Failed): the runner is done with it
 
 
 OnDeath = Callable[[Slot, PreparedStudy, Any, list[Member]], None]  # (slot, study, runner, members still open)
@@ -285,7 +286,9 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
     for t in job.trials:
         members[t.trial].checkpoints = t.checkpoint_dir is not None
         members[t.trial].pause_at = t.pause_at
-    proc, conn = _spawn(slot, job)
+    key = warm_runners.key_of(p.study_id, job)
+    runner = warm_runners.take(key, job) or warm_runners.WarmRunner(*_spawn(slot, job), key=key)
+    proc, conn = runner.proc, runner.conn
     for m in members.values():
         lease = m.lease
         m.tlog = logging.LoggerAdapter(log, {"worker_id": slot.worker_id, "study_id": lease.study_id,
@@ -297,13 +300,13 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
             m.tlog.info("trial started in a fused group of %d", len(members))
         if p.spec.tensorboard:
             m.board = TrialBoard(board_dir(slot.settings.artifact_dir, lease.study_id, lease.number, lease.attempt))
+    out_of_memory: list[Member] = []
     try:
-        return _relay(slot, p, proc, conn, members, on_death)
+        out_of_memory = _relay(slot, p, proc, conn, members, on_death)
+        return out_of_memory
     finally:
-        conn.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
+        clean = all(m.told_end for m in members.values()) and not out_of_memory and not slot.shutting_down()
+        warm_runners.keep_or_stop(runner, reusable=clean, max_jobs=slot.settings.runner_trials)
         for m in members.values():
             if m.board is not None:
                 m.board.close()
@@ -385,6 +388,7 @@ def _relay(slot: Slot, p: PreparedStudy, proc: Any, conn: Connection, members: d
             return out_of_memory
         m = members.get(msg.trial)
         assert m is not None, f"a runner spoke of trial {msg.trial}, which it does not hold"
+        m.told_end = m.told_end or isinstance(msg, Done | Stopped | Failed)
         if isinstance(msg, Epoch):
             if m.ended:  # ended here already (late, lost): let the runner drop it
                 tell_runner(msg.trial)

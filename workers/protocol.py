@@ -4,7 +4,9 @@ Every message names the trial it is about (the service's trial row id), so one r
 trials at once and the supervisor records, prunes and stops each of them on its own. Runner to supervisor:
 Epoch after each epoch (answered by a Decision while the next epoch trains), then one of Done, Failed or
 Stopped per trial. A checkpointing trial also sends Checkpointed once each checkpoint is on disk, and a
-resumed one Resumed before its first epoch. A Decision may also come unasked (a pause at shutdown).
+resumed one Resumed before its first epoch. A Decision may also come unasked (a pause at shutdown). Once
+every trial of its job has ended the runner says JobEnded and waits for its next job on the same pipe
+(`workers.warm_runners`), or for None, to exit.
 Messages travel between a supervisor and the child it forked, never from a client.
 """
 
@@ -75,6 +77,13 @@ class Decision:
     trial: int
     verdict: Verdict
     answers_epoch: bool = True  # False: sent unasked, it settles no epoch
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """Every trial of the job has ended and was told; the runner waits for its next job."""
+
+    rss_mb: float  # its resident memory now: a runner that keeps growing is replaced
 
 
 Message = Epoch | Done | Failed | Stopped | Checkpointed | Resumed

@@ -29,7 +29,7 @@ from app.ml.artifacts import ModelSpec, build_module, save_trial
 from app.models import FailureKind
 from workers.devices import use_device
 from workers.precision import apply_precision
-from workers.protocol import Checkpointed, Decision, Done, Epoch, Failed, Resumed, Stopped, Verdict
+from workers.protocol import Checkpointed, Decision, Done, Epoch, Failed, JobEnded, Resumed, Stopped, Verdict
 
 OUT_OF_MEMORY = "out_of_memory"
 NON_FINITE = "non_finite_loss"
@@ -56,10 +56,11 @@ class RunnerJob:
     """What a runner trains: its trials (one alone, several fused) and what they share (data, budget, device)."""
 
     trials: list[RunnerTrial]
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    # The study's split; None in a job sent to a runner that already holds it (`workers.warm_runners`).
+    x_train: np.ndarray | None
+    y_train: np.ndarray | None
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
     epochs: int
     patience: int | None
     objective: str
@@ -160,20 +161,43 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def runner_main(conn: Connection, job: RunnerJob) -> None:
-    """Entry of the forked runner; never returns into the parent's code. An error fails every trial not ended."""
+    """Entry of the forked runner; never returns into the parent's code. It trains job after job of one study
+    on the split it was forked with; an error fails every trial of its job not ended, and the runner exits."""
     code = 0
-    reporter = Reporter(conn, job)
+    data = None
     try:
         _die_with_parent()
         _limit_memory(job.memory_limit_mb * len(job.trials), job.device)
-        _train(job, reporter)
-    except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
-        for t in job.trials:
-            if t.trial not in reporter.ended:
-                code = max(code, _report_failure(conn, t.trial, exc))
+        next_job: RunnerJob | None = job
+        while next_job is not None:
+            reporter = Reporter(conn, next_job)
+            try:
+                data = _train(next_job, reporter, data)
+            except BaseException as exc:  # noqa: BLE001 - the child reports every failure and exits
+                for t in next_job.trials:
+                    if t.trial not in reporter.ended:
+                        code = max(code, _report_failure(conn, t.trial, exc))
+                return
+            conn.send(JobEnded(_rss_mb()))
+            next_job = _next_job(conn)
+    except (EOFError, OSError):  # the supervisor closed the pipe: nothing more to do
+        pass
     finally:
         conn.close()
         os._exit(code)
+
+
+def _next_job(conn: Connection) -> RunnerJob | None:
+    """Wait for the next job; None (or a closed pipe) ends the runner. Late verdicts of the last job go."""
+    while True:
+        msg = conn.recv()
+        if msg is None or isinstance(msg, RunnerJob):
+            return msg
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _report_failure(conn: Connection, trial: int, exc: BaseException) -> int:
@@ -203,6 +227,7 @@ class Reporter:
 
     def __init__(self, conn: Connection, job: RunnerJob) -> None:
         self.conn, self.job = conn, job
+        self.data: Any = None  # the job's split on its device (a workers.trainer.TrainData), once loaded
         self.by_trial = {t.trial: t for t in job.trials}
         self.last: dict[int, dict[str, Any]] = {}  # each trial's last report sent
         self.pending: dict[int, int] = {t.trial: 0 for t in job.trials}
@@ -278,7 +303,7 @@ class Reporter:
                              f"non-finite training loss after epoch {result.epochs_run}")
         else:
             # Only a completed trial writes, and only here: pruned, stopped and failed trials leave no files.
-            message = Done(trial, _save(self.by_trial[trial], result, module, self.job))
+            message = Done(trial, _save(self.by_trial[trial], result, module, self.job, self.data))
         self.conn.send(message)
         self.ended.add(trial)
 
@@ -312,7 +337,7 @@ class _Alone:
         return self.trial in self.reporter.stopping()
 
 
-def _save(t: RunnerTrial, result: Any, module: Any, job: RunnerJob) -> dict[str, Any]:
+def _save(t: RunnerTrial, result: Any, module: Any, job: RunnerJob, data: Any) -> dict[str, Any]:
     """Save a completed trial's best weights as the ordinary trial files; Done's result."""
     import torch
 
@@ -324,7 +349,7 @@ def _save(t: RunnerTrial, result: Any, module: Any, job: RunnerJob) -> dict[str,
         module.load_state_dict(result.best_state)
     metrics = dict(result.best_metrics)
     metrics["param_count"] = float(parameter_count(module))
-    sample = torch.as_tensor(job.x_val[:INFERENCE_BATCH], dtype=torch.float32).to(job.device)
+    sample = data.x_val[:INFERENCE_BATCH].to(torch.float32)
     metrics["inference_ms"] = _inference_ms(module, sample)
     save_trial(Path(t.artifact_path), result.best_state, plugin_runner.stamped(t.spec), metrics=metrics,
                layers=plugin_runner.layers(t.spec, module))
@@ -347,17 +372,21 @@ def _tensors(job: RunnerJob) -> Any:
                      put(job.y_val, y_dtype), task=job.spec.task, image=job.image)
 
 
-def _train(job: RunnerJob, reporter: Reporter) -> None:
+def _train(job: RunnerJob, reporter: Reporter, resident: Any = None) -> Any:
+    """Train the job on its split: the one it carries, else the one this runner holds; returns the split."""
     import torch
 
     use_device(job.device)
     torch.set_num_threads(job.threads)
-    data = _tensors(job)
+    data = _tensors(job) if job.x_train is not None else resident
+    assert data is not None, "a job without its split reached a runner that holds none"
+    reporter.data = data
     amp = apply_precision(job.precision, job.device)
     if len(job.trials) == 1:
         _train_alone(job, job.trials[0], data, amp, reporter)
     else:
         _train_fused(job, data, amp, reporter)
+    return data
 
 
 def _train_alone(job: RunnerJob, t: RunnerTrial, data: Any, amp: Any, reporter: Reporter) -> None:

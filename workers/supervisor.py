@@ -23,7 +23,7 @@ from app.core.config import Settings
 from app.core.db import Database, is_transient
 from app.core.optuna_store import optuna_storage
 from app.services.studies import settle_optuna_trials
-from workers import checkpoint_sweep, closing, group, leasing, optuna_sync, registry, retries
+from workers import checkpoint_sweep, closing, group, leasing, optuna_sync, registry, retries, warm_runners
 from workers.attempt import Slot, release, run_attempt
 from workers.devices import CudaBeforeFork, check_fork_safe, pin_device_order, threads_per_slot, watching_cuda
 from workers.finalization import finalize
@@ -123,6 +123,12 @@ class Supervisor:
         reaper.run(self.stop_event, max(self.settings.heartbeat_interval_s, reaper.interval_s), self._log)
 
     def _slot_loop(self, slot: int, device: str) -> None:
+        try:
+            self._serve(slot, device)
+        finally:
+            warm_runners.release()
+
+    def _serve(self, slot: int, device: str) -> None:
         backoff = POLL_INTERVAL_S
         while not self.stop_event.is_set():
             try:
@@ -136,6 +142,7 @@ class Supervisor:
                 self._log.exception("slot %d failed a step; backing off %.1fs", slot, backoff)
                 worked, backoff = False, min(backoff * 2, 30.0)
             if not worked:
+                warm_runners.release()  # nothing to run: an idle runner would only hold memory
                 self.stop_event.wait(backoff)
 
     def _step(self, device: str) -> bool:
@@ -208,6 +215,8 @@ class Supervisor:
                         group.run_group(self.slot, leases, device)
                 except Exception as exc:  # noqa: BLE001 - raised again below, once every run has ended
                     errors.append(exc)
+                finally:
+                    warm_runners.release()  # this thread ends: its runner goes with it
 
             threads = [threading.Thread(target=run, args=(r,), name="fused-run", daemon=True) for r in runs]
             for t in threads:

@@ -193,6 +193,7 @@ def run_child(job: RunnerJob, start: str = "fork",
             assert isinstance(message, Done), message
             return epochs, message.result
     finally:
+        parent.close()  # the runner waits for its next job until its pipe closes
         proc.join(timeout_s)
         if proc.is_alive():
             proc.kill()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
 from app.ml.artifacts import ModelSpec, trial_files
-from workers.protocol import Decision, Done, Epoch, Failed, Message, Stopped, Verdict
+from workers.protocol import Decision, Done, Epoch, Failed, JobEnded, Message, Stopped, Verdict
 from workers.runner import RunnerJob, RunnerTrial, runner_main, standardization
 
 RTOL = 1e-5  # the fused-against-solo tolerance of tests/workers/test_fused.py
@@ -41,35 +41,67 @@ def job(trials: list[RunnerTrial]) -> RunnerJob:
 def run(job: RunnerJob, stop_at: dict[int, int] | None = None) -> dict[int, list[Message]]:
     """Fork the runner as a supervisor does and answer each epoch: STOP for a trial at its epoch in `stop_at`,
     GO otherwise. Every message by the trial it names, until each trial has ended."""
+    return run_jobs([job], stop_at)[0]
+
+
+def run_jobs(jobs: list[RunnerJob], stop_at: dict[int, int] | None = None) -> list[dict[int, list[Message]]]:
+    """`run` for several jobs in turn on one runner, each later one sent over its pipe as a warm runner's."""
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=runner_main, args=(child, job), daemon=True)
+    proc = ctx.Process(target=runner_main, args=(child, jobs[0]), daemon=True)
     proc.start()
     child.close()
-    messages: dict[int, list[Message]] = {t.trial: [] for t in job.trials}
-    open_trials = set(messages)
+    out = []
     try:
-        while open_trials:
-            assert parent.poll(120), "the runner went silent"
-            message = parent.recv()
-            assert message.trial in open_trials, message
-            messages[message.trial].append(message)
-            if isinstance(message, Epoch):
-                stop = (stop_at or {}).get(message.trial) == message.report["epoch"]
-                parent.send(Decision(message.trial, Verdict.STOP if stop else Verdict.GO))
-            else:
-                open_trials.discard(message.trial)
+        for index, job in enumerate(jobs):
+            if index:
+                parent.send(replace(job, x_train=None, y_train=None, x_val=None, y_val=None))
+            out.append(_relay(parent, job, stop_at or {}))
+            assert parent.poll(60) and isinstance(parent.recv(), JobEnded)  # it waits for its next job
+        parent.send(None)
     finally:
+        parent.close()
         proc.join(60)
         if proc.is_alive():
             proc.kill()
     assert proc.exitcode == 0
+    return out
+
+
+def _relay(parent: Any, job: RunnerJob, stop_at: dict[int, int]) -> dict[int, list[Message]]:
+    messages: dict[int, list[Message]] = {t.trial: [] for t in job.trials}
+    open_trials = set(messages)
+    while open_trials:
+        assert parent.poll(120), "the runner went silent"
+        message = parent.recv()
+        assert message.trial in open_trials, message
+        messages[message.trial].append(message)
+        if isinstance(message, Epoch):
+            stop = stop_at.get(message.trial) == message.report["epoch"]
+            parent.send(Decision(message.trial, Verdict.STOP if stop else Verdict.GO))
+        else:
+            open_trials.discard(message.trial)
     return messages
 
 
 def curve(messages: list[Message]) -> list[tuple[float, ...]]:
     return [(m.report["train_loss"], m.report["val_loss"], m.report["metrics"]["val_accuracy"])
             for m in messages if isinstance(m, Epoch)]
+
+
+def test_a_warm_runner_trains_its_next_job_on_its_resident_split_as_a_fresh_runner_would(tmp_path: Path) -> None:
+    """Job after job on one runner: the second, sent without its split, reports and saves what it would in a
+    runner of its own (nothing of the first job's training leaks into it)."""
+    first = job([RunnerTrial(21, spec(units=16, dropout=0.2), 3, str(tmp_path / "first"))])
+    second = job([RunnerTrial(22, spec(units=24, optimizer="momentum", learning_rate=0.05), 4,
+                              str(tmp_path / "warm"))])
+    _, warm = run_jobs([first, second])
+    fresh = run(replace(second, trials=[replace(second.trials[0], artifact_path=str(tmp_path / "fresh"))]))
+    assert curve(warm[22]) == curve(fresh[22]) and len(curve(warm[22])) == EPOCHS
+    assert isinstance(warm[22][-1], Done)
+    weights = [load_file(trial_files(Path(tmp_path / name))[0]) for name in ("warm", "fresh")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_a_fused_job_reports_and_saves_each_trial_as_its_solo_job_does(tmp_path: Path) -> None:
