@@ -305,7 +305,8 @@ def supervise(slot: Slot, p: PreparedStudy, leases: list[leasing.Lease], device:
         out_of_memory = _relay(slot, p, proc, conn, members, on_death)
         return out_of_memory
     finally:
-        clean = all(m.told_end for m in members.values()) and not out_of_memory and not slot.shutting_down()
+        clean = all(m.told_end for m in members.values()) and not out_of_memory and not slot.shutting_down() \
+            and warm_runners.may_serve_again(job)
         warm_runners.keep_or_stop(runner, reusable=clean, max_jobs=slot.settings.runner_trials)
         for m in members.values():
             if m.board is not None:

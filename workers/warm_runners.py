@@ -6,8 +6,9 @@ its cuBLAS and cuDNN handles and a fresh copy of the split on the device. A runn
 its context and the study's tensors resident; the next job of the same study and shape goes to it over the
 pipe, without the split. It is replaced when it dies, when its study or job shape changes, after
 `runner_trials` jobs, or once its resident memory has grown `GROWTH_MB` past what it held after its first
-job (a leak). Isolation stays per runner and results per trial: a runner serves one slot, one job at a
-time, and a job that fails ends its runner.
+job (a leak). A CPU runner under HPSEARCH_TRIAL_MEMORY_MB serves one job (`may_serve_again`). Isolation
+stays per runner and results per trial: a runner serves one slot, one job at a time, and a job that fails
+ends its runner.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ _held = threading.local()  # each slot thread's idle runner, if any
 def key_of(study_id: str, job: RunnerJob) -> tuple[Any, ...]:
     """A runner holds one study's split on one device, under a memory limit set for its number of trials."""
     return (study_id, job.device, job.threads, job.precision, job.memory_limit_mb, len(job.trials), job.image)
+
+
+def may_serve_again(job: RunnerJob) -> bool:
+    """A CPU runner under a memory limit serves one job: a second would find less of its limit free (what the
+    first left allocated) and could run out of memory where a fresh runner would not."""
+    return not (job.memory_limit_mb and job.device.startswith("cpu"))
 
 
 def take(key: tuple[Any, ...], job: RunnerJob) -> WarmRunner | None:

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
                                  "it inherits from its worker; beyond it the trial fails out_of_memory (0: none).")
     runner_trials: int = Field(50, ge=1, description="Jobs (a trial, or a fused group) one runner process trains "
                                "before it is replaced; between them it keeps torch, its device context and the "
-                               "study's split resident (1: a new runner for every trial).")
+                               "study's split resident (1: a new runner for every trial, as under trial_memory_mb "
+                               "on a CPU).")
     checkpoint_quota_mb: float = Field(0.0, ge=0, description="Checkpoint bytes (MB, 10^6 bytes) the trial rows "
                                        "of one owner's studies may hold together; a trial whose next checkpoint "
                                        "would go beyond it fails (checkpoint_quota) and its files go (0: no limit).")

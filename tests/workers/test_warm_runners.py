@@ -64,3 +64,10 @@ def test_a_runner_that_died_idle_is_replaced(settings: Settings, db: Database,
 
     monkeypatch.setattr(warm_runners, "keep_or_stop", kill_when_idle)
     assert len(_run_study(settings, db, monkeypatch)) == TRIALS
+
+
+def test_a_cpu_runner_under_a_memory_limit_serves_one_trial(settings: Settings, db: Database,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second trial would find less of the limit free than a fresh runner gives it."""
+    limited = settings.model_copy(update={"trial_memory_mb": 4096})
+    assert len(_run_study(limited, db, monkeypatch)) == TRIALS
