@@ -415,11 +415,30 @@ def test_hook_writes_every_n_epochs_records_then_drops_older(tmp_path: Path) -> 
     hook = EpochCheckpointer(tmp_path, every=2, on_written=record)
     train(model_for(data, params), data, params, epochs=7, objective="val_loss", direction="minimize",
           patience=None, checkpoint=hook)
-    assert seen == [(2, [2]), (4, [2, 4])]  # the write of epoch 6 may still be under way
+    assert seen[:2] == [(2, [2]), (4, [2, 4])]  # the write of epoch 6 may still be under way
     assert hook.wait() == hook.written[-1] and hook.wait() == hook.written[-1]
     assert seen == [(2, [2]), (4, [2, 4]), (6, [4, 6])]
     assert [c.epoch for c in list_checkpoints(tmp_path)] == [6]
     assert [c.epoch for c in hook.written] == [2, 4, 6]
+
+
+def test_a_finished_write_is_recorded_at_the_next_epoch_boundary_not_the_next_checkpoint(tmp_path: Path) -> None:
+    """With checkpoint_every 2, epoch 2's checkpoint is recorded at epoch 3 once it is on disk: a death at
+    epoch 4 then trains 2 epochs again, not 3."""
+    data = blobs()
+    params = {"n_layers": 1, "units": 8}
+    seen: list[int] = []
+
+    class WrittenByNextEpoch(EpochCheckpointer):
+        def on_epoch_state(self, report: EpochReport, state: Callable[[], LoopState]) -> None:
+            if self._writer is not None:
+                self._writer.result()  # the write of epoch 2 is on disk by the end of epoch 3
+            super().on_epoch_state(report, state)
+
+    hook = WrittenByNextEpoch(tmp_path, every=2, on_written=lambda written: seen.append(written.epoch))
+    train(model_for(data, params), data, params, epochs=3, objective="val_loss", direction="minimize",
+          patience=None, checkpoint=hook)
+    assert seen == [2]  # before `wait`: recorded during training
 
 
 def test_hook_deletes_a_checkpoint_only_once_a_newer_one_is_known_recorded(tmp_path: Path) -> None:

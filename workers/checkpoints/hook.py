@@ -2,10 +2,11 @@
 
 The snapshot is taken at the epoch boundary (CPU copies, a millisecond for an MNIST MLP); the write and its
 fsyncs, which cost tens of milliseconds on a network disk, overlap the next epoch. One write is in flight at
-a time: the next boundary (or `wait`) finishes it and hands it to `on_written` on the training thread (to
-have it recorded in the database). Older checkpoints are deleted only once a newer one is known recorded
-(`recorded()`: in a runner, the supervisor has answered an epoch sent after the checkpoint), so the one the
-database names always exists and a death mid-write, or before the record, falls back to it.
+a time: the first epoch boundary that finds it written (or the next checkpoint, or `wait`) hands it to
+`on_written` on the training thread (to have it recorded in the database). Older checkpoints are deleted
+only once a newer one is known recorded (`recorded()`: in a runner, the supervisor has answered an epoch
+sent after the checkpoint), so the one the database names always exists and a death mid-write, or before
+the record, falls back to it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class EpochCheckpointer:
     def on_epoch_state(self, report: EpochReport, state: Callable[[], LoopState]) -> None:
         pauses = self.also_at is not None and self.also_at(report.epoch)  # asked at every boundary
         if report.epoch % self.every and not pauses:
+            if self._writer is not None and self._writer.finished():
+                self.wait()  # recorded at this boundary, not a whole interval later: a death loses less
             return
         self.wait()
         self._writer = _Write(self.directory, state(), self.identity)
@@ -77,6 +80,9 @@ class _Write:
             self._done = write_checkpoint(directory, state, identity=identity)
         except BaseException as e:  # handed to the training thread by result()
             self._error = e
+
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
 
     def result(self) -> CheckpointFile:
         self._thread.join()
