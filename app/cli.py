@@ -218,7 +218,7 @@ def _start_reaper(settings: Settings) -> None:
     from app.core.db import Database
     from workers.reaper import Reaper
 
-    reaper = Reaper(Database(settings.database_url, pool_size=1), settings.lease_grace_s)
+    reaper = Reaper(Database(settings.database_url, pool_size=1), settings.lease_grace_s, settings.artifact_dir)
     threading.Thread(target=reaper.run, args=(threading.Event(), reaper.interval_s), daemon=True,
                      name="reaper").start()
 

@@ -119,7 +119,7 @@ class Supervisor:
 
     def _reaper_loop(self) -> None:
         """Fail or re-queue the leases of dead workers, and of trials past their deadline."""
-        reaper = Reaper(self.db, self.settings.lease_grace_s)
+        reaper = Reaper(self.db, self.settings.lease_grace_s, self.settings.artifact_dir)
         reaper.run(self.stop_event, max(self.settings.heartbeat_interval_s, reaper.interval_s), self._log)
 
     def _slot_loop(self, slot: int, device: str) -> None:

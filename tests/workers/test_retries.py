@@ -120,3 +120,21 @@ def test_cancelling_ends_every_optuna_trial_once_workers_stop(db: Database, sett
     with db.read_session() as session:
         rows = session.scalars(select(Trial).where(Trial.study_id == sid)).all()
         assert sorted((t.state, t.failure) for t in rows) == [("fail", "cancelled")] * 3
+
+
+def test_a_trial_reaped_for_good_loses_its_checkpoint_files(db: Database, settings: Settings) -> None:
+    """Its worker died with the study cancelled meanwhile: the reaper ends it, and since no worker is left
+    to delete its checkpoint, the reaper does."""
+    assert settings.artifact_dir is not None
+    slot = _slot(db, settings, "w1")
+    sid = _study(db, settings, budget={"n_trials": 1, "epochs": 3})
+    lease = _claim_bound(slot, sid)
+    relative = f"{sid}/checkpoints/trial-{lease.number}-1/epoch-000001.safetensors"
+    (settings.artifact_dir / relative).parent.mkdir(parents=True)
+    (settings.artifact_dir / relative).write_bytes(b"weights")
+    assert leasing.record_checkpoint(db, lease, path=relative, epoch=1, size=7).recorded
+    studies.change_state(db, owner="alice", study_id=sid, action="cancel")
+    _lose(db, lease)
+    assert [r.requeued for r in reaper.reap_and_tell(db, grace_s=5, artifact_dir=settings.artifact_dir)] == [False]
+    assert not (settings.artifact_dir / relative).exists()
+    assert not (settings.artifact_dir / sid / "checkpoints").exists()
