@@ -7,11 +7,10 @@ import os
 import re
 from pathlib import Path
 
-from app.ml.artifacts import trial_files
+from app.ml.artifacts import CHECKPOINTS_DIR, trial_files
 from workers.leasing import Lease
 
 STAGING_DIR = ".staging"  # per-attempt weights, under a study's artifact folder
-CHECKPOINTS_DIR = "checkpoints"  # per-attempt checkpoint folders, under a study's artifact folder
 _CHECKPOINT_FOLDER = re.compile(r"^trial-(\d+)-(\d+)$")  # checkpoint_dir's name: trial-<number>-<attempt>
 
 

@@ -26,6 +26,7 @@ from app.ml.trees import Trees
 
 WEIGHTS_FILE = "model.safetensors"  # names inside downloads and exports
 CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"  # per-attempt checkpoint folders (trial-<number>-<attempt>), under a study's folder
 ENSEMBLE_FILE = "ensemble.json"
 TREES_FILE = "trees.npz"
 TREES_NAME = "trees"  # the trees member: its name in an ensemble and its file stem in a study's folder
@@ -62,6 +63,11 @@ class ModelSpec:
 
 
 # ---- files of a study ------------------------------------------------------------------------------------
+
+
+def checkpoint_folders_of(study_dir: Path, number: int) -> list[Path]:
+    """Every attempt's checkpoint folder of one trial on disk."""
+    return sorted((study_dir / CHECKPOINTS_DIR).glob(f"trial-{number}-*"))
 
 
 def trial_stem(study_dir: Path, number: int) -> Path:

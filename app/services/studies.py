@@ -19,6 +19,7 @@ from app import lifecycle
 from app.core.config import Settings
 from app.core.db import Database, retry_on_disconnect
 from app.core.optuna_store import optuna_storage
+from app.ml.artifacts import checkpoint_folders_of
 from app.models import Study, StudyStatus, Trial, TrialState
 from app.models.base import utcnow
 from app.schemas.study import BestTrial, Progress, StudiesPublic, StudyPublic, StudySpec
@@ -166,6 +167,7 @@ def change_state(db: Database, *, owner: str, study_id: str, action: str,
     """pause, resume or cancel (app.lifecycle decides); Conflict when the study's status does not allow it.
     A cancel ends the study's paused trials, whose checkpoints then go from `artifact_dir`."""
     dropped: list[str] = []
+    ended: list[int] = []  # numbers of the trials a cancel ends
     with db.session() as session:
         study = own_study(session, owner=owner, study_id=study_id, for_update=True)
         try:
@@ -178,6 +180,9 @@ def change_state(db: Database, *, owner: str, study_id: str, action: str,
             study.finished_at = now = utcnow()
             study.stop_reason = "cancelled"
             # Waiting trials end here; running ones are stopped by their workers at their next epoch.
+            ended = [n for n in session.scalars(select(Trial.number).where(
+                Trial.study_id == study.id, Trial.epochs_target.is_(None),
+                Trial.state.in_([TrialState.WAITING.value, TrialState.PAUSED.value]))) if n is not None]
             end_waiting_in_tx(session, study.id, target, now, dropped.append)
         session.flush()
         public = _public(session, study)
@@ -185,6 +190,11 @@ def change_state(db: Database, *, owner: str, study_id: str, action: str,
         settle_optuna_trials(db, study_id)
         if artifact_dir is not None:
             remove_checkpoints(artifact_dir, dropped)
+            # And what dead workers left of ended trials: checkpoints written but never recorded. No
+            # finalization sweeps a cancelled study.
+            for number in ended:
+                for folder in checkpoint_folders_of(artifact_dir / study_id, number):
+                    shutil.rmtree(folder, ignore_errors=True)
     return public
 
 

@@ -219,3 +219,24 @@ def test_a_warm_started_study_is_claimable_only_when_whole(settings: Settings, d
     assert len(rows) <= 2 and [lease.study_id for lease in leases] == [sid, sid]
     assert sorted(str(lease.params) for lease in leases) == sorted(str(p) for p in warm)
     assert all(lease.source == "warm_start" for lease in leases)
+
+
+def test_a_cancel_deletes_what_dead_workers_left_of_the_trials_it_ends(settings: Settings, db: Database) -> None:
+    """A worker died after its runner wrote a checkpoint it never recorded; the trial waits to start over
+    when the client cancels: no worker and no finalization will ever sweep that folder, so the cancel does."""
+    assert settings.artifact_dir is not None
+    client = client_for(settings, db)
+    sid = create_study_via_api(client, study_spec())
+    with db.session() as session:
+        session.add(Trial(study_id=sid, number=0, state=TrialState.WAITING.value, attempt=2, params={"lr": 0.1},
+                          error="attempt 1: worker lost (no heartbeat)"))
+        session.add(Trial(study_id=sid, number=1, state=TrialState.RUNNING.value, attempt=1, params={"lr": 0.2},
+                          worker_id="w", checkpoint_path=f"{sid}/checkpoints/trial-1-1/epoch-000001.safetensors"))
+    orphan = settings.artifact_dir / sid / "checkpoints" / "trial-0-1" / "epoch-000001.safetensors"
+    running = settings.artifact_dir / sid / "checkpoints" / "trial-1-1" / "epoch-000001.safetensors"
+    for path in (orphan, running):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"weights")
+    assert client.post(f"{API}/studies/{sid}/cancel").status_code == 200
+    assert not orphan.parent.exists()
+    assert running.exists()  # its worker stops it, and then sweeps its files
