@@ -1,6 +1,7 @@
 """A chaos soak of the trial lifecycle: real worker supervisors and an API on one database, many studies at
-once, and a fault injector killing, freezing and stopping workers and cutting the database off. At the end
-it checks from the database (and the artifact folder) alone that every study ended sound.
+once, and a fault injector killing, freezing and stopping workers that hold a running trial and cutting the
+database off. At the end it checks from the database, the artifact folder, the epochs it saw recorded and the
+logs that every study ended sound, and counts the epochs each fault made a trial train again.
 
     python -m benchmarks.soak --database postgresql --minutes 30 --workers 3 --studies 40 --seed 1
 
@@ -29,7 +30,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ import httpx
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
+
+from benchmarks.soak_checks import (
+    check_checkpoint_files,
+    check_creates,
+    check_optuna_links,
+    check_outcome,
+    check_worker_logs,
+)
+from benchmarks.soak_lost_work import WORKER_FAULTS, EpochObserver, FaultHit, LostWork, check_lost_work, utcnow
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("HPSEARCH_TEST_POSTGRES_URL",
@@ -75,6 +85,7 @@ class Report:
     trials: Counter[str] = field(default_factory=Counter)
     checks: Counter[str] = field(default_factory=Counter)  # how many things each check looked at
     retried_trials: int = 0
+    lost_work: LostWork = field(default_factory=LostWork)
     failures: Counter[str] = field(default_factory=Counter)  # the last failure kind of each trial that had one
     studies: Counter[str] = field(default_factory=Counter)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -88,12 +99,13 @@ class Report:
     def render(self, config: SoakConfig) -> str:
         lines = [f"soak: database={config.database} minutes={config.minutes} workers={config.workers} "
                  f"studies={config.studies} seed={config.seed} ran {self.seconds:.0f}s",
-                 "faults injected: " + _counts(self.faults) + "; drawn but skipped (no registered victim or "
+                 "faults injected: " + _counts(self.faults) + "; drawn but skipped (no worker mid-trial, or "
                  "pool full): " + _counts(self.faults_skipped),
                  "actions: " + _counts(self.actions),
                  "studies: " + _counts(self.studies) + f" (settling: {self.settled})",
                  "trials: " + _counts(self.trials) + f"; retried (attempt > 1): {self.retried_trials}; "
                  "failures: " + _counts(self.failures),
+                 self.lost_work.render(),
                  "memory: " + json.dumps(self.memory),
                  "checked: " + _counts(self.checks),
                  f"violations: {len(self.violations)}"]
@@ -189,6 +201,7 @@ class Cluster:
         self.supervisors: list[Supervisor] = []
         self.lock = threading.RLock()
         self._started = 0
+        self.exits: list[str] = []  # processes that ended on their own, not by the injector
 
     @property
     def base(self) -> str:
@@ -232,9 +245,39 @@ class Cluster:
         return next((s for s in self.supervisors if s.witness), None)
 
     def top_up(self) -> None:
+        """Start workers until the pool is full again, noting first any process that ended on its own."""
         with self.lock:
+            self.note_exits()
             while len(self.live()) < self.target:
                 self.start_worker()
+
+    def note_exits(self) -> None:
+        """A supervisor or the API that exited without the injector's signal is a violation; the API is
+        started again so the client can go on."""
+        with self.lock:
+            for sup in self.supervisors:
+                if not sup.gone and sup.proc.poll() is not None:
+                    sup.gone = True
+                    self.exits.append(f"{sup.name} (pid {sup.proc.pid}{', the witness' if sup.witness else ''}) "
+                                      f"exited on its own with code {sup.proc.returncode}: {self._tail(sup.name)}")
+            if self.api is not None and self.api.poll() is not None:
+                self.exits.append(f"the API (pid {self.api.pid}) exited on its own with code "
+                                  f"{self.api.returncode}: {self._tail('api')}")
+                self.start_api()
+
+    def kill_api(self) -> None:
+        with self.lock:
+            assert self.api is not None
+            self.api.kill()
+            self.api.wait()
+            self.start_api()
+
+    def _tail(self, name: str) -> str:
+        try:
+            lines = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        return (lines[-1] if lines else "empty log")[:300]
 
     def stop(self) -> None:
         procs = [s.proc for s in self.supervisors] + ([self.api] if self.api else [])
@@ -258,32 +301,39 @@ BASE_SPACE: dict[str, Any] = {
     "dropout": {"type": "float", "low": 0.0, "high": 0.3},
     "units": {"type": "int", "low": 16, "high": 64},
     "n_layers": {"type": "int", "low": 1, "high": 2},
-    "optimizer": "adam", "batch_norm": "none", "lr_schedule": "constant", "batch_size": 32,
+    # Small batches: an epoch takes a tenth of a second or more, so a fault can find a trial mid-run.
+    "optimizer": "adam", "batch_norm": "none", "lr_schedule": "constant", "batch_size": 8,
 }
 GRID_SPACE: dict[str, Any] = {
     "learning_rate": {"type": "categorical", "choices": [0.003, 0.01, 0.03]},
     "units": {"type": "categorical", "choices": [16, 32]}, "n_layers": 1, "dropout": 0.0,
     "weight_decay": 1e-5, "activation": "relu", "weight_init": "he_normal", "layer_shape": "constant",
-    "optimizer": "adam", "batch_norm": "none", "lr_schedule": "constant", "batch_size": 32,
+    "optimizer": "adam", "batch_norm": "none", "lr_schedule": "constant", "batch_size": 8,
 }
 GRID_EXTRA = {"builtin:iris": {"branch_merge": "concat"}, "builtin:digits": {"augmentation": "none"}}
 
 
 def study_spec(rng: random.Random, sampler: str, *, dataset: str | None = None) -> dict[str, Any]:
-    """A tiny study (iris or digits, 1 to 3 epochs) with this sampler, a random pruner and maybe a seed."""
+    """A small study (iris or digits) with this sampler, a random pruner, maybe a seed, and a checkpoint
+    policy. Trials run 5 to 10 epochs, long enough for a fault to stop one mid-run, and few of them."""
     grid = sampler == "grid"
     spec: dict[str, Any] = {
         "name": f"soak-{sampler}",
         "dataset": dataset or rng.choice(["builtin:iris", "builtin:digits", "builtin:digits"]),
         "model": "mlp", "search_space": dict(GRID_SPACE if grid else BASE_SPACE),
         "sampler": {"name": sampler}, "pruner": {"name": "none"},
-        "budget": {"n_trials": rng.randint(4, 6 if grid else 8), "epochs": rng.randint(1, 3), "patience": None,
-                   "max_parallel": rng.randint(1, 3), "max_attempts": rng.choice([2, 3])},
+        "budget": {"n_trials": rng.randint(3, 5 if grid else 6), "epochs": rng.randint(5, 10), "patience": None,
+                   "max_parallel": rng.randint(1, 3), "max_attempts": rng.choice([3, 4])},
+        "checkpoint_every": rng.choice([1, 1, 2]),
     }
+    keep = rng.choice(["best_k", "best_k", "all", "none"])
+    spec["keep_checkpoints"] = keep
+    if keep == "best_k" and rng.random() < 0.5:
+        spec["keep_best_k"] = rng.randint(1, 2)
     if grid:  # the dataset's own categorical entry, fixed too: a grid study enqueues whole configurations
         spec["search_space"].update(GRID_EXTRA[spec["dataset"]])
     elif spec["dataset"] == "builtin:iris":
-        spec["search_space"]["batch_size"] = 16
+        spec["search_space"]["batch_size"] = 4
     if rng.random() < 0.6:
         spec["sampler"]["seed"] = rng.randrange(1000)
     if sampler == "nsga2":
@@ -354,6 +404,25 @@ class Ledger:
     bad_dataset: set[str] = field(default_factory=set)
     allowed_duplicates: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     paused: dict[str, float] = field(default_factory=dict)  # study id -> when it was paused (monotonic)
+    cancel_sent: set[str] = field(default_factory=set)  # the client asked to cancel (answered or not)
+    delete_sent: set[str] = field(default_factory=set)  # ...to delete (a lost answer may still have deleted)
+    failure_causes: dict[str, str] = field(default_factory=dict)  # study id -> why it must end failed
+    idempotency_keys: dict[str, str] = field(default_factory=dict)  # study id -> the key its create carried
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (UTC time, action, study id), to match logs
+
+    def note(self, action: str, sid: str) -> None:
+        self.events.append((utcnow().isoformat(timespec="milliseconds"), action, sid))
+
+    def save(self, path: Path) -> None:
+        """The ledger as JSON beside the logs: what the client did and when, for reading a violation."""
+        path.write_text(json.dumps({
+            "created": self.created, "deleted": sorted(self.deleted), "delete_sent": sorted(self.delete_sent),
+            "cancel_sent": sorted(self.cancel_sent), "failure_causes": self.failure_causes,
+            "idempotency_keys": self.idempotency_keys, "events": self.events}, indent=1))
+
+    def deleted_or_gone(self, rows: dict[str, Any]) -> set[str]:
+        """Studies the client deleted: an answered delete, or one whose answer was lost and whose row is gone."""
+        return self.deleted | {sid for sid in self.delete_sent if sid not in rows}
 
 
 class Driver:
@@ -366,14 +435,18 @@ class Driver:
         self.cap = 1  # cancels and deletes each end at most this many studies (set by run: a share of them)
         self.headers = {"Authorization": f"Bearer {key}"}
 
-    def call(self, method: str, path: str, **kw: Any) -> httpx.Response | None:
+    def call(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+             **kw: Any) -> httpx.Response | None:
         """One request; retried while the API or the database is away (a fault, not the driver's business)."""
-        for _ in range(60):
+        for tries in range(60):
             try:
-                r = httpx.request(method, f"{self.cluster.base}{API}{path}", headers=self.headers, timeout=60, **kw)
+                r = httpx.request(method, f"{self.cluster.base}{API}{path}",
+                                  headers={**self.headers, **(headers or {})}, timeout=60, **kw)
             except httpx.HTTPError:
                 time.sleep(0.5)
                 continue
+            if tries and method == "POST" and path == "/studies":
+                self.report.actions["create_retried_with_key"] += 1  # the same key: at most one study
             if r.status_code == 503:
                 time.sleep(0.5)
                 continue
@@ -383,14 +456,18 @@ class Driver:
         return None
 
     def create(self, spec: dict[str, Any], kind: str) -> str | None:
-        r = self.call("POST", "/studies", json=spec)
-        if r is None or r.status_code != 201:
+        # Every create carries a key: one the API's kill cut off is sent again, and must not make two studies.
+        key = f"soak-{uuid.UUID(int=self.rng.getrandbits(128))}"
+        r = self.call("POST", "/studies", json=spec, headers={"Idempotency-Key": key})
+        if r is None or r.status_code not in (200, 201):
             self.report.actions[f"create_refused_{kind}_{r.status_code if r is not None else 'no_answer'}"] += 1
             if kind != "bad_dataset" and r is not None:
                 self.report.violate("api", f"creating a {kind} study answered {r.status_code}: {r.text[:300]}")
             return None
         sid = str(r.json()["id"])
         self.ledger.created[sid] = kind
+        self.ledger.idempotency_keys[sid] = key
+        self.ledger.note(f"create_{kind}", sid)
         self.ledger.specs[sid] = spec
         self.ledger.optuna_names[sid] = str(read(self.engine, text("SELECT optuna_name FROM hp_studies "
                                                                    "WHERE id = :i"), {"i": sid})[0][0])
@@ -420,6 +497,7 @@ class Driver:
         sid = self.create(spec, "bad_dataset" if seed is not None else "one_sample_class")
         if sid is not None and seed is not None:
             self.ledger.bad_dataset.add(sid)
+            self.ledger.failure_causes[sid] = f"no split of its one-sample class with seed {seed}"
 
     def create_warm_start(self) -> None:
         done = [s for s in self._studies("completed") if self.ledger.created.get(s) not in ("nsga2", "grid",
@@ -474,12 +552,16 @@ class Driver:
         if not picks:
             return
         sid = self.rng.choice(picks)
+        self.ledger.note(action, sid)
         if action == "delete":
+            self.ledger.delete_sent.add(sid)
             r = self.call("DELETE", f"/studies/{sid}")
             if r is not None and r.status_code in (200, 204):
                 self.ledger.deleted.add(sid)
                 self.report.actions["delete"] += 1
             return
+        if action == "cancel":  # before the answer: a cancel whose answer an API kill lost may still count
+            self.ledger.cancel_sent.add(sid)
         r = self.call("POST", f"/studies/{sid}/{action}")
         if r is not None and r.status_code == 200:
             self.report.actions[action] += 1
@@ -520,24 +602,30 @@ class Driver:
 
 class Injector(threading.Thread):
     """At random moments (seeded): SIGKILL, SIGSTOP past the lease grace then SIGCONT, SIGTERM, a database
-    outage (PostgreSQL), a killed API with its reaper, and new workers."""
+    outage (PostgreSQL), a killed API with its reaper, and new workers. Worker faults go only to a worker that
+    holds a running trial with an epoch recorded (read from the database), so each one stops a trial mid-run;
+    every trial a fault stopped is noted (`hits`) for the count of lost work."""
 
     KINDS = ("sigkill", "freeze", "sigterm", "db_outage", "api_kill", "new_worker")
-    WEIGHTS = (3, 2, 2, 2, 1, 1)  # the faults that cost attempts most often
+    WEIGHTS = (4, 2, 3, 2, 1, 1)  # mostly faults that stop a running trial
+    VICTIM_WAIT_S = 6.0  # how long a worker fault waits for a worker to be mid-trial before it is skipped
 
     def __init__(self, cluster: Cluster, url: str, rng: random.Random, report: Report, every_s: tuple[float, float],
-                 engine: Engine) -> None:
+                 engine: Engine, observer: EpochObserver) -> None:
         super().__init__(daemon=True)
         self.cluster, self.url, self.rng, self.report, self.every_s = cluster, url, rng, report, every_s
-        self.engine = engine
+        self.engine, self.observer = engine, observer
         self.halt = threading.Event()
         self.thaw: list[tuple[float, Supervisor]] = []
+        self.draining: list[tuple[Supervisor, list[FaultHit]]] = []  # gracefully stopped, not exited yet
+        self.hits: list[FaultHit] = []
         self.errors: list[str] = []
 
     def run(self) -> None:
         try:
             while not self.halt.wait(self.rng.uniform(*self.every_s)):
                 self._thaw_due()
+                self.note_drained()
                 self.inject(self.rng.choices(self.KINDS, weights=self.WEIGHTS)[0])
                 self.cluster.top_up()
         except Exception as exc:  # noqa: BLE001 - reported, never silently ends the soak
@@ -558,56 +646,91 @@ class Injector(threading.Thread):
             sup.proc.send_signal(signal.SIGCONT)
         sup.frozen = False
 
-    def _pids(self, running_only: bool) -> set[int]:
-        """Supervisors that registered (running_only: that hold a running trial, where a fault costs an
-        attempt rather than nothing)."""
-        sql = ("SELECT DISTINCT w.pid FROM hp_trials t JOIN hp_workers w ON t.worker_id = w.id "
-               "WHERE t.state = 'running'") if running_only else "SELECT pid FROM hp_workers"
+    def note_drained(self) -> None:
+        """A gracefully stopped worker that has exited can record nothing more for the trials it held."""
+        for item in [d for d in self.draining if d[0].proc.poll() is not None]:
+            self.draining.remove(item)
+            for hit in item[1]:
+                hit.end = utcnow()
+
+    def _running(self) -> dict[int, list[tuple[int, str, int, bool]]]:
+        """Supervisor pid -> the (trial id, study, attempt, checkpointed) it holds running with an epoch of
+        that attempt recorded."""
+        sql = ("SELECT w.pid, t.id, t.study_id, t.attempt, t.checkpoint_epoch FROM hp_trials t JOIN hp_workers w "
+               "ON t.worker_id = w.id WHERE t.state = 'running' AND EXISTS (SELECT 1 FROM hp_trial_epochs e "
+               "WHERE e.trial_id = t.id AND e.attempt = t.attempt)")
+        out: dict[int, list[tuple[int, str, int, bool]]] = defaultdict(list)
         try:
             with self.engine.connect() as conn:
-                return {int(p) for p in conn.execute(text(sql)).scalars()}
+                for pid, tid, sid, attempt, checkpoint in conn.execute(text(sql)):
+                    out[int(pid)].append((int(tid), str(sid), int(attempt), checkpoint is not None))
         except Exception:  # noqa: BLE001 - the database may be the thing that is down
-            return set()
+            return {}
+        return out
+
+    def _mid_trial_victim(self) -> tuple[Supervisor | None, list[tuple[int, str, int]]]:
+        """A worker the injector may signal that holds a trial mid-run, waiting a little for one. One whose
+        trial has a checkpoint recorded goes first three times in four: its trial must resume, not restart."""
+        end = time.monotonic() + self.VICTIM_WAIT_S
+        while not self.halt.is_set():
+            running = self._running()
+            busy = [v for v in self.cluster.victims() if running.get(v.proc.pid)]
+            checkpointed = [v for v in busy if any(c for *_, c in running[v.proc.pid])]
+            if checkpointed and self.rng.random() < 0.75:
+                busy = checkpointed
+            if busy:
+                victim = self.rng.choice(busy)
+                return victim, [(tid, sid, attempt) for tid, sid, attempt, _ in running[victim.proc.pid]]
+            if time.monotonic() > end:
+                return None, []
+            time.sleep(0.3)
+        return None, []
 
     def inject(self, kind: str) -> None:
-        # Workers still importing torch are left alone: killing them costs startup time and tests nothing.
-        registered = self._pids(running_only=False)
-        victims = [v for v in self.cluster.victims() if v.proc.pid in registered]
-        busy = [v for v in victims if v.proc.pid in self._pids(running_only=True)]
-        if busy and self.rng.random() < 0.75:
-            victims = busy
-        if kind in ("sigkill", "freeze", "sigterm") and not victims:
-            self.report.faults_skipped[kind] += 1  # no worker to hit yet; the next moment may have one
-            return
         if kind == "db_outage" and not self.url.startswith("postgresql"):
             kind = "api_kill"
-        if kind == "sigkill":
-            victim = self.rng.choice(victims)
-            victim.gone = True
-            victim.proc.kill()
-            victim.proc.wait()
-        elif kind == "sigterm":
-            victim = self.rng.choice(victims)
-            victim.gone = True
-            victim.proc.terminate()  # drains in the background; top_up starts its replacement now
-        elif kind == "freeze":
-            victim = self.rng.choice(victims)
-            victim.frozen = True
-            victim.proc.send_signal(signal.SIGSTOP)
-            self.thaw.append((time.monotonic() + GRACE_S + self.rng.uniform(1.0, 4.0), victim))
+        if kind in WORKER_FAULTS:
+            victim, held = self._mid_trial_victim()
+            if victim is None:
+                self.report.faults_skipped[kind] += 1  # no worker mid-trial; the next moment may have one
+                return
+            self.observer.poll()  # every epoch recorded before the fault, seen before a resume can delete it
+            self._signal(kind, victim, held)
         elif kind == "db_outage":
+            held = [(tid, sid, attempt) for hs in self._running().values() for tid, sid, attempt, _ in hs]
+            self.observer.poll()
+            start = utcnow()
             block_database(self.url, self.rng.uniform(2.0, 5.0))
+            self.hits += [FaultHit(kind, tid, sid, attempt, start, utcnow()) for tid, sid, attempt in held]
         elif kind == "api_kill":
-            assert self.cluster.api is not None
-            self.cluster.api.kill()
-            self.cluster.api.wait()
-            self.cluster.start_api()
+            self.cluster.kill_api()
         elif kind == "new_worker":
             if len(self.cluster.live()) > self.cluster.target:  # the pool stays modest: one extra at most
                 self.report.faults_skipped[kind] += 1
                 return
             self.cluster.start_worker()
         self.report.faults[kind] += 1
+
+    def _signal(self, kind: str, victim: Supervisor, held: list[tuple[int, str, int]]) -> None:
+        start = utcnow()
+        hits = [FaultHit(kind, tid, sid, attempt, start) for tid, sid, attempt in held]
+        if kind == "sigkill":
+            victim.gone = True
+            victim.proc.kill()
+            victim.proc.wait()
+        elif kind == "sigterm":
+            victim.gone = True
+            victim.proc.terminate()  # drains in the background; top_up starts its replacement now
+            self.draining.append((victim, hits))
+            self.observer.hurry(60.0)  # a hand-back deletes what its checkpoint does not hold at once
+        else:
+            victim.frozen = True
+            victim.proc.send_signal(signal.SIGSTOP)
+            self.thaw.append((time.monotonic() + GRACE_S + self.rng.uniform(1.0, 4.0), victim))
+        if kind != "sigterm":
+            for hit in hits:  # killed or frozen: nothing more of it can be recorded
+                hit.end = utcnow()
+        self.hits += hits
 
 
 def block_database(url: str, seconds: float) -> None:
@@ -640,21 +763,35 @@ def _close(a: float | None, b: float | None) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
-def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report) -> None:
+@dataclass(frozen=True)
+class Evidence:
+    """What the soak saw besides the database: the trials its faults hit, the epochs it saw recorded, the
+    processes that ended on their own, and where the logs are."""
+
+    hits: list[FaultHit]
+    observer: EpochObserver
+    exits: list[str]
+    logs: Path
+
+
+def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report, evidence: Evidence) -> None:
     """Every check of the soak; each violation names the study, the trial and what disagrees."""
     from app.models import Study, Trial, TrialEpoch
     with engine.connect() as conn:
         studies = {r.id: r for r in conn.execute(select(
             Study.id, Study.status, Study.n_trials, Study.stop_reason, Study.error, Study.finished_at,
-            Study.optuna_name, Study.spec))}
+            Study.optuna_name, Study.spec, Study.test_metrics, Study.idempotency_key))}
         trials = list(conn.execute(select(
             Trial.id, Trial.study_id, Trial.number, Trial.optuna_trial_id, Trial.state, Trial.params, Trial.value,
-            Trial.values, Trial.attempt, Trial.artifact, Trial.finished_at, Trial.source, Trial.failure)
-            .order_by(Trial.study_id, Trial.id)))
+            Trial.values, Trial.attempt, Trial.artifact, Trial.finished_at, Trial.source, Trial.failure,
+            Trial.checkpoint_path, Trial.error).order_by(Trial.study_id, Trial.id)))
         epochs: dict[tuple[int, int], dict[int, tuple[float | None, Any]]] = defaultdict(dict)
+        curves: dict[tuple[int, int], list[tuple[int, Any, float | None]]] = defaultdict(list)
         for e in conn.execute(select(TrialEpoch.trial_id, TrialEpoch.attempt, TrialEpoch.epoch,
-                                     TrialEpoch.val_metric, TrialEpoch.created_at)):
+                                     TrialEpoch.val_metric, TrialEpoch.created_at, TrialEpoch.seconds)
+                              .order_by(TrialEpoch.epoch)):
             epochs[(e.trial_id, e.attempt)][e.epoch] = (e.val_metric, e.created_at)
+            curves[(e.trial_id, e.attempt)].append((e.epoch, e.created_at, e.seconds))
         ostudies = {r.study_name: r.study_id for r in conn.execute(text("SELECT study_id, study_name FROM studies"))}
         otrials = {r.trial_id: r for r in conn.execute(text("SELECT trial_id, number, study_id, state FROM trials"))}
         ovalues: dict[int, dict[int, float | None]] = defaultdict(dict)
@@ -676,9 +813,10 @@ def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report) ->
             report.failures[t.failure] += 1
 
     # 1. every study ended with its reason; deleted ones are gone, here and in Optuna
+    deleted = ledger.deleted_or_gone(studies)
     for sid in ledger.created:
         report.checks["studies"] += 1
-        if sid in ledger.deleted:
+        if sid in deleted:
             report.studies["deleted"] += 1
             if sid in studies:
                 report.violate("deleted", f"study {sid} was deleted but its row remains ({studies[sid].status})")
@@ -707,6 +845,8 @@ def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report) ->
         if sid in ledger.bad_dataset and s.status != "failed":
             report.violate("bad_dataset", f"study {sid} on a dataset no split can hold ended {s.status}, "
                                           f"not failed (stop_reason {s.stop_reason!r}, error {s.error!r})")
+        check_outcome(s, by_study[sid], ledger, report)
+    check_creates(studies, ledger, report)
 
     for sid, rows in by_study.items():
         s = studies[sid]
@@ -714,12 +854,20 @@ def check(engine: Engine, ledger: Ledger, artifact_dir: Path, report: Report) ->
         _check_budget_and_attempts(s, rows, epochs, report)
         _check_duplicates(sid, rows, ledger, report)
         _check_optuna(s, rows, ended, epochs, ostudies, otrials, ovalues, ointer, history, report)
+        check_optuna_links(s, rows, report)
         if ended:
             for t in rows:
                 if t.state in ("running", "waiting"):
                     report.violate("live_in_ended", f"study {sid} is {s.status} but trial {t.number} "
                                                     f"(row {t.id}) is {t.state}")
     _check_weights(trials, studies, artifact_dir, report)
+    check_checkpoint_files(artifact_dir, studies, by_study, ledger, report)
+    final_curves = {t.id: curves.get((t.id, t.attempt), []) for t in trials}
+    report.lost_work = check_lost_work(evidence.observer, evidence.hits, trials,
+                                       {sid: _json(s.spec) for sid, s in studies.items()}, final_curves, report)
+    for exit_ in evidence.exits:
+        report.violate("exit", exit_)
+    check_worker_logs(evidence.logs, report)
 
 
 FINISHED = ("complete", "pruned", "fail")
@@ -804,6 +952,10 @@ def _check_optuna(s: Any, rows: list[Any], ended: bool, epochs: dict[tuple[int, 
         if not multi:
             curve = {e: v for e, (v, _) in epochs.get((t.id, t.attempt), {}).items() if v is not None}
             told = ointer.get(o.trial_id, {})
+            if t.state == "fail":
+                # Re-queued to resume, it lost the epochs after its checkpoint, and its study ended before it
+                # ran again: Optuna cannot withdraw an intermediate value, so it may hold those epochs too.
+                told = {k: v for k, v in told.items() if k <= max(curve, default=0)}
             if set(curve) != set(told) or not all(_close(curve[k], told[k]) for k in curve):
                 report.violate("intermediate", f"study {s.id} trial {t.number} (attempt {t.attempt}, {t.state}): "
                                                f"Optuna's intermediate values {_short(told)} differ from the "
@@ -900,8 +1052,9 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
         db.dispose()
         engine = create_engine(url, pool_pre_ping=True)
         cluster = Cluster(url, home, config.workers)
+        observer = EpochObserver(engine)
         injector = Injector(cluster, url, random.Random(config.seed + 1), report, every_s=(2.0, 7.0),
-                            engine=engine)
+                            engine=engine, observer=observer)
         try:
             cluster.start_api()
             witness = cluster.start_worker(witness=True)
@@ -910,6 +1063,7 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
             driver.cap = max(1, round(0.15 * config.studies))
             log(f"soak home {home}; API on {cluster.base}")
             _wait_registered(engine, config.workers)  # the chaos starts once the pool is up
+            observer.start()
             injector.start()
             warm_up = min(WARM_UP_STUDIES, max(1, config.studies // 3))
             begin = time.monotonic()
@@ -935,6 +1089,8 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
             while time.monotonic() < settle_end and not _all_ended(engine, ledger):
                 _sample_warm(engine, witness, report, warm_up)
                 driver.resume_all()  # a pause that raced the end of the chaos
+                injector.note_drained()
+                cluster.top_up()
                 time.sleep(1.0)
                 now = _progress(engine)
                 if now != last:
@@ -946,10 +1102,18 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
                 report.settled = "all ended" if _all_ended(engine, ledger) else \
                     f"bound of {config.settle_bound_s:.0f}s reached"
             _sample_end(witness, report)
+            injector.note_drained()
+            cluster.note_exits()  # before the soak's own stop signals every process
         finally:
             injector.halt.set()
             cluster.stop()
-        check(engine, ledger, cluster.home / "artifacts", report)
+            observer.halt.set()
+        observer.join(10)
+        observer.poll()
+        check(engine, ledger, cluster.home / "artifacts", report,
+              Evidence(injector.hits, observer, cluster.exits, cluster.logs))
+        ledger.save(cluster.logs / "ledger.json")
+        (cluster.logs / "hits.json").write_text(json.dumps([asdict(h) for h in injector.hits], indent=1, default=str))
         engine.dispose()
     report.seconds = time.monotonic() - started
     if config.home is None:
