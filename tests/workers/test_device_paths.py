@@ -5,6 +5,7 @@ The same checks run on CUDA where a device exists (`-m gpu`); elsewhere those te
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 from collections import Counter
 from pathlib import Path
@@ -193,7 +194,9 @@ def run_child(job: RunnerJob, start: str = "fork",
             assert isinstance(message, Done), message
             return epochs, message.result
     finally:
-        parent.close()  # the runner waits for its next job until its pipe closes
+        with contextlib.suppress(OSError):
+            parent.send(None)  # the runner waits for its next job: none comes
+        parent.close()
         proc.join(timeout_s)
         if proc.is_alive():
             proc.kill()
