@@ -3,7 +3,9 @@ stopped and continued ends as the same trial run without a stop."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,8 +16,8 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import Database
 from app.models import Trial, TrialEpoch, TrialState
-from tests.conftest import make_settings
-from tests.factories import GRACE_S, HEARTBEAT_S, client_for
+from tests.conftest import fresh_database, make_settings
+from tests.factories import GRACE_S, HEARTBEAT_S, client_for, create_study_via_api
 from tests.integration.processes import optuna_trials, processes, start_worker, study_status, trials_of, wait_until
 
 
@@ -27,10 +29,34 @@ def resume_env(db_url: str, tmp_path: Path) -> tuple[Database, TestClient, Setti
 
 
 def run_to_end(db: Database, settings: Settings, sid: str, log: Path) -> None:
+    run_all_to_end(db, settings, [sid], log)
+
+
+def run_all_to_end(db: Database, settings: Settings, sids: list[str], log: Path) -> None:
+    """One worker process runs every study of sids to its end (one slot: one trial after the other)."""
     with processes() as procs:
         procs.append(start_worker(settings, log))
-        wait_until(lambda: study_status(db, sid) in ("completed", "failed"), 180, "the study to end")
-    assert study_status(db, sid) == "completed"
+        wait_until(lambda: all(study_status(db, sid) in ("completed", "failed") for sid in sids), 180,
+                   "the studies to end")
+    assert [study_status(db, sid) for sid in sids] == ["completed"] * len(sids)
+
+
+def reference_database(kind: str, home: Path, sqlite_template: Path, spec: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """For a module-scoped fixture: a database of `kind` ("sqlite" or "postgresql") shared by a module's tests,
+    and the id of the study of `spec` run to its end in it once, without a stop: the reference that each
+    test's stopped and continued trial must end as (same spec, so the same study seed and trial number 0).
+    Each test creates its own study in the database, with its own home and worker processes; the reference
+    study is complete, so no worker of theirs claims anything of it."""
+    databases = fresh_database(kind, home, sqlite_template)
+    url = next(databases)
+    try:
+        db, client, settings = resume_env(url, home)
+        reference_id = create_study_via_api(client, spec)
+        run_to_end(db, settings, reference_id, home / "reference.log")
+        db.dispose()
+        yield url, reference_id
+    finally:
+        databases.close()
 
 
 def curve(db: Database, row: Trial) -> list[tuple[int, float, float, float]]:

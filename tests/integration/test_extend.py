@@ -12,7 +12,14 @@ from sqlalchemy import select
 from app.models import Study
 from tests.factories import create_study_via_api
 from tests.integration.processes import optuna_trials, study_status
-from tests.integration.resumes import assert_same_weights_and_curve, curve, only_trial, resume_env, run_to_end
+from tests.integration.resumes import (
+    assert_same_weights_and_curve,
+    curve,
+    only_trial,
+    resume_env,
+    run_all_to_end,
+    run_to_end,
+)
 
 FIRST, MORE = 3, 2
 
@@ -32,9 +39,8 @@ def test_an_extended_trial_ends_as_if_it_had_run_all_its_epochs_and_the_study_is
         db_url: str, tmp_path: Path) -> None:
     db, client, settings = resume_env(db_url, tmp_path)
     reference_id = create_study_via_api(client, _spec(FIRST + MORE))
-    run_to_end(db, settings, reference_id, tmp_path / "reference.log")
     sid = create_study_via_api(client, _spec(FIRST))
-    run_to_end(db, settings, sid, tmp_path / "first.log")
+    run_all_to_end(db, settings, [reference_id, sid], tmp_path / "first.log")  # one worker, one after the other
     first = only_trial(db, sid)
     first_end, first_test = _finished_at(db, sid)
     assert (first.epochs_run, first.checkpoint_epoch) == (FIRST, FIRST) and first_test is not None

@@ -6,7 +6,10 @@ without a stop (same study seed and trial number), each epoch recorded once."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from app.models import Trial, TrialState
 from tests.factories import create_study_via_api
@@ -19,7 +22,7 @@ from tests.integration.processes import (
     trials_of,
     wait_until,
 )
-from tests.integration.resumes import assert_same_trial_as, curve, only_trial, resume_env, run_to_end
+from tests.integration.resumes import assert_same_trial_as, curve, only_trial, reference_database, resume_env
 
 EPOCHS = 24  # about 2.5 s of training: a pause asked at epoch 1 lands at epoch 2 or 3
 EVERY = 5  # checkpoint_every: a pause between two regular checkpoints writes one of its own
@@ -29,6 +32,14 @@ def _spec() -> dict[str, object]:
     spec = training_spec(EPOCHS, n_trials=1, max_parallel=1, max_attempts=1)
     spec["checkpoint_every"] = EVERY
     return spec
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           sqlite_template: Path) -> Iterator[tuple[str, str]]:
+    """(database URL, reference study id): the uninterrupted run of _spec(), made once per database for every
+    test here; each test runs its own study of the same spec in that database and stops it."""
+    yield from reference_database(request.param, tmp_path_factory.mktemp("pause"), sqlite_template, _spec())
 
 
 def _running_with_an_epoch(db, sid: str) -> Trial | None:  # type: ignore[no-untyped-def]
@@ -48,11 +59,10 @@ def _assert_parked_at_its_checkpoint(db, parked: Trial, state: TrialState) -> No
     assert theirs.state.name == "RUNNING" and theirs._trial_id == parked.optuna_trial_id
 
 
-def test_a_paused_trial_waits_with_its_checkpoint_and_resumes_as_if_never_paused(db_url: str,
+def test_a_paused_trial_waits_with_its_checkpoint_and_resumes_as_if_never_paused(shared: tuple[str, str],
                                                                                   tmp_path: Path) -> None:
+    db_url, reference_id = shared
     db, client, settings = resume_env(db_url, tmp_path)
-    reference_id = create_study_via_api(client, _spec())
-    run_to_end(db, settings, reference_id, tmp_path / "reference.log")
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:
@@ -82,10 +92,9 @@ def test_a_paused_trial_waits_with_its_checkpoint_and_resumes_as_if_never_paused
 
 
 def test_a_worker_stopped_gracefully_hands_its_trial_back_checkpointed_and_the_next_one_resumes_it(
-        db_url: str, tmp_path: Path) -> None:
+        shared: tuple[str, str], tmp_path: Path) -> None:
+    db_url, reference_id = shared
     db, client, settings = resume_env(db_url, tmp_path)
-    reference_id = create_study_via_api(client, _spec())
-    run_to_end(db, settings, reference_id, tmp_path / "reference.log")
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:

@@ -7,6 +7,7 @@ import json
 import os
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,25 @@ from app.client import Client
 from app.core.config import Settings
 from app.core.db import Database
 from app.ml.artifacts import load_model_dir
+from tests.conftest import make_settings
 from tests.factories import API, client_for, start_worker, study_spec, wait_for_status
 from tests.integration.processes import processes
 
 SITE = Path(__file__).resolve().parents[1] / "plugin_site"  # test plugins, registered by their .dist-info
 EXAMPLE = "seqconv,waveforms"
+
+
+@pytest.fixture
+def sqlite_settings(sqlite_url: str, tmp_path: Path) -> Settings:
+    """For what a plugin's runner does, not how a database stores it: one database is enough."""
+    return make_settings(sqlite_url, tmp_path / "home")
+
+
+@pytest.fixture
+def sqlite_db(sqlite_settings: Settings) -> Iterator[Database]:
+    database = Database(sqlite_settings.database_url)
+    yield database
+    database.dispose()
 
 
 def _client(settings: Settings, db: Database, enabled: str, monkeypatch: MonkeyPatch) -> TestClient:
@@ -117,7 +132,8 @@ def test_a_plugin_installed_but_not_enabled_is_a_422_naming_the_enabled(
 
 
 def test_a_plugin_whose_build_fails_fails_its_trials_and_the_study(
-        settings: Settings, db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+        sqlite_settings: Settings, sqlite_db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    settings, db = sqlite_settings, sqlite_db
     client = _client(settings, db, "brokenbuild,waveforms", monkeypatch)
     spec = _spec(model="brokenbuild", search_space={"hidden": 8, "optimizer": "adam"},
                  budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "max_attempts": 1})
@@ -132,7 +148,8 @@ def test_a_plugin_whose_build_fails_fails_its_trials_and_the_study(
 
 
 def test_an_own_training_loop_runs_in_the_runner(
-        settings: Settings, db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+        sqlite_settings: Settings, sqlite_db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    settings, db = sqlite_settings, sqlite_db
     client = _client(settings, db, "ownloop,waveforms", monkeypatch)
     spec = _spec(model="ownloop", search_space={"hidden": 8, "lr": {"type": "float", "low": 0.01, "high": 0.05}},
                  pruner={"name": "none"}, budget={"n_trials": 2, "epochs": 3, "max_parallel": 1})

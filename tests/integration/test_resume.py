@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from tests.integration.processes import (
     trials_of,
     wait_until,
 )
-from tests.integration.resumes import assert_same_trial_as, only_trial, resume_env, run_to_end
+from tests.integration.resumes import assert_same_trial_as, only_trial, reference_database, resume_env
 
 EPOCHS = 12
 EVERY = 3  # checkpoint_every
@@ -36,6 +37,14 @@ def _spec() -> dict[str, object]:
     spec = training_spec(EPOCHS, n_trials=1, max_parallel=1, max_attempts=2)
     spec["checkpoint_every"] = EVERY
     return spec
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           sqlite_template: Path) -> Iterator[tuple[str, str]]:
+    """(database URL, reference study id): the uninterrupted run of _spec(), made once per database for every
+    test here; each test runs its own study of the same spec in that database and stops it."""
+    yield from reference_database(request.param, tmp_path_factory.mktemp("resume"), sqlite_template, _spec())
 
 
 def _checkpointed_mid_run(db: Database, sid: str) -> Trial | None:
@@ -73,12 +82,11 @@ def _assert_keeps_only_its_newest_checkpoint(settings: Settings, ended: Trial) -
 
 @pytest.mark.parametrize("kill", ["runner", "worker"])
 def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
-        db_url: str, tmp_path: Path, kill: str) -> None:
+        shared: tuple[str, str], tmp_path: Path, kill: str) -> None:
     """`runner`: the trial's process dies, its worker lives and puts it back in line; `worker`: the whole
     worker dies, the reaper of another worker process re-queues the trial, which resumes there."""
+    db_url, reference_id = shared
     db, client, settings = resume_env(db_url, tmp_path)
-    reference_id = create_study_via_api(client, _spec())
-    run_to_end(db, settings, reference_id, tmp_path / "reference.log")
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:
@@ -94,10 +102,10 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
     _assert_keeps_only_its_newest_checkpoint(settings, resumed)
 
 
-def test_a_truncated_checkpoint_is_passed_over_with_the_reason_recorded(db_url: str, tmp_path: Path) -> None:
+def test_a_truncated_checkpoint_is_passed_over_with_the_reason_recorded(shared: tuple[str, str],
+                                                                        tmp_path: Path) -> None:
+    db_url, reference_id = shared
     db, client, settings = resume_env(db_url, tmp_path)
-    reference_id = create_study_via_api(client, _spec())
-    run_to_end(db, settings, reference_id, tmp_path / "reference.log")
 
     sid = create_study_via_api(client, _spec())
     with processes() as procs:

@@ -23,6 +23,19 @@ def _run(client: TestClient, settings: Settings, db: Database, spec: dict[str, A
     return sid, study
 
 
+def _run_together(client: TestClient, settings: Settings, db: Database,
+                  specs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Like _run for studies that do not depend on each other: one supervisor session runs them all."""
+    sids = []
+    for spec in specs:
+        created = client.post(f"{API}/studies", json=spec)
+        assert created.status_code == 201, created.text
+        sids.append(created.json()["id"])
+    with running_supervisor(settings, db, slots=1):
+        studies = [wait_for_status(client, sid, {"completed", "failed"}) for sid in sids]
+    return list(zip(sids, studies, strict=True))
+
+
 def _trials(client: TestClient, sid: str) -> list[dict[str, Any]]:
     return client.get(f"{API}/studies/{sid}/trials", params={"limit": 100}).json()["data"]
 
@@ -112,9 +125,9 @@ def test_history_warm_start_changes_what_the_sampler_proposes(settings: Settings
     client = client_for(settings, db)
     first_id, _ = _run(client, settings, db, study_spec(budget={"n_trials": 4, "epochs": 1}))
     base = study_spec(budget={"n_trials": 1, "epochs": 1}, sampler={"name": "tpe", "seed": 7, "n_startup_trials": 2})
-    cold_id, _ = _run(client, settings, db, base)
-    warm_id, _ = _run(client, settings, db, {**base, "warm_start": {"studies": [first_id], "top_k": 4,
-                                                                     "history": True}})
+    # Neither depends on the other (each proposes from its own seed and history): one session runs both.
+    (cold_id, _), (warm_id, _) = _run_together(client, settings, db, [
+        base, {**base, "warm_start": {"studies": [first_id], "top_k": 4, "history": True}}])
     cold, warm = _trials(client, cold_id), _trials(client, warm_id)
     assert len(warm) == 1 and warm[0]["source"] == "sampler"  # history is learned from, not re-run
     assert warm[0]["number"] == 4  # Optuna numbers follow the four history trials

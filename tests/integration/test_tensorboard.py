@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from app.core.config import Settings
 from app.core.db import Database
+from tests.conftest import make_settings
 from tests.factories import client_for, create_study_via_api, running_supervisor, study_spec, wait_for_status
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
@@ -14,8 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.factories import API
 
 
-def test_each_trial_writes_its_epoch_scalars_and_deleting_the_study_removes_them(settings: Settings,
-                                                                               db: Database) -> None:
+def test_each_trial_writes_its_epoch_scalars_and_deleting_the_study_removes_them(sqlite_url: str,
+                                                                               tmp_path: Path) -> None:
+    # Event files on disk: SQLite is enough (the study's deletion on each database is tested elsewhere).
+    settings = make_settings(sqlite_url, tmp_path / "home")
+    db = Database(sqlite_url)
     client = client_for(settings, db)
     spec = {**study_spec(budget={"n_trials": 2, "epochs": 3, "patience": None}), "tensorboard": True}
     sid = create_study_via_api(client, spec)
@@ -40,3 +45,4 @@ def test_each_trial_writes_its_epoch_scalars_and_deleting_the_study_removes_them
 
     assert client.delete(f"{API}/studies/{sid}").status_code == 204
     assert not root.exists()
+    db.dispose()

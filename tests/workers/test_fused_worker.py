@@ -150,6 +150,10 @@ def test_a_fused_group_runs_its_trials_as_ordinary_trials_and_pruning_one_leaves
     assert [config["classes"][i] for i in probabilities.argmax(dim=1)] == served["predictions"]
 
 
+# Budget of the killed group: the kill comes once every member has an epoch, far from the last of these.
+KILLED_EPOCHS = 4
+
+
 def test_a_killed_fused_runner_fails_each_members_attempt_and_each_is_retried_to_completion(
         sqlite_url: str, tmp_path: Path) -> None:
     # Only the runner is killed, never the worker: a long grace keeps a loaded machine's late beats from
@@ -157,7 +161,7 @@ def test_a_killed_fused_runner_fails_each_members_attempt_and_each_is_retried_to
     settings = make_settings(sqlite_url, tmp_path / "home").model_copy(update={"lease_grace_s": 60.0})
     db = Database(sqlite_url)
     client = client_for(settings, db)
-    spec = _spec(4, 8, max_attempts=2)
+    spec = _spec(4, KILLED_EPOCHS, max_attempts=2)
     sid = client.post(f"{API}/studies", json=spec).json()["id"]
     with fused_supervisor(settings, db, fuse=4) as runners:
         def training() -> list[Any]:
@@ -174,8 +178,8 @@ def test_a_killed_fused_runner_fails_each_members_attempt_and_each_is_retried_to
     for r in rows:
         assert r.state == TrialState.COMPLETE.value and r.attempt == 2, (r.number, r.state, r.error)
         curves = _curves(db, r.id)
-        assert curves[2] == list(range(1, 9))  # the retry trained its whole budget again
-        assert 1 <= len(curves[1]) < 8  # the killed attempt's epochs stay on record
+        assert curves[2] == list(range(1, KILLED_EPOCHS + 1))  # the retry trained its whole budget again
+        assert 1 <= len(curves[1]) < KILLED_EPOCHS  # the killed attempt's epochs stay on record
     db.dispose()
 
 
