@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.ml.space import Context, resolve_space
-from app.models import Study, Trial, TrialEpoch, TrialState
+from app.models import Study, Trial, TrialEpoch, TrialState, current_curve
 from app.schemas.scheduler import PbtConfig
 from app.schemas.study import StudySpec
 from workers.checkpoints.files import TEMP_SUFFIX
@@ -91,11 +91,10 @@ def _paused(study: Study) -> Any:
 
 
 def _values_at_boundary(session: Session, trials: list[Trial]) -> dict[int, float]:
-    rows = session.execute(select(TrialEpoch.trial_id, TrialEpoch.attempt, TrialEpoch.epoch, TrialEpoch.val_metric)
-                           .where(TrialEpoch.trial_id.in_([t.id for t in trials]))).all()
-    at = {(t.id, t.attempt, t.rung) for t in trials}
-    return {trial_id: value for trial_id, attempt, epoch, value in rows
-            if (trial_id, attempt, epoch) in at and value is not None}
+    """Each paused member's objective at the boundary it waits at (its current attempt's epoch there)."""
+    return dict(session.execute(select(Trial.id, TrialEpoch.val_metric).join(
+        TrialEpoch, current_curve() & (TrialEpoch.epoch == Trial.rung)).where(
+        Trial.id.in_([t.id for t in trials]), TrialEpoch.val_metric.is_not(None))).tuples().all())
 
 
 def _exploit(trial: Trial, source: Trial, step: Exploit, artifact_dir: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Study, Trial, TrialEpoch, TrialState
+from app.models import Study, Trial, TrialEpoch, TrialState, current_curve
 from app.schemas.scheduler import AshaConfig, PbtConfig
 from app.schemas.study import StudySpec
 from workers import population
@@ -44,7 +44,7 @@ def promotion_in_tx(session: Session, study: Study, *, idle: bool) -> int | None
         return None
     rows = session.execute(select(Trial.number, Trial.state, Trial.rung, Trial.checkpoint_path, TrialEpoch.epoch,
                                   TrialEpoch.val_metric)
-                           .join(TrialEpoch, (TrialEpoch.trial_id == Trial.id) & (TrialEpoch.attempt == Trial.attempt))
+                           .join(TrialEpoch, current_curve())
                            .where(Trial.study_id == study.id, Trial.number.is_not(None),
                                   TrialEpoch.epoch.in_(asha.rungs), TrialEpoch.val_metric.is_not(None))).all()
     values: dict[int, dict[int, float]] = {}

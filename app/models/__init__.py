@@ -11,6 +11,7 @@ from app.models.tables import (
     TrialEpoch,
     TrialState,
     Worker,
+    current_curve,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "TrialEpoch",
     "TrialState",
     "Worker",
+    "current_curve",
 ]

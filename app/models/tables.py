@@ -190,6 +190,11 @@ class TrialEpoch(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def current_curve() -> Any:
+    """The join of a trial to its current attempt's epochs (a re-run's earlier curves are not its curve)."""
+    return (TrialEpoch.trial_id == Trial.id) & (TrialEpoch.attempt == Trial.attempt)
+
+
 class Worker(Base):
     __tablename__ = "hp_workers"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from app.core.db import Database
-from app.models import Trial, TrialEpoch, TrialState
+from app.models import Trial, TrialEpoch, TrialState, current_curve
 from app.schemas.insights import RungPublic, RungsPublic
 from app.services.ownership import own_study
 
@@ -21,8 +21,7 @@ def study_rungs(db: Database, *, owner: str, study_id: str) -> RungsPublic:
         if not pauses:
             return RungsPublic(scheduler=None, rungs=[])
         reached = session.execute(
-            select(func.max(TrialEpoch.epoch), Trial.state).join(Trial, (TrialEpoch.trial_id == Trial.id)
-                                                                 & (TrialEpoch.attempt == Trial.attempt))
+            select(func.max(TrialEpoch.epoch), Trial.state).join(Trial, current_curve())
             .where(Trial.study_id == study_id).group_by(Trial.id, Trial.state)).all()
         waiting = dict(session.execute(
             select(Trial.rung, func.count()).where(Trial.study_id == study_id, Trial.state == TrialState.PAUSED.value,
