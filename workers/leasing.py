@@ -38,7 +38,7 @@ from app.models.base import utcnow
 from app.models.tables import FINISHED_TRIAL_STATES
 from app.schemas.scheduler import PbtConfig
 from app.schemas.study import StudySpec
-from app.services.fates import apply_in_tx, end_extension_in_tx, facts_of, has_ended
+from app.services.fates import apply_in_tx, end_extension_in_tx, facts_of, has_ended, park_at_rung_in_tx
 from workers import population, scheduling
 
 FINALIZE_LEASE_S = 120.0  # renewed by the finalizing worker's heartbeat; a dead one's job is free after this
@@ -579,14 +579,10 @@ def pause_trial(db: Database, lease: Lease, *, rung: int | None = None) -> list[
         tells = apply_in_tx(session, trial, verdict, utcnow())
         if rung is None or trial.state != TrialState.PAUSED.value:
             return tells
-        # Paused by its scheduler: Optuna's trial ends pruned at the rung now, so the sampler learns from it
-        # at once; a promotion continues on a fresh Optuna trial (workers.attempt.promote).
-        trial.rung = rung
-        if tells or trial.optuna_trial_id is None:  # no checkpoint: its Optuna trial was failed already
+        if tells:  # no checkpoint: its Optuna trial was failed already
+            trial.rung = rung
             return tells
-        if isinstance(study.config.scheduler, PbtConfig):  # a PBT member runs on as one Optuna trial
-            return tells
-        return [OptunaTell(trial.optuna_trial_id, TrialState.PRUNED)]
+        return park_at_rung_in_tx(trial, rung, study.config)  # paused by its scheduler
 
 
 @retrying

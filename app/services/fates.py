@@ -15,6 +15,7 @@ from app import lifecycle
 from app.lifecycle import Fate, OptunaTell, TrialFacts, Verdict
 from app.models import Study, StudyStatus, Trial, TrialEpoch, TrialState
 from app.schemas.scheduler import PbtConfig
+from app.schemas.study import StudySpec
 
 
 def facts_of(trial: Trial) -> TrialFacts:
@@ -74,16 +75,24 @@ def apply_in_tx(session: Session, trial: Trial, verdict: Verdict, now: datetime)
 def _park_at_scheduler_pause(session: Session, trial: Trial) -> list[OptunaTell]:
     """A trial that died with its checkpoint at its scheduler's pause (an ASHA rung, a PBT boundary), before
     the pause was recorded, waits paused there, as its runner would have left it: resumed in line, it would
-    train past the rung without the scheduler's decision. ASHA tells Optuna the rung as a pause does."""
+    train past the rung without the scheduler's decision. Optuna hears it as a pause tells it."""
     study = session.get(Study, trial.study_id)
     if study is None or trial.epochs_target is not None or trial.checkpoint_epoch is None:
         return []
     spec = study.config
     if trial.checkpoint_epoch not in spec.scheduler_pauses():
         return []
-    trial.state, trial.rung = TrialState.PAUSED.value, trial.checkpoint_epoch
-    if isinstance(spec.scheduler, PbtConfig) or trial.optuna_trial_id is None:
-        return []  # a PBT member runs on as one Optuna trial
+    trial.state = TrialState.PAUSED.value
+    return park_at_rung_in_tx(trial, trial.checkpoint_epoch, spec)
+
+
+def park_at_rung_in_tx(trial: Trial, rung: int, spec: StudySpec) -> list[OptunaTell]:
+    """A trial paused with its checkpoint waits at its scheduler's rung (an ASHA rung, a PBT boundary). ASHA's
+    Optuna trial ends PRUNED there at once, so the sampler learns from it (a promotion continues on a fresh
+    one); a PBT member runs on as one Optuna trial."""
+    trial.rung = rung
+    if trial.optuna_trial_id is None or isinstance(spec.scheduler, PbtConfig):
+        return []
     return [OptunaTell(trial.optuna_trial_id, TrialState.PRUNED)]
 
 
