@@ -25,7 +25,7 @@ from app.models.base import utcnow
 from app.schemas.study import BestTrial, Progress, StudiesPublic, StudyPublic, StudySpec
 from app.services.enqueue import add_history, add_warm_configurations_in_tx, plan_warm_start
 from app.services.errors import Conflict
-from app.services.fates import end_waiting_in_tx, remove_checkpoints
+from app.services.fates import end_waiting_in_tx
 from app.services.ownership import best_trial_in_tx, own_study
 from app.services.paging import decode_cursor, encode_cursor
 from app.services.validation import validate_spec
@@ -165,8 +165,8 @@ def _stopped_at(study: Study) -> datetime | None:
 def change_state(db: Database, *, owner: str, study_id: str, action: str,
                  artifact_dir: Path | None = None) -> StudyPublic:
     """pause, resume or cancel (app.lifecycle decides); Conflict when the study's status does not allow it.
-    A cancel ends the study's paused trials, whose checkpoints then go from `artifact_dir`."""
-    dropped: list[str] = []
+    A cancel ends the study's waiting and paused trials, whose checkpoint folders then go from `artifact_dir`:
+    every attempt's, with what dead workers wrote and never recorded (no finalization sweeps a cancelled study)."""
     ended: list[int] = []  # numbers of the trials a cancel ends
     with db.session() as session:
         study = own_study(session, owner=owner, study_id=study_id, for_update=True)
@@ -183,15 +183,12 @@ def change_state(db: Database, *, owner: str, study_id: str, action: str,
             ended = [n for n in session.scalars(select(Trial.number).where(
                 Trial.study_id == study.id, Trial.epochs_target.is_(None),
                 Trial.state.in_([TrialState.WAITING.value, TrialState.PAUSED.value]))) if n is not None]
-            end_waiting_in_tx(session, study.id, target, now, dropped.append)
+            end_waiting_in_tx(session, study.id, target, now)
         session.flush()
         public = _public(session, study)
     if target is StudyStatus.CANCELLED:
         settle_optuna_trials(db, study_id)
         if artifact_dir is not None:
-            remove_checkpoints(artifact_dir, dropped)
-            # And what dead workers left of ended trials: checkpoints written but never recorded. No
-            # finalization sweeps a cancelled study.
             for number in ended:
                 for folder in checkpoint_folders_of(artifact_dir / study_id, number):
                     shutil.rmtree(folder, ignore_errors=True)
