@@ -85,9 +85,14 @@ def standardization(x_train: np.ndarray, image: bool) -> tuple[np.ndarray, np.nd
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def _address_space_bytes() -> int:
+def _statm_bytes(field: int) -> int:
+    """A size from /proc/self/statm in bytes: field 0 the address space, 1 the resident set."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * resource.getpagesize()
+        return int(f.read().split()[field]) * resource.getpagesize()
+
+
+def _address_space_bytes() -> int:
+    return _statm_bytes(0)
 
 
 def warm_imports() -> None:
@@ -196,8 +201,7 @@ def _next_job(conn: Connection) -> RunnerJob | None:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    return _statm_bytes(1) / 2**20
 
 
 def _report_failure(conn: Connection, trial: int, exc: BaseException) -> int:

@@ -52,8 +52,7 @@ def may_serve_again(job: RunnerJob) -> bool:
 def take(key: tuple[Any, ...], job: RunnerJob) -> WarmRunner | None:
     """This thread's idle runner with the job sent to it, when it fits the job and took it; else None (and any
     idle runner that does not fit is gone)."""
-    runner: WarmRunner | None = getattr(_held, "runner", None)
-    _held.runner = None
+    runner = _pop()
     if runner is None:
         return None
     if runner.key != key or not runner.proc.is_alive():
@@ -83,10 +82,16 @@ def keep_or_stop(runner: WarmRunner, *, reusable: bool, max_jobs: int) -> None:
 
 def release() -> None:
     """Stop this thread's idle runner (the slot found no work, or stops)."""
-    runner: WarmRunner | None = getattr(_held, "runner", None)
-    _held.runner = None
+    runner = _pop()
     if runner is not None:
         stop(runner)
+
+
+def _pop() -> WarmRunner | None:
+    """This thread's idle runner, no longer held."""
+    runner: WarmRunner | None = getattr(_held, "runner", None)
+    _held.runner = None
+    return runner
 
 
 def stop(runner: WarmRunner) -> None:
