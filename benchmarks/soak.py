@@ -433,6 +433,7 @@ class Driver:
         self.cluster, self.rng, self.report, self.ledger, self.engine = cluster, rng, report, ledger, engine
         self.home = cluster.home
         self.cap = 1  # cancels and deletes each end at most this many studies (set by run: a share of them)
+        self.spared: Callable[[], set[str]] = set  # studies a cancel or delete leaves alone (set by run)
         self.headers = {"Authorization": f"Bearer {key}"}
 
     def call(self, method: str, path: str, *, headers: dict[str, str] | None = None,
@@ -547,6 +548,8 @@ class Driver:
         states = {"pause": ("queued", "running"), "resume": ("paused",), "cancel": ("queued", "running", "paused"),
                   "delete": ENDED + ("queued", "running", "paused")}[action]
         picks = self._studies(*states)
+        if action in ("cancel", "delete"):  # a trial a fault stopped must be seen to resume
+            picks = [s for s in picks if s not in self.spared()]
         if action == "resume":
             picks = [s for s in picks if time.monotonic() - self.ledger.paused.get(s, 0.0) > 3.0]
         if not picks:
@@ -609,6 +612,7 @@ class Injector(threading.Thread):
     KINDS = ("sigkill", "freeze", "sigterm", "db_outage", "api_kill", "new_worker")
     WEIGHTS = (4, 2, 3, 2, 1, 1)  # mostly faults that stop a running trial
     VICTIM_WAIT_S = 6.0  # how long a worker fault waits for a worker to be mid-trial before it is skipped
+    CHECKPOINTED_FIRST = 2  # studies whose checkpointed trials the first worker faults must hit
 
     def __init__(self, cluster: Cluster, url: str, rng: random.Random, report: Report, every_s: tuple[float, float],
                  engine: Engine, observer: EpochObserver) -> None:
@@ -619,6 +623,7 @@ class Injector(threading.Thread):
         self.thaw: list[tuple[float, Supervisor]] = []
         self.draining: list[tuple[Supervisor, list[FaultHit]]] = []  # gracefully stopped, not exited yet
         self.hits: list[FaultHit] = []
+        self.must_resume: set[str] = set()  # studies of the first faults' trials: left for them to resume
         self.errors: list[str] = []
 
     def run(self) -> None:
@@ -670,17 +675,23 @@ class Injector(threading.Thread):
 
     def _mid_trial_victim(self) -> tuple[Supervisor | None, list[tuple[int, str, int]]]:
         """A worker the injector may signal that holds a trial mid-run, waiting a little for one. One whose
-        trial has a checkpoint recorded goes first three times in four: its trial must resume, not restart."""
+        trial has a checkpoint recorded goes first three times in four, and always for the first
+        CHECKPOINTED_FIRST faults: its trial must resume, not restart, and the soak must see that happen (its
+        study is spared by the driver's cancels and deletes)."""
         end = time.monotonic() + self.VICTIM_WAIT_S
         while not self.halt.is_set():
             running = self._running()
             busy = [v for v in self.cluster.victims() if running.get(v.proc.pid)]
             checkpointed = [v for v in busy if any(c for *_, c in running[v.proc.pid])]
-            if checkpointed and self.rng.random() < 0.75:
+            first = len(self.must_resume) < self.CHECKPOINTED_FIRST
+            if first or (checkpointed and self.rng.random() < 0.75):
                 busy = checkpointed
             if busy:
                 victim = self.rng.choice(busy)
-                return victim, [(tid, sid, attempt) for tid, sid, attempt, _ in running[victim.proc.pid]]
+                held = [(tid, sid, attempt) for tid, sid, attempt, _ in running[victim.proc.pid]]
+                if first:
+                    self.must_resume |= {sid for _, sid, _ in held}
+                return victim, held
             if time.monotonic() > end:
                 return None, []
             time.sleep(0.3)
@@ -1061,6 +1072,7 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
             cluster.top_up()
             driver = Driver(cluster, key, random.Random(config.seed + 2), report, ledger, engine)
             driver.cap = max(1, round(0.15 * config.studies))
+            driver.spared = lambda: injector.must_resume
             log(f"soak home {home}; API on {cluster.base}")
             _wait_registered(engine, config.workers)  # the chaos starts once the pool is up
             observer.start()
