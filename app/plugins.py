@@ -10,7 +10,9 @@ A model plugin's entry point names an object (a module, a class, an instance) wi
 - `hyperparameters`: a list of entries in the documented form ({"name", "type": "int" | "float" |
   "categorical", "low"/"high"/"log" or "choices", "domain" or "allowed", "condition", "note"});
 - `build(params, dataset) -> torch.nn.Module`, where dataset is a `DatasetInfo`;
-- optionally `train(params, data, device, report) -> torch.nn.Module`, its own training loop.
+- optionally `train(params, data, device, report) -> torch.nn.Module`, its own training loop; one that also
+  takes `resume` checkpoints (it hands its state to `report` and continues from `resume`: README, "Model
+  plugins"), one without it starts over when its trial is interrupted.
 A dataset plugin's entry point names a function of no arguments returning a mapping with "x", "y", "task"
 and, for classification, "classes" (optionally "feature_names").
 """
@@ -18,6 +20,7 @@ and, for classification, "classes" (optionally "feature_names").
 from __future__ import annotations
 
 import enum
+import inspect
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -109,6 +112,11 @@ class ModelPlugin:
     @property
     def name(self) -> str:
         return self.installed.name
+
+    @property
+    def resumable(self) -> bool:
+        """Its own loop takes `resume` (and so hands its state to `report`): its trials checkpoint."""
+        return self.train is not None and "resume" in inspect.signature(self.train).parameters
 
 
 class _Declared(BaseModel):

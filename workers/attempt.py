@@ -34,7 +34,18 @@ from app.core.optuna_store import optuna_storage
 from app.lifecycle import OptunaTell, fail_all
 from app.models import FailureKind, TrialState
 from app.schemas.scheduler import PbtConfig
-from workers import ask_lock, asking, checkpoint_sweep, leasing, optuna_sync, pruning, retries, scheduling, warm_runners
+from workers import (
+    ask_lock,
+    asking,
+    checkpoint_sweep,
+    leasing,
+    optuna_sync,
+    plugin_runner,
+    pruning,
+    retries,
+    scheduling,
+    warm_runners,
+)
 from workers.devices import check_fork_safe
 from workers.precision import resolve_precision
 from workers.prepared import PreparedStudies, PreparedStudy
@@ -134,8 +145,6 @@ def retry_smaller(slot: Slot, p: PreparedStudy, m: Member, device: str) -> None:
 
 def _batch_size(p: PreparedStudy, params: dict[str, Any]) -> int | None:
     """The trial's batch size; None for a model plugin's own loop that takes none."""
-    from workers import plugin_runner
-
     if "batch_size" not in params and plugin_runner.own_loop(p.model_spec(params)) is not None:
         return None
     return int(params.get("batch_size", DEFAULT_BATCH_SIZE))
@@ -226,7 +235,8 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
                           seed=spec.seed + (lease.number or 0),
                           artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)))
               for lease in leases]
-    if len(leases) == 1:  # a solo trial checkpoints (fused members do not yet) and resumes
+    # A solo trial checkpoints and resumes (fused members do not yet, nor a plugin's loop without `resume`).
+    if len(leases) == 1 and plugin_runner.checkpoints(trials[0].spec):
         t, lease = trials[0], leases[0]
         t.checkpoint_dir = str(checkpoint_dir(slot.settings.artifact_dir, lease))
         if lease.resumes:

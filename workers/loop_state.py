@@ -28,7 +28,7 @@ class RngState:
     torch_cuda: list[Tensor]  # one per CUDA device; empty when the process never initialised CUDA
     numpy: dict[str, Any]  # np.random.get_state() by field; "keys" is an int64 tensor
     python: list[Any]  # random.getstate(): [version, [625 ints], gauss_next]
-    data_order: Tensor  # uint8, the loop's torch.Generator (batch order and augmentation)
+    data_order: Tensor  # uint8, the loop's torch.Generator (batch order and augmentation); empty: none
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class LoopState:
     best_model: dict[str, Tensor]
     rng: RngState
     history: list[EpochReport] = field(default_factory=list)  # epochs 1..epoch, in order
+    # A model plugin's own loop: the state it handed to `report` (its weights live there, not in `model`).
+    own: dict[str, Any] | None = None
 
     @property
     def epochs_since_best(self) -> int:
@@ -64,7 +66,7 @@ def cpu_copy(value: Any) -> Any:
     return value
 
 
-def capture_rng(generator: torch.Generator) -> RngState:
+def capture_rng(generator: torch.Generator | None) -> RngState:
     # Only generators already initialised: asking an unused CUDA for its state would initialise it.
     cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -76,11 +78,11 @@ def capture_rng(generator: torch.Generator) -> RngState:
         numpy={"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         python=[version, list(internal), gauss_next],
-        data_order=generator.get_state(),
+        data_order=generator.get_state() if generator is not None else torch.empty(0, dtype=torch.uint8),
     )
 
 
-def restore_rng(rng: RngState, generator: torch.Generator) -> None:
+def restore_rng(rng: RngState, generator: torch.Generator | None) -> None:
     torch.set_rng_state(rng.torch_cpu)
     if rng.torch_cuda and torch.cuda.is_available():
         # A machine with fewer devices restores those it has: a trial runs on one device.
@@ -91,7 +93,8 @@ def restore_rng(rng: RngState, generator: torch.Generator) -> None:
                          n["cached_gaussian"]))
     version, internal, gauss_next = rng.python
     random.setstate((version, tuple(internal), gauss_next))
-    generator.set_state(rng.data_order)
+    if generator is not None:
+        generator.set_state(rng.data_order)
 
 
 def capture_loop(*, epoch: int, params: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer,

@@ -404,36 +404,39 @@ def _train_alone(job: RunnerJob, t: RunnerTrial, data: Any, amp: Any, reporter: 
     alone = reporter.alone(t.trial)
     plugin = plugin_runner.own_loop(t.spec)
     if plugin is not None:
-        module, result = plugin_runner.run_own_loop(plugin, job, data, alone)
+        hook, resume = _checkpointing(job, t, None, reporter)  # None unless the loop is resumable
+        module, result = plugin_runner.run_own_loop(plugin, job, data, alone, checkpoint=hook, resume_from=resume)
     else:
         module = build_module(t.spec).to(job.device)
         hook, resume = _checkpointing(job, t, module, reporter)
         result = train(module, data, t.spec.params, epochs=job.epochs, objective=job.objective,
                        direction=job.direction, patience=job.patience, seed=t.seed, callbacks=[alone],
                        amp_dtype=amp, stop_signal=alone.stop_requested, checkpoint=hook, resume_from=resume)
-        if hook is not None:
-            hook.wait()  # the last write in flight, recorded before the trial's end
+    if hook is not None:
+        hook.wait()  # the last write in flight, recorded before the trial's end
     reporter.on_member_end(t.trial, result, module)
 
 
 def _checkpointing(job: RunnerJob, t: RunnerTrial, module: Any, reporter: Reporter) -> tuple[Any, Any]:
     """The trial's checkpoint hook, and the state to resume from: the recorded checkpoint, else the newest
-    older one that reads and fits this model, else none (from scratch); the supervisor hears which, and why
-    any newer one was passed over."""
+    older one that reads, was written by the same model plugin version and fits this model (`module`; None
+    for a plugin's own loop), else none (from scratch); the supervisor hears which, and why any newer one was
+    passed over."""
+    from workers import plugin_runner
     from workers.checkpoints import EpochCheckpointer
     from workers.checkpoints.files import latest_usable
 
     if t.checkpoint_dir is None:
         return None, None
-    state = None
+    state, identity = None, plugin_runner.identity(t.spec)
     if t.resume_from is not None:
         recorded = Path(t.resume_from)
-        state, skipped = latest_usable(recorded.parent, module=module, newest=t.resume_epoch)
+        state, skipped = latest_usable(recorded.parent, module=module, identity=identity, newest=t.resume_epoch)
         reasons = [f"checkpoint of epoch {c.epoch} unusable ({e})" for c, e in skipped]
         if not recorded.is_file():
             reasons.insert(0, f"checkpoint of epoch {t.resume_epoch} unusable (missing: {recorded} does not exist)")
         reporter.resumed(t.trial, state.epoch if state is not None else 0, reasons)
-    hook = EpochCheckpointer(Path(t.checkpoint_dir), every=job.checkpoint_every,
+    hook = EpochCheckpointer(Path(t.checkpoint_dir), every=job.checkpoint_every, identity=identity,
                              on_written=lambda written: reporter.checkpointed(t.trial, written),
                              also_at=lambda epoch: reporter.pauses_at(t.trial, epoch),
                              recorded=lambda: reporter.recorded_checkpoint(t.trial))

@@ -26,6 +26,7 @@ def validate_spec(db: Database, settings: Settings, *, owner: str, spec: StudySp
         problems.append(InvalidInput(("body", "task"), f"dataset {spec.dataset} is a {info['task']} dataset"))
     try:
         check_model(spec.model)
+        problems += _scheduler_errors(spec)
     except InvalidInput as exc:
         problems.append(exc)
         info = None  # the space of an unknown model cannot be checked
@@ -58,3 +59,16 @@ def check_model(model: str) -> None:
         plugins.current().model(model)
     except plugins.PluginError as exc:
         raise InvalidInput(("body", "model"), str(exc)) from exc
+
+
+def _scheduler_errors(spec: StudySpec) -> list[InvalidInput]:
+    """ASHA pauses a trial at each rung and resumes it from its checkpoint: a model plugin's own training loop
+    must take `resume` for that (PBT's own rules refuse plugins altogether)."""
+    if spec.scheduler is None or spec.scheduler.name != "asha" or spec.model in MODELS:
+        return []
+    plugin = plugins.current().model(spec.model)
+    if plugin.train is None or plugin.resumable:
+        return []
+    return [InvalidInput(("body", "scheduler", "name"), f"asha pauses trials at rungs and resumes them from their "
+                         f"checkpoints, and model plugin {spec.model!r} trains with its own loop, which writes none "
+                         "(its train takes no resume): use the hyperband pruner instead")]

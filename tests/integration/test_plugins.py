@@ -22,7 +22,8 @@ from app.core.db import Database
 from app.ml.artifacts import load_model_dir
 from tests.conftest import make_settings
 from tests.factories import API, client_for, start_worker, study_spec, wait_for_status
-from tests.integration.processes import processes
+from tests.integration.processes import processes, trials_of
+from tests.integration.resumes import assert_same_weights_and_curve
 
 SITE = Path(__file__).resolve().parents[1] / "plugin_site"  # test plugins, registered by their .dist-info
 EXAMPLE = "seqconv,waveforms"
@@ -153,6 +154,10 @@ def test_an_own_training_loop_runs_in_the_runner(
     client = _client(settings, db, "ownloop,waveforms", monkeypatch)
     spec = _spec(model="ownloop", search_space={"hidden": 8, "lr": {"type": "float", "low": 0.01, "high": 0.05}},
                  pruner={"name": "none"}, budget={"n_trials": 2, "epochs": 3, "max_parallel": 1})
+    asha = {"name": "asha", "min_epochs": 1, "reduction_factor": 3, "max_epochs": 3}
+    refused = client.post(f"{API}/studies", json={**spec, "scheduler": asha})  # it could not pause at a rung
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "scheduler", "name"]
+    assert "takes no resume" in refused.json()["detail"][0]["msg"]
     sid = client.post(f"{API}/studies", json=spec).json()["id"]
     with processes() as procs:
         procs.append(_worker(settings, "ownloop,waveforms", tmp_path / "w.log"))
@@ -161,6 +166,37 @@ def test_an_own_training_loop_runs_in_the_runner(
     detail = client.get(f"{API}/studies/{sid}/trials/0").json()
     assert detail["epochs_run"] == 3 and len(detail["curve"]) == 3  # every report relayed, budget respected
     assert client.post(f"{API}/studies/{sid}/predict", json={"inputs": [[[0.0] * 64]]}).status_code == 200
+
+
+def test_an_own_loop_that_takes_resume_continues_from_its_checkpoints_as_if_never_stopped(
+        sqlite_settings: Settings, sqlite_db: Database, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    """ASHA pauses the trial at rungs 1 and 3 and resumes it from its checkpoint each time (shuffled batches
+    and dropout drawn from the restored generators), then the client extends it by 2 epochs: it ends as the
+    same trial trained 11 epochs without a pause."""
+    settings, db = sqlite_settings, sqlite_db
+    client = _client(settings, db, "resumableloop,waveforms", monkeypatch)
+
+    def spec(epochs: int) -> dict[str, Any]:
+        return _spec(model="resumableloop", search_space={"hidden": 8, "lr": {"type": "float", "low": 0.01,
+                                                                               "high": 0.05}},
+                     pruner={"name": "none"}, budget={"n_trials": 1, "epochs": epochs, "max_parallel": 1,
+                                                      "patience": None})
+    reference = client.post(f"{API}/studies", json=spec(11)).json()["id"]
+    paused = client.post(f"{API}/studies", json={**spec(9), "scheduler": {
+        "name": "asha", "min_epochs": 1, "reduction_factor": 3, "max_epochs": 9}}).json()["id"]
+    log = tmp_path / "w.log"
+    with processes() as procs:
+        procs.append(_worker(settings, "resumableloop,waveforms", log))
+        for sid in (reference, paused):
+            assert wait_for_status(client, sid, {"completed", "failed"}, timeout_s=180)["status"] == "completed", \
+                log.read_text()[-3000:]
+        assert client.post(f"{API}/studies/{paused}/trials/0/extend", json={"epochs": 2}).status_code == 200
+        assert wait_for_status(client, paused, {"completed", "failed"}, timeout_s=180)["status"] == "completed"
+    resumes = [json.loads(line)["msg"] for line in log.read_text().splitlines()
+               if line.startswith("{") and "resumed after" in line]
+    assert resumes == [f"resumed after epoch {e}" for e in (1, 3, 9)], resumes  # never started over
+    (resumed,), (uninterrupted,) = (trials_of(db, sid) for sid in (paused, reference))
+    assert_same_weights_and_curve(db, resumed, uninterrupted, 11)
 
 
 def test_a_worker_without_the_plugin_does_not_claim_its_study(

@@ -79,7 +79,7 @@ def _relay(parent: Any, job: RunnerJob, stop_at: dict[int, int]) -> dict[int, li
         if isinstance(message, Epoch):
             stop = stop_at.get(message.trial) == message.report["epoch"]
             parent.send(Decision(message.trial, Verdict.STOP if stop else Verdict.GO))
-        else:
+        elif isinstance(message, Done | Stopped | Failed):  # its end (a checkpoint's note is not)
             open_trials.discard(message.trial)
     return messages
 

@@ -93,6 +93,7 @@ def encode_state(state: LoopState) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "rng": flatten({"torch_cpu": rng.torch_cpu, "torch_cuda": rng.torch_cuda, "numpy": rng.numpy,
                         "python": rng.python, "data_order": rng.data_order}, "rng", tensors),
         "history": flatten([asdict(r) for r in state.history], "history", tensors),
+        "own": flatten(state.own, "own", tensors),
     }
     return _unshared(tensors), doc
 
@@ -133,6 +134,7 @@ def decode_state(tensors: dict[str, Tensor], doc: dict[str, Any]) -> LoopState:
             best_model=dict(model) if best["model"] == "model" else unflatten(best["model"], tensors),
             rng=rng,
             history=[EpochReport(**r) for r in unflatten(doc["history"], tensors)],
+            own=unflatten(doc.get("own"), tensors),  # absent from checkpoints written before plugins had it
         )
     except (KeyError, TypeError, ValueError) as e:
         raise EncodingError(f"malformed checkpoint document: {e!r}") from e
