@@ -270,11 +270,14 @@ def after_failed_attempt(trial: TrialFacts, *, study_ended: bool, max_attempts: 
 def after_group_failure(trial: TrialFacts, *, study_ended: bool, reason: str, failure: FailureKind) -> Verdict:
     """A fused group's runner ran out of memory or died with this member still open, none of its members to
     blame: back in line under its next attempt whatever attempts remain (it runs solo then, so this happens
-    once per trial), unless the study has ended. A group is never failed wholesale."""
+    once per trial), from its checkpoint if one is recorded, unless the study has ended. A group is never
+    failed wholesale."""
     if not trial.configured:
         return Verdict(Fate.DROP)
     if study_ended:
         return when_study_ended(trial, f"stopped: the study ended ({reason})")
+    if trial.checkpointed:
+        return Verdict(Fate.RESUME, f"attempt {trial.attempt}: {reason}; resumed from its checkpoint", failure)
     return Verdict(Fate.RETRY, f"attempt {trial.attempt}: {reason}", failure)
 
 

@@ -235,10 +235,11 @@ def runner_job(slot: Slot, leases: list[leasing.Lease], p: PreparedStudy, device
                           seed=spec.seed + (lease.number or 0),
                           artifact_path=str(staged_stem(slot.settings.artifact_dir, lease)))
               for lease in leases]
-    # A solo trial checkpoints and resumes (fused members do not yet, nor a plugin's loop without `resume`).
-    if len(leases) == 1 and plugin_runner.checkpoints(trials[0].spec):
+    for t, lease in zip(trials, leases, strict=True):  # a plugin's loop without `resume` writes none
+        if plugin_runner.checkpoints(t.spec):
+            t.checkpoint_dir = str(checkpoint_dir(slot.settings.artifact_dir, lease))
+    if len(leases) == 1 and trials[0].checkpoint_dir is not None:  # resumes, rungs and extensions run solo
         t, lease = trials[0], leases[0]
-        t.checkpoint_dir = str(checkpoint_dir(slot.settings.artifact_dir, lease))
         if lease.resumes:
             assert lease.checkpoint is not None
             t.resume_from = str(slot.settings.artifact_dir / lease.checkpoint)

@@ -5,8 +5,8 @@ Each member keeps its own lease, Optuna trial, curve, pruning decision, deadline
 recorded on the same path as a solo trial's (`attempt.record`). Stopping one member (pruned, cancelled,
 late, lost) sends that member a STOP and leaves the others training. A runner that runs out of memory or dies
 ends the current attempt of each member it still held, none of them to blame: each goes back in line under its
-next attempt, whatever attempts remain, and runs solo then (where out of memory, it is retried at half its batch
-size, as any solo trial). A group is never failed wholesale.
+next attempt, whatever attempts remain, and runs solo then, from its checkpoint if one is recorded (where out
+of memory, it is retried at half its batch size, as any solo trial). A group is never failed wholesale.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def plan_claim(slot: Slot, first: leasing.Lease, device: str, fuse: int | str,
     one lease runs solo (`attempt.run_attempt`), a longer one as a fused group (`run_group`).
 
     A retried attempt runs solo, beside the others: if its last runner was a group that crashed, no member can
-    crash the others twice. So does a resumed or extended one: it continues from its checkpoint, which fused
-    members do not keep. A lease lost before it got its trial is left out (its Optuna trial is failed by `bind`).
+    crash the others twice. So does a resumed or extended one: it continues from its checkpoint, which is in
+    the solo loop's form whoever wrote it. A lease lost before it got its trial is left out (its Optuna trial
+    is failed by `bind`).
     """
     p = slot.studies.get(first.study_id)
     lead = _bound(slot, first, p)

@@ -444,12 +444,14 @@ def _checkpointing(job: RunnerJob, t: RunnerTrial, module: Any, reporter: Report
 
 
 def _train_fused(job: RunnerJob, data: Any, amp: Any, reporter: Reporter) -> None:
-    """Several trials of one study as one stacked model; each ends, and is told, on its own."""
+    """Several trials of one study as one stacked model; each ends, and is told, on its own, and each writes
+    its own checkpoints, which its solo loop continues (a fused group never resumes: `group.plan_claim`)."""
     from workers.fused import Member, train_group
 
+    hooks = {t.trial: hook for t in job.trials if (hook := _checkpointing(job, t, None, reporter)[0]) is not None}
     train_group([Member(t.trial, t.spec, t.seed) for t in job.trials], data, epochs=job.epochs,
                 objective=job.objective, direction=job.direction, patience=job.patience, callbacks=[reporter],
-                amp_dtype=amp, stop_signal=reporter.stopping)
+                amp_dtype=amp, stop_signal=reporter.stopping, checkpoints=hooks)
 
 
 def _inference_ms(module: Any, x: Any, batch: int = INFERENCE_BATCH) -> float:

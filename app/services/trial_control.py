@@ -3,8 +3,8 @@
 Pausing a running trial only asks: its worker sees the request when it records the next epoch, checkpoints the
 trial at the following epoch boundary and parks it `paused` (workers.leasing.pause_trial), freeing the slot.
 Resuming puts it back in line; the worker that claims it continues from that checkpoint on the same Optuna
-trial. A trial that keeps no checkpoint (a fused member, a plugin's own loop that takes no `resume`) stops at
-once and starts over.
+trial. A trial that keeps no checkpoint (a plugin's own loop that takes no `resume`) stops at once and starts
+over. A fused member continues alone from its checkpoint.
 
 Extending a complete trial puts it back in line, whatever the study's budget, to continue from its checkpoint
 up to more epochs; a completed study runs again until it has, then its test evaluation is redone once.

@@ -193,13 +193,17 @@ def test_a_deadline_fails_at_once_and_an_ended_study_retries_nothing() -> None:
                                           failure=FailureKind.LOST).fate is Fate.DROP
 
 
-def test_a_fused_group_failure_puts_each_member_back_in_line_whatever_attempts_remain() -> None:
+def test_a_fused_group_failure_sends_each_member_back_whatever_attempts_remain_from_its_checkpoint() -> None:
     kw = {"study_ended": False, "reason": "out_of_memory in a fused group of 2",
           "failure": FailureKind.OUT_OF_MEMORY}
     last = TrialFacts(configured=True, began=True, attempt=3)  # past any max_attempts: not the member's failure
     assert lifecycle.after_group_failure(last, **kw) == Verdict(
         Fate.RETRY, "attempt 3: out_of_memory in a fused group of 2", FailureKind.OUT_OF_MEMORY)
     assert lifecycle.after_group_failure(SLOT, **kw) == Verdict(Fate.DROP)
+    checkpointed = TrialFacts(configured=True, began=True, attempt=3, checkpointed=True)
+    assert lifecycle.after_group_failure(checkpointed, **kw) == Verdict(
+        Fate.RESUME, "attempt 3: out_of_memory in a fused group of 2; resumed from its checkpoint",
+        FailureKind.OUT_OF_MEMORY)
     ended = lifecycle.after_group_failure(RAN, study_ended=True, reason="fused trial process died (exit code -9)",
                                           failure=FailureKind.PROCESS_DIED)
     assert ended == Verdict(Fate.FAIL, "stopped: the study ended (fused trial process died (exit code -9))",

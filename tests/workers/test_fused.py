@@ -473,3 +473,47 @@ def test_plan_groups_fuses_small_networks_whose_step_overhead_outweighs_padding(
     huge = [spec({"units": 32, "n_layers": 1, "batch_size": 128}),
             spec({"units": 512, "n_layers": 4, "batch_size": 128})]
     assert len(plan_groups(huge, max_members=8)) == 2  # 512-wide padding outweighs any overhead
+
+
+class _KeepStates:
+    """A member's checkpoint hook that keeps the state of every epoch boundary."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, Any] = {}
+        self.waited = False
+
+    def on_epoch_state(self, report: EpochReport, state: Any) -> None:
+        self.states[report.epoch] = state()
+
+    def wait(self) -> None:
+        self.waited = True
+
+
+def test_a_members_checkpoint_continues_it_alone_as_the_group_would_have(tmp_path: Path) -> None:
+    """Each member's state at epoch 3, written to a file and read back against its solo network, continues in
+    the solo loop exactly as the uninterrupted group trained it: every optimizer's buffers and step count,
+    schedules, batch-norm statistics, best weights and the early-stopping counter carry over."""
+    from workers.checkpoints import read_checkpoint, write_checkpoint
+
+    group = [
+        {"optimizer": "adam", "learning_rate": 0.01, "weight_init": "normal", "activation": "sigmoid", "units": 40,
+         "lr_schedule": "step"},
+        {"optimizer": "sgd", "learning_rate": 0.1, "weight_init": "glorot_normal", "n_layers": 4, "units": 8},
+        {"optimizer": "rmsprop", "learning_rate": 0.001, "units": 16, "lr_schedule": "plateau"},
+        {"optimizer": "momentum", "learning_rate": 0.01, "batch_norm": "before_activation", "units": 12},
+        {"optimizer": "nesterov", "learning_rate": 0.05, "momentum": 0.9, "batch_norm": "after_activation",
+         "activation": "sigmoid", "n_layers": 1, "units": 64, "lr_schedule": "cosine"},
+        {"optimizer": "adamw", "learning_rate": 0.003, "weight_decay": 0.1, "n_layers": 3, "units": 20},
+        {"optimizer": "adagrad", "learning_rate": 0.05, "units": 24, "batch_norm": "none"},
+    ]
+    hooks = {i: _KeepStates() for i in range(len(group))}
+    results = fused(group, patience=3, checkpoints=hooks)
+    assert all(h.waited for h in hooks.values())  # each member's last write is finished before its end
+    for i, params in enumerate(group):
+        path = write_checkpoint(tmp_path / str(i), hooks[i].states[3]).path
+        torch.manual_seed(100 + i)  # the runner builds the network under the trial's seed, then loads
+        module = build_module(spec(params))
+        resumed = train(module, split(), spec(params).params, epochs=EPOCHS, objective="val_accuracy",
+                        direction="maximize", patience=3, seed=100 + i,
+                        resume_from=read_checkpoint(path, module=module))
+        assert_same_run(resumed, results[i])

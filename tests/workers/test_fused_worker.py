@@ -40,16 +40,20 @@ def _readme_loader() -> Any:
 
 
 class _Runners(logging.Handler):
-    """The runner pid that each trial's "trial started" line names, by (trial number, attempt)."""
+    """The runner pid that each trial's "trial started" line names, by (trial number, attempt), and the epoch
+    each trial said it resumed after."""
 
     def __init__(self) -> None:
         super().__init__()
         self.by_trial: dict[tuple[int, int], int] = {}
+        self.resumed: dict[int, int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         runner = getattr(record, "runner", None)
         if runner is not None and record.getMessage().startswith("trial started"):
             self.by_trial[(record.trial, record.attempt)] = runner  # type: ignore[attr-defined]
+        if record.msg == "resumed after epoch %d":
+            self.resumed[record.trial] = int(record.args[0])  # type: ignore[attr-defined,index]
 
 
 @contextmanager
@@ -180,6 +184,33 @@ def test_a_killed_fused_runner_fails_each_members_attempt_and_each_is_retried_to
         curves = _curves(db, r.id)
         assert curves[2] == list(range(1, KILLED_EPOCHS + 1))  # the retry trained its whole budget again
         assert 1 <= len(curves[1]) < KILLED_EPOCHS  # the killed attempt's epochs stay on record
+    db.dispose()
+
+
+def test_a_killed_fused_runner_sends_each_checkpointed_member_on_alone_from_its_checkpoint(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """Killed once every member has a checkpoint recorded, each member goes on alone under its next attempt
+    from its own checkpoint: the epochs up to it are kept, none trained again, and it completes its budget."""
+    settings = make_settings(sqlite_url, tmp_path / "home").model_copy(update={"lease_grace_s": 60.0})
+    db = Database(sqlite_url)
+    client = client_for(settings, db)
+    epochs = 12  # the kill comes at epoch 3 or so
+    sid = client.post(f"{API}/studies", json=_spec(4, epochs, max_attempts=1)).json()["id"]
+    with fused_supervisor(settings, db, fuse=4) as runners:
+        def checkpointed() -> list[Any]:
+            rows = trials_of(db, sid)
+            return rows if len(rows) == 4 and all(r.checkpoint_epoch for r in rows) else []
+
+        rows = wait_until(checkpointed, 120, "four fused members with a checkpoint each")
+        (pid,) = {runners.by_trial[(r.number, 1)] for r in rows}
+        os.kill(pid, signal.SIGKILL)
+        study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=300)
+    assert study["status"] == "completed", study["error"]
+    for r in assert_study_settled(db, sid, 4):
+        # max_attempts 1: a member's second attempt is the group's failure, not its own
+        assert r.state == TrialState.COMPLETE.value and r.attempt == 2, (r.number, r.state, r.error)
+        assert _curves(db, r.id) == {2: list(range(1, epochs + 1))}  # its kept epochs carried into attempt 2
+        assert runners.resumed[r.number] >= 1  # continued after a checkpointed epoch, not from scratch
     db.dispose()
 
 

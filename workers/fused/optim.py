@@ -78,6 +78,23 @@ class FusedOptimizer:
             offset += n
         return data, grad
 
+    def member_buffers(self) -> dict[str, list[Tensor]]:
+        """Each state buffer (exp_avg, momentum_buffer...) as views shaped like the parameters, in their order:
+        a member's optimizer state, sliced as its weights are (`FusedMLP.member_state`)."""
+        out = {}
+        for kind, flat in self.state.items():
+            views, offset = [], 0
+            for p in self.params:
+                n = p[0].numel()
+                views.append(flat[:, offset:offset + n].view(p.shape))
+                offset += n
+            out[kind] = views
+        return out
+
+    def member_buffer_kinds(self, slot: int) -> tuple[str, ...]:
+        """The state buffers the member's own update rule keeps ("step" aside)."""
+        return _STATE.get(self.names[slot], ())
+
     def set_lr(self, lrs: Sequence[float]) -> None:
         self.lr = torch.tensor(list(lrs), dtype=self.lr.dtype, device=self.lr.device)
         self._plan = None

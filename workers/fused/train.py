@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,9 +22,11 @@ from torch import Tensor
 from app.ml.artifacts import ModelSpec
 from workers.fused.layers import FusedMLP, fusion_order
 from workers.fused.optim import FusedOptimizer, MemberSchedules
+from workers.fused.snapshot import member_loop_state
 from workers.trainer import (
     DEFAULT_BATCH_SIZE,
     EVAL_BATCH_SIZE,
+    CheckpointHook,
     EpochReport,
     TrainData,
     TrainResult,
@@ -60,6 +62,12 @@ class GroupCallback(Protocol):
 StopSignal = Callable[[], Collection[Hashable]]  # polled between batches: keys of members to stop now
 
 
+class MemberCheckpointHook(CheckpointHook, Protocol):
+    def wait(self) -> object:
+        """Finish the write in flight and hand it on: the member has ended."""
+        ...
+
+
 @dataclass
 class _MemberState:
     member: Member
@@ -74,8 +82,10 @@ class _Group:
     """The live members, their stacked model, optimizer, schedules and best weights, kept aligned by slot."""
 
     def __init__(self, members: Sequence[Member], data: TrainData, *, epochs: int, direction: str,
-                 patience: int | None, callbacks: Sequence[GroupCallback]) -> None:
+                 patience: int | None, callbacks: Sequence[GroupCallback],
+                 checkpoints: Mapping[Hashable, MemberCheckpointHook]) -> None:
         device = data.x_train.device
+        self.epochs, self.checkpoints = epochs, checkpoints
         self.model = FusedMLP([m.spec for m in members], [m.seed for m in members]).to(device)
         params = [dict(m.spec.params) for m in members]
         self.optimizer = FusedOptimizer(self.model.parameters(), params)
@@ -104,12 +114,25 @@ class _Group:
             st.progress.record(epoch, value, m)
             st.best_batches = self.model.batches_tracked
 
+    def checkpoint(self, slot: int, report: EpochReport) -> None:
+        """Offer the member's checkpoint hook this epoch boundary (before the callbacks, as the solo loop)."""
+        st = self.states[slot]
+        hook = self.checkpoints.get(st.member.key)
+        if hook is not None:
+            hook.on_epoch_state(report, lambda: member_loop_state(
+                self.model, self.optimizer, self.schedules, slot, epoch=report.epoch,
+                params=dict(st.member.spec.params), epochs=self.epochs, progress=st.progress, best=self.best,
+                best_batches=st.best_batches, generator=st.generator, history=st.history))
+
     def end(self, ending: dict[int, tuple[str, int]]) -> list[int]:
         """End members {slot: (stop_reason, epochs_run)}, tell the callbacks, compact; the kept slots."""
         if not ending:
             return list(range(len(self)))
         for slot, (reason, epochs_run) in sorted(ending.items()):
             st = self.states[slot]
+            hook = self.checkpoints.get(st.member.key)
+            if hook is not None:
+                hook.wait()  # its last write in flight, recorded before its end
             state = self.model.member_state(slot, self.best, st.best_batches)
             best = st.progress
             result = TrainResult(epochs_run=epochs_run, best_epoch=best.best_epoch, best_metrics=best.best_metrics,
@@ -131,18 +154,21 @@ class _Group:
 def train_group(members: Sequence[Member], data: TrainData, *, epochs: int, objective: str, direction: str,
                 patience: int | None = 5, callbacks: Sequence[GroupCallback] = (),
                 amp_dtype: torch.dtype | None = None, stop_signal: StopSignal | None = None,
-                ) -> dict[Hashable, TrainResult]:
+                checkpoints: Mapping[Hashable, MemberCheckpointHook] | None = None) -> dict[Hashable, TrainResult]:
     """Train the members together; each one's result as `workers.trainer.train` would return it, by key.
 
     `best_state` of each result is the member's solo network's state_dict (`build_module` layout) at its
-    best epoch. Dropout masks come from the global RNG seeded with the first member's seed.
+    best epoch. Dropout masks come from the global RNG seeded with the first member's seed. A member with a
+    hook in `checkpoints` (by key) is offered its solo loop's state at every epoch boundary
+    (`workers.fused.snapshot`): `trainer.train` continues it alone from there.
     """
     _check_args(data, epochs, objective, direction)
     if len({m.key for m in members}) != len(members):
         raise ValueError("member keys must be distinct")
     members = [members[i] for i in fusion_order([m.spec for m in members])]
     torch.manual_seed(members[0].seed)
-    group = _Group(members, data, epochs=epochs, direction=direction, patience=patience, callbacks=callbacks)
+    group = _Group(members, data, epochs=epochs, direction=direction, patience=patience, callbacks=callbacks,
+                   checkpoints=checkpoints or {})
     batch_size = int(members[0].spec.params.get("batch_size", DEFAULT_BATCH_SIZE))
     noise_std = _noise_std(data) if any(st.augment for st in group.states) else None
     for epoch in range(1, epochs + 1):
@@ -171,6 +197,7 @@ def train_group(members: Sequence[Member], data: TrainData, *, epochs: int, obje
         for s, st in enumerate(group.states):
             report = EpochReport(epoch, train_losses[s], metrics[s]["val_loss"], metrics[s], lrs[s], seconds)
             st.history.append(report)
+            group.checkpoint(s, report)
             stop = [cb.on_epoch_end(st.member.key, report) for cb in group.callbacks]
             if any(stop):
                 ending[s] = ("stopped", epoch)
