@@ -118,6 +118,7 @@ class FusedMLP(nn.Module):
         if len(seeds) != len(specs):
             raise ValueError("one seed per member")
         self.members = [_member(s) for s in specs]
+        self._layouts: dict[int, tuple[ModelSpec, nn.Module]] = {}  # solo_layout's, by id of the spec
         first = specs[0]
         self.input_shape = tuple(int(d) for d in first.input_shape)
         self.n_outputs = int(first.n_outputs)
@@ -263,6 +264,15 @@ class FusedMLP(nn.Module):
             norm.running_mean[slot, :w] = bn.running_mean
             norm.running_var[slot, :w] = bn.running_var
 
+    def solo_layout(self, slot: int) -> nn.Module:
+        """A solo network of member `slot`'s spec on the CPU, built once per spec and only read or overwritten
+        (`member_state` fills it): its parameter names and shapes are the member's solo trial's."""
+        spec = self.members[slot].spec
+        key = id(spec)
+        if key not in self._layouts:
+            self._layouts[key] = (spec, _solo(spec, 0))  # the spec is kept: its id stays its own
+        return self._layouts[key][1]
+
     def member_state(self, slot: int, state: dict[str, Tensor] | None = None,
                      batches_tracked: int | None = None) -> dict[str, Tensor]:
         """Member `slot` as its solo network's state_dict (same keys and shapes), on the CPU.
@@ -272,7 +282,7 @@ class FusedMLP(nn.Module):
         """
         tracked = self.batches_tracked if batches_tracked is None else batches_tracked
         src = {n: t.detach() for n, t in (state or self.member_tensors()).items()}
-        module = _solo(self.members[slot].spec, 0)
+        module = self.solo_layout(slot)
         linears, bns = _layers_of(module)
         with torch.no_grad():
             for i, lin in enumerate(linears[:-1]):

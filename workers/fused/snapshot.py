@@ -27,7 +27,7 @@ def member_loop_state(model: FusedMLP, optimizer: FusedOptimizer, schedules: Mem
                       epoch: int, params: dict[str, Any], epochs: int, progress: Progress, best: dict[str, Tensor],
                       best_batches: int, generator: torch.Generator, history: list[EpochReport]) -> LoopState:
     """Member `slot` after `epoch` (its schedule stepped), as the solo loop's `capture_loop` would have it."""
-    module = model.member_module(slot)
+    module = model.solo_layout(slot)  # for the solo parameter names and optimizer form only
     solo = make_optimizer(params, module)
     schedule = make_scheduler(params, solo, epochs=epochs)
     if schedule is not None:
