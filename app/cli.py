@@ -101,13 +101,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: --fuse takes auto or an integer of at least 1; got {args.fuse!r}", file=sys.stderr)
         return 2
     from app.core.db import Database, end_frozen_transactions
+    from app.core.optuna_store import size_pool
     from workers.supervisor import Supervisor, database_pool_size
 
     end_frozen_transactions(settings.lease_grace_s)
     per_device = args.per_device or default_per_device(devices)  # the documented rule of workers.devices
     if args.slots:
         devices, per_device = _spread(devices, args.slots)
-    db = Database(settings.database_url, pool_size=database_pool_size(len(devices) * per_device))
+    connections = database_pool_size(len(devices) * per_device)
+    db = Database(settings.database_url, pool_size=connections)
+    size_pool(connections)  # Optuna's storage too: each slot's thread reports every epoch
     supervisor = Supervisor(db, settings, devices=devices,
                             per_device=per_device, shutdown_grace_s=args.shutdown_grace, fuse=fuse)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
