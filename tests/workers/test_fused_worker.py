@@ -286,3 +286,21 @@ def test_shutdown_past_its_grace_hands_every_member_of_a_group_back(sqlite_url: 
     assert [(r.state, r.attempt) for r in rows] == [(TrialState.WAITING.value, 1)] * 4  # no attempt spent
     assert all(_curves(db, r.id) == {} for r in rows)
     db.dispose()
+
+
+def test_a_stopped_worker_hands_each_fused_member_back_at_its_next_checkpoint(sqlite_url: str,
+                                                                              tmp_path: Path) -> None:
+    """Within the shutdown grace every member of the group stops at its next epoch boundary with a
+    checkpoint and goes back in line under the same attempt, its epochs up to that checkpoint kept."""
+    settings = make_settings(sqlite_url, tmp_path / "home")
+    db = Database(sqlite_url)
+    client = client_for(settings, db)
+    sid = client.post(f"{API}/studies", json=_spec(4, 50)).json()["id"]
+    with fused_supervisor(settings, db, fuse=4, grace_s=60.0):
+        wait_until(lambda: len(rows := trials_of(db, sid)) == 4 and all(r.checkpoint_epoch for r in rows), 120,
+                   "four fused members with a checkpoint each")
+    for r in trials_of(db, sid):
+        assert (r.state, r.attempt) == (TrialState.WAITING.value, 1), (r.number, r.state, r.error)
+        assert r.checkpoint_epoch is not None and 1 <= r.checkpoint_epoch < 50
+        assert _curves(db, r.id) == {1: list(range(1, r.checkpoint_epoch + 1))}  # nothing past it, nothing lost
+    db.dispose()
