@@ -3,8 +3,9 @@
 `WindowedStorage` wraps the RDB storage as Optuna's own `_CachedStorage` does, through the public
 `BaseStorage` interface: `get_all_trials`, what samplers and pruners read, answers from a `TrialWindow` kept
 up to date by small SQL reads (at the first read after a write through this storage, or after an ask
-begins: once per ask or epoch report, where Optuna's cached storage reads at every call); everything else
-goes to the RDB storage. Workers then call plain
+begins, where Optuna's cached storage reads at every call; an epoch's report of this process's own goes into
+the window's copy, and the window is read once per round of reports); everything else goes to the RDB
+storage. Workers then call plain
 `study.ask()`, `trial.should_prune()` and `study.tell()`, at a cost that stays flat at 100,000 trials.
 
 It also keeps an ask short. A trial it creates is written in one transaction (`optuna_rows`), and the
@@ -56,6 +57,7 @@ class TrialWindow:
         self._distributions: dict[str, BaseDistribution] = {}  # of each parameter, as first read
         self._last_id = -1
         self._loaded = False
+        self.read = 0  # trials read from SQL so far (each sync reads the new ones and every open one)
 
     def trials(self) -> list[FrozenTrial]:
         return sorted(self._trials.values(), key=lambda t: t.number)
@@ -79,6 +81,7 @@ class TrialWindow:
         else:
             ids = {i for i, t in self._trials.items() if not t.state.is_finished()}
         for trial in optuna_private.read_trials(self.storage, self.study_id, ids, self._last_id):
+            self.read += 1
             trial_id = optuna_private.trial_id(trial)
             self._trials[trial_id] = trial
             self._ids[trial.number] = trial_id
@@ -86,6 +89,14 @@ class TrialWindow:
             for name, dist in trial.distributions.items():
                 self._distributions.setdefault(name, dist)
         self._trim()
+
+    def note_report(self, trial_id: int, step: int, value: float) -> bool:
+        """Apply a report written through this process to the running trial's copy; False if not held."""
+        trial = self._trials.get(trial_id)
+        if trial is None or trial.state != TrialState.RUNNING:
+            return False
+        trial.intermediate_values[step] = value
+        return True
 
     def check_distribution(self, name: str, distribution: BaseDistribution, remember: bool = True) -> None:
         """Raise ValueError where a parameter's distribution is incompatible with the one it had in a trial
@@ -164,6 +175,7 @@ class WindowedStorage(BaseStorage):
         self._held_attrs: dict[int, dict[str, Any]] = {}  # their system attributes (TPE's relative params)
         self._next: _Next | None = None
         self._synced: set[int] = set()  # studies whose window was read since this storage last wrote
+        self._round: dict[int, set[int]] = {}  # per study: trials that reported through it since its last sync
         self._ids: dict[str, int] = {}  # study id by name, and each study's name and directions: they never
         self._names: dict[int, str] = {}  # change (Optuna's Study and cached storage keep them too)
         self._directions: dict[int, list[StudyDirection]] = {}
@@ -212,6 +224,7 @@ class WindowedStorage(BaseStorage):
             if study_id not in self._synced:
                 window.sync()
                 self._synced.add(study_id)
+                self._round[study_id] = set()
             held = {i: t for i, (s, t) in self._created.items() if s == study_id}
             trials = [t for t in window.trials() if optuna_private.trial_id(t) not in held]
             trials = sorted([*trials, *held.values()], key=lambda t: t.number)
@@ -302,8 +315,26 @@ class WindowedStorage(BaseStorage):
         return self.backend.set_trial_state_values(trial_id, state, values)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._flush(trial_id)
+        if trial_id in self._created:
+            self._flush(trial_id)
         self.backend.set_trial_intermediate_value(trial_id, step, intermediate_value)
+        self._reported(trial_id, step, intermediate_value)
+
+    def _reported(self, trial_id: int, step: int, value: float) -> None:
+        """A report of this process's own, which the window's copy of the trial takes at once: the pruner's
+        next read needs no SQL for it. The window is read afresh once per round, at a trial's second report
+        since the last read (one epoch of every trial this process runs): other workers' reports and every
+        trial's end are seen within a round, and a fused group of K reads its K trials once an epoch, not K
+        times. A trial the window does not hold yet is read at once."""
+        with self._lock:
+            for study_id, window in self._windows.items():
+                if window.note_report(trial_id, step, value):
+                    reported = self._round.setdefault(study_id, set())
+                    if trial_id in reported:
+                        self._synced.discard(study_id)
+                    reported.add(trial_id)
+                    return
+            self._wrote()
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._flush(trial_id)

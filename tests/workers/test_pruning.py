@@ -87,3 +87,40 @@ def test_beyond_the_window_it_judges_against_the_recent_trials_only(tmp_path: Pa
     assert not ours.should_prune()  # against the 10 recent ones: above theirs
     held = pruning.view_of(worker_study).get_trials(deepcopy=False)
     assert {t.number for t in held} == set(range(31, 41))  # the latest ten, itself among them
+
+
+def test_trials_reporting_together_are_judged_as_optuna_judges_them_reading_each_once_a_round(
+        tmp_path: Path) -> None:
+    """Eight trials of one worker report epoch after epoch, as a fused group does: the pruner decides as
+    Optuna's own, and the window reads the open trials once per round of reports, not at every report."""
+    from workers.window_storage import WindowedStorage
+
+    k, steps = 8, 9
+    levels = [0.2 + 0.1 * i for i in range(k)]
+    decisions: dict[bool, list[tuple[int, int, bool]]] = {}
+    for ours in (True, False):
+        (tmp_path / str(ours)).mkdir()
+        study, backend = _study(tmp_path / str(ours), optuna.pruners.MedianPruner(n_startup_trials=2))
+        _finished(study, 0.6, 10)
+        asked = [study.ask() for _ in range(k)]
+        window = WindowedStorage(backend, recent=pruning.PRUNING_TRIALS)
+        view = optuna.load_study(study_name="s", storage=window, pruner=study.pruner)
+        study_id = backend.get_study_id_from_name("s")
+        trials = [optuna.Trial(view, backend.get_trial_id_from_study_id_trial_number(study_id, t.number))
+                  if ours else t for t in asked]
+        live, made = dict(enumerate(trials)), []
+        for step in range(1, steps + 1):
+            for i, trial in list(live.items()):
+                trial.report(levels[i] * step / steps, step)
+                made.append((i, step, trial.should_prune()))
+                if made[-1][2]:
+                    study.tell(asked[i].number, state=TrialState.PRUNED)  # as the supervisor: another storage
+                    del live[i]
+        for i in live:
+            study.tell(asked[i].number, levels[i])
+        decisions[ours] = made
+        if ours:
+            reads = window.window(study_id).read
+            assert reads <= 10 + k * (steps + 2), reads  # each open trial once a round; 184 when read at each report
+    assert decisions[True] == decisions[False]
+    assert {pruned for *_, pruned in decisions[True]} == {True, False}
