@@ -675,24 +675,25 @@ class Injector(threading.Thread):
 
     def _mid_trial_victim(self) -> tuple[Supervisor | None, list[tuple[int, str, int]]]:
         """A worker the injector may signal that holds a trial mid-run, waiting a little for one. One whose
-        trial has a checkpoint recorded goes first three times in four, and always for the first
-        CHECKPOINTED_FIRST faults: its trial must resume, not restart, and the soak must see that happen (its
-        study is spared by the driver's cancels and deletes)."""
+        trial has a checkpoint recorded goes first three times in four. Until CHECKPOINTED_FIRST such faults
+        were injected, the wait is for one of those, and any worker mid-trial is taken only when it ends: the
+        soak must see a trial resume, not restart (its study is spared by the driver's cancels and deletes)."""
         end = time.monotonic() + self.VICTIM_WAIT_S
         while not self.halt.is_set():
             running = self._running()
             busy = [v for v in self.cluster.victims() if running.get(v.proc.pid)]
             checkpointed = [v for v in busy if any(c for *_, c in running[v.proc.pid])]
             first = len(self.must_resume) < self.CHECKPOINTED_FIRST
-            if first or (checkpointed and self.rng.random() < 0.75):
-                busy = checkpointed
-            if busy:
-                victim = self.rng.choice(busy)
+            late = time.monotonic() > end
+            pool = checkpointed if checkpointed and (first or self.rng.random() < 0.75) else \
+                busy if not first or late else []
+            if pool:
+                victim = self.rng.choice(pool)
                 held = [(tid, sid, attempt) for tid, sid, attempt, _ in running[victim.proc.pid]]
-                if first:
+                if first and pool is checkpointed:
                     self.must_resume |= {sid for _, sid, _ in held}
                 return victim, held
-            if time.monotonic() > end:
+            if late:
                 return None, []
             time.sleep(0.3)
         return None, []
