@@ -478,6 +478,18 @@ class Driver:
     def create_study(self) -> None:
         self.create(study_spec(self.rng, sampler := self.rng.choice(SAMPLERS)), sampler)
 
+    def create_long_study(self) -> str | None:
+        """The run's first study: three trials of 40 epochs, two at a time (one slot is the witness's at most),
+        a checkpoint at every epoch, no pruner, on digits in small batches. A fault waits for one of its trials
+        mid-run with a checkpoint recorded (seconds of each trial), so that every run, however short, sees a
+        trial resume rather than restart."""
+        spec = study_spec(self.rng, "random", dataset="builtin:digits")
+        spec["pruner"] = {"name": "none"}
+        spec["budget"].update(n_trials=3, epochs=40, max_parallel=2, max_attempts=4)
+        spec["checkpoint_every"], spec["keep_checkpoints"] = 1, "best_k"
+        spec.pop("keep_best_k", None)
+        return self.create(spec, "long")
+
     def create_bad_dataset_study(self) -> None:
         """A study on an uploaded CSV with a one-sample class. Its split is decided by the data and the
         study's seed, so the driver works out (with the service's own split) whether any worker can ever split
@@ -612,7 +624,7 @@ class Injector(threading.Thread):
     KINDS = ("sigkill", "freeze", "sigterm", "db_outage", "api_kill", "new_worker")
     WEIGHTS = (4, 2, 3, 2, 1, 1)  # mostly faults that stop a running trial
     VICTIM_WAIT_S = 6.0  # how long a worker fault waits for a worker to be mid-trial before it is skipped
-    CHECKPOINTED_FIRST = 2  # studies whose checkpointed trials the first worker faults must hit
+    PROBE_WAIT_S = 60.0  # how long the first worker fault waits for the long study's trial with a checkpoint
 
     def __init__(self, cluster: Cluster, url: str, rng: random.Random, report: Report, every_s: tuple[float, float],
                  engine: Engine, observer: EpochObserver) -> None:
@@ -623,7 +635,7 @@ class Injector(threading.Thread):
         self.thaw: list[tuple[float, Supervisor]] = []
         self.draining: list[tuple[Supervisor, list[FaultHit]]] = []  # gracefully stopped, not exited yet
         self.hits: list[FaultHit] = []
-        self.must_resume: set[str] = set()  # studies of the first faults' trials: left for them to resume
+        self.probe: str | None = None  # the long study, until a fault stopped its trial after a checkpoint
         self.errors: list[str] = []
 
     def run(self) -> None:
@@ -675,25 +687,25 @@ class Injector(threading.Thread):
 
     def _mid_trial_victim(self) -> tuple[Supervisor | None, list[tuple[int, str, int]]]:
         """A worker the injector may signal that holds a trial mid-run, waiting a little for one. One whose
-        trial has a checkpoint recorded goes first three times in four. Until CHECKPOINTED_FIRST such faults
-        were injected, the wait is for one of those, and any worker mid-trial is taken only when it ends: the
-        soak must see a trial resume, not restart (its study is spared by the driver's cancels and deletes)."""
-        end = time.monotonic() + self.VICTIM_WAIT_S
+        trial has a checkpoint recorded goes first three times in four. The first such fault waits longer,
+        for the long study's trial with a checkpoint (`Driver.create_long_study`): its trial must be seen to
+        resume, not restart."""
+        end = time.monotonic() + (self.PROBE_WAIT_S if self.probe is not None else self.VICTIM_WAIT_S)
         while not self.halt.is_set():
             running = self._running()
             busy = [v for v in self.cluster.victims() if running.get(v.proc.pid)]
             checkpointed = [v for v in busy if any(c for *_, c in running[v.proc.pid])]
-            first = len(self.must_resume) < self.CHECKPOINTED_FIRST
-            late = time.monotonic() > end
-            pool = checkpointed if checkpointed and (first or self.rng.random() < 0.75) else \
-                busy if not first or late else []
+            if self.probe is not None:
+                pool = [v for v in checkpointed if any(c and sid == self.probe for _, sid, _, c in running[v.proc.pid])]
+                if pool:
+                    self.probe = None
+            else:
+                pool = checkpointed if checkpointed and self.rng.random() < 0.75 else busy
             if pool:
                 victim = self.rng.choice(pool)
-                held = [(tid, sid, attempt) for tid, sid, attempt, _ in running[victim.proc.pid]]
-                if first and pool is checkpointed:
-                    self.must_resume |= {sid for _, sid, _ in held}
-                return victim, held
-            if late:
+                return victim, [(tid, sid, attempt) for tid, sid, attempt, _ in running[victim.proc.pid]]
+            if time.monotonic() > end:
+                self.probe = None  # never mid-run with a checkpoint in time: the soak goes on without it
                 return None, []
             time.sleep(0.3)
         return None, []
@@ -1073,7 +1085,9 @@ def run(config: SoakConfig, log: Callable[[str], None] = print) -> Report:
             cluster.top_up()
             driver = Driver(cluster, key, random.Random(config.seed + 2), report, ledger, engine)
             driver.cap = max(1, round(0.15 * config.studies))
-            driver.spared = lambda: injector.must_resume
+            long_study = driver.create_long_study()
+            injector.probe = long_study
+            driver.spared = lambda: {long_study} if long_study else set()
             log(f"soak home {home}; API on {cluster.base}")
             _wait_registered(engine, config.workers)  # the chaos starts once the pool is up
             observer.start()
