@@ -65,31 +65,19 @@ class FusedOptimizer:
     def _flatten(params: list[nn.Parameter]) -> tuple[Tensor, Tensor]:
         """Move the parameters into one [K, P] buffer and give them gradients that are views of another."""
         k = params[0].shape[0]
-        sizes = [p[0].numel() for p in params]
-        data = torch.empty(k, sum(sizes), dtype=params[0].dtype, device=params[0].device)
+        data = torch.empty(k, sum(p[0].numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         grad = torch.zeros_like(data)
-        offset = 0
-        for p, n in zip(params, sizes, strict=True):
-            view = data[:, offset:offset + n].view(p.shape)
+        for p, view, grad_view in zip(params, _views(data, params), _views(grad, params), strict=True):
             view.copy_(p.detach())
             p.data = view
             # Autograd adds into an existing .grad in place, so the flat buffer collects every gradient.
-            p.grad = grad[:, offset:offset + n].view(p.shape)
-            offset += n
+            p.grad = grad_view
         return data, grad
 
     def member_buffers(self) -> dict[str, list[Tensor]]:
         """Each state buffer (exp_avg, momentum_buffer...) as views shaped like the parameters, in their order:
         a member's optimizer state, sliced as its weights are (`FusedMLP.member_state`)."""
-        out = {}
-        for kind, flat in self.state.items():
-            views, offset = [], 0
-            for p in self.params:
-                n = p[0].numel()
-                views.append(flat[:, offset:offset + n].view(p.shape))
-                offset += n
-            out[kind] = views
-        return out
+        return {kind: _views(flat, self.params) for kind, flat in self.state.items()}
 
     def member_buffer_kinds(self, slot: int) -> tuple[str, ...]:
         """The state buffers the member's own update rule keeps ("step" aside)."""
@@ -133,6 +121,16 @@ class FusedOptimizer:
             self._plan = self._make_plan()
         for rule, p, g, state, count, (lr, wd, momentum) in self._plan:
             rule(p, g, state, count, lr, wd, momentum, self.steps)
+
+
+def _views(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """The `[K, P]` buffer cut into views shaped like each parameter, in their order (the layout of `_flatten`)."""
+    views, offset = [], 0
+    for p in params:
+        n = p[0].numel()
+        views.append(flat[:, offset:offset + n].view(p.shape))
+        offset += n
+    return views
 
 
 # Each rule is torch.optim's own kernel for the solo trial's optimizer (`make_optimizer` asks for the fused
