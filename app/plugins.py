@@ -11,8 +11,8 @@ A model plugin's entry point names an object (a module, a class, an instance) wi
   "categorical", "low"/"high"/"log" or "choices", "domain" or "allowed", "condition", "note"});
 - `build(params, dataset) -> torch.nn.Module`, where dataset is a `DatasetInfo`;
 - optionally `train(params, data, device, report) -> torch.nn.Module`, its own training loop; one that also
-  takes `resume` checkpoints (it hands its state to `report` and continues from `resume`: README, "Model
-  plugins"), one without it starts over when its trial is interrupted.
+  takes `resume` checkpoints (it hands its state to `report` and continues from `resume`: README, "Your own
+  model"), one without it starts over when its trial is interrupted.
 A dataset plugin's entry point names a function of no arguments returning a mapping with "x", "y", "task"
 and, for classification, "classes" (optionally "feature_names").
 """

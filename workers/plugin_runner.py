@@ -95,14 +95,13 @@ class _Relay:
     """The `report` handed to a plugin's loop: checks its metrics, relays each epoch, says when to stop, and
     hands a resumable loop's state to the trial's checkpoint hook."""
 
-    def __init__(self, reporter: Any, job: Any, params: dict[str, Any], checkpoint: Any = None,
-                 resume_from: Any = None) -> None:
+    def __init__(self, reporter: Any, job: Any, checkpoint: Any = None, resume_from: Any = None) -> None:
         from workers.training_rules import Progress
 
         self.reporter, self.objective, self.max_epochs = reporter, job.objective, job.epochs
         # best epoch and patience, as the trainer's
         self.progress = Progress(job.direction == "maximize", job.epochs, job.patience)
-        self.params, self.checkpoint = params, checkpoint
+        self.params, self.checkpoint = dict(job.spec.params), checkpoint
         self.epochs = 0
         self.history: list[Any] = []
         if resume_from is not None:
@@ -167,13 +166,12 @@ def run_own_loop(plugin: plugins.ModelPlugin, job: Any, data: Any, reporter: Any
     with torch.no_grad():
         scaled = TrainData(standardize(data.x_train), data.y_train, standardize(data.x_val), data.y_val,
                            task=data.task, image=data.image)
-    params = dict(job.spec.params)
-    relay = _Relay(reporter, job, params, checkpoint, resume_from)
+    relay = _Relay(reporter, job, checkpoint, resume_from)
     if plugin.resumable:
         resume = None if resume_from is None else Resume(resume_from.epoch, resume_from.own or {}, resume_from.rng)
-        net = plugin.train(dict(params), scaled, job.device, relay, resume=resume)
+        net = plugin.train(dict(job.spec.params), scaled, job.device, relay, resume=resume)
     else:
-        net = plugin.train(dict(params), scaled, job.device, relay)
+        net = plugin.train(dict(job.spec.params), scaled, job.device, relay)
     if not isinstance(net, nn.Module):
         raise plugins.PluginError(f"model plugin {plugin.name!r}: train returned a {type(net).__name__}, "
                                   "not a torch.nn.Module")
