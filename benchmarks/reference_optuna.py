@@ -113,7 +113,8 @@ def light_augment(x: torch.Tensor, noise_std: float) -> torch.Tensor:
 class Objective:
     """Trains one configuration; reports validation accuracy each epoch to the pruner."""
 
-    def __init__(self, rows: MnistRows) -> None:
+    def __init__(self, rows: MnistRows, seed: int = SEED) -> None:
+        self.seed = seed
         mean, std = float(rows.x_train.mean()), float(rows.x_train.std())
         self.x_train = (torch.as_tensor(rows.x_train) - mean) / std
         self.y_train = torch.as_tensor(rows.y_train)
@@ -122,7 +123,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         p = suggest(trial)
-        torch.manual_seed(SEED + trial.number)
+        torch.manual_seed(self.seed + trial.number)
         model = make_model(p)
         opt = make_optimizer(p, model)
         schedule = make_schedule(p, opt)
@@ -160,25 +161,27 @@ class Objective:
         return best
 
 
-def make_study(variant: str, storage: str | None) -> optuna.Study:
+def make_study(variant: str, storage: str | None, seed: int = SEED) -> optuna.Study:
     if variant == "random":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=SEED)
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=SEED)
+        sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=EPOCHS, reduction_factor=3) \
         if variant == "tpe_hyperband" else optuna.pruners.NopPruner()
     return optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, storage=storage)
 
 
-def run(variant: str, budget_s: float, storage: str | None = None, threads: int | None = None) -> SearchResult:
-    """One search of `budget_s` seconds; storage None keeps Optuna in memory."""
+def run(variant: str, budget_s: float, storage: str | None = None, threads: int | None = None,
+        seed: int = SEED) -> SearchResult:
+    """One search of `budget_s` seconds; storage None keeps Optuna in memory. The seed drives the sampler and
+    each trial's initial weights; the train/validation split stays the service's (seed 0)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    objective = Objective(mnist_rows())
-    study = make_study(variant, storage)
+    objective = Objective(mnist_rows(), seed)
+    study = make_study(variant, storage, seed)
     began = datetime.now()
     start = time.perf_counter()
     study.optimize(objective, timeout=budget_s)

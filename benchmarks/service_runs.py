@@ -23,7 +23,8 @@ DEFAULT_SLOTS = 2
 DEFAULT_PATIENCE = 3
 
 
-def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | None) -> dict[str, Any]:
+def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | None,
+               seed: int = SEED) -> dict[str, Any]:
     """The documented MLP space (no entry narrowed) on builtin:mnist, 8 epochs, the budget as timeout_s (pbt:
     its population's members are the trials, trained from random starting values, without early stopping)."""
     sampler = "random" if variant == "random" else "tpe"
@@ -38,7 +39,7 @@ def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | Non
         "dataset": "builtin:mnist",
         "model": "mlp",
         "objective": {"metric": "val_accuracy", "direction": "maximize"},
-        "sampler": {"name": sampler, "seed": SEED},
+        "sampler": {"name": sampler, "seed": seed},
         "pruner": {"name": pruner},
         "budget": {"n_trials": POPULATION if variant == "pbt" else 10_000, "timeout_s": budget_s,
                    "max_parallel": slots, "epochs": PBT_EPOCHS if variant == "pbt" else EPOCHS,
@@ -48,11 +49,11 @@ def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | Non
 
 
 def run(variant: str, budget_s: float, *, slots: int = DEFAULT_SLOTS, patience: int | None = DEFAULT_PATIENCE,
-        keep: bool = False) -> SearchResult:
+        keep: bool = False, seed: int = SEED) -> SearchResult:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
     with running_service(slots=slots, keep=keep) as svc:
-        study_id, submitted = svc.submit(mnist_spec(variant, budget_s, slots=slots, patience=patience))
+        study_id, submitted = svc.submit(mnist_spec(variant, budget_s, slots=slots, patience=patience, seed=seed))
         start = time.perf_counter()
         study = svc.wait(study_id, timeout_s=budget_s + 600)
         wall = time.perf_counter() - start
