@@ -58,7 +58,7 @@ def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "target": median([r["target"] for r in rows], -math.inf),
             "time_to_target_s": median([r["time_to_target_s"] for r in rows], math.inf),
             "time_to_reference_best_s": median([r["time_to_reference_best_s"] for r in rows], math.inf),
-            "sooner_than_loop": median([r["sooner_than_loop"] or 0.0 for r in rows], math.inf),
+            "sooner_than_loop": round(statistics.median(r["sooner_than_loop"] or 0.0 for r in rows), 2),
             "reached_loop_best": sum(r["time_to_reference_best_s"] is not None for r in rows),
         })
     return out
