@@ -88,3 +88,27 @@ def test_lost_work_is_charged_to_the_fault_that_stopped_the_attempt() -> None:
     # cost that epoch, not the stop.
     late_stop = FaultHit("sigterm", 1, "s", 2, t0 + timedelta(seconds=9), t0 + timedelta(seconds=20))
     assert [r.cause for r in interruptions(curve, [kill, late_stop])] == ["sigkill"]
+
+
+def test_the_driver_never_pauses_the_study_the_injector_waits_on() -> None:
+    """A pause of the long study while the injector waits for its trial mid-run held it off the workers for
+    the whole wait, and a short soak then injected no fault at all: the driver leaves it running until then."""
+    import random
+    from types import SimpleNamespace
+
+    from benchmarks.soak import Driver, Ledger
+
+    driver = Driver(SimpleNamespace(home=Path("."), base="http://unused"), "key", random.Random(0), Report(),
+                    Ledger(), engine=None)  # type: ignore[arg-type]
+    probe: list[str] = ["long"]
+    driver.unpausable = lambda: set(probe)
+    driver._studies = lambda *states: ["long", "other"]  # type: ignore[method-assign]
+    paused: list[str] = []
+    driver.call = lambda method, path, **kw: paused.append(path.split("/")[2])  # type: ignore[method-assign]
+    for _ in range(20):
+        driver.steer("pause")
+    assert paused == ["other"] * 20
+    probe.clear()  # the injector has hit its trial: the long study is fair game again
+    for _ in range(20):
+        driver.steer("pause")
+    assert "long" in paused[20:]
