@@ -94,7 +94,7 @@ def _values_at_boundary(session: Session, trials: list[Trial]) -> dict[int, floa
     """Each paused member's objective at the boundary it waits at (its current attempt's epoch there)."""
     return dict(session.execute(select(Trial.id, TrialEpoch.val_metric).join(
         TrialEpoch, current_curve() & (TrialEpoch.epoch == Trial.rung)).where(
-        Trial.id.in_([t.id for t in trials]), TrialEpoch.val_metric.is_not(None))).tuples().all())
+        Trial.id.in_([t.id for t in trials]), TrialEpoch.val_metric.is_not(None))).all())
 
 
 def _exploit(trial: Trial, source: Trial, step: Exploit, artifact_dir: Path) -> None:
