@@ -138,8 +138,12 @@ class Supervisor:
                 self._log.critical("%s", exc)
                 self.stop()
                 return
-            except Exception:  # noqa: BLE001 - log, back off, keep serving
-                self._log.exception("slot %d failed a step; backing off %.1fs", slot, backoff)
+            except Exception as exc:  # noqa: BLE001 - log, back off, keep serving
+                if is_transient(exc):  # the database dropped or refused us; a lease went back as it was
+                    self._log.warning("slot %d: the database failed a step (%s); backing off %.1fs", slot,
+                                      str(exc).splitlines()[0], backoff)
+                else:
+                    self._log.exception("slot %d failed a step; backing off %.1fs", slot, backoff)
                 worked, backoff = False, min(backoff * 2, 30.0)
             if not worked:
                 warm_runners.release()  # nothing to run: an idle runner would only hold memory

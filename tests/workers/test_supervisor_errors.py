@@ -70,3 +70,33 @@ def test_a_study_whose_dataset_cannot_be_split_fails_with_the_reason(settings: S
         study = wait_for_status(client, sid, {"completed", "failed", "cancelled"}, timeout_s=60)
     assert study["status"] == "failed" and "lone" in study["error"] and study["finished_at"] is not None
     assert client.get(f"{API}/studies/{sid}/trials").json()["count"] == 0  # no trial was ever bound
+
+
+def test_a_step_the_database_failed_is_a_warning_and_any_other_error_a_traceback(
+        settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A connection PostgreSQL cut (an outage, or a transaction it ended as idle) is the database's state, not
+    a bug: a warning line, and the slot serves on; anything else keeps its traceback for whoever debugs it."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    from workers import leasing
+
+    real = leasing.claim_trial
+    failures = [OperationalError("SELECT 1", {}, OSError("server closed the connection unexpectedly")),
+                RuntimeError("a bug")]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(leasing, "claim_trial", flaky)
+    client = client_for(settings, db)
+    sid = create_study_via_api(client, study_spec(budget={"n_trials": 1, "epochs": 1, "max_parallel": 1}))
+    with caplog.at_level(logging.WARNING, logger="hpsearch.worker"), running_supervisor(settings, db, slots=1):
+        study = wait_for_status(client, sid, {"completed", "failed"}, timeout_s=60)
+    assert study["status"] == "completed"
+    failed = [r for r in caplog.records if "failed a step" in r.getMessage()]
+    assert [(r.levelno, r.exc_info is not None) for r in failed] == [(logging.WARNING, False), (logging.ERROR, True)]
+    assert "server closed the connection unexpectedly" in failed[0].getMessage()
