@@ -184,7 +184,9 @@ def test_a_non_finite_loss_fails_that_trial_with_its_reason_and_the_study_contin
 
 def test_a_trial_over_the_memory_limit_fails_out_of_memory_after_one_smaller_retry_and_the_next_starts_clean(
         sqlite_url: str, tmp_path: Path) -> None:
-    db, client, settings = _setup(sqlite_url, tmp_path, trial_memory_mb=300)
+    # A grace of its own: the runner filling its memory limit can starve the heartbeat past the 2 s the other
+    # tests use, and a reap would spend an attempt this test counts.
+    db, client, settings = _setup(sqlite_url, tmp_path, trial_memory_mb=300, lease_grace_s=30.0)
     spec = study_spec(budget={"n_trials": 2, "epochs": 2, "max_parallel": 1, "max_attempts": 3},
                       search_space={"units": {"type": "int", "low": 32, "high": 4096, "log": True},
                                     "n_layers": {"type": "int", "low": 1, "high": 8}, "layer_shape": "constant"})
