@@ -516,13 +516,16 @@ def _on_epoch(slot: Slot, report: dict[str, Any], lease: leasing.Lease, trial: o
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE) if stop else pause
     try:  # an epoch the service recorded reaches Optuna too, also the last one before a cancel
         retry_on_disconnect(trial.report, float(metric), step=report["epoch"])
+        # A client's pause outranks the pruner: it asked to look at this trial later. The pruner may write
+        # to the trial (successive halving notes its rung), so it too can find it ended.
+        prune = not stop and pause is None and retry_on_disconnect(trial.should_prune)
     except UpdateFinishedTrialError:  # the reaper ended this attempt's Optuna trial meanwhile
         return Ending(Outcome.LOST)
     if stop:
         return Ending(Outcome.FAILED, failure=FailureKind.CANCELLED, reason=STOPPED_MESSAGE)
-    if pause is not None:  # a client's pause outranks the pruner: it asked to look at this trial later
+    if pause is not None:
         return pause
-    return Ending(Outcome.PRUNED) if retry_on_disconnect(trial.should_prune) else None
+    return Ending(Outcome.PRUNED) if prune else None
 
 
 def record(slot: Slot, ending: Ending, lease: leasing.Lease, p: PreparedStudy, tlog: Any,

@@ -138,3 +138,28 @@ def test_a_trial_reaped_for_good_loses_its_checkpoint_files(db: Database, settin
     assert [r.requeued for r in reaper.reap_and_tell(db, grace_s=5, artifact_dir=settings.artifact_dir)] == [False]
     assert not (settings.artifact_dir / relative).exists()
     assert not (settings.artifact_dir / sid / "checkpoints").exists()
+
+
+def test_an_attempt_reaped_between_its_report_and_the_pruners_verdict_is_lost_not_an_error(
+        db: Database, settings: Settings) -> None:
+    """Successive halving writes its rung to the Optuna trial while it judges it: when the reaper ended that
+    trial between the epoch's report and the verdict, the attempt is over (its lease went back), as when the
+    report itself found it ended, not a failed step."""
+    sid = _study(db, settings, search_space=FAST, pruner={"name": "successive_halving", "min_resource": 1},
+                 budget={"n_trials": 1, "epochs": 3, "max_attempts": 2, "patience": None})
+    slot = _slot(db, settings, "w1")
+    lease = _claim_bound(slot, sid)
+    p = slot.studies.get(sid)
+    trial = pruning.trial(p.optuna_study, lease.optuna_trial_id)
+    report = trial.report
+
+    def report_then_reaped(value: float, step: int) -> None:
+        report(value, step)
+        _lose(db, lease)  # the worker stalled past its grace right after the report
+        assert [r.requeued for r in reaper.reap_and_tell(db, grace_s=5)] == [True]
+
+    trial.report = report_then_reaped  # type: ignore[method-assign]
+    ending = attempt._on_epoch(slot, {"epoch": 1, "metrics": {"val_accuracy": 0.5}, "train_loss": 1.0,
+                                      "val_loss": 1.0, "learning_rate": 0.01, "seconds": 0.1}, lease, trial, p)
+    assert ending is not None and ending.outcome is attempt.Outcome.LOST
+    assert optuna_storage(db.url).get_trial(lease.optuna_trial_id).state == OptunaState.FAIL
