@@ -7,6 +7,7 @@ hand-written loop ends its budget with; each search's time to a completed trial 
 with the loop's. With several seeds each seed is one such round (its own target) and the table gives medians.
 
     python -m benchmarks.schedulers_real --budget 300 --seeds 3 --out /tmp/schedulers-real.json
+    python -m benchmarks.schedulers_real --budget 300 --seeds 3 --asha 2 3 --variants tpe_hyperband tpe_asha
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from benchmarks.common import TARGET_ACCURACY, SearchResult, machine, time_to, w
 SERVICE_VARIANTS = ("tpe_hyperband", "tpe_asha", "pbt")
 
 
-def one_round(budget_s: float, seed: int) -> list[dict[str, Any]]:
-    """The four searches with one seed; each row carries its time to the loop's best and its speed-up."""
+def one_round(budget_s: float, seed: int, variants: tuple[str, ...] = SERVICE_VARIANTS,
+              asha: tuple[int, int] = service_runs.DEFAULT_ASHA) -> list[dict[str, Any]]:
+    """The loop and the service's `variants` with one seed; each row carries its time to the loop's best and
+    its speed-up."""
     searches: list[SearchResult] = [reference_optuna.run("tpe_hyperband", budget_s, seed=seed)]
-    searches += [service_runs.run(variant, budget_s, seed=seed) for variant in SERVICE_VARIANTS]
+    searches += [service_runs.run(variant, budget_s, seed=seed, asha=asha) for variant in variants]
     target = searches[0].summary()["best"]
     rows = []
     for search in searches:
@@ -64,9 +67,11 @@ def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def run(budget_s: float, seeds: list[int]) -> dict[str, Any]:
-    rounds = [one_round(budget_s, seed) for seed in seeds]
-    return {"budget_s": budget_s, "machine": machine(), "rounds": rounds, "medians": medians(rounds)}
+def run(budget_s: float, seeds: list[int], variants: tuple[str, ...] = SERVICE_VARIANTS,
+        asha: tuple[int, int] = service_runs.DEFAULT_ASHA) -> dict[str, Any]:
+    rounds = [one_round(budget_s, seed, variants, asha) for seed in seeds]
+    return {"budget_s": budget_s, "machine": machine(), "asha": list(asha), "rounds": rounds,
+            "medians": medians(rounds)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -88,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per search")
     parser.add_argument("--seeds", type=int, default=1, help="rounds, with seeds 0, 1, ...")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", choices=SERVICE_VARIANTS, default=list(SERVICE_VARIANTS),
+                        help="the service's searches beside the loop")
+    parser.add_argument("--asha", nargs=2, type=int, default=list(service_runs.DEFAULT_ASHA),
+                        metavar=("MIN_EPOCHS", "ETA"), help="tpe_asha's first rung and reduction factor")
     parser.add_argument("--out", default=None, help="write every round and the medians as JSON here")
     args = parser.parse_args(argv)
-    result = run(args.budget, list(range(args.first_seed, args.first_seed + args.seeds)))
+    result = run(args.budget, list(range(args.first_seed, args.first_seed + args.seeds)), tuple(args.variants),
+                 tuple(args.asha))
     for rows in result["rounds"]:
         print(f"seed {rows[0]['seed']}, the loop's best {rows[0]['target']}:")
         print(table(rows))

@@ -21,16 +21,17 @@ VARIANTS = ("tpe_hyperband", "tpe_asha", "pbt", "tpe", "random")
 POPULATION, PBT_EPOCHS = 16, 16
 DEFAULT_SLOTS = 2
 DEFAULT_PATIENCE = 3
+DEFAULT_ASHA = (1, 3)  # min_epochs, reduction_factor: rungs 1, 3 below the 8 epochs
 
 
 def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | None,
-               seed: int = SEED) -> dict[str, Any]:
+               seed: int = SEED, asha: tuple[int, int] = DEFAULT_ASHA) -> dict[str, Any]:
     """The documented MLP space (no entry narrowed) on builtin:mnist, 8 epochs, the budget as timeout_s (pbt:
     its population's members are the trials, trained from random starting values, without early stopping)."""
     sampler = "random" if variant == "random" else "tpe"
     pruner = "hyperband" if variant == "tpe_hyperband" else "none"
     schedulers = {
-        "tpe_asha": {"name": "asha", "min_epochs": 1, "reduction_factor": 3, "max_epochs": EPOCHS},  # rungs 1, 3
+        "tpe_asha": {"name": "asha", "min_epochs": asha[0], "reduction_factor": asha[1], "max_epochs": EPOCHS},
         "pbt": {"name": "pbt", "population": POPULATION, "interval_epochs": 2,
                 "mutable": ["learning_rate", "weight_decay", "dropout"]},
     }
@@ -49,15 +50,17 @@ def mnist_spec(variant: str, budget_s: float, *, slots: int, patience: int | Non
 
 
 def run(variant: str, budget_s: float, *, slots: int = DEFAULT_SLOTS, patience: int | None = DEFAULT_PATIENCE,
-        keep: bool = False, seed: int = SEED) -> SearchResult:
+        keep: bool = False, seed: int = SEED, asha: tuple[int, int] = DEFAULT_ASHA) -> SearchResult:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
     with running_service(slots=slots, keep=keep) as svc:
-        study_id, submitted = svc.submit(mnist_spec(variant, budget_s, slots=slots, patience=patience, seed=seed))
+        study_id, submitted = svc.submit(mnist_spec(variant, budget_s, slots=slots, patience=patience, seed=seed,
+                                                         asha=asha))
         start = time.perf_counter()
         study = svc.wait(study_id, timeout_s=budget_s + 600)
         wall = time.perf_counter() - start
-        return svc.result(f"service {variant}", study_id, submitted, budget_s, wall, slots=slots,
+        name = f"service {variant}" + (f"({asha[0]},{asha[1]})" if variant == "tpe_asha" else "")
+        return svc.result(name, study_id, submitted, budget_s, wall, slots=slots,
                           patience=patience, status=study["status"],
                           test_accuracy=(study["test_metrics"] or {}).get("test_accuracy"))
 
