@@ -690,6 +690,15 @@ class Injector(threading.Thread):
             return {}
         return out
 
+    def _still_runs(self, study_id: str) -> bool:
+        """Whether the study can still run a trial for a fault to stop (assumed while the database is down)."""
+        try:
+            with self.engine.connect() as conn:
+                status = conn.execute(text("SELECT status FROM hp_studies WHERE id = :i"), {"i": study_id}).scalar()
+        except Exception:  # noqa: BLE001 - the database may be the thing that is down
+            return True
+        return status in ("queued", "running", "paused")
+
     def _mid_trial_victim(self) -> tuple[Supervisor | None, list[tuple[int, str, int]]]:
         """A worker the injector may signal that holds a trial mid-run, waiting a little for one. One whose
         trial has a checkpoint recorded goes first three times in four. The first such fault waits longer,
@@ -700,6 +709,9 @@ class Injector(threading.Thread):
             running = self._running()
             busy = [v for v in self.cluster.victims() if running.get(v.proc.pid)]
             checkpointed = [v for v in busy if any(c for *_, c in running[v.proc.pid])]
+            if self.probe is not None and not self._still_runs(self.probe):
+                self.probe = None  # its trials all ended before a fault could stop one (a quick machine)
+                end = min(end, time.monotonic() + self.VICTIM_WAIT_S)
             if self.probe is not None:
                 pool = [v for v in checkpointed if any(c and sid == self.probe for _, sid, _, c in running[v.proc.pid])]
                 if pool:
